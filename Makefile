@@ -1,0 +1,58 @@
+# HFL-TDX Lab. The two commands: `make run` (install + whole lab headless, local backend)
+# and `make test` (lint + every test, slow end-to-end ones included).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export KERAS_BACKEND := torch
+export MPLBACKEND := agg
+export PYTHONHASHSEED := 0
+
+.PHONY: install system-deps proto lint test test-fast run bench reliability clean
+
+# Debian packages the vault needs (cryptsetup for LUKS headers, e2fsprogs for ext4 images).
+system-deps:
+	@missing=""; \
+	command -v cryptsetup >/dev/null || missing="$$missing cryptsetup-bin"; \
+	command -v mke2fs >/dev/null && command -v debugfs >/dev/null || missing="$$missing e2fsprogs"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  else echo "please install:$$missing (sudo apt-get install$$missing)"; exit 1; fi; \
+	fi
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m trainer.proto
+	touch $(STAMP)
+
+install: system-deps $(STAMP)
+
+# Regenerate the gRPC stubs from trainer/proto/*.proto (also done at install and on import).
+proto: $(STAMP)
+	$(PY) -m trainer.proto
+
+lint: install
+	$(VENV)/bin/ruff check hfl_lab trainer tests bench
+	$(VENV)/bin/mypy hfl_lab trainer
+
+test: lint
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+run: install
+	$(VENV)/bin/hfl-lab run --profile quick
+
+bench: install
+	$(PY) -m bench
+
+reliability: install
+	$(PY) -m pytest tests/reliability tests/security -q
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

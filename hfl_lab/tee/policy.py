@@ -1,0 +1,196 @@
+"""The attestation policy: which TDs the lab trusts, loaded from YAML/JSON and validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hfl_lab._exceptions import ConfigError
+
+ANY = "any"
+TCB_STATUSES = (
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+    "Revoked",
+)
+_HEX_SIZES = {"mr_td": 48, "mr_seam": 48, "mr_config_id": 48, "xfam": 8}
+_HEX_SIZES.update({f"rtmr{i}": 48 for i in range(4)})
+BINDINGS = ("none", "key", "key+nonce")
+
+
+def _values(name: str, raw: Any) -> tuple[str, ...] | None:
+    """A reference-value field: "any" (unchecked) or one or more hex strings of the right size."""
+    if raw is None or raw == ANY:
+        return None
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError(f"policy field '{name}' must be \"any\", a hex string or a list of them")
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"policy field '{name}' holds {item!r}, which is not a hex string")
+        value = item.lower().removeprefix("0x")
+        try:
+            size = len(bytes.fromhex(value))
+        except ValueError:
+            raise ConfigError(f"policy field '{name}': '{item}' is not hex") from None
+        if size != _HEX_SIZES[name]:
+            raise ConfigError(
+                f"policy field '{name}': '{item[:16]}…' is {size} bytes, "
+                f"expected {_HEX_SIZES[name]}"
+            )
+        out.append(value)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class AttestationPolicy:
+    """Reference values and rules a TD's evidence must satisfy. ``None`` means "any"."""
+
+    tee_type: str = "TDX"
+    mr_td: tuple[str, ...] | None = None
+    rtmr0: tuple[str, ...] | None = None
+    rtmr1: tuple[str, ...] | None = None
+    rtmr2: tuple[str, ...] | None = None
+    rtmr3: tuple[str, ...] | None = None
+    mr_seam: tuple[str, ...] | None = None
+    mr_config_id: tuple[str, ...] | None = None
+    xfam: tuple[str, ...] | None = None
+    #: TD attribute bits that must be clear; default: DEBUG and every other bit of 7:0
+    forbidden_td_attributes: int = 0xFF
+    allow_debug: bool = False
+    accepted_tcb_statuses: tuple[str, ...] = ("UpToDate",)
+    accepted_advisory_ids: tuple[str, ...] = ()
+    #: seconds; applies when the evidence is bound to a challenge whose issue time is known
+    max_evidence_age_s: float = 300.0
+    #: what REPORTDATA must bind: nothing, the TLS key, or the key and the verifier's nonce
+    report_data_binding: str = "none"
+    allow_simulated: bool = False
+    #: per-role reference values (role → {field: values}); roles not listed use the defaults
+    roles: dict[str, dict[str, tuple[str, ...] | None]] = field(default_factory=dict)
+
+    # -- loading ------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> AttestationPolicy:
+        if not isinstance(raw, dict):
+            raise ConfigError("an attestation policy must be a mapping of field: value")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown policy field(s) {', '.join(unknown)}; valid fields: "
+                + ", ".join(sorted(known))
+            )
+        kw: dict[str, Any] = {}
+        for name, value in raw.items():
+            if name in _HEX_SIZES:
+                kw[name] = _values(name, value)
+            elif name == "roles":
+                kw[name] = cls._roles(value)
+            else:
+                kw[name] = value
+        policy = cls(**kw)
+        policy._validate()
+        return policy
+
+    @staticmethod
+    def _roles(raw: Any) -> dict[str, dict[str, tuple[str, ...] | None]]:
+        if not isinstance(raw, dict):
+            raise ConfigError("policy field 'roles' must map role names to reference values")
+        out = {}
+        for role, fields in raw.items():
+            if not isinstance(fields, dict) or set(fields) - set(_HEX_SIZES):
+                raise ConfigError(
+                    f"policy roles.{role} may only set {', '.join(sorted(_HEX_SIZES))}"
+                )
+            out[str(role)] = {k: _values(k, v) for k, v in fields.items()}
+        return out
+
+    def _validate(self) -> None:
+        if self.tee_type != "TDX":
+            raise ConfigError(f"policy tee_type '{self.tee_type}' is not supported; use TDX")
+        bad = [s for s in self.accepted_tcb_statuses if s not in TCB_STATUSES]
+        if bad or isinstance(self.accepted_tcb_statuses, str):
+            raise ConfigError(
+                f"accepted_tcb_statuses holds unknown {bad or self.accepted_tcb_statuses}; "
+                f"valid: {', '.join(TCB_STATUSES)}"
+            )
+        if self.report_data_binding not in BINDINGS:
+            raise ConfigError(
+                f"report_data_binding '{self.report_data_binding}' is not one of {BINDINGS}"
+            )
+        for name in ("allow_debug", "allow_simulated"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"policy field '{name}' must be true or false")
+        if not isinstance(self.forbidden_td_attributes, int):
+            raise ConfigError("forbidden_td_attributes must be an integer bit mask")
+        if not isinstance(self.max_evidence_age_s, int | float) or self.max_evidence_age_s <= 0:
+            raise ConfigError("max_evidence_age_s must be a positive number of seconds")
+        object.__setattr__(self, "accepted_tcb_statuses", tuple(self.accepted_tcb_statuses))
+        object.__setattr__(self, "accepted_advisory_ids", tuple(self.accepted_advisory_ids))
+
+    @classmethod
+    def load(cls, path: str | Path) -> AttestationPolicy:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read policy file {p}: {e.strerror}") from None
+        try:
+            raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as e:
+            raise ConfigError(f"policy file {p} is not valid YAML/JSON: {e}") from None
+        return cls.from_dict(raw)
+
+    # -- saving -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _HEX_SIZES:
+                out[f.name] = ANY if value is None else list(value)
+            elif f.name == "roles":
+                out[f.name] = {
+                    r: {k: ANY if v is None else list(v) for k, v in fs.items()}
+                    for r, fs in value.items()
+                }
+            elif isinstance(value, tuple):
+                out[f.name] = list(value)
+            else:
+                out[f.name] = value
+        return out
+
+    def save(self, path: str | Path) -> None:
+        p = Path(path)
+        text = (
+            json.dumps(self.to_dict(), indent=2)
+            if p.suffix == ".json"
+            else yaml.safe_dump(self.to_dict(), sort_keys=False)
+        )
+        p.write_text(text)
+
+    def reference_for(self, role: str | None, name: str) -> tuple[str, ...] | None:
+        """The reference values of ``name`` for ``role``: the role's own, else the default."""
+        if role is not None and role in self.roles and name in self.roles[role]:
+            return self.roles[role][name]
+        value: tuple[str, ...] | None = getattr(self, name)
+        return value
+
+    def replace(self, **changes: Any) -> AttestationPolicy:
+        return dataclasses.replace(self, **changes)
+
+
+def baseline_policy() -> AttestationPolicy:
+    """What ``hfl-lab attest verify`` uses without ``--policy``: genuine, current, no DEBUG."""
+    return AttestationPolicy()

@@ -1,0 +1,1 @@
+"""Evidence providers: configfs-tsm, the CoCo attestation agent, and the simulated TD."""

@@ -1,0 +1,300 @@
+"""One verification path for all TDX evidence: DCAP (dcap-qvl) first, then the policy's checks.
+
+Real evidence is verified against Intel's root. Simulated evidence goes through the very same
+``dcap_qvl`` call with the lab's root (``verify_with_root_ca``) and its lab-signed collateral,
+and only when the policy says ``allow_simulated: true``. Whether evidence is simulated is
+decided by the root its PCK chain ends in, never by what the evidence claims.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import dcap_qvl
+from cryptography.hazmat.primitives import serialization
+
+from hfl_lab._exceptions import AttestationError, QuoteFormatError
+from hfl_lab.tee.collateral import Collateral, fetch_collateral
+from hfl_lab.tee.evidence import Evidence
+from hfl_lab.tee.policy import AttestationPolicy
+from hfl_lab.tee.quote import Quote
+from hfl_lab.tee.reports import TdReport10
+from hfl_lab.tee.sim.platform import SIMULATED_MARKER
+from hfl_lab.tee.verdict import Verdict
+
+_REFERENCE_FIELDS = ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_seam", "mr_config_id", "xfam")
+
+# dcap-qvl error text → the reason a person needs (first match wins)
+_DCAP_REASONS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("CrlExpired", "TCBInfo expired", "QE Identity expired", "Expired"), "collateral expired"),
+    (
+        ("issue date is in the future", "NotValidYet", "CertNotValidYet"),
+        "collateral not yet valid at the verification time",
+    ),
+    (("No matching TCB level",), "no matching TCB level: the platform is below every TCB level"),
+    (("Debug mode is enabled",), "DEBUG TD: DCAP verification refuses debug TDs"),
+    (
+        ("UnknownIssuer", "Failed to load root", "InvalidCrlSignature"),
+        "PCK chain or collateral does not lead to the trusted root",
+    ),
+    (("Fmspc mismatch",), "collateral is for another platform (FMSPC mismatch)"),
+    (("Revoked",), "TCB revoked"),
+    (
+        ("Signature is invalid", "signature is invalid", "hash mismatch", "BadSignature"),
+        "signature invalid: the quote was altered or not signed by a certified QE",
+    ),
+    (("SEPT_VE_DISABLE",), "SEPT_VE_DISABLE is not set in the TD attributes"),
+    (("Reserved bits",), "reserved TD attribute bits are set"),
+)
+
+
+def dcap_reason(message: str) -> str:
+    for needles, reason in _DCAP_REASONS:
+        if any(n in message for n in needles):
+            return f"{reason} ({message.splitlines()[0].removeprefix('Verification failed: ')})"
+    return message.replace("\n", " ").removeprefix("Verification failed: ")
+
+
+class Verifier:
+    """Verifies evidence against a policy and returns a ``Verdict`` listing every check."""
+
+    def __init__(
+        self,
+        policy: AttestationPolicy,
+        *,
+        collateral: Collateral | None = None,
+        pccs_url: str | None = None,
+        lab_root_der: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+        name: str = "lab",
+        on_verdict: Callable[[Verdict], None] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.collateral = collateral
+        self.pccs_url = pccs_url
+        self.lab_root_der = lab_root_der
+        self.clock = clock
+        self.name = name
+        self.on_verdict = on_verdict
+
+    def verify(
+        self,
+        evidence: Evidence | bytes,
+        *,
+        binding: bytes | None = None,
+        issued_at: float | None = None,
+        role: str | None = None,
+        subject: str = "",
+        now: int | None = None,
+        evidence_kind: str = "tdx-quote",
+    ) -> Verdict:
+        """Verify; raises ``QuoteFormatError`` only when the quote cannot be parsed at all."""
+        if isinstance(evidence, bytes | bytearray):
+            evidence = Evidence(quote=bytes(evidence), provider="raw", simulated=False)
+        quote = Quote.parse(evidence.quote)
+        now_s = int(now if now is not None else self.clock())
+        verdict = Verdict(
+            evidence_kind=evidence_kind,
+            subject=subject,
+            verifier=self.name,
+            verified_at=float(now_s),
+            quote_digest=quote.digest(),
+        )
+        chain_root = self._chain_root(quote)
+        lab_signed = self.lab_root_der is not None and chain_root == self.lab_root_der
+        verdict.simulated = lab_signed or quote.header.user_data == SIMULATED_MARKER
+
+        self._check_tee_type(verdict, quote)
+        self._check_simulated(verdict, lab_signed)
+        report = self._check_dcap(verdict, quote, evidence, lab_signed, now_s)
+        self._check_tcb(verdict, report)
+        if isinstance(quote.body, TdReport10):
+            td = quote.body
+            verdict.measurements = {n: getattr(td, n).hex() for n in _REFERENCE_FIELDS}
+            self._check_attributes(verdict, td)
+            self._check_references(verdict, td, role)
+            self._check_binding(verdict, td, evidence, binding)
+        self._check_freshness(verdict, issued_at, now_s)
+        if self.on_verdict is not None:
+            self.on_verdict(verdict)
+        return verdict
+
+    # -- the checks -----------------------------------------------------------------------
+
+    @staticmethod
+    def _chain_root(quote: Quote) -> bytes | None:
+        try:
+            certs = quote.signature_data.pck_certificates()
+        except QuoteFormatError:
+            return None
+        return certs[-1].public_bytes(serialization.Encoding.DER) if certs else None
+
+    @staticmethod
+    def _check_tee_type(v: Verdict, quote: Quote) -> None:
+        actual = "TDX" if quote.is_tdx else f"SGX (TEE type 0x{quote.header.tee_type:08x})"
+        v.add("tee_type", quote.is_tdx, "TDX", actual, "" if quote.is_tdx else "not a TDX quote")
+
+    def _check_simulated(self, v: Verdict, lab_signed: bool) -> None:
+        allowed = self.policy.allow_simulated
+        if v.simulated:
+            reason = (
+                "SIMULATED TD evidence (lab root), allowed by policy: proves the workload, "
+                "not the hardware"
+                if allowed and lab_signed
+                else "simulated TD evidence is not allowed by this policy (allow_simulated: false)"
+                if not allowed
+                else "simulated marker without the lab's root"
+            )
+            v.add(
+                "simulated",
+                allowed and lab_signed,
+                "hardware or simulated TD" if allowed else "hardware TD",
+                "simulated TD",
+                reason,
+            )
+        else:
+            v.add(
+                "simulated",
+                True,
+                "hardware or simulated TD" if allowed else "hardware TD",
+                "hardware TD evidence",
+            )
+
+    def _collateral_for(self, quote: Quote, evidence: Evidence, lab_signed: bool) -> Collateral:
+        if self.collateral is not None:
+            return self.collateral
+        # Collateral that comes with the evidence is safe to use: dcap-qvl checks its
+        # signatures against the trusted root, exactly as for collateral from a PCCS cache.
+        if evidence.collateral_json is not None:
+            return Collateral(evidence.collateral_json, f"evidence from {evidence.provider}")
+        if self.pccs_url is not None and not lab_signed:
+            return fetch_collateral(self.pccs_url, quote.to_bytes())
+        raise AttestationError(
+            "no collateral",
+            check="dcap",
+            fix="pass --collateral FILE or --pccs URL (or configure a PCCS for the lab)",
+        )
+
+    def _check_dcap(
+        self, v: Verdict, quote: Quote, evidence: Evidence, lab_signed: bool, now: int
+    ) -> Any:
+        root = "lab root (SIMULATED)" if lab_signed else "Intel SGX root CA"
+        expected = f"quote signed by a QE certified up to the {root}; collateral valid"
+        try:
+            collateral = self._collateral_for(quote, evidence, lab_signed)
+            qvl = collateral.qvl()
+            raw = quote.to_bytes()
+            if lab_signed:
+                report = dcap_qvl.verify_with_root_ca(raw, qvl, self.lab_root_der, now)
+            else:
+                report = dcap_qvl.verify(raw, qvl, now)
+        except AttestationError as e:
+            reason = e.message + (f" — fix: {e.fix}" if e.fix else "")
+            v.add("dcap", False, expected, "not verified", reason)
+            return None
+        except (ValueError, RuntimeError, TypeError) as e:
+            v.add("dcap", False, expected, "verification failed", dcap_reason(str(e)))
+            return None
+        v.add("dcap", True, expected, f"verified at {now} with collateral from {collateral.source}")
+        return report
+
+    def _check_tcb(self, v: Verdict, report: Any) -> None:
+        accepted = self.policy.accepted_tcb_statuses
+        if report is None:
+            v.add("tcb_status", False, " | ".join(accepted), "unknown", "DCAP verification failed")
+            return
+        v.tcb_status = str(report.status)
+        v.advisory_ids = list(report.advisory_ids)
+        ok = v.tcb_status in accepted
+        v.add(
+            "tcb_status",
+            ok,
+            " | ".join(accepted),
+            v.tcb_status,
+            "" if ok else f"TCB status {v.tcb_status} is not accepted by the policy",
+        )
+        extra = sorted(set(v.advisory_ids) - set(self.policy.accepted_advisory_ids))
+        v.add(
+            "advisories",
+            not extra,
+            ", ".join(self.policy.accepted_advisory_ids) or "none",
+            ", ".join(v.advisory_ids) or "none",
+            "" if not extra else f"unaccepted advisories {', '.join(extra)}",
+        )
+
+    def _check_attributes(self, v: Verdict, td: TdReport10) -> None:
+        attrs = td.td_attributes_int
+        debug = bool(attrs & 1)
+        debug_ok = not debug or self.policy.allow_debug
+        v.add(
+            "debug",
+            debug_ok,
+            "DEBUG clear" if not self.policy.allow_debug else "any",
+            "DEBUG set" if debug else "DEBUG clear",
+            "" if debug_ok else "DEBUG TD: its memory and state are readable by the host",
+        )
+        mask = self.policy.forbidden_td_attributes & ~(1 if self.policy.allow_debug else 0)
+        bad = attrs & mask & ~1  # DEBUG has its own check above
+        v.add(
+            "td_attributes",
+            bad == 0,
+            f"bits 0x{mask:02x} clear",
+            f"0x{attrs:016x}",
+            "" if bad == 0 else f"forbidden TD attribute bits 0x{bad:02x} set",
+        )
+
+    def _check_references(self, v: Verdict, td: TdReport10, role: str | None) -> None:
+        for name in _REFERENCE_FIELDS:
+            allowed = self.policy.reference_for(role, name)
+            if allowed is None:
+                continue
+            actual = getattr(td, name).hex()
+            ok = actual in allowed
+            v.add(
+                name,
+                ok,
+                " | ".join(allowed),
+                actual,
+                "" if ok else f"{name} does not match the policy's reference value"
+                + (f" for role {role}" if role else ""),
+            )
+
+    def _check_binding(
+        self, v: Verdict, td: TdReport10, evidence: Evidence, binding: bytes | None
+    ) -> None:
+        required = self.policy.report_data_binding != "none"
+        if binding is None:
+            if required:
+                v.add(
+                    "report_data",
+                    False,
+                    f"binds the {self.policy.report_data_binding}",
+                    td.report_data.hex(),
+                    "nothing to check the binding against (no key/nonce given)",
+                )
+            return
+        expected = evidence.expected_report_data(binding)
+        ok = td.report_data == expected
+        v.add(
+            "report_data",
+            ok,
+            expected.hex(),
+            td.report_data.hex(),
+            "" if ok else "report_data does not bind this key/challenge (replay or relay?)",
+        )
+
+    def _check_freshness(self, v: Verdict, issued_at: float | None, now: int) -> None:
+        if issued_at is None:
+            return
+        age = now - issued_at
+        limit = self.policy.max_evidence_age_s
+        ok = -5 <= age <= limit
+        v.add(
+            "freshness",
+            ok,
+            f"≤ {limit:.0f} s old",
+            f"{age:.1f} s old",
+            "" if ok else "evidence is stale: its challenge is older than the policy allows",
+        )

@@ -1,0 +1,279 @@
+"""An ext4 image held in memory (a memfd), built with mke2fs and read or changed with debugfs.
+
+The image is the decrypted data segment of the volume, so it must never reach a disk: the
+e2fsprogs tools get it as ``/proc/self/fd/N`` of an inherited memfd, and file contents travel
+through memfds or are read straight out of the mapped image using the extents debugfs reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import re
+import shutil
+import struct
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from hfl_lab._exceptions import VaultError
+
+# ext4 superblock (Documentation/filesystems/ext4/super.rst): at byte 1024 of the image.
+_SUPERBLOCK = 1024
+_MAGIC = 0xEF53
+_EXTENT_ROW = re.compile(
+    r"^\s*\d+/\s*\d+\s+\d+/\s*\d+\s+(\d+)\s*-\s*(\d+)\s+(\d+)\s*-\s*(\d+)\s+(\d+)\s*(\w*)"
+)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_JOURNAL_MIN_SIZE = 64 * 1024 * 1024
+_INLINE_DATA_FLAG = 0x10000000  # EXT4_INLINE_DATA_FL
+_BANNER = re.compile(r"^debugfs \d")
+
+
+@dataclass(frozen=True)
+class Extent:
+    """``length`` file blocks from ``logical`` stored at image block ``physical``."""
+
+    logical: int
+    physical: int
+    length: int
+    uninit: bool  # allocated but never written: reads as zeros
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    size: int
+    extents: tuple[Extent, ...]
+
+
+def e2fs_tool(name: str) -> str:
+    """Path of an e2fsprogs tool, or a ``VaultError`` naming the package."""
+    found = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if Path(p).exists()), None
+    )
+    if found is None:
+        raise VaultError(
+            f"{name} is not installed.", fix="install e2fsprogs (apt-get install e2fsprogs)."
+        )
+    return found
+
+
+def check_path(path: str) -> str:
+    """Reject paths debugfs would misparse: only simple names joined by '/'."""
+    if path and not path.strip("/"):
+        return "/"
+    parts = path.strip("/").split("/")
+    if not path or not all(_NAME.match(part) for part in parts):
+        raise VaultError(
+            f"invalid path inside the volume: {path!r}.",
+            fix="use names made of letters, digits, '.', '_', '+' and '-', joined by '/'.",
+        )
+    return "/" + "/".join(parts)
+
+
+@contextmanager
+def memfd_with(data: bytes | bytearray | memoryview, name: str = "hfl-vault-src") -> Iterator[int]:
+    """A memfd holding ``data``, so a child process can read it as /proc/self/fd/N."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written:])
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class Ext4Image:
+    """An ext4 file system in the memfd ``fd`` (``size`` bytes), mapped into this process."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self._map = mmap.mmap(fd, size)
+        self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self._map, dtype=np.uint8)
+
+    @staticmethod
+    def format(fd: int, size: int, label: str) -> None:
+        """Make an ext4 file system in the memfd ``fd``.
+
+        Volumes of 64 MiB and more get an ext4 journal, which protects kernel-path mounts; the
+        smallest journal (4 MiB) would eat too much of a small volume, whose writes go through
+        the user-space path's own journal anyway.
+        """
+        features = [] if size >= _JOURNAL_MIN_SIZE else ["-O", "^has_journal"]
+        result = subprocess.run(
+            [
+                e2fs_tool("mke2fs"),
+                *features,
+                "-t",
+                "ext4",
+                "-F",
+                "-q",
+                "-b",
+                "4096",
+                "-L",
+                label,
+                "-E",
+                "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+                "-m",
+                "0",
+                f"/proc/self/fd/{fd}",
+            ],
+            pass_fds=[fd],
+            capture_output=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise VaultError(
+                f"mke2fs failed: {result.stderr.decode(errors='replace').strip()}.",
+                fix="choose a larger volume (at least 8 MB).",
+            )
+
+    @property
+    def block_size(self) -> int:
+        log = struct.unpack_from("<I", self._map, _SUPERBLOCK + 24)[0]
+        return int(1024 << log)
+
+    def check_superblock(self) -> int:
+        """Raise unless the image starts with an ext4 superblock; return the file system size."""
+        magic = struct.unpack_from("<H", self._map, _SUPERBLOCK + 56)[0]
+        if magic != _MAGIC:
+            raise VaultError(
+                "the decrypted volume does not contain an ext4 file system: it is damaged.",
+                fix="restore the volume file from a good copy.",
+            )
+        blocks_lo = struct.unpack_from("<I", self._map, _SUPERBLOCK + 4)[0]
+        incompat = struct.unpack_from("<I", self._map, _SUPERBLOCK + 96)[0]
+        blocks_hi = struct.unpack_from("<I", self._map, _SUPERBLOCK + 0x150)[0]
+        blocks = blocks_lo | ((blocks_hi << 32) if incompat & 0x80 else 0)  # 0x80: 64bit
+        return int(blocks * self.block_size)
+
+    def close(self) -> None:
+        del self.bytes
+        # A view may still be referenced (e.g. by a traceback being handled); the mapping is
+        # then unmapped when that view goes away.
+        with contextlib.suppress(BufferError):
+            self._map.close()
+
+    def run(
+        self, commands: Sequence[str], *, write: bool, pass_fds: Sequence[int] = ()
+    ) -> list[str]:
+        """Run debugfs commands on the image; return each command's output, raise on any error."""
+        mode = ["-w"] if write else ["-c"]
+        script = "".join(f"{command}\n" for command in commands)
+        result = subprocess.run(
+            [e2fs_tool("debugfs"), *mode, "-f", "-", f"/proc/self/fd/{self.fd}"],
+            input=script.encode(),
+            pass_fds=[self.fd, *pass_fds],
+            capture_output=True,
+            check=False,
+        )
+        errors = [
+            line
+            for line in result.stderr.decode(errors="replace").splitlines()
+            if line.strip() and not _BANNER.match(line) and "catastrophic mode" not in line
+        ]
+        if any("Could not allocate" in line for line in errors):
+            raise VaultError(
+                "the volume is full: the file system inside it has no room for this write.",
+                fix="create a larger volume (size_mb) or keep fewer checkpoints (keep_last).",
+            )
+        if result.returncode != 0 or errors:
+            detail = "; ".join(errors) or f"exit status {result.returncode}"
+            raise VaultError(
+                f"debugfs failed on the volume's file system: {detail}.",
+                fix="check free space in the volume (create a larger one) and that it is intact.",
+            )
+        sections = result.stdout.decode(errors="replace").split("debugfs: ")[1:]
+        return [section.split("\n", 1)[1] if "\n" in section else "" for section in sections]
+
+    def list_dir(self, path: str) -> dict[str, int]:
+        """Regular files in the directory ``path`` and their sizes; {} when it does not exist."""
+        if not self.exists(path):
+            return {}
+        (listing,) = self.run([f"ls -p {check_path(path)}"], write=False)
+        files: dict[str, int] = {}
+        for line in listing.splitlines():
+            # ls -p: /inode/mode/uid/gid/name/size/
+            fields = line.split("/")
+            if len(fields) >= 7 and fields[2].startswith("10"):
+                files[fields[5]] = int(fields[6])
+        return files
+
+    def exists(self, path: str) -> bool:
+        parent, _, name = check_path(path).rpartition("/")
+        if not name:  # the root directory
+            return True
+        try:
+            (listing,) = self.run([f"ls -p {parent or '/'}"], write=False)
+        except VaultError:
+            return False
+        return any(line.split("/")[5:6] == [name] for line in listing.splitlines())
+
+    def layout(self, path: str) -> FileLayout:
+        """Size and extents of a regular file (one debugfs call)."""
+        stat, extents = self.run(
+            [f"stat {check_path(path)}", f"ex -l {check_path(path)}"], write=False
+        )
+        size_match = re.search(r"Size:\s+(\d+)", stat)
+        if "Type: regular" not in stat or size_match is None:
+            raise VaultError(
+                f"{path} is not a regular file in the volume.", fix="check the checkpoint name."
+            )
+        flags = re.search(r"Flags:\s+0x([0-9a-fA-F]+)", stat)
+        if flags and int(flags.group(1), 16) & _INLINE_DATA_FLAG:
+            raise VaultError(
+                f"{path} stores its data inline, which this reader does not support.",
+                fix="create the file system without the inline_data feature.",
+            )
+        rows = []
+        for line in extents.splitlines():
+            row = _EXTENT_ROW.match(line)
+            if row:
+                logical, _, physical, _, length, kind = row.groups()
+                rows.append(Extent(int(logical), int(physical), int(length), kind == "Uninit"))
+        return FileLayout(int(size_match.group(1)), tuple(rows))
+
+    def read_file(self, path: str) -> bytes:
+        """Contents of a regular file, copied out of the mapped image by extent."""
+        layout = self.layout(path)
+        block = self.block_size
+        runs: list[list[int]] = []  # [file offset, image offset, length], merged when adjacent
+        for extent in layout.extents:
+            start = extent.logical * block
+            if extent.uninit or start >= layout.size:
+                continue  # holes and uninitialized extents read as zeros
+            length = min(extent.length * block, layout.size - start)
+            source = extent.physical * block
+            if source + length > self.size:
+                raise VaultError(
+                    f"{path} points past the end of the file system: the volume is damaged.",
+                    fix="restore the volume file from a good copy.",
+                )
+            last = runs[-1] if runs else None
+            if last and last[0] + last[2] == start and last[1] + last[2] == source:
+                last[2] += length
+            else:
+                runs.append([start, source, length])
+        # join() over views of the mapping copies each byte once, straight into the result;
+        # fresh buffers are what big reads pay for, so there is no intermediate one.
+        image = memoryview(self._map)
+        try:
+            pieces: list[bytes | memoryview] = []
+            at = 0
+            for start, source, length in runs:
+                pieces += [bytes(start - at), image[source : source + length]]
+                at = start + length
+            pieces.append(bytes(layout.size - at))
+            return b"".join(pieces)
+        finally:
+            pieces.clear()
+            image.release()

@@ -1,0 +1,383 @@
+"""The user-space data path: a LUKS volume file read and written without dm-crypt or root.
+
+cryptsetup writes the LUKS header and key slots; this module unlocks the volume key in memory,
+decrypts the data segment (aes-xts-plain64) into an in-memory ext4 image, changes that image with
+debugfs, and writes back only the sectors that changed, re-encrypted, through the redo journal.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from hfl_lab._exceptions import VaultError
+from hfl_lab.vault import journal
+from hfl_lab.vault.cryptsetup import format_volume
+from hfl_lab.vault.ext4_image import Ext4Image, check_path, memfd_with
+from hfl_lab.vault.files import Write
+from hfl_lab.vault.luks_header import LuksHeader, read_header
+from hfl_lab.vault.luks_keyslot import unlock_volume_key
+from hfl_lab.vault.xts import SECTOR_SIZE, XtsCipher
+
+log = logging.getLogger(__name__)
+
+_READ_CHUNK = 32 * 1024 * 1024
+_DIFF_CHUNK = 65536  # sectors compared per numpy call
+# Fresh files at least this big have their data written in place rather than journaled.
+_IN_PLACE_MIN = 64 * 1024
+_MIN_DATA = 4 * 1024 * 1024
+LABEL = "hfl-model"
+
+Mask = npt.NDArray[np.bool_]
+
+
+def _runs(sectors: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
+    """Split sorted sector numbers into [start, end) runs of consecutive sectors."""
+    if sectors.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sectors) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [sectors.size]))
+    return [(int(sectors[a]), int(sectors[b - 1]) + 1) for a, b in zip(starts, ends, strict=True)]
+
+
+class UserspaceVolume:
+    """An open LUKS volume file whose file system lives decrypted in memory only."""
+
+    kind = "userspace"
+
+    def __init__(
+        self,
+        path: Path,
+        fd: int,
+        header: LuksHeader,
+        key: bytearray,
+        *,
+        writable: bool,
+        durable: bool,
+    ) -> None:
+        self.path = path
+        self._fd = fd
+        self.header = header
+        self._key = key
+        self.writable = writable
+        self.durable = durable
+        if header.sector_size != SECTOR_SIZE:
+            raise VaultError(
+                f"the volume uses {header.sector_size}-byte sectors; the user-space path reads "
+                "512-byte sectors only.",
+                fix="open it on the kernel data path, or create it with ModelVault.create.",
+            )
+        self._xts = XtsCipher(key)
+        size = os.fstat(fd).st_size
+        self.data_size = header.data_size or size - header.data_offset
+        if self.data_size < _MIN_DATA or self.data_size % SECTOR_SIZE:
+            raise VaultError(
+                f"the volume file is truncated: its data segment is {self.data_size} bytes.",
+                fix="copy the complete volume file again (compare its size with the original).",
+            )
+        self._memfd = os.memfd_create("hfl-vault-image", os.MFD_CLOEXEC)
+        os.ftruncate(self._memfd, self.data_size)
+        self.image = Ext4Image(self._memfd, self.data_size)
+        self._shadow: npt.NDArray[np.uint8] | None = None
+
+    @property
+    def uuid(self) -> str:
+        return self.header.uuid
+
+    @property
+    def volume_key(self) -> bytes:
+        """The volume key (memory only); used to derive the checkpoint MAC key."""
+        return bytes(self._key)
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        passphrase: bytes,
+        size_mb: int,
+        *,
+        luks_version: int = 1,
+        kdf_iterations: int | None = None,
+        iter_time_ms: int = 500,
+        durable: bool = True,
+    ) -> UserspaceVolume:
+        """Format ``path`` (which must not exist) and put an empty ext4 file system in it."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise VaultError(
+                f"{path} already exists; a vault is never overwritten.",
+                fix="choose a new path or delete the old volume first.",
+            ) from None
+        try:
+            os.ftruncate(fd, size_mb * 1024 * 1024)
+            format_volume(
+                path,
+                passphrase,
+                luks_version=luks_version,
+                kdf_iterations=kdf_iterations,
+                iter_time_ms=iter_time_ms,
+            )
+            volume = cls._unlock(path, fd, passphrase, writable=True, durable=durable)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        try:
+            Ext4Image.format(volume._memfd, volume.data_size, LABEL)
+            # Every sector is written once, so the whole data segment looks random from the
+            # start and later writes reveal nothing about where data is.
+            volume._encrypt_all()
+            volume._shadow = volume.image.bytes.copy()
+        except BaseException:
+            volume.close()
+            path.unlink(missing_ok=True)
+            raise
+        log.info(
+            "created LUKS%d volume %s (%d MB, user-space data path)",
+            luks_version,
+            path.name,
+            size_mb,
+        )
+        return volume
+
+    @classmethod
+    def open(
+        cls, path: Path, passphrase: bytes, *, writable: bool = True, durable: bool = True
+    ) -> UserspaceVolume:
+        try:
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise VaultError(
+                f"no volume file at {path}.", fix="check the path (the volume is a single file)."
+            ) from None
+        try:
+            volume = cls._unlock(path, fd, passphrase, writable=writable, durable=durable)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            runs = journal.recover(path, fd if writable else None, volume.uuid)
+            volume._decrypt_all(runs)
+            if writable:
+                volume._shadow = volume.image.bytes.copy()
+        except BaseException:
+            volume.close()
+            raise
+        return volume
+
+    @classmethod
+    def _unlock(
+        cls, path: Path, fd: int, passphrase: bytes, *, writable: bool, durable: bool
+    ) -> UserspaceVolume:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VaultError(
+                f"{path.name} is open for writing by another process.",
+                fix="close the other ModelVault first.",
+            ) from None
+        with os.fdopen(os.dup(fd), "rb") as stream:
+            header = read_header(stream, os.fstat(fd).st_size)
+            key = unlock_volume_key(header, stream, passphrase)
+        return cls(path, fd, header, key, writable=writable, durable=durable)
+
+    def _decrypt_all(self, overlay: Sequence[journal.SectorRun]) -> None:
+        buffer = bytearray(min(_READ_CHUNK, self.data_size))
+        view = memoryview(buffer)
+        image = self.image.bytes.data
+        first_sector = self.header.iv_tweak
+        for start in range(0, self.data_size, _READ_CHUNK):
+            length = min(_READ_CHUNK, self.data_size - start)
+            got = os.preadv(self._fd, [view[:length]], self.header.data_offset + start)
+            if got != length:
+                raise VaultError(
+                    "the volume file is truncated inside its data segment.",
+                    fix="copy the complete volume file again (compare its size with the original).",
+                )
+            sectors = np.arange(length // SECTOR_SIZE, dtype=np.uint64)
+            sectors += np.uint64(first_sector + start // SECTOR_SIZE)
+            self._xts.decrypt_into(view[:length], image[start : start + length], sectors)
+        for run in overlay:
+            start = run.offset - self.header.data_offset
+            first = first_sector + start // SECTOR_SIZE
+            image[start : start + len(run.data)] = self._xts.decrypt(run.data, first)
+        fs_size = self.image.check_superblock()
+        if fs_size > self.data_size:
+            raise VaultError(
+                f"the volume file is truncated: its file system needs {fs_size} bytes, the data "
+                f"segment holds {self.data_size}.",
+                fix="copy the complete volume file again (compare its size with the original).",
+            )
+
+    def _encrypt_all(self) -> None:
+        step = _READ_CHUNK
+        image = self.image.bytes.data
+        out = bytearray(min(step, self.data_size))
+        for start in range(0, self.data_size, step):
+            length = min(step, self.data_size - start)
+            sectors = np.arange(length // SECTOR_SIZE, dtype=np.uint64)
+            sectors += np.uint64(self.header.iv_tweak + start // SECTOR_SIZE)
+            self._xts.encrypt_into(image[start : start + length], memoryview(out)[:length], sectors)
+            journal.write_sectors(
+                self._fd,
+                [journal.SectorRun(self.header.data_offset + start, memoryview(out)[:length])],
+            )
+        if self.durable:
+            os.fsync(self._fd)
+
+    # -- VolumeFiles ---------------------------------------------------------------------------
+
+    def read(self, path: str) -> bytes:
+        if not self.image.exists(path):
+            raise VaultError(
+                f"{path} is missing from the volume.",
+                fix="check the name, or that the volume is the right one.",
+            )
+        return self.image.read_file(path)
+
+    def list_dir(self, path: str) -> dict[str, int]:
+        return self.image.list_dir(path)
+
+    def locate(self, path: str) -> list[tuple[int, int]]:
+        """Where a file's data lies in the volume file: (byte offset, length) per extent."""
+        layout = self.image.layout(path)
+        block = self.image.block_size
+        return [
+            (self.header.data_offset + extent.physical * block, extent.length * block)
+            for extent in layout.extents
+        ]
+
+    def commit(self, writes: Sequence[Write], deletes: Sequence[str] = ()) -> None:
+        if not self.writable or self._shadow is None:
+            raise VaultError(
+                "the volume was opened read-only.",
+                fix="open it with ModelVault.open(...) for writing.",
+            )
+        fresh, commands = self._script(writes, deletes)
+        sizes = {check_path(path): len(data) for path, data in writes}
+        try:
+            with ExitStack() as stack:
+                fds = [stack.enter_context(memfd_with(data)) for _, data in writes]
+                sources = [f"/proc/self/fd/{fd}" for fd in fds]
+                self.image.run([c.format(*sources) for c in commands], write=True, pass_fds=fds)
+            big = [path for path in fresh if sizes[path] >= _IN_PLACE_MIN]
+            in_place = self._sectors_of(big)
+            changed = self._changed_sectors()
+        except BaseException:
+            self.image.bytes[:] = self._shadow  # roll the image back to what is on disk
+            raise
+        self._write_back(changed, in_place)
+
+    def _script(
+        self, writes: Sequence[Write], deletes: Sequence[str]
+    ) -> tuple[list[str], list[str]]:
+        """debugfs commands: fresh files first, so they only take blocks free on disk."""
+        paths = [check_path(path) for path, _ in writes]
+        folders = sorted({path.rpartition("/")[0] for path in [*paths, *map(check_path, deletes)]})
+        existing: dict[str, dict[str, int]] = {}
+        commands: list[str] = []
+        for folder in folders:
+            if folder and not self.image.exists(folder):
+                parts = folder.strip("/").split("/")
+                for depth in range(1, len(parts) + 1):
+                    prefix = "/" + "/".join(parts[:depth])
+                    if not self.image.exists(prefix) and f"mkdir {prefix}" not in commands:
+                        commands.append(f"mkdir {prefix}")
+            existing[folder] = self.image.list_dir(folder or "/")
+        fresh = [p for p in paths if p.rpartition("/")[2] not in existing[p.rpartition("/")[0]]]
+        replaced = [p for p in paths if p not in fresh]
+        if len(set(paths)) != len(paths):
+            raise VaultError("one commit writes the same file twice.", fix="write each file once.")
+        for path in [*fresh, *replaced]:
+            index = paths.index(path)
+            if path in replaced:
+                commands.append(f"rm {path}")
+            commands += [f"write {{{index}}} {path}", f"sif {path} mode 0100600"]
+        for path in map(check_path, deletes):
+            if path.rpartition("/")[2] in existing[path.rpartition("/")[0]]:
+                commands.append(f"rm {path}")
+        return fresh, commands
+
+    def _sectors_of(self, paths: Sequence[str]) -> Mask:
+        """Mask of the sectors holding the data of ``paths``."""
+        mask = np.zeros(self.data_size // SECTOR_SIZE, dtype=bool)
+        per_block = self.image.block_size // SECTOR_SIZE
+        for path in paths:
+            for extent in self.image.layout(path).extents:
+                start = extent.physical * per_block
+                mask[start : start + extent.length * per_block] = True
+        return mask
+
+    def _changed_sectors(self) -> npt.NDArray[np.int64]:
+        assert self._shadow is not None
+        words = SECTOR_SIZE // 8
+        now = self.image.bytes.view(np.uint64).reshape(-1, words)
+        before = self._shadow.view(np.uint64).reshape(-1, words)
+        changed = np.empty(now.shape[0], dtype=bool)
+        for start in range(0, now.shape[0], _DIFF_CHUNK):
+            stop = start + _DIFF_CHUNK
+            np.any(now[start:stop] != before[start:stop], axis=1, out=changed[start:stop])
+        return np.flatnonzero(changed)
+
+    def _write_back(self, changed: npt.NDArray[np.int64], in_place: Mask) -> None:
+        """Encrypt the changed sectors; data of fresh files goes straight to its (free) blocks,
+        everything else through the journal, whose commit is the transaction's commit point."""
+        assert self._shadow is not None
+        direct = self._encrypt_runs(_runs(changed[in_place[changed]]))
+        journaled = self._encrypt_runs(_runs(changed[~in_place[changed]]))
+        try:
+            journal.write_sectors(self._fd, direct)
+            if self.durable and direct:
+                os.fsync(self._fd)
+            journal.commit(self.path, self._fd, self.uuid, journaled, durable=self.durable)
+        except OSError as error:
+            self.image.bytes[:] = self._shadow
+            raise VaultError(
+                f"writing the volume failed ({error.strerror}); the previous state is kept.",
+                fix="free disk space or check the disk, then retry the write.",
+            ) from error
+        for start, end in _runs(changed):
+            byte_range = slice(start * SECTOR_SIZE, end * SECTOR_SIZE)
+            self._shadow[byte_range] = self.image.bytes[byte_range]
+
+    def _encrypt_runs(self, runs: list[tuple[int, int]]) -> list[journal.SectorRun]:
+        total = sum(end - start for start, end in runs) * SECTOR_SIZE
+        out = memoryview(bytearray(total))
+        image = self.image.bytes.data
+        result, at = [], 0
+        for start, end in runs:
+            length = (end - start) * SECTOR_SIZE
+            sectors = np.arange(start, end, dtype=np.uint64) + np.uint64(self.header.iv_tweak)
+            self._xts.encrypt_into(
+                image[start * SECTOR_SIZE : end * SECTOR_SIZE], out[at : at + length], sectors
+            )
+            result.append(
+                journal.SectorRun(
+                    self.header.data_offset + start * SECTOR_SIZE, out[at : at + length]
+                )
+            )
+            at += length
+        return result
+
+    def close(self) -> None:
+        """Forget the key and the decrypted image; release the file."""
+        self._key[:] = bytes(len(self._key))
+        self._shadow = None
+        if self._memfd >= 0:
+            self.image.close()
+            os.close(self._memfd)
+            self._memfd = -1
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

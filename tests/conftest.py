@@ -1,0 +1,43 @@
+"""Shared fixtures: where the read-only fixtures in ../shared live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__import__("os").environ.get("HFL_LAB_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"fixtures folder {SHARED} not found: put ../shared beside the clone")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def attestation_dir(shared_dir: Path) -> Path:
+    return shared_dir / "attestation"
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "cifar-10-subset"
+
+
+def read_evidence_file(path: Path) -> bytes:
+    """A fixture quote: raw bytes, or hex text with or without 0x."""
+    data = path.read_bytes()
+    if path.suffix == ".hex":
+        text = data.decode().strip().removeprefix("0x")
+        return bytes.fromhex(text)
+    return data
+
+
+# Times inside / outside the collateral windows in ../shared/attestation/README.md
+TDX_QUOTE_IN_WINDOW = 1750329147 + 3600
+TDX_QUOTE_AFTER_WINDOW = 1752919234 + 3600
+OUTDATED_IN_WINDOW = 1771412331 + 3600  # 2026-02-18T10:58:51Z + 1 h
+SGX_IN_WINDOW = 1750330571 + 3600  # 2025-06-19T10:56:11Z + 1 h

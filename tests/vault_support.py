@@ -1,0 +1,73 @@
+"""Helpers shared by the vault tests: small fast volumes and a PS signing key."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from hfl_lab.vault import ModelVault, ProvenanceEntry, new_passphrase
+
+# PBKDF2 at the LUKS minimum keeps each open at milliseconds; the passphrase is random anyway.
+FAST_KDF = 1000
+SIZE_MB = 12
+
+needs_cryptsetup = pytest.mark.skipif(
+    shutil.which("cryptsetup") is None and not Path("/usr/sbin/cryptsetup").exists(),
+    reason="cryptsetup is not installed (apt-get install cryptsetup-bin)",
+)
+
+
+def make_vault(path: Path, passphrase: bytes | None = None, **options: object) -> ModelVault:
+    return ModelVault.create(
+        path,
+        passphrase or new_passphrase(),
+        SIZE_MB,
+        path_kind="userspace",
+        kdf_iterations=FAST_KDF,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def ps_identity(name: str = "ps0") -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """A P-384 key and a self-signed certificate PEM standing in for the PS's attested key."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def entry(key: ec.EllipticCurvePrivateKey, pem: bytes, loss: float) -> ProvenanceEntry:
+    return ProvenanceEntry(
+        signer=key,
+        signer_pem=pem,
+        ps_evidence_digest=hashlib.sha384(b"ps0 quote").hexdigest(),
+        worker_evidence_digests={
+            "worker0": hashlib.sha384(b"w0 quote").hexdigest(),
+            "worker1": hashlib.sha384(b"w1 quote").hexdigest(),
+        },
+        metrics={"loss": loss},
+    )
+
+
+def weights(step: int, size: int = 300_000) -> bytes:
+    """Distinct pseudo-random 'serialized weights' per step (random bytes do not compress)."""
+    return os.urandom(size - 8) + step.to_bytes(8, "little")

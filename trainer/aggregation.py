@@ -1,0 +1,313 @@
+"""Thread-safe aggregation of worker contributions: sync K-of-N, bounded-staleness async, FedAvg."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
+
+from hfl_lab._exceptions import ConfigError
+
+__all__ = [
+    "Aggregator",
+    "Counters",
+    "Mode",
+    "Outcome",
+    "Status",
+    "Update",
+]
+
+FloatArray = npt.NDArray[np.float32]
+Tensors = Mapping[str, npt.ArrayLike]
+
+
+class Mode(StrEnum):
+    """How contributions become updates."""
+
+    SYNC = "sync"  # gradients; K of N per step, mean of the K (backup workers)
+    ASYNC = "async"  # gradients; each applied on arrival if not too stale
+    FEDAVG = "fedavg"  # weights after E local steps; sample-weighted mean of K per round
+
+
+class Status(StrEnum):
+    """What happened to one submission."""
+
+    PENDING = "pending"  # accepted, waiting for the rest of the step/round
+    APPLIED = "applied"  # accepted, and its update has been applied (it completed the step)
+    LATE_DROPPED = "late_dropped"  # for a step/round already completed: dropped
+    STALE_REFUSED = "stale_refused"  # async: staleness above the bound: refused
+    REJECTED = "rejected"  # malformed (names, shapes, non-finite values), duplicate, or closed
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The answer to :meth:`Aggregator.submit`."""
+
+    status: Status
+    version: int  # the aggregator's version after the submission
+    staleness: int = 0
+    reason: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.status in (Status.PENDING, Status.APPLIED)
+
+
+@dataclass(frozen=True)
+class Update:
+    """One aggregated update, moving the global model from ``base_version`` to ``version``.
+
+    ``tensors`` are averaged gradients (sync, async) or averaged weights (fedavg), float32.
+    """
+
+    mode: Mode
+    base_version: int
+    version: int
+    tensors: dict[str, FloatArray]
+    non_trainable: dict[str, FloatArray]
+    contributors: tuple[str, ...]
+    num_samples: int
+    staleness: int = 0
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Snapshot for the dashboard."""
+
+    version: int
+    updates: int  # aggregated updates applied
+    applied: int  # worker contributions that went into an applied update
+    pending: int  # contributions waiting for the current step/round
+    late_dropped: int
+    stale_refused: int
+    rejected: int
+
+
+class Aggregator:
+    """Collects contributions from concurrent PS handler threads and produces updates.
+
+    ``apply`` is called with each :class:`Update` under the aggregator's lock, in the thread whose
+    submission completed it, *before* the version advances and waiters wake: so when
+    :meth:`wait_for_version` returns, the PS already holds the new weights. If ``apply`` raises,
+    the step's contributions are discarded, the version stays, and the error reaches that
+    submitter; workers then resubmit for the same version.
+    """
+
+    def __init__(
+        self,
+        mode: Mode | str,
+        num_workers: int,
+        *,
+        quorum: int | None = None,
+        staleness_bound: int | None = None,
+        apply: Callable[[Update], None] | None = None,
+        start_version: int = 0,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> None:
+        try:
+            self.mode = Mode(mode)
+        except ValueError:
+            raise ConfigError(
+                f"unknown aggregation mode {mode!r}.", fix="use 'sync', 'async' or 'fedavg'."
+            ) from None
+        if num_workers < 1:
+            raise ConfigError(f"num_workers must be >= 1, got {num_workers}.", fix="use >= 1.")
+        self.num_workers = num_workers
+        self._quorum = self._check_quorum(num_workers if quorum is None else quorum)
+        # In steady-state async with N equally fast workers a gradient is about N-1 versions
+        # old, so the default bound N refuses only real laggards.
+        self.staleness_bound = num_workers if staleness_bound is None else staleness_bound
+        if self.staleness_bound < 0:
+            raise ConfigError("staleness_bound must be >= 0.", fix="use e.g. the worker count.")
+        self._apply = apply
+        self._shapes = dict(shapes) if shapes is not None else None
+        self._cond = threading.Condition()
+        self._version = start_version
+        self._closed = False
+        self._last: Update | None = None
+        self._counts = dict.fromkeys(
+            ("updates", "applied", "late_dropped", "stale_refused", "rejected"), 0
+        )
+        self._reset_step()
+
+    # ------------------------------------------------------------------ public interface
+
+    @property
+    def version(self) -> int:
+        with self._cond:
+            return self._version
+
+    @property
+    def quorum(self) -> int:
+        return self._quorum
+
+    @property
+    def last_update(self) -> Update | None:
+        with self._cond:
+            return self._last
+
+    def counters(self) -> Counters:
+        with self._cond:
+            return Counters(version=self._version, pending=len(self._contributors), **self._counts)
+
+    def set_quorum(self, quorum: int) -> None:
+        """Change K (e.g. after a worker died); completes the current step if now reached."""
+        with self._cond:
+            self._quorum = self._check_quorum(quorum)
+            if self.mode is not Mode.ASYNC and len(self._contributors) >= self._quorum:
+                self._complete(staleness=0)
+
+    def submit(
+        self,
+        worker: str,
+        version: int,
+        tensors: Tensors,
+        num_samples: int = 1,
+        non_trainable: Tensors | None = None,
+    ) -> Outcome:
+        """Offer gradients (sync/async) or weights (fedavg) computed at model ``version``."""
+        with self._cond:
+            current = self._version
+            staleness = current - version
+            if self._closed:
+                return self._refuse(Status.REJECTED, "the aggregator is closed")
+            if version > current:
+                return self._refuse(
+                    Status.REJECTED, f"version {version} is ahead of the server's {current}"
+                )
+            if self.mode is Mode.ASYNC:
+                if staleness > self.staleness_bound:
+                    return self._refuse(
+                        Status.STALE_REFUSED,
+                        f"staleness {staleness} exceeds the bound {self.staleness_bound}",
+                        staleness,
+                    )
+            elif staleness > 0:
+                return self._refuse(
+                    Status.LATE_DROPPED, f"step {version} already completed", staleness
+                )
+            elif worker in self._contributors:
+                return self._refuse(
+                    Status.REJECTED, f"{worker} already contributed to step {version}"
+                )
+            problem = self._validate(tensors, non_trainable, num_samples)
+            if problem:
+                return self._refuse(Status.REJECTED, problem, staleness)
+            self._accumulate(worker, tensors, non_trainable, num_samples)
+            if self.mode is Mode.ASYNC or len(self._contributors) >= self._quorum:
+                self._complete(staleness)
+                return Outcome(Status.APPLIED, self._version, staleness)
+            return Outcome(Status.PENDING, self._version, staleness)
+
+    def wait_for_version(self, version: int, timeout: float | None = None) -> bool:
+        """Block until the global version reaches ``version``; False on timeout or close."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._version < version and not self._closed:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return self._version >= version
+
+    def close(self) -> None:
+        """Refuse further submissions and wake every waiter."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_quorum(self, quorum: int) -> int:
+        if not 1 <= quorum <= self.num_workers:
+            raise ConfigError(
+                f"quorum K={quorum} must be between 1 and the {self.num_workers} workers.",
+                fix="set K <= N (K < N leaves N-K backup workers per step).",
+            )
+        return quorum
+
+    def _reset_step(self) -> None:
+        self._sums: dict[str, npt.NDArray[np.float64]] = {}
+        self._nt_sums: dict[str, npt.NDArray[np.float64]] = {}
+        self._weight_total = 0.0
+        self._samples = 0
+        self._contributors: list[str] = []
+
+    def _refuse(self, status: Status, reason: str, staleness: int = 0) -> Outcome:
+        self._counts[str(status)] += 1
+        return Outcome(status, self._version, staleness, reason)
+
+    def _validate(self, tensors: Tensors, non_trainable: Tensors | None, num_samples: int) -> str:
+        if num_samples < 1:
+            return f"num_samples must be >= 1, got {num_samples}"
+        if not tensors:
+            return "no tensors submitted"
+        if self._shapes is not None:
+            expected = self._shapes
+        elif self._sums:
+            expected = {k: v.shape for k, v in self._sums.items()}
+        else:
+            expected = {k: np.shape(v) for k, v in tensors.items()}
+        if tensors.keys() != expected.keys():
+            diff = sorted(set(tensors) ^ set(expected))
+            return f"tensor names differ from the expected ones: {diff[:3]}"
+        for name, value in tensors.items():
+            if np.shape(value) != tuple(expected[name]):
+                return f"{name!r} has shape {np.shape(value)}, expected {tuple(expected[name])}"
+            if not np.all(np.isfinite(value)):
+                return f"{name!r} holds NaN or infinite values"
+        if self._contributors and (non_trainable or {}).keys() != self._nt_sums.keys():
+            return "non-trainable names differ from this step's other contributions"
+        for name, value in (non_trainable or {}).items():
+            if name in self._nt_sums and np.shape(value) != self._nt_sums[name].shape:
+                return f"non-trainable {name!r} has shape {np.shape(value)}"
+            if not np.all(np.isfinite(value)):
+                return f"non-trainable {name!r} holds NaN or infinite values"
+        return ""
+
+    def _accumulate(
+        self,
+        worker: str,
+        tensors: Tensors,
+        non_trainable: Tensors | None,
+        num_samples: int,
+    ) -> None:
+        # Sync averages the K gradients equally; FedAvg weighs each model by its samples.
+        weight = float(num_samples) if self.mode is Mode.FEDAVG else 1.0
+        for target, source in ((self._sums, tensors), (self._nt_sums, non_trainable or {})):
+            for name, value in source.items():
+                contribution = np.asarray(value, dtype=np.float64) * weight
+                if name in target:
+                    target[name] += contribution
+                else:
+                    target[name] = contribution
+        self._weight_total += weight
+        self._samples += num_samples
+        self._contributors.append(worker)
+
+    def _complete(self, staleness: int) -> None:
+        total = self._weight_total
+        update = Update(
+            mode=self.mode,
+            base_version=self._version,
+            version=self._version + 1,
+            tensors={k: (v / total).astype(np.float32) for k, v in self._sums.items()},
+            non_trainable={k: (v / total).astype(np.float32) for k, v in self._nt_sums.items()},
+            contributors=tuple(self._contributors),
+            num_samples=self._samples,
+            staleness=staleness,
+        )
+        applied = len(self._contributors)
+        self._reset_step()
+        if self._apply is not None:
+            self._apply(update)
+        self._version = update.version
+        self._last = update
+        self._counts["updates"] += 1
+        self._counts["applied"] += applied
+        self._cond.notify_all()
