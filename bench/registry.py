@@ -44,6 +44,7 @@ class Benchmark:
     goal: str
     run: Callable[..., Measurement]
     params: dict[str, Any] = field(default_factory=dict)
+    judged_by: str = "ratio"  # "value" for figures BENCH.md lists in seconds
 
     def measure(self, ctx: BenchContext) -> Measurement:
         return self.run(ctx, **self.params)
@@ -93,6 +94,7 @@ def benchmark(
     unit: str,
     goal: str = "report",
     registry: Registry | None = None,
+    judged_by: str = "ratio",
     **params: Any,
 ) -> Callable[[Callable[..., Measurement]], Callable[..., Measurement]]:
     """Register the decorated ``fn(ctx, **params) -> Measurement`` under ``id``.
@@ -105,7 +107,7 @@ def benchmark(
 
     def register(fn: Callable[..., Measurement]) -> Callable[..., Measurement]:
         (REGISTRY if registry is None else registry).add(
-            Benchmark(id, what, unit, goal, fn, dict(params))
+            Benchmark(id, what, unit, goal, fn, dict(params), judged_by)
         )
         return fn
 

@@ -38,6 +38,7 @@ def run_benchmarks(benchmarks: Iterable[Benchmark], ctx: BenchContext) -> RunOut
                 goal=bench.goal,
                 baseline=measured.baseline,
                 machine=machine,
+                judged_by=bench.judged_by,
             )
         )
     return outcome
