@@ -11,11 +11,13 @@ export PYTHONHASHSEED := 0
 
 .PHONY: install system-deps proto lint test test-fast run bench reliability clean
 
-# Debian packages the vault needs (cryptsetup for LUKS headers, e2fsprogs for ext4 images).
+# Debian packages: cryptsetup (LUKS headers) and e2fsprogs (ext4 images) for the vault,
+# shellcheck for the tests of the operator scripts in native/.
 system-deps:
 	@missing=""; \
 	command -v cryptsetup >/dev/null || missing="$$missing cryptsetup-bin"; \
 	command -v mke2fs >/dev/null && command -v debugfs >/dev/null || missing="$$missing e2fsprogs"; \
+	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
 	  else echo "please install:$$missing (sudo apt-get install$$missing)"; exit 1; fi; \

@@ -1,0 +1,1 @@
+"""Backends: where the lab's participants run (local processes, or pods on Kubernetes)."""

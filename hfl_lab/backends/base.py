@@ -1,0 +1,64 @@
+"""The interface every backend offers the notebooks: check, start, wait, watch, retrieve, stop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from hfl_lab.events import LabEvent
+
+#: called while waiting: (done, total, label), e.g. (3, 5, "pods ready")
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class PreflightCheck:
+    """One precondition of a backend: whether it holds, what was seen, and how to fix it."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        mark = "ok " if self.ok else "FAIL"
+        text = f"[{mark}] {self.name}: {self.detail}"
+        if not self.ok and self.fix:
+            text += f" Fix: {self.fix}"
+        return text
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Where participants (trust service, ps0, workers) run; the notebooks drive only this."""
+
+    @property
+    def name(self) -> str:
+        """``"local"`` or ``"kubernetes"``."""
+        ...
+
+    def preflight(self) -> list[PreflightCheck]:
+        """Every precondition, checked; nothing is started or changed."""
+        ...
+
+    def start(self) -> None:
+        """Start the trust service, ps0 and the workers (returns once they are launched)."""
+        ...
+
+    def wait_ready(self, timeout_s: float, progress: ProgressCallback | None = None) -> None:
+        """Block until every participant is ready; ``BackendError`` on failure or timeout."""
+        ...
+
+    def events(self) -> Iterator[LabEvent]:
+        """The run's events (lifecycle, logs, and what participants emit) until teardown."""
+        ...
+
+    def fetch_vault(self, dest: Path) -> Path:
+        """Copy the sealed model volume out of ps0 to ``dest`` (a file path); returns it."""
+        ...
+
+    def teardown(self) -> None:
+        """Stop and remove every participant; safe to call twice."""
+        ...

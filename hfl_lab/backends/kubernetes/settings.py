@@ -1,0 +1,260 @@
+"""What the Kubernetes backend needs to know, taken from LabConfig by attribute name."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hfl_lab._exceptions import ConfigError
+
+#: overlays under k8s/overlays/, in order of increasing protection
+OVERLAYS = ("runc", "kata-qemu-tdx", "kata-qemu-tdx-encrypted-signed")
+DEFAULT_IMAGE = "registry.hfl-lab.local:5000/hfl-lab:0.1.0"
+DEFAULT_POLICY = "tee_type: TDX\nallow_simulated: true\nreport_data_binding: key+nonce\n"
+MAX_WORKERS = 64
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# [host[:port]/]path[:tag][@sha256:hex]; loose on purpose, the registry has the last word
+_IMAGE = re.compile(
+    r"^(?:(?P<host>[a-zA-Z0-9.-]+(?::[0-9]+)?)/)?(?P<path>[a-z0-9]+(?:[._/-][a-z0-9]+)*)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
+
+
+@dataclass(frozen=True)
+class ContainerResources:
+    """Requests and limits of one participant's main container (Kubernetes quantities)."""
+
+    cpu_request: str
+    cpu_limit: str
+    memory_request: str
+    memory_limit: str
+
+    def __post_init__(self) -> None:
+        for name in ("cpu_request", "cpu_limit", "memory_request", "memory_limit"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not _QUANTITY.match(value):
+                raise ConfigError(
+                    f"resource {name}={value!r} is not a Kubernetes quantity; "
+                    "use e.g. '500m' or '2' for CPU and '512Mi' or '4Gi' for memory."
+                )
+
+    def to_manifest(self) -> dict[str, dict[str, str]]:
+        return {
+            "requests": {"cpu": self.cpu_request, "memory": self.memory_request},
+            "limits": {"cpu": self.cpu_limit, "memory": self.memory_limit},
+        }
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A container image reference split into its parts."""
+
+    registry: str | None
+    repository: str
+    tag: str | None
+    digest: str | None
+
+    @classmethod
+    def parse(cls, ref: str) -> ImageRef:
+        match = _IMAGE.match(ref)
+        if match is None:
+            raise ConfigError(
+                f"image {ref!r} is not a container image reference; "
+                "use registry[:port]/name[:tag][@sha256:digest]."
+            )
+        host = match["host"]
+        path = match["path"]
+        # "name/x" without a dot, colon or localhost in the first part is a Docker Hub path
+        if host is not None and "." not in host and ":" not in host and host != "localhost":
+            path, host = f"{host}/{path}", None
+        return cls(host, path, match["tag"], match["digest"])
+
+    @property
+    def name(self) -> str:
+        """Registry and repository, without tag or digest (kustomize's ``newName``)."""
+        return f"{self.registry}/{self.repository}" if self.registry else self.repository
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """The parameters of one Kubernetes deployment of the lab; validated on creation."""
+
+    namespace: str = "hfl-lab"
+    workers: int = 2
+    image: str = DEFAULT_IMAGE
+    overlay: str = "runc"
+    runtime_class: str = "kata-qemu-tdx"
+    #: where workers read CIFAR-10: "emptydir" (the trainer fills it), "pvc:<claim>",
+    #: or "hostpath:/abs/path" (the path must exist on every node that runs a worker)
+    data_source: str = "emptydir"
+    policy_yaml: str = DEFAULT_POLICY
+    #: kubeconfig file; None: in-cluster credentials when running in a pod, else ~/.kube/config
+    kubeconfig: str | None = None
+    context: str | None = None
+    #: registry host[:port] that preflight checks; None: the image's registry
+    registry: str | None = None
+    registry_insecure: bool = False
+    ps_resources: ContainerResources | None = None
+    worker_resources: ContainerResources | None = None
+    trust_resources: ContainerResources | None = None
+    #: the lab's own configuration (LabConfig as a mapping), passed to the trainer verbatim
+    lab_config: Mapping[str, Any] = field(default_factory=dict)
+    #: the KBS the guest's attestation agent asks for image keys (encrypted overlay)
+    kbs_url: str = "http://kbs.hfl-lab.local:8080"
+    #: where the generated kustomization of a run is written; None: a temporary folder
+    run_dir: Path | None = None
+    poll_interval_s: float = 1.0
+    field_manager: str = "hfl-lab"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.namespace, str) or not _DNS_LABEL.match(self.namespace):
+            raise ConfigError(
+                f"namespace {self.namespace!r} is not a DNS label; use lower-case letters, "
+                "digits and '-', at most 63 characters."
+            )
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not (
+            1 <= self.workers <= MAX_WORKERS
+        ):
+            raise ConfigError(
+                f"workers={self.workers!r} is out of range; use an integer 1..{MAX_WORKERS}."
+            )
+        if self.overlay not in OVERLAYS:
+            raise ConfigError(
+                f"k8s overlay {self.overlay!r} is unknown; use one of {', '.join(OVERLAYS)}."
+            )
+        if not _DNS_LABEL.match(self.runtime_class):
+            raise ConfigError(f"runtime class {self.runtime_class!r} is not a DNS label.")
+        ImageRef.parse(self.image)
+        self.data_volume()
+        self.policy_document()
+        if self.poll_interval_s <= 0:
+            raise ConfigError("poll_interval_s must be positive.")
+
+    # -- derived values -----------------------------------------------------------------
+
+    @property
+    def image_ref(self) -> ImageRef:
+        return ImageRef.parse(self.image)
+
+    @property
+    def registry_host(self) -> str | None:
+        return self.registry or self.image_ref.registry
+
+    @property
+    def uses_tdx(self) -> bool:
+        return self.overlay != "runc"
+
+    @property
+    def worker_roles(self) -> list[str]:
+        return [f"worker{i}" for i in range(self.workers)]
+
+    def data_volume(self) -> dict[str, Any]:
+        """The ``data`` volume of the worker pods for ``data_source``."""
+        source = self.data_source
+        if source == "emptydir":
+            return {"name": "data", "emptyDir": {}}
+        kind, _, arg = source.partition(":")
+        if kind == "pvc" and _DNS_LABEL.match(arg):
+            return {"name": "data", "persistentVolumeClaim": {"claimName": arg, "readOnly": True}}
+        if kind == "hostpath" and arg.startswith("/"):
+            return {"name": "data", "hostPath": {"path": arg, "type": "Directory"}}
+        raise ConfigError(
+            f"data source {source!r} is not understood; use 'emptydir', 'pvc:<claim-name>' "
+            "or 'hostpath:/absolute/path'."
+        )
+
+    def policy_document(self) -> dict[str, Any]:
+        try:
+            doc = yaml.safe_load(self.policy_yaml)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"the attestation policy is not valid YAML ({exc.__class__.__name__}); "
+                "fix the policy file."
+            ) from None
+        if not isinstance(doc, dict):
+            raise ConfigError("the attestation policy must be a YAML mapping of field: value.")
+        return doc
+
+    # -- from LabConfig -----------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: Any) -> KubernetesSettings:
+        """Settings from a LabConfig (or any object) by attribute name; missing ones default.
+
+        Read: ``namespace``, ``workers``, ``image``, ``k8s_overlay``, ``runtime_class``,
+        ``kubeconfig``, ``kube_context``, ``registry``, ``registry_insecure``,
+        ``data_source`` (else ``data_path``: "pvc:…", "hostpath:…", "emptydir", or an absolute
+        path taken as a host path), ``policy_path`` (a YAML file) or ``policy`` (a mapping or
+        an object with ``to_dict()``), ``kbs_url``, ``run_dir``; the whole config, as a
+        mapping, becomes ``lab_config``.
+        """
+        kw: dict[str, Any] = {}
+        names = {
+            "namespace": "namespace",
+            "workers": "workers",
+            "image": "image",
+            "k8s_overlay": "overlay",
+            "runtime_class": "runtime_class",
+            "kubeconfig": "kubeconfig",
+            "kube_context": "context",
+            "registry": "registry",
+            "registry_insecure": "registry_insecure",
+            "kbs_url": "kbs_url",
+        }
+        for attr, key in names.items():
+            value = getattr(config, attr, None)
+            if value is not None:
+                kw[key] = str(value) if isinstance(value, Path) else value
+        data = getattr(config, "data_source", None) or getattr(config, "data_path", None)
+        if data is not None:
+            text = str(data)
+            kw["data_source"] = f"hostpath:{text}" if text.startswith("/") else text
+        policy_path = getattr(config, "policy_path", None)
+        policy = getattr(config, "policy", None)
+        if policy_path is not None:
+            try:
+                kw["policy_yaml"] = Path(policy_path).read_text()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read the attestation policy {policy_path} ({exc.strerror}); "
+                    "fix policy_path."
+                ) from None
+        elif policy is not None:
+            raw = policy.to_dict() if hasattr(policy, "to_dict") else policy
+            kw["policy_yaml"] = yaml.safe_dump(dict(raw), sort_keys=False)
+        run_dir = getattr(config, "run_dir", None)
+        if run_dir is not None:
+            kw["run_dir"] = Path(run_dir) / "k8s"
+        kw["lab_config"] = _as_mapping(config)
+        return cls(**kw)
+
+
+def _as_mapping(config: Any) -> dict[str, Any]:
+    """A plain, YAML-safe mapping of a config object (``to_dict()``, a dataclass, a mapping)."""
+    if hasattr(config, "to_dict"):
+        raw = config.to_dict()
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        raw = dataclasses.asdict(config)
+    elif isinstance(config, Mapping):
+        raw = dict(config)
+    else:
+        return {}
+    return {str(k): _plain(v) for k, v in raw.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)

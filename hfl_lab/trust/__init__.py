@@ -1,0 +1,1 @@
+"""Trust service: attestation, mesh certificates, key broker, audit log; and its client."""
