@@ -54,8 +54,9 @@ def _verifier(
     return Verifier(AttestationPolicy.from_dict(raw), lab_root_der=platform.root_der)
 
 
-def _cert_with(key: ec.EllipticCurvePrivateKey, oid: x509.ObjectIdentifier, value: bytes,
-               cn: str = "mallory") -> x509.Certificate:
+def _cert_with(
+    key: ec.EllipticCurvePrivateKey, oid: x509.ObjectIdentifier, value: bytes, cn: str = "mallory"
+) -> x509.Certificate:
     """A self-signed certificate for ``key`` carrying ``value`` under ``oid`` (an attacker's)."""
     now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])

@@ -107,9 +107,15 @@ class RaTlsIdentity:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                    crl_sign=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=True,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -119,8 +125,10 @@ class RaTlsIdentity:
                 ),
                 critical=False,
             )
-            .add_extension(_san(sans if sans is not None else (subject_cn, "localhost",
-                                                                "127.0.0.1")), critical=False)
+            .add_extension(
+                _san(sans if sans is not None else (subject_cn, "localhost", "127.0.0.1")),
+                critical=False,
+            )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.public_key), False)
             # The interoperable draft: non-critical, because OpenSSL/mbedTLS reject unknown
             # critical extensions.
@@ -274,10 +282,18 @@ def _decode(cert: x509.Certificate | bytes | str) -> EmbeddedEvidence:
             evidence = Evidence(quote=d.quote, provider="ratls-dice", simulated=False)
             scheme, binding = CLAIMS_HASH_SCHEME, claims_binding(d.claims_buffer)
         return EmbeddedEvidence(
-            kind="dice", evidence=evidence, claims=d.claims, spki=spki, binding=binding,
-            scheme=scheme, subject=subject, nonce=d.nonce, claimed_key_hash=d.pubkey_hash,
+            kind="dice",
+            evidence=evidence,
+            claims=d.claims,
+            spki=spki,
+            binding=binding,
+            scheme=scheme,
+            subject=subject,
+            nonce=d.nonce,
+            claimed_key_hash=d.pubkey_hash,
             actual_key_hash=d.hash_spki(spki),
-            role=str(lab["role"]) if lab is not None and "role" in lab else None, certificate=c,
+            role=str(lab["role"]) if lab is not None and "role" in lab else None,
+            certificate=c,
         )
     legacy = _extension_value(c, ext.LEGACY_QUOTE_OIDS)
     if legacy is not None:
@@ -286,9 +302,14 @@ def _decode(cert: x509.Certificate | bytes | str) -> EmbeddedEvidence:
         return EmbeddedEvidence(
             kind="gramine-legacy",
             evidence=Evidence(quote=quote, provider="gramine-legacy", simulated=False),
-            claims={}, spki=spki, binding=key_binding(spki, None), scheme=KEY_BINDING_SCHEME,
-            subject=subject, claimed_key_hash=parsed.report_data[:32],
-            actual_key_hash=spki_hash(spki), certificate=c,
+            claims={},
+            spki=spki,
+            binding=key_binding(spki, None),
+            scheme=KEY_BINDING_SCHEME,
+            subject=subject,
+            claimed_key_hash=parsed.report_data[:32],
+            actual_key_hash=spki_hash(spki),
+            certificate=c,
         )
     raise AttestationError(
         "no attestation evidence in the certificate (neither the TCG DICE extension "
@@ -360,7 +381,9 @@ def _check_key_binding(v: Verdict, emb: EmbeddedEvidence) -> None:
         emb.key_bound,
         f"hash of this certificate's key {emb.actual_key_hash.hex()}",
         f"{what} {emb.claimed_key_hash.hex()}",
-        "" if emb.key_bound else f"the {what} is not this certificate's key: evidence made for "
+        ""
+        if emb.key_bound
+        else f"the {what} is not this certificate's key: evidence made for "
         "another key (copied from another TD)",
     )
 
@@ -377,7 +400,10 @@ def _check_nonce(v: Verdict, emb: EmbeddedEvidence, challenge: bytes | None, pol
         )
     elif policy == "key+nonce" and emb.nonce is None:
         v.add(
-            "nonce", False, "a challenge bound into REPORTDATA", "none",
+            "nonce",
+            False,
+            "a challenge bound into REPORTDATA",
+            "none",
             "the policy requires key+nonce binding but the certificate carries no challenge",
         )
 
@@ -395,7 +421,7 @@ def _check_validity(v: Verdict, cert: x509.Certificate, now: int) -> None:
         ok,
         f"{cert.not_valid_before_utc.isoformat()} … {cert.not_valid_after_utc.isoformat()}",
         dt.datetime.fromtimestamp(now, dt.UTC).isoformat(),
-        "" if ok else ("the certificate is not yet valid" if now < start
-                       else "the certificate has expired"),
+        ""
+        if ok
+        else ("the certificate is not yet valid" if now < start else "the certificate has expired"),
     )
-

@@ -68,8 +68,16 @@ def _cbor_loads(data: bytes, what: str) -> Any:
     stream = io.BytesIO(data)
     try:
         item = cbor2.CBORDecoder(stream).decode()
-    except (ValueError, TypeError, LookupError, OverflowError, MemoryError, RecursionError,
-            EOFError, cbor2.CBORError) as e:
+    except (
+        ValueError,
+        TypeError,
+        LookupError,
+        OverflowError,
+        MemoryError,
+        RecursionError,
+        EOFError,
+        cbor2.CBORError,
+    ) as e:
         raise _malformed(f"{what} is not valid CBOR ({type(e).__name__})") from None
     if stream.tell() != len(data):
         raise _malformed(f"{what} has {len(data) - stream.tell()} bytes after its CBOR item")
@@ -122,9 +130,7 @@ def encode_claims(
     pubkey_hash: bytes, *, nonce: bytes | None = None, lab: dict[str, Any] | None = None
 ) -> bytes:
     """The serialized claims map (SHA-256 ``pubkey_hash``), deterministic CBOR."""
-    claims: dict[str, Any] = {
-        PUBKEY_HASH: cbor2.dumps([SHA256_ID, pubkey_hash], canonical=True)
-    }
+    claims: dict[str, Any] = {PUBKEY_HASH: cbor2.dumps([SHA256_ID, pubkey_hash], canonical=True)}
     if nonce:
         claims[NONCE] = nonce
     if lab is not None:
