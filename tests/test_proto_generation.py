@@ -14,8 +14,12 @@ import pytest
 from trainer.proto import parameter_server_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("parameter_server.proto", "__init__.py", "__main__.py", "_generate.py")
-GENERATED = ("parameter_server_pb2.py", "parameter_server_pb2.pyi", "parameter_server_pb2_grpc.py")
+SOURCES = ("parameter_server.proto", "trust.proto", "__init__.py", "__main__.py", "_generate.py")
+GENERATED = tuple(
+    f"{stem}{suffix}"
+    for stem in ("parameter_server", "trust")
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+)
 
 # Run in a child process: the descriptor pool is global, and the copy registers the same
 # .proto file name as the package this test process already imported.

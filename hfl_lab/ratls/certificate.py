@@ -148,6 +148,11 @@ class RaTlsIdentity:
             raise ConfigError("no certificate yet: call make_certificate(provider, ...) first")
         return self.certificate.public_bytes(serialization.Encoding.PEM)
 
+    @property
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        """The key object, for in-process use (ECDH unwrapping of released secrets) only."""
+        return self._key
+
     def private_key_pem(self) -> bytes:
         """PKCS#8 PEM in memory, for ``grpc.ssl_*_credentials``; never write it to a file."""
         return self._key.private_bytes(

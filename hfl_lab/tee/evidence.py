@@ -72,6 +72,16 @@ class Evidence:
         return json.dumps(self.to_dict())
 
     @classmethod
+    def from_json(cls, text: str) -> Evidence:
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            raise AttestationError(f"evidence is not JSON ({e})", check="evidence") from None
+        if not isinstance(doc, dict):
+            raise AttestationError("evidence JSON must be an object", check="evidence")
+        return cls.from_dict(doc)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Evidence:
         try:
             return cls(

@@ -1,0 +1,196 @@
+"""Client of the trust service: verify its attestation, pin its certificate, then talk to it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from hfl_lab._exceptions import AttestationError, PolicyViolation
+from hfl_lab.ratls.binding import key_binding
+from hfl_lab.ratls.certificate import RaTlsIdentity, verify_certificate
+from hfl_lab.ratls.peer import fetch_server_certificate
+from hfl_lab.tee.evidence import EvidenceProvider
+from hfl_lab.tee.policy import AttestationPolicy
+from hfl_lab.tee.verdict import Verdict
+from hfl_lab.tee.verifier import Verifier
+from hfl_lab.trust.service import admin_metadata
+from hfl_lab.trust.wrap import WrappedSecret, unwrap_secret
+from trainer.proto import trust_pb2 as pb
+from trainer.proto import trust_pb2_grpc as rpc
+
+
+@dataclass(frozen=True)
+class MeshCredentials:
+    """A participant's mesh identity: its in-memory key, the issued certificate, the CA."""
+
+    identity: RaTlsIdentity
+    certificate_pem: bytes
+    ca_pem: bytes
+    not_after: float
+    verdict: dict[str, Any]
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.certificate_pem)
+
+
+def _pinned_channel(address: str, cert: x509.Certificate) -> grpc.Channel:
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    target = str(cn[0].value) if cn else "localhost"
+    # The only trusted root is this exact self-signed certificate: after its evidence was
+    # checked, nothing else can stand in for the server (MITM with another key is refused).
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=cert.public_bytes(serialization.Encoding.PEM)
+    )
+    return grpc.secure_channel(
+        address, credentials, options=[("grpc.ssl_target_name_override", target)]
+    )
+
+
+class TrustClient:
+    """Talks to a trust service only after its RA-TLS evidence satisfied ``policy``."""
+
+    def __init__(self, address: str, channel: grpc.Channel, verdict: Verdict) -> None:
+        self.address = address
+        self.channel = channel
+        self.verdict = verdict
+        self.stub = rpc.TrustServiceStub(channel)  # type: ignore[no-untyped-call]
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        policy: AttestationPolicy,
+        *,
+        lab_root_der: bytes | None = None,
+        role: str | None = None,
+        verifier_name: str = "lab",
+        on_verdict: Any = None,
+    ) -> TrustClient:
+        host, _, port = address.rpartition(":")
+        cert = fetch_server_certificate(host, int(port))
+        # A server's own RA-TLS certificate is made before any client exists, so it cannot
+        # carry our nonce: its evidence must bind its key, and the pinned TLS session proves
+        # the server holds that key now.
+        if policy.report_data_binding == "key+nonce":
+            policy = policy.replace(report_data_binding="key")
+        verifier = Verifier(policy, lab_root_der=lab_root_der, name=verifier_name,
+                            on_verdict=on_verdict)
+        verdict = verify_certificate(cert, verifier, role=role)
+        if not verdict.accepted:
+            raise AttestationError(
+                f"the trust service at {address} failed attestation: {verdict.reason}",
+                check="trust_service",
+                fix="do not hand it anything; check that the right service runs there",
+            )
+        return cls(address, _pinned_channel(address, cert), verdict)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> TrustClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- participants ------------------------------------------------------------------------
+
+    def attest(
+        self, role: str, provider: EvidenceProvider, identity: RaTlsIdentity | None = None
+    ) -> MeshCredentials:
+        """Prove ``role``'s TD to the service and obtain a mesh certificate for its key."""
+        identity = identity or RaTlsIdentity()
+        challenge = self._call(self.stub.GetChallenge, pb.ChallengeRequest(role=role))
+        evidence = provider.get_evidence(key_binding(identity.spki_der, challenge.nonce))
+        reply = self._call(
+            self.stub.Attest,
+            pb.AttestRequest(
+                role=role, nonce=challenge.nonce, public_key=identity.spki_der,
+                evidence_json=evidence.to_json(),
+            ),
+        )
+        identity.certificate = x509.load_pem_x509_certificate(reply.mesh_certificate_pem)
+        return MeshCredentials(identity, reply.mesh_certificate_pem, reply.ca_certificate_pem,
+                               reply.not_after, json.loads(reply.verdict_json))
+
+    def release_secret(
+        self, app_id: str, name: str, role: str, provider: EvidenceProvider,
+        identity: RaTlsIdentity | None = None,
+    ) -> bytes:
+        """Obtain a secret through attested key release; it is unwrapped in this process only."""
+        from hfl_lab.trust.broker import release_context
+
+        identity = identity or RaTlsIdentity()
+        challenge = self._call(self.stub.GetChallenge, pb.ChallengeRequest(role=role))
+        evidence = provider.get_evidence(key_binding(identity.spki_der, challenge.nonce))
+        reply = self._call(
+            self.stub.ReleaseSecret,
+            pb.ReleaseRequest(
+                app_id=app_id, name=name, role=role, nonce=challenge.nonce,
+                public_key=identity.spki_der, evidence_json=evidence.to_json(),
+            ),
+        )
+        wrapped = WrappedSecret(reply.ephemeral_public, reply.gcm_nonce, reply.ciphertext)
+        return unwrap_secret(wrapped, identity.private_key, release_context(app_id, name))
+
+    # -- the lab owner --------------------------------------------------------------------
+
+    def install_policy(self, policy: AttestationPolicy, admin_token: bytes) -> None:
+        import yaml
+
+        self._call(
+            self.stub.InstallPolicy,
+            pb.InstallPolicyRequest(policy_yaml=yaml.safe_dump(policy.to_dict())),
+            metadata=admin_metadata(admin_token),
+        )
+
+    def register_secret(
+        self, app_id: str, name: str, secret: bytes, release_policy: AttestationPolicy,
+        admin_token: bytes,
+    ) -> None:
+        import yaml
+
+        self._call(
+            self.stub.RegisterSecret,
+            pb.RegisterSecretRequest(
+                app_id=app_id, name=name, secret=secret,
+                release_policy_yaml=yaml.safe_dump(release_policy.to_dict()),
+            ),
+            metadata=admin_metadata(admin_token),
+        )
+
+    def audit(self, admin_token: bytes, since: int = 0) -> Iterator[dict[str, Any]]:
+        stream = self.stub.ReadAudit(
+            pb.ReadAuditRequest(since=since), metadata=admin_metadata(admin_token)
+        )
+        try:
+            for entry in stream:
+                yield json.loads(entry.json)
+        except grpc.RpcError as e:
+            raise _translate(e) from None
+
+    @staticmethod
+    def _call(method: Any, request: Any, metadata: Any = None) -> Any:
+        try:
+            return method(request, metadata=metadata, timeout=30)
+        except grpc.RpcError as e:
+            raise _translate(e) from None
+
+
+def _translate(e: grpc.RpcError) -> Exception:
+    code = e.code() if hasattr(e, "code") else None
+    detail = e.details() if hasattr(e, "details") else str(e)
+    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        return PolicyViolation(f"trust service refused: {detail}")
+    return AttestationError(
+        f"trust service call failed ({code.name if code else 'error'}): {detail}",
+        check="trust_service",
+        fix="check that the trust service is running and reachable",
+    )

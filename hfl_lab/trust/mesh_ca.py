@@ -1,0 +1,122 @@
+"""The mesh CA: short-lived role certificates for attested participants, carrying their evidence."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from hfl_lab.ratls import evidence_ext as ext
+from hfl_lab.ratls.binding import spki_hash
+from hfl_lab.tee.evidence import Evidence
+
+ORG = "HFL-TDX Lab mesh"
+
+
+class MeshCA:
+    """Signs mesh certificates. Its key is made in memory and never leaves this process."""
+
+    def __init__(self, lab_name: str = "hfl-lab") -> None:
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, f"{lab_name} mesh CA"),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
+            ]
+        )
+        self.certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                    crl_sign=True, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), False
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+
+    def __repr__(self) -> str:
+        return f"MeshCA({self.certificate.subject.rfc4514_string()})"
+
+    def __reduce__(self) -> str:
+        raise TypeError("the mesh CA cannot be pickled: its key stays in this process")
+
+    @property
+    def certificate_pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def issue(
+        self,
+        role: str,
+        spki: bytes,
+        evidence: Evidence,
+        nonce: bytes,
+        lifetime_s: float,
+    ) -> x509.Certificate:
+        """A certificate for ``role`` and this key, valid ``lifetime_s``, with the evidence in it.
+
+        The evidence (the quote that bound this key and the service's nonce) rides in the
+        interoperable RA-TLS extension, so any peer can re-check it pairwise.
+        """
+        public_key = serialization.load_der_public_key(spki)
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise TypeError("mesh keys are EC keys")
+        claims = ext.encode_claims(spki_hash(spki), nonce=nonce, lab=ext.lab_claims(evidence, role))
+        now = dt.datetime.now(dt.UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.COMMON_NAME, role),
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
+                    ]
+                )
+            )
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(seconds=30))
+            .not_valid_after(now + dt.timedelta(seconds=lifetime_s))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DNSName(role),
+                        x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.UnrecognizedExtension(
+                    ext.DICE_EVIDENCE_OID, ext.encode_dice_extension(evidence.quote, claims)
+                ),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
