@@ -14,6 +14,7 @@ from hfl_lab import AttestationError, PolicyViolation
 from hfl_lab.ratls import RaTlsIdentity, verify_certificate
 from hfl_lab.tee import (
     AttestationPolicy,
+    Collateral,
     SimulatedPlatform,
     SimulatedTdProvider,
     TdMeasurements,
@@ -37,6 +38,12 @@ def lab_policy(**extra: object) -> AttestationPolicy:
         {"mr_td": m.mr_td.hex(), "allow_simulated": True, "report_data_binding": "key+nonce",
          "roles": roles, **extra}
     )
+
+
+def lab_verifier(name: str = "lab", policy: AttestationPolicy | None = None) -> Verifier:
+    """How participants verify each other: the lab root and the lab's collateral."""
+    return Verifier(policy or lab_policy(), lab_root_der=PLATFORM.root_der, name=name,
+                    lab_collateral=Collateral(PLATFORM.collateral_json, "lab platform"))
 
 
 def provider(role: str, m: TdMeasurements | None = None, **kw: object) -> SimulatedTdProvider:
@@ -84,9 +91,7 @@ def test_participant_gets_a_role_certificate_that_carries_its_evidence(trust: Ru
 
     cert = creds.certificate
     assert "CN=worker0" in cert.subject.rfc4514_string()
-    peer_check = verify_certificate(
-        cert, Verifier(lab_policy(), lab_root_der=PLATFORM.root_der), role="worker0"
-    )
+    peer_check = verify_certificate(cert, lab_verifier(), role="worker0")
     assert peer_check.accepted, peer_check.to_table()
     assert trust.service.issued == 1
     assert any(getattr(e, "kind", "") == "attestation" for e in trust.events)

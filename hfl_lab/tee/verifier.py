@@ -67,6 +67,7 @@ class Verifier:
         collateral: Collateral | None = None,
         pccs_url: str | None = None,
         lab_root_der: bytes | None = None,
+        lab_collateral: Collateral | None = None,
         clock: Callable[[], float] = time.time,
         name: str = "lab",
         on_verdict: Callable[[Verdict], None] | None = None,
@@ -75,6 +76,7 @@ class Verifier:
         self.collateral = collateral
         self.pccs_url = pccs_url
         self.lab_root_der = lab_root_der
+        self.lab_collateral = lab_collateral
         self.clock = clock
         self.name = name
         self.on_verdict = on_verdict
@@ -165,6 +167,8 @@ class Verifier:
     def _collateral_for(self, quote: Quote, evidence: Evidence, lab_signed: bool) -> Collateral:
         if self.collateral is not None:
             return self.collateral
+        if lab_signed and self.lab_collateral is not None:
+            return self.lab_collateral
         # Collateral that comes with the evidence is safe to use: dcap-qvl checks its
         # signatures against the trusted root, exactly as for collateral from a PCCS cache.
         if evidence.collateral_json is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 
@@ -78,7 +79,10 @@ class MeshCA:
         public_key = serialization.load_der_public_key(spki)
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             raise TypeError("mesh keys are EC keys")
-        claims = ext.encode_claims(spki_hash(spki), nonce=nonce, lab=ext.lab_claims(evidence, role))
+        # Collateral stays out: peers hold the lab's collateral already, and gRPC's TLS
+        # frame protector fails on handshakes with two ~20 KB certificates.
+        lean = dataclasses.replace(evidence, collateral_json=None)
+        claims = ext.encode_claims(spki_hash(spki), nonce=nonce, lab=ext.lab_claims(lean, role))
         now = dt.datetime.now(dt.UTC)
         return (
             x509.CertificateBuilder()
