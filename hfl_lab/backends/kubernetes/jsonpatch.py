@@ -17,62 +17,62 @@ def _tokens(pointer: str) -> list[str]:
     return [t.replace("~1", "/").replace("~0", "~") for t in pointer[1:].split("/")]
 
 
-def _index(container: list[Any], token: str, pointer: str, *, allow_end: bool) -> int:
-    if token == "-" and allow_end:
+def _index(container: list[Any], part: str, pointer: str, *, allow_end: bool) -> int:
+    if part == "-" and allow_end:
         return len(container)
-    if not token.isdigit() or (len(token) > 1 and token.startswith("0")):
-        raise ConfigError(f"JSON pointer {pointer!r}: {token!r} is not an array index.")
-    index = int(token)
+    if not part.isdigit() or (len(part) > 1 and part.startswith("0")):
+        raise ConfigError(f"JSON pointer {pointer!r}: {part!r} is not an array index.")
+    index = int(part)
     if index > len(container) or (index == len(container) and not allow_end):
         raise ConfigError(f"JSON pointer {pointer!r}: index {index} is out of range.")
     return index
 
 
 def _parent(doc: Any, pointer: str) -> tuple[Any, str]:
-    tokens = _tokens(pointer)
-    if not tokens:
+    parts = _tokens(pointer)
+    if not parts:
         raise ConfigError("a JSON patch may not replace the whole document here.")
     node = doc
-    for token in tokens[:-1]:
-        node = _child(node, token, pointer)
-    return node, tokens[-1]
+    for part in parts[:-1]:
+        node = _child(node, part, pointer)
+    return node, parts[-1]
 
 
-def _child(node: Any, token: str, pointer: str) -> Any:
+def _child(node: Any, part: str, pointer: str) -> Any:
     if isinstance(node, dict):
-        if token not in node:
-            raise ConfigError(f"JSON pointer {pointer!r}: no member {token!r}.")
-        return node[token]
+        if part not in node:
+            raise ConfigError(f"JSON pointer {pointer!r}: no member {part!r}.")
+        return node[part]
     if isinstance(node, list):
-        return node[_index(node, token, pointer, allow_end=False)]
+        return node[_index(node, part, pointer, allow_end=False)]
     raise ConfigError(f"JSON pointer {pointer!r} goes through a scalar.")
 
 
 def get(doc: Any, pointer: str) -> Any:
     node = doc
-    for token in _tokens(pointer):
-        node = _child(node, token, pointer)
+    for part in _tokens(pointer):
+        node = _child(node, part, pointer)
     return node
 
 
 def _add(doc: Any, pointer: str, value: Any) -> None:
-    parent, token = _parent(doc, pointer)
+    parent, part = _parent(doc, pointer)
     if isinstance(parent, dict):
-        parent[token] = value
+        parent[part] = value
     elif isinstance(parent, list):
-        parent.insert(_index(parent, token, pointer, allow_end=True), value)
+        parent.insert(_index(parent, part, pointer, allow_end=True), value)
     else:
         raise ConfigError(f"JSON pointer {pointer!r} goes through a scalar.")
 
 
 def _remove(doc: Any, pointer: str) -> Any:
-    parent, token = _parent(doc, pointer)
+    parent, part = _parent(doc, pointer)
     if isinstance(parent, dict):
-        if token not in parent:
+        if part not in parent:
             raise ConfigError(f"JSON patch remove: {pointer!r} does not exist.")
-        return parent.pop(token)
+        return parent.pop(part)
     if isinstance(parent, list):
-        return parent.pop(_index(parent, token, pointer, allow_end=False))
+        return parent.pop(_index(parent, part, pointer, allow_end=False))
     raise ConfigError(f"JSON pointer {pointer!r} goes through a scalar.")
 
 

@@ -116,7 +116,9 @@ def _generate_config_maps(directory: Path, spec: dict[str, Any], objects: list[M
     for gen in generators:
         unknown = set(gen) - {"name", "files", "literals", "behavior"}
         if unknown:
-            raise ConfigError(f"{directory}: configMapGenerator field(s) {sorted(unknown)} unsupported.")
+            raise ConfigError(
+                f"{directory}: configMapGenerator field(s) {sorted(unknown)} unsupported."
+            )
         data: dict[str, str] = {}
         for item in gen.get("files", []) or []:
             key, _, rel = str(item).rpartition("=")
@@ -129,7 +131,9 @@ def _generate_config_maps(directory: Path, spec: dict[str, Any], objects: list[M
             data[key] = value
         behavior = gen.get("behavior", "create")
         name = str(gen["name"])
-        existing = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name]
+        existing = [
+            o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name
+        ]
         if behavior == "create":
             if existing:
                 raise ConfigError(f"{directory}: ConfigMap {name} exists; use behavior: replace.")

@@ -15,7 +15,9 @@ Container contract (what the image must provide; see native/image/):
   HFL_LAB_EVIDENCE (simulated | configfs-tsm), HFL_LAB_VAULT_DATA_PATH (userspace | kernel);
   ps0 writes the vault to /vault/model.luks; a worker touches /run/hfl-lab/ready once it is
   attested and connected (its readiness probe); a stdout line that is a ``LabEvent`` in JSON
-  reaches the dashboard as that event, any other line as a "log" event.
+  reaches the dashboard as that event, any other line as a "log" event. Pods belong to
+  StatefulSets, which restart a container that exits: when training is over, ps0 prints a
+  "lifecycle" event with state "exited" (detail "vault sealed") and then idles until teardown.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def run_kustomization(settings: KubernetesSettings, k8s_dir: Path, out_dir: Path
                     ],
                 )
             )
-    annotations = (_pod_spec_meta(base, "ps").get("annotations") or {})
+    annotations = _pod_spec_meta(base, "ps").get("annotations") or {}
     if KERNEL_PARAMS_ANNOTATION in annotations:
         params = annotations[KERNEL_PARAMS_ANNOTATION]
         new = _with_kbs(params, settings.kbs_url)

@@ -120,8 +120,10 @@ class KubernetesSettings:
                 f"namespace {self.namespace!r} is not a DNS label; use lower-case letters, "
                 "digits and '-', at most 63 characters."
             )
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not (
-            1 <= self.workers <= MAX_WORKERS
+        if (
+            isinstance(self.workers, bool)
+            or not isinstance(self.workers, int)
+            or not (1 <= self.workers <= MAX_WORKERS)
         ):
             raise ConfigError(
                 f"workers={self.workers!r} is out of range; use an integer 1..{MAX_WORKERS}."

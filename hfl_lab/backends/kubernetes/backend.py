@@ -1,0 +1,336 @@
+"""The Kubernetes backend: the lab's participants as pods (CoCo TDs under kata-qemu-tdx)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hfl_lab._exceptions import BackendError
+from hfl_lab.backends.base import PreflightCheck, ProgressCallback
+from hfl_lab.backends.kubernetes import render as rendering
+from hfl_lab.backends.kubernetes import vault_copy
+from hfl_lab.backends.kubernetes.api import ApiError, ClusterApi, object_path
+from hfl_lab.backends.kubernetes.kustomize import Manifest
+from hfl_lab.backends.kubernetes.preflight import run_preflight
+from hfl_lab.backends.kubernetes.settings import KubernetesSettings
+from hfl_lab.events import KINDS, LabEvent
+
+SELECTOR = "app.kubernetes.io/part-of=hfl-lab"
+PS_POD = "ps-0"
+VAULT_CONTAINER = "vault"
+#: the container of each StatefulSet whose logs are the participant's logs
+MAIN_CONTAINER = {"trust": "trust", "ps": "ps", "worker": "worker"}
+#: container waiting reasons that will not heal by waiting, and what to do about each
+FATAL_REASONS = {
+    "ErrImagePull": "check the image name and that the nodes (or, under CoCo, the TD) can "
+    "reach the registry; see native/coco/coredns_hosts.sh.",
+    "ImagePullBackOff": "check the image name and that the nodes (or, under CoCo, the TD) can "
+    "reach the registry; see native/coco/coredns_hosts.sh.",
+    "InvalidImageName": "fix the image reference in LabConfig.",
+    "CrashLoopBackOff": "read the participant's log events; the process keeps exiting.",
+    "CreateContainerConfigError": "a ConfigMap or volume is missing; re-run start().",
+    "CreateContainerError": "the runtime could not create the container; for kata-qemu-tdx "
+    "check the kata configuration (native/coco/kata_config.sh) and the node's TDX setup.",
+    "RunContainerError": "the runtime could not start the container; check the node's kata "
+    "and TDX setup.",
+}
+_APPLY_ORDER = [
+    "Namespace",
+    "ConfigMap",
+    "PersistentVolumeClaim",
+    "Service",
+    "NetworkPolicy",
+    "StatefulSet",
+    "Ingress",
+]
+
+
+def role_of(pod_name: str) -> str:
+    """``trust-0`` → ``trust``, ``ps-0`` → ``ps0``, ``worker-3`` → ``worker3``."""
+    base, _, ordinal = pod_name.rpartition("-")
+    if base == "trust":
+        return "trust"
+    return f"{base}{ordinal}" if base else pod_name
+
+
+def event_from_line(source: str, line: str) -> LabEvent:
+    """A participant's stdout line: its own ``LabEvent`` JSON, or a "log" event around it."""
+    text = line.rstrip("\r")
+    if text.startswith("{"):
+        try:
+            event = LabEvent.from_json(text)
+        except (ValueError, KeyError, TypeError):
+            pass
+        else:
+            if event.kind in KINDS:
+                return event
+    level = "info"
+    for word in ("CRITICAL", "ERROR", "WARNING", "DEBUG"):
+        if word in text[:40]:
+            level = word.lower()
+            break
+    return LabEvent("log", source, {"level": level, "message": text})
+
+
+def _pod_state(pod: dict[str, Any]) -> tuple[str, str]:
+    """(lifecycle state, detail) of a pod: starting | ready | exited | failed."""
+    status = pod.get("status") or {}
+    phase = status.get("phase", "Pending")
+    for cs in status.get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in FATAL_REASONS:
+            return (
+                "failed",
+                f"{cs['name']}: {waiting['reason']}: {waiting.get('message', '')}".strip(),
+            )
+    if phase == "Failed":
+        return "failed", status.get("reason") or status.get("message") or "pod failed"
+    if phase == "Succeeded":
+        return "exited", "completed"
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    if phase == "Running" and ready:
+        return "ready", "running"
+    return "starting", phase
+
+
+class KubernetesBackend:
+    """Deploys the lab with the manifests of k8s/ and follows it; see :mod:`.render`."""
+
+    name = "kubernetes"
+
+    def __init__(
+        self,
+        settings: KubernetesSettings,
+        api: ClusterApi | None = None,
+        k8s_dir: Path = rendering.K8S_DIR,
+    ) -> None:
+        self.settings = settings
+        self.k8s_dir = k8s_dir
+        self._api = api
+        self._events: queue.Queue[LabEvent | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._states: dict[str, tuple[str, str]] = {}
+        self._followed: set[tuple[str, str, str, int]] = set()
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self.applied: list[Manifest] = []
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    @property
+    def api(self) -> ClusterApi:
+        if self._api is None:
+            self._api = ClusterApi.connect(self.settings.kubeconfig, self.settings.context)
+        return self._api
+
+    def _emit(self, event: LabEvent) -> None:
+        self._events.put(event)
+
+    def _fail(self, what: str, exc: ApiError) -> BackendError:
+        if exc.status == 403:
+            fix = "grant the kubeconfig's user rights in the namespace (RBAC), or use another user."
+        elif exc.status == 0:
+            fix = "check that the cluster is reachable (kubectl get nodes)."
+        else:
+            fix = "see the API server's message; run preflight() for the usual causes."
+        return BackendError(f"{what} failed: {exc}.", fix=fix)
+
+    # -- Backend ------------------------------------------------------------------------
+
+    def preflight(self) -> list[PreflightCheck]:
+        try:
+            api = self.api
+        except BackendError as exc:
+            return [PreflightCheck("credentials", False, exc.message, exc.fix or "")]
+        return run_preflight(api, self.settings)
+
+    def render(self) -> list[Manifest]:
+        """The objects this run applies (also written to ``settings.run_dir``)."""
+        objects = rendering.render(self.settings, self.k8s_dir)
+        return sorted(objects, key=lambda o: _APPLY_ORDER.index(o["kind"]))
+
+    def start(self) -> None:
+        objects = self.render()
+        for i, obj in enumerate(objects, 1):
+            what = f"applying {obj['kind']} {obj['metadata']['name']}"
+            try:
+                self.api.apply(obj, self.settings.field_manager)
+            except ApiError as exc:
+                raise self._fail(what, exc) from None
+            self.applied.append(obj)
+            self._emit(
+                LabEvent(
+                    "progress",
+                    "kubernetes",
+                    {"done": i, "total": len(objects), "unit": "objects", "label": what},
+                )
+            )
+        self._stop.clear()
+        self._monitor = threading.Thread(target=self._monitor_loop, name="k8s-monitor", daemon=True)
+        self._monitor.start()
+
+    def expected_pods(self) -> list[str]:
+        return ["trust-0", PS_POD] + [f"worker-{i}" for i in range(self.settings.workers)]
+
+    def wait_ready(self, timeout_s: float, progress: ProgressCallback | None = None) -> None:
+        deadline = time.monotonic() + timeout_s
+        expected = self.expected_pods()
+        while True:
+            pods = self._poll()
+            states = {
+                name: _pod_state(pods[name]) if name in pods else ("starting", "not created")
+                for name in expected
+            }
+            failed = {n: d for n, (s, d) in states.items() if s in ("failed", "exited")}
+            if failed:
+                name, detail = next(iter(failed.items()))
+                reason = detail.split(": ")[1] if ": " in detail else ""
+                raise BackendError(
+                    f"pod {name} ({role_of(name)}) failed to start: {detail}.",
+                    fix=FATAL_REASONS.get(reason, "read its log events and pod description."),
+                )
+            done = sum(1 for s, _ in states.values() if s == "ready")
+            if progress is not None:
+                progress(done, len(expected), "pods ready")
+            self._emit(
+                LabEvent(
+                    "progress",
+                    "kubernetes",
+                    {"done": done, "total": len(expected), "unit": "pods", "label": "pods ready"},
+                )
+            )
+            if done == len(expected):
+                return
+            if time.monotonic() >= deadline:
+                waiting = ", ".join(f"{n} ({d})" for n, (s, d) in states.items() if s != "ready")
+                raise BackendError(
+                    f"{done} of {len(expected)} pods ready after {timeout_s:.0f} s; "
+                    f"still waiting for {waiting}.",
+                    fix="give wait_ready more time (TDs boot slowly), or look at the pods' "
+                    "lifecycle and log events.",
+                )
+            time.sleep(min(self.settings.poll_interval_s, max(0.0, deadline - time.monotonic())))
+
+    def events(self, idle_timeout_s: float | None = None) -> Iterator[LabEvent]:
+        """Events until teardown (or until none came for ``idle_timeout_s``)."""
+        while True:
+            try:
+                event = self._events.get(timeout=idle_timeout_s)
+            except queue.Empty:
+                return
+            if event is None:
+                return
+            yield event
+
+    def fetch_vault(self, dest: Path) -> Path:
+        ns = self.settings.namespace
+        path = rendering.VAULT_PATH
+        try:
+            digest_run = self.api.exec(ns, PS_POD, VAULT_CONTAINER, vault_copy.sha256_command(path))
+            if digest_run.returncode != 0:
+                raise BackendError(
+                    f"the vault {path} cannot be read in pod {PS_POD}: "
+                    f"{digest_run.stderr.decode(errors='replace').strip()}.",
+                    fix="wait until the PS has sealed the vault (end of training), then retry.",
+                )
+            digest = vault_copy.parse_sha256sum(digest_run.stdout, path)
+            tar_run = self.api.exec(ns, PS_POD, VAULT_CONTAINER, vault_copy.tar_command(path))
+        except ApiError as exc:
+            raise self._fail(f"copying the vault out of {PS_POD}", exc) from None
+        if tar_run.returncode != 0:
+            raise BackendError(
+                f"tar of {path} in pod {PS_POD} failed: "
+                f"{tar_run.stderr.decode(errors='replace').strip()}.",
+                fix="check that the vault container is running, then retry.",
+            )
+        out = vault_copy.extract_single_file(tar_run.stdout, Path(path).name, dest, digest)
+        self._emit(
+            LabEvent("lifecycle", "ps0", {"state": "exited", "detail": f"vault copied to {out}"})
+        )
+        return out
+
+    def teardown(self) -> None:
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+            self._monitor = None
+        objects = self.applied or self.render()
+        for obj in reversed(objects):
+            try:
+                self.api.delete(object_path(obj))
+            except ApiError as exc:
+                raise self._fail(f"deleting {obj['kind']} {obj['metadata']['name']}", exc) from None
+        self.applied = []
+        self._emit(LabEvent("lifecycle", "kubernetes", {"state": "exited", "detail": "torn down"}))
+        self._events.put(None)
+
+    # -- watching -----------------------------------------------------------------------
+
+    def _poll(self) -> dict[str, dict[str, Any]]:
+        """List the lab's pods; emit lifecycle changes; follow the logs of new containers."""
+        path = f"/api/v1/namespaces/{self.settings.namespace}/pods"
+        try:
+            items = self.api.get(path, [("labelSelector", SELECTOR)]).get("items", [])
+        except ApiError as exc:
+            raise self._fail("listing the lab's pods", exc) from None
+        pods = {p["metadata"]["name"]: p for p in items}
+        with self._lock:
+            for name, pod in pods.items():
+                state = _pod_state(pod)
+                if self._states.get(name) != state:
+                    self._states[name] = state
+                    self._emit(
+                        LabEvent(
+                            "lifecycle",
+                            role_of(name),
+                            {"state": state[0], "detail": state[1], "pod": name},
+                        )
+                    )
+                self._follow_new_containers(pod)
+        return pods
+
+    def _follow_new_containers(self, pod: dict[str, Any]) -> None:
+        name = pod["metadata"]["name"]
+        base = name.rpartition("-")[0]
+        main = MAIN_CONTAINER.get(base)
+        if main is None:
+            return
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            state = cs.get("state") or {}
+            if cs.get("name") != main or not ("running" in state or "terminated" in state):
+                continue
+            key = (pod["metadata"].get("uid", name), name, main, int(cs.get("restartCount", 0)))
+            if key in self._followed:
+                continue
+            self._followed.add(key)
+            threading.Thread(
+                target=self._follow_log, args=(name, main), name=f"log-{name}", daemon=True
+            ).start()
+
+    def _follow_log(self, pod: str, container: str) -> None:
+        source = role_of(pod)
+        path = f"/api/v1/namespaces/{self.settings.namespace}/pods/{pod}/log"
+        try:
+            for line in self.api.stream_lines(path, [("container", container), ("follow", "true")]):
+                if self._stop.is_set():
+                    return
+                if line:
+                    self._emit(event_from_line(source, line))
+        except ApiError as exc:
+            self._emit(
+                LabEvent("log", source, {"level": "warning", "message": f"log stream ended: {exc}"})
+            )
+
+    def _monitor_loop(self) -> None:
+        while not self._stop.wait(self.settings.poll_interval_s):
+            try:
+                self._poll()
+            except BackendError as exc:
+                self._emit(LabEvent("log", "kubernetes", {"level": "warning", "message": str(exc)}))

@@ -1,0 +1,59 @@
+"""The whole lab against a real cluster (HFL_LAB_KUBECONFIG): preflight, start, ready, vault.
+
+Covers what the API double cannot: real server-side apply and schema admission, scheduling
+under the chosen overlay (HFL_LAB_K8S_OVERLAY, default runc), the websocket exec copy of a
+real vault, and teardown. Image: HFL_LAB_IMAGE (pushed beforehand, see notebook 03).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+KUBECONFIG = os.environ.get("HFL_LAB_KUBECONFIG")
+if not KUBECONFIG:
+    pytest.skip(
+        "HFL_LAB_KUBECONFIG is not set: no cluster to run the lab against", allow_module_level=True
+    )
+
+from hfl_lab.backends.kubernetes.backend import KubernetesBackend  # noqa: E402
+from hfl_lab.backends.kubernetes.settings import DEFAULT_IMAGE, KubernetesSettings  # noqa: E402
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+@pytest.fixture()
+def backend(tmp_path):
+    settings = KubernetesSettings(
+        namespace=f"hfl-lab-test-{int(time.time()) % 100000}",
+        workers=int(os.environ.get("HFL_LAB_WORKERS", "2")),
+        overlay=os.environ.get("HFL_LAB_K8S_OVERLAY", "runc"),
+        image=os.environ.get("HFL_LAB_IMAGE", DEFAULT_IMAGE),
+        kubeconfig=KUBECONFIG,
+        run_dir=tmp_path / "k8s",
+        registry_insecure=os.environ.get("HFL_LAB_REGISTRY_INSECURE") == "1",
+    )
+    b = KubernetesBackend(settings)
+    yield b
+    b.teardown()
+
+
+def test_whole_lab_on_the_cluster(backend, tmp_path):
+    failed = [str(c) for c in backend.preflight() if not c.ok]
+    assert not failed, failed
+    backend.start()
+    backend.wait_ready(timeout_s=float(os.environ.get("HFL_LAB_READY_TIMEOUT", "900")))
+    deadline = time.monotonic() + float(os.environ.get("HFL_LAB_TRAIN_TIMEOUT", "3600"))
+    metrics = 0
+    for event in backend.events(idle_timeout_s=600):
+        metrics += event.kind == "metrics"
+        if event.kind == "lifecycle" and event.source == "ps0" and event.data["state"] == "exited":
+            break
+        if time.monotonic() > deadline:
+            break
+    assert metrics > 0
+    vault = backend.fetch_vault(Path(tmp_path) / "model.luks")
+    assert vault.read_bytes()[:6] == b"LUKS\xba\xbe"

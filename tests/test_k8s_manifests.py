@@ -1,0 +1,231 @@
+"""Rendered manifests: schema-valid for every overlay and worker count, and what they promise."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from hfl_lab import ConfigError
+from hfl_lab.backends.kubernetes import kustomize
+from hfl_lab.backends.kubernetes.jsonpatch import apply_patch
+from hfl_lab.backends.kubernetes.render import K8S_DIR, config_document, render
+from hfl_lab.backends.kubernetes.settings import OVERLAYS, ContainerResources, KubernetesSettings
+
+#: the Kubernetes version whose OpenAPI schemas the manifests must satisfy
+#: (schemas shipped with kubernetes-validate 1.37.0)
+K8S_SCHEMA_VERSION = "1.37.0"
+
+
+def by_kind(objects, kind, name=None):
+    found = [
+        o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+    ]
+    assert found, (kind, name)
+    return found if name is None else found[0]
+
+
+def pod(objects, name):
+    return by_kind(objects, "StatefulSet", name)["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 8])
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_manifest_validates_against_the_openapi_schema(tmp_path, overlay, workers):
+    settings = KubernetesSettings(
+        overlay=overlay, workers=workers, namespace="hfl-x", run_dir=tmp_path
+    )
+    objects = render(settings)
+    assert len(objects) >= 12
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_SCHEMA_VERSION, strict=True)
+    assert by_kind(objects, "StatefulSet", "worker")["spec"]["replicas"] == workers
+    assert all(
+        o["metadata"].get("namespace") == "hfl-x" for o in objects if o["kind"] != "Namespace"
+    )
+    assert by_kind(objects, "Namespace")[0]["metadata"]["name"] == "hfl-x"
+
+
+def test_validation_would_catch_a_broken_manifest(tmp_path):
+    sts = by_kind(render(KubernetesSettings(run_dir=tmp_path)), "StatefulSet", "ps")
+    sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "fifty"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(sts, K8S_SCHEMA_VERSION, strict=True)
+
+
+def test_runtime_class_and_privileges_per_overlay(tmp_path):
+    runc = render(KubernetesSettings(overlay="runc", run_dir=tmp_path / "a"))
+    tdx = render(KubernetesSettings(overlay="kata-qemu-tdx", run_dir=tmp_path / "b"))
+    for name in ("trust", "ps", "worker"):
+        assert "runtimeClassName" not in pod(runc, name)
+        assert pod(tdx, name)["runtimeClassName"] == "kata-qemu-tdx"
+    for objects in (runc, tdx):
+        for name in ("trust", "worker"):
+            sc = pod(objects, name)["containers"][0]["securityContext"]
+            assert sc["capabilities"] == {"drop": ["ALL"]} and not sc.get("privileged")
+    assert not pod(runc, "ps")["containers"][0]["securityContext"].get("privileged")
+    assert pod(runc, "ps")["securityContext"]["runAsNonRoot"] is True
+    # only the ps container under kata, for the LUKS kernel path
+    assert pod(tdx, "ps")["containers"][0]["securityContext"]["privileged"] is True
+    env = {e["name"]: e.get("value") for e in pod(tdx, "ps")["containers"][0]["env"]}
+    assert env["HFL_LAB_VAULT_DATA_PATH"] == "kernel" and env["HFL_LAB_EVIDENCE"] == "configfs-tsm"
+    assert pod(tdx, "ps")["containers"][1]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_parameters_reach_the_objects(tmp_path):
+    settings = KubernetesSettings(
+        overlay="kata-qemu-tdx-encrypted-signed",
+        workers=3,
+        namespace="team-a",
+        image="reg.example.com:5000/lab/hfl@sha256:" + "ab" * 32,
+        data_source="pvc:cifar10",
+        policy_yaml="tee_type: TDX\nmr_td: any\n",
+        kbs_url="http://10.1.2.3:8080",
+        worker_resources=ContainerResources("3", "4", "6Gi", "8Gi"),
+        lab_config={"epochs": 2},
+        run_dir=tmp_path,
+    )
+    objects = render(settings)
+    images = {
+        c["image"]
+        for o in objects
+        if o["kind"] == "StatefulSet"
+        for c in o["spec"]["template"]["spec"]["containers"]
+    }
+    assert images == {settings.image}
+    worker = pod(objects, "worker")
+    assert {
+        "name": "data",
+        "persistentVolumeClaim": {"claimName": "cifar10", "readOnly": True},
+    } in worker["volumes"]
+    assert worker["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "8Gi"}
+    assert (
+        by_kind(objects, "ConfigMap", "hfl-policy")["data"]["policy.yaml"] == settings.policy_yaml
+    )
+    config = yaml.safe_load(by_kind(objects, "ConfigMap", "hfl-config")["data"]["config.yaml"])
+    assert config == config_document(settings)
+    assert config["deployment"]["ps_address"] == "ps0.team-a.svc:50051" and config["lab"] == {
+        "epochs": 2
+    }
+    annotations = by_kind(objects, "StatefulSet", "ps")["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    assert (
+        "cc_kbc::http://10.1.2.3:8080"
+        in annotations["io.katacontainers.config.hypervisor.kernel_params"]
+    )
+
+
+def test_ingress_passes_tls_through_and_network_policy_denies_by_default(tmp_path):
+    objects = render(KubernetesSettings(run_dir=tmp_path))
+    ingress = by_kind(objects, "Ingress", "hfl-mesh")
+    assert (
+        ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/ssl-passthrough"] == "true"
+    )
+    assert (
+        ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"]
+        == "GRPCS"
+    )
+    deny = by_kind(objects, "NetworkPolicy", "default-deny")["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    for name in ("trust", "ps", "worker"):
+        c = pod(objects, name)["containers"][0]
+        assert c["resources"]["requests"] and c["resources"]["limits"] and c["readinessProbe"]
+
+
+def test_committed_overlays_match_kubectl_kustomize_when_available(tmp_path):
+    """The sync guarantee: the Python build equals kustomize's for overlays and a run folder."""
+    if shutil.which("kustomize"):
+        cmd = [shutil.which("kustomize"), "build"]
+    elif shutil.which("kubectl"):
+        cmd = [shutil.which("kubectl"), "kustomize"]
+    else:
+        pytest.skip("neither kustomize nor kubectl is installed")
+    key = lambda o: (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])  # noqa: E731
+    settings = KubernetesSettings(
+        overlay="kata-qemu-tdx-encrypted-signed",
+        workers=5,
+        namespace="z",
+        image="r.example.com/x:9",
+        data_source="hostpath:/srv/c",
+        run_dir=tmp_path,
+    )
+    render(settings)
+    for folder in [K8S_DIR / "overlays" / o for o in OVERLAYS] + [tmp_path]:
+        out = subprocess.run([*cmd, str(folder)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        theirs = {key(o): o for o in yaml.safe_load_all(out.stdout) if o}
+        mine = {key(o): o for o in kustomize.build(folder)}
+        assert mine == theirs, folder
+
+
+def test_renderer_refuses_kustomize_features_it_does_not_implement(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: [../x]\ncommonLabels: {a: b}\n")
+    with pytest.raises(ConfigError, match="commonLabels"):
+        kustomize.build(tmp_path)
+
+
+def test_json_patch_test_op_guards_index_based_overlay_patches():
+    doc = {"env": [{"name": "A", "value": "1"}]}
+    assert (
+        apply_patch(doc, [{"op": "replace", "path": "/env/0/value", "value": "2"}])["env"][0][
+            "value"
+        ]
+        == "2"
+    )
+    with pytest.raises(ConfigError, match="test failed"):
+        apply_patch(doc, [{"op": "test", "path": "/env/0/name", "value": "B"}])
+    with pytest.raises(ConfigError, match="out of range"):
+        apply_patch(doc, [{"op": "remove", "path": "/env/1"}])
+    assert apply_patch(doc, [{"op": "add", "path": "/a~1b", "value": 1}])["a/b"] == 1
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"workers": 0}, "workers"),
+        ({"overlay": "kata"}, "overlay"),
+        ({"namespace": "Bad_NS"}, "namespace"),
+        ({"image": "UPPER case"}, "image"),
+        ({"data_source": "s3://bucket"}, "data source"),
+        ({"policy_yaml": "- a list"}, "policy"),
+    ],
+)
+def test_settings_reject_bad_values(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        KubernetesSettings(**kw)
+
+
+def test_settings_from_config_reads_attributes_by_name(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("tee_type: TDX\nallow_simulated: false\n")
+
+    class FakeLabConfig:  # what LabConfig exposes, by name
+        workers = 4
+        namespace = "lab-b"
+        image = "r.example.com/hfl:2"
+        k8s_overlay = "kata-qemu-tdx"
+        kubeconfig = Path("/tmp/kc")
+        data_path = "/srv/cifar"
+        policy_path = policy
+        run_dir = tmp_path / "run"
+
+        def to_dict(self):
+            return {"workers": 4, "run_dir": self.run_dir}
+
+    s = KubernetesSettings.from_config(FakeLabConfig())
+    assert (s.workers, s.namespace, s.overlay, s.kubeconfig) == (
+        4,
+        "lab-b",
+        "kata-qemu-tdx",
+        "/tmp/kc",
+    )
+    assert s.data_source == "hostpath:/srv/cifar" and "allow_simulated: false" in s.policy_yaml
+    assert s.run_dir == tmp_path / "run" / "k8s" and s.lab_config == {
+        "workers": 4,
+        "run_dir": str(tmp_path / "run"),
+    }
