@@ -1,0 +1,409 @@
+"""``hfl-lab attest``: would the lab trust this evidence? The same functions serve the notebooks.
+
+Public API (notebooks 02 and 06 call these, so the CLI and the lab cannot disagree):
+
+- ``load(evidence)``: a ``LoadedEvidence`` from a path, bytes, an ``Evidence`` or a certificate
+- ``verify_evidence(evidence, policy, *, collateral, pccs_url, lab_root, at, role) -> Verdict``
+- ``verify_endpoint("host:port", policy, *, lab_root, ...) -> Verdict``
+- ``describe_evidence(loaded) -> dict`` and ``render_description(dict) -> str``
+- ``policy_from_evidence(evidence) -> AttestationPolicy`` and ``policy_text(policy) -> str``
+- ``render_verdict(verdict) -> str`` and ``verdict_document(verdict) -> dict``
+
+All verification goes through ``hfl_lab.tee.Verifier`` and ``hfl_lab.ratls.verify_certificate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+
+from hfl_lab._exceptions import AttestationError, ConfigError
+from hfl_lab.cli import ExitCode
+from hfl_lab.cli.evidence_input import (
+    LoadedEvidence,
+    from_evidence_object,
+    load_certificate_evidence,
+    load_evidence,
+    load_evidence_file,
+    load_lab_root,
+)
+from hfl_lab.cli.evidence_view import describe_evidence, render_description
+from hfl_lab.ratls import fetch_server_certificate, verify_certificate
+from hfl_lab.tee.collateral import Collateral, load_collateral
+from hfl_lab.tee.evidence import Evidence
+from hfl_lab.tee.policy import AttestationPolicy, baseline_policy
+from hfl_lab.tee.reports import TdReport10
+from hfl_lab.tee.sim.platform import SIMULATED_MARKER
+from hfl_lab.tee.verdict import Verdict
+from hfl_lab.tee.verifier import Verifier
+
+VERIFIER_NAME = "hfl-lab attest"
+_ALL_BITS = (1 << 64) - 1
+_TABLE_WIDTH = 40  # Verdict.to_table cuts expected/actual here; failures are repeated in full
+
+EvidenceInput = LoadedEvidence | Evidence | x509.Certificate | bytes | str | Path
+
+
+# -- the library ------------------------------------------------------------------------------
+
+
+def load(evidence: EvidenceInput) -> LoadedEvidence:
+    """Read evidence from a path (str/Path), raw bytes, an ``Evidence`` or a certificate."""
+    if isinstance(evidence, LoadedEvidence):
+        return evidence
+    if isinstance(evidence, Evidence):
+        return from_evidence_object(evidence)
+    if isinstance(evidence, x509.Certificate):
+        return load_certificate_evidence(evidence, source="<certificate>", encoding="object")
+    if isinstance(evidence, bytes | bytearray):
+        return load_evidence(bytes(evidence))
+    return load_evidence_file(evidence)
+
+
+def make_verifier(
+    policy: AttestationPolicy | str | Path | None = None,
+    *,
+    collateral: Collateral | str | Path | None = None,
+    pccs_url: str | None = None,
+    lab_root: bytes | str | Path | None = None,
+) -> Verifier:
+    """The core ``Verifier`` with the CLI's defaults: the baseline policy, no collateral."""
+    if policy is None:
+        policy = baseline_policy()
+    elif not isinstance(policy, AttestationPolicy):
+        policy = AttestationPolicy.load(policy)
+    if collateral is not None and not isinstance(collateral, Collateral):
+        collateral = load_collateral(collateral)
+    root = lab_root if isinstance(lab_root, bytes) or lab_root is None else load_lab_root(lab_root)
+    return Verifier(
+        policy, collateral=collateral, pccs_url=pccs_url, lab_root_der=root, name=VERIFIER_NAME
+    )
+
+
+def verify_evidence(
+    evidence: EvidenceInput,
+    policy: AttestationPolicy | str | Path | None = None,
+    *,
+    collateral: Collateral | str | Path | None = None,
+    pccs_url: str | None = None,
+    lab_root: bytes | str | Path | None = None,
+    at: int | None = None,
+    role: str | None = None,
+) -> Verdict:
+    """Verify any evidence against ``policy`` (default: the baseline); never raises on a
+    rejection, only when the input cannot be read (``AttestationError``/``ConfigError``).
+
+    ``at`` is the verification time (UNIX seconds); ``role`` selects the policy's per-role
+    reference values (default for certificates: the role they claim).
+    """
+    loaded = load(evidence)
+    verifier = make_verifier(policy, collateral=collateral, pccs_url=pccs_url, lab_root=lab_root)
+    if loaded.certificate is not None and loaded.embedded is not None:
+        return verify_certificate(
+            loaded.certificate, verifier, role=role or loaded.embedded.role, now=at
+        )
+    return verifier.verify(
+        loaded.evidence, role=role, now=at, evidence_kind=loaded.kind, subject=loaded.source
+    )
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) → (host, port); ``ConfigError`` otherwise."""
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"'{address}' is not HOST:PORT (for example 127.0.0.1:50051 or [::1]:50051)"
+        )
+    return host, int(port)
+
+
+def verify_endpoint(
+    address: str,
+    policy: AttestationPolicy | str | Path | None = None,
+    *,
+    collateral: Collateral | str | Path | None = None,
+    pccs_url: str | None = None,
+    lab_root: bytes | str | Path | None = None,
+    role: str | None = None,
+    timeout: float = 5.0,
+) -> Verdict:
+    """Fetch the certificate the TLS (gRPC) server at ``address`` presents and verify it.
+
+    A certificate without (readable) evidence is a rejection with one failed ``evidence``
+    check; a peer that cannot be reached raises ``AttestationError(check="connection")``.
+    """
+    host, port = parse_address(address)
+    verifier = make_verifier(policy, collateral=collateral, pccs_url=pccs_url, lab_root=lab_root)
+    cert = fetch_server_certificate(host, port, timeout=timeout)
+    try:
+        loaded = load_certificate_evidence(cert, source=address, encoding="tls-handshake")
+    except AttestationError as e:
+        verdict = Verdict(
+            evidence_kind="x509-without-evidence",
+            subject=cert.subject.rfc4514_string(),
+            verifier=VERIFIER_NAME,
+            verified_at=float(int(verifier.clock())),
+        )
+        verdict.add(
+            "evidence",
+            False,
+            "RA-TLS evidence (DICE 2.23.133.5.4.9 or Gramine legacy extension)",
+            "none" if "no attestation evidence" in e.message else "unreadable",
+            e.message.removeprefix(f"{address}: ") + (f" — fix: {e.fix}" if e.fix else ""),
+        )
+        return verdict
+    assert loaded.embedded is not None and loaded.certificate is not None
+    return verify_certificate(loaded.certificate, verifier, role=role or loaded.embedded.role)
+
+
+def policy_from_evidence(evidence: EvidenceInput) -> AttestationPolicy:
+    """A policy whose reference values are this evidence's measurements.
+
+    MR_TD, RTMR0-3, MR_SEAM and XFAM must equal this TD's. The policy has no exact TD
+    attributes field, so they are pinned as "no bit this TD does not have": every other bit
+    is forbidden. DEBUG stays refused. Simulated evidence yields ``allow_simulated: true``.
+    """
+    loaded = load(evidence)
+    td = loaded.quote.body
+    if not isinstance(td, TdReport10):
+        raise AttestationError(
+            f"{loaded.source}: not a TDX quote (TEE type 0x{loaded.quote.header.tee_type:08x}),"
+            " so it has no TD measurements to take reference values from",
+            check="tee_type",
+        )
+    raw: dict[str, Any] = {
+        name: [getattr(td, name).hex()]
+        for name in ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_seam", "xfam")
+    }
+    raw["forbidden_td_attributes"] = ~td.td_attributes_int & _ALL_BITS
+    raw["allow_simulated"] = loaded.quote.header.user_data == SIMULATED_MARKER
+    return AttestationPolicy.from_dict(raw)
+
+
+def policy_text(policy: AttestationPolicy, *, fmt: str = "yaml", origin: str = "") -> str:
+    """The policy file's text (YAML with a comment saying where it came from, or JSON)."""
+    if fmt == "json":
+        return json.dumps(policy.to_dict(), indent=2) + "\n"
+    head = "# hfl-lab attestation policy"
+    if origin:
+        head += f"\n# reference values taken from {origin}"
+    head += (
+        "\n# forbidden_td_attributes: every TD attribute bit this evidence does not have"
+        "\n# (the policy pins TD attributes this way; DEBUG is refused by allow_debug: false)\n"
+    )
+    return head + yaml.safe_dump(policy.to_dict(), sort_keys=False)
+
+
+def verdict_document(verdict: Verdict, loaded: LoadedEvidence | None = None) -> dict[str, Any]:
+    """The JSON document of ``--json``: ``Verdict.to_dict()`` plus where the evidence was from."""
+    doc = verdict.to_dict()
+    if loaded is not None:
+        doc["source"] = loaded.source
+        doc["encoding"] = loaded.encoding
+        doc["description"] = loaded.description
+    return doc
+
+
+def render_verdict(verdict: Verdict, loaded: LoadedEvidence | None = None) -> str:
+    """The verdict table, each failed check's full expected/actual values, and the outcome."""
+    lines = []
+    if loaded is not None:
+        lines.append(f"evidence: {loaded.source} — {loaded.description}")
+    lines.append(verdict.to_table(width=_TABLE_WIDTH))
+    long = [
+        c
+        for c in verdict.failures
+        if len(c.expected) > _TABLE_WIDTH or len(c.actual) > _TABLE_WIDTH
+    ]
+    for c in long:
+        lines += [
+            f"✗ {c.name}: {c.reason}",
+            f"    expected: {c.expected}",
+            f"    actual:   {c.actual}",
+        ]
+    outcome = (
+        "ACCEPTED" + verdict.reason.removeprefix("accepted")
+        if verdict.accepted
+        else f"REJECTED — {verdict.reason}"
+    )
+    lines.append(f"verdict: {outcome}")
+    return "\n".join(lines)
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def _print_verdict(verdict: Verdict, loaded: LoadedEvidence | None, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(verdict_document(verdict, loaded), indent=2))
+    else:
+        print(render_verdict(verdict, loaded))
+    return ExitCode.SUCCESS if verdict.accepted else ExitCode.REJECTED
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    loaded = load_evidence_file(args.evidence)
+    verdict = verify_evidence(
+        loaded,
+        args.policy,
+        collateral=args.collateral,
+        pccs_url=args.pccs,
+        lab_root=args.lab_root,
+        at=args.at,
+        role=args.role,
+    )
+    return _print_verdict(verdict, loaded, args.json)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    desc = describe_evidence(load_evidence_file(args.evidence))
+    print(json.dumps(desc, indent=2) if args.json else render_description(desc))
+    return ExitCode.SUCCESS
+
+
+def _cmd_endpoint(args: argparse.Namespace) -> int:
+    verdict = verify_endpoint(
+        args.address,
+        args.policy,
+        collateral=args.collateral,
+        pccs_url=args.pccs,
+        lab_root=args.lab_root,
+        role=args.role,
+        timeout=args.timeout,
+    )
+    if args.json:
+        doc = verdict_document(verdict)
+        doc["source"] = args.address
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"endpoint: {args.address}")
+        print(render_verdict(verdict))
+    return ExitCode.SUCCESS if verdict.accepted else ExitCode.REJECTED
+
+
+def _cmd_policy(args: argparse.Namespace) -> int:
+    loaded = load_evidence_file(args.from_evidence)
+    policy = policy_from_evidence(loaded)
+    out: Path | None = args.output
+    fmt = "json" if out is not None and out.suffix == ".json" else "yaml"
+    text = policy_text(policy, fmt=fmt, origin=f"{loaded.source} ({loaded.description})")
+    if out is None:
+        print(text, end="")
+        return ExitCode.SUCCESS
+    try:
+        out.write_text(text)
+    except OSError as e:
+        raise ConfigError(f"cannot write the policy to {out}: {e.strerror or e}") from None
+    print(f"wrote {out}: reference values of {loaded.source} ({loaded.description})")
+    return ExitCode.SUCCESS
+
+
+def _unix_seconds(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"'{text}' is not a UNIX time in whole seconds")
+    return int(text)
+
+
+def _add_trust_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--policy",
+        metavar="FILE",
+        type=Path,
+        help="policy (YAML/JSON); default: the baseline (TDX, DCAP passes, UpToDate, "
+        "no DEBUG or other bit of TD attributes 7:0, no simulated evidence)",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--collateral",
+        metavar="FILE",
+        type=Path,
+        help="DCAP collateral (dcap-qvl QuoteCollateralV3 JSON)",
+    )
+    source.add_argument("--pccs", metavar="URL", help="fetch the collateral from this PCCS")
+    p.add_argument(
+        "--lab-root",
+        metavar="FILE",
+        type=Path,
+        help="the simulated platform's root certificate (PEM/DER): needed to check "
+        "simulated evidence, which is rejected without it",
+    )
+    p.add_argument(
+        "--role",
+        help="use the policy's reference values for this role "
+        "(default for certificates: the role they claim)",
+    )
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Add ``verify``, ``show``, ``endpoint`` and ``policy`` under ``hfl-lab attest``."""
+    sub = parser.add_subparsers(dest="attest_command", metavar="ACTION")
+    sub.required = True
+    evidence_help = (
+        "a raw or hex quote, a PEM/DER RA-TLS certificate, or CoCo agent / "
+        "hfl-lab evidence JSON ('-' reads stdin)"
+    )
+
+    verify = sub.add_parser("verify", help="verify evidence against a policy; exit 0 if accepted")
+    verify.add_argument("evidence", metavar="EVIDENCE", help=evidence_help)
+    _add_trust_options(verify)
+    verify.add_argument(
+        "--at", metavar="UNIX_SECONDS", type=_unix_seconds, help="verification time (default: now)"
+    )
+    verify.set_defaults(handler=_cmd_verify)
+
+    show = sub.add_parser("show", help="print every field of the evidence")
+    show.add_argument("evidence", metavar="EVIDENCE", help=evidence_help)
+    show.add_argument("--json", action="store_true", help="print the fields as JSON")
+    show.set_defaults(handler=_cmd_show)
+
+    endpoint = sub.add_parser(
+        "endpoint",
+        help="verify the RA-TLS certificate a gRPC server presents (mTLS servers included)",
+    )
+    endpoint.add_argument("address", metavar="HOST:PORT")
+    _add_trust_options(endpoint)
+    endpoint.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="TLS handshake timeout (default 5)",
+    )
+    endpoint.set_defaults(handler=_cmd_endpoint)
+
+    policy = sub.add_parser(
+        "policy", help="write a policy whose reference values are this evidence's measurements"
+    )
+    policy.add_argument("--from-evidence", metavar="EVIDENCE", required=True, help=evidence_help)
+    policy.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        type=Path,
+        help="write here (.json: JSON, else YAML); default: stdout",
+    )
+    policy.set_defaults(handler=_cmd_policy)
+
+
+__all__ = [
+    "LoadedEvidence",
+    "describe_evidence",
+    "load",
+    "make_verifier",
+    "parse_address",
+    "policy_from_evidence",
+    "policy_text",
+    "register",
+    "render_description",
+    "render_verdict",
+    "verdict_document",
+    "verify_endpoint",
+    "verify_evidence",
+]
