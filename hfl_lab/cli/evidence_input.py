@@ -35,7 +35,7 @@ from hfl_lab.ratls import EmbeddedEvidence, load_certificate
 
 # ``read_evidence`` refuses a DICE certificate whose key binding fails; ``show`` and ``verify``
 # must still read it (the verdict reports the binding), so they use the decoder it is built on.
-from hfl_lab.ratls.certificate import _decode as decode_certificate
+from hfl_lab.ratls.certificate import decode_certificate
 from hfl_lab.tee.evidence import Evidence
 from hfl_lab.tee.providers.coco_agent import quote_from_agent_json
 from hfl_lab.tee.quote import Quote

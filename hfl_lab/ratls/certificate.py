@@ -262,7 +262,7 @@ def _extension_value(cert: x509.Certificate, oids: Sequence[x509.ObjectIdentifie
     return None
 
 
-def _decode(cert: x509.Certificate | bytes | str) -> EmbeddedEvidence:
+def decode_certificate(cert: x509.Certificate | bytes | str) -> EmbeddedEvidence:
     """Everything in the certificate, without judging the key binding (the verdict does)."""
     c = load_certificate(cert)
     spki = spki_der(c.public_key())
@@ -327,7 +327,7 @@ def _decode(cert: x509.Certificate | bytes | str) -> EmbeddedEvidence:
 def read_evidence(cert: x509.Certificate | bytes | str) -> EmbeddedEvidence:
     """The evidence in an RA-TLS certificate; ``AttestationError`` if absent, malformed or
     made for another key (the pubkey-hash claim is not this certificate's key)."""
-    emb = _decode(cert)
+    emb = decode_certificate(cert)
     if emb.kind == "dice" and not emb.key_bound:
         raise AttestationError(
             "key binding failure: the certificate's pubkey-hash claim is not the hash of its "
@@ -357,7 +357,7 @@ def verify_certificate(
     Raises ``AttestationError`` only when there is nothing to verify (not a certificate, no or
     malformed evidence); every judgement, the key binding included, is a check in the verdict.
     """
-    emb = _decode(cert)
+    emb = decode_certificate(cert)
     quiet = copy.copy(verifier)
     quiet.on_verdict = None  # report once, after the certificate checks are in
     now_s = int(now if now is not None else verifier.clock())
