@@ -204,6 +204,7 @@ class LabConfig(metaclass=_ValidatingMeta):
     kubeconfig: str | None = _param(
         None, "kubeconfig file; default $KUBECONFIG or ~/.kube/config", path=True
     )
+    kube_context: str | None = _param(None, "kubeconfig context; default its current context")
     namespace: str = _param("hfl-lab", "Kubernetes namespace of the run")
     image: str = _param("hfl-lab:0.1.0", "container image of the participants")
     runtime_class: str = _param("kata-qemu-tdx", "RuntimeClass of the TD pods")
@@ -534,28 +535,34 @@ _ACCEPTED_NAMES = frozenset(PARAMETER_NAMES)
 
 
 def validate_notebook_parameters(
-    namespace: Mapping[str, Any], *, extra: Iterable[str] = ()
+    namespace: Mapping[str, Any], *, extra: Iterable[str] = (), strict: bool = True
 ) -> LabConfig:
     """The validated config of a notebook's parameters cell.
 
     The cell after the parameters cell reads ``config = validate_notebook_parameters(globals())``.
     ``profile`` (or ``profile_name``) picks the base profile; every other LabConfig name in the
     namespace overrides it. Papermill injects misspelt ``-p`` names as new variables with only a
-    warning, so every other public plain-value variable (number, string, bool, None, list,
-    tuple, dict) that is neither a parameter nor listed in ``extra`` (the notebook's own
-    parameters) is an error. Call it in the cell right after the parameters cell, before
-    defining other variables.
+    warning, so with ``strict`` every other public plain-value variable (number, string, bool,
+    None, list, tuple, dict) that is neither a parameter nor listed in ``extra`` (the notebook's
+    own parameters) is an error; modules, functions and objects are never parameters.
     """
-    allowed = _ACCEPTED_NAMES | {_PROFILE_ALIAS} | set(extra)
+    own = tuple(extra)
+    allowed = _ACCEPTED_NAMES | {_PROFILE_ALIAS} | set(own)
     params: dict[str, Any] = {}
     for name, value in namespace.items():
         if name.startswith("_") or name in _IPYTHON_NAMES:
             continue
-        if name in allowed:
-            if name in _ACCEPTED_NAMES or name == _PROFILE_ALIAS:
-                params[name] = value
-        elif isinstance(value, _PLAIN_TYPES):
-            _check_names({name: value}, extra=tuple(extra))
+        if name in _ACCEPTED_NAMES or name == _PROFILE_ALIAS:
+            params[name] = value
+        elif strict and name not in allowed and isinstance(value, _PLAIN_TYPES):
+            try:
+                _check_names({name: value}, extra=own)
+            except ConfigError as e:
+                raise ConfigError(
+                    e.message,
+                    fix=f"{e.fix} If '{name}' is a variable of the notebook itself, list it in "
+                    "extra=[...], or restart the kernel and run the notebook from the top.",
+                ) from None
     return LabConfig.from_dict(params)
 
 
@@ -670,7 +677,7 @@ def _coerce(name: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
         item = get_args(hint)[0]
         if isinstance(value, (list, tuple)) and value:
             return tuple(_coerce(f"{name}[{i}]", v, item, {}) for i, v in enumerate(value))
-        raise _type_error(name, f"a non-empty list of {_type_name(item)}", value, meta)
+        raise _type_error(name, f"non-empty list of {_type_name(item)}", value, meta)
     if hint is bool:
         if isinstance(value, bool):
             return value
