@@ -15,7 +15,7 @@ from hfl_lab._exceptions import AttestationError, PolicyViolation
 from hfl_lab.ratls.binding import key_binding
 from hfl_lab.ratls.certificate import RaTlsIdentity, verify_certificate
 from hfl_lab.ratls.peer import fetch_server_certificate
-from hfl_lab.tee.evidence import EvidenceProvider
+from hfl_lab.tee.evidence import Evidence, EvidenceProvider
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.verdict import Verdict
 from hfl_lab.tee.verifier import Verifier
@@ -107,12 +107,11 @@ class TrustClient:
     ) -> MeshCredentials:
         """Prove ``role``'s TD to the service and obtain a mesh certificate for its key."""
         identity = identity or RaTlsIdentity()
-        challenge = self._call(self.stub.GetChallenge, pb.ChallengeRequest(role=role))
-        evidence = provider.get_evidence(key_binding(identity.spki_der, challenge.nonce))
+        nonce, evidence = self._bound_evidence(role, provider, identity)
         reply = self._call(
             self.stub.Attest,
             pb.AttestRequest(
-                role=role, nonce=challenge.nonce, public_key=identity.spki_der,
+                role=role, nonce=nonce, public_key=identity.spki_der,
                 evidence_json=evidence.to_json(),
             ),
         )
@@ -128,17 +127,24 @@ class TrustClient:
         from hfl_lab.trust.broker import release_context
 
         identity = identity or RaTlsIdentity()
-        challenge = self._call(self.stub.GetChallenge, pb.ChallengeRequest(role=role))
-        evidence = provider.get_evidence(key_binding(identity.spki_der, challenge.nonce))
+        nonce, evidence = self._bound_evidence(role, provider, identity)
         reply = self._call(
             self.stub.ReleaseSecret,
             pb.ReleaseRequest(
-                app_id=app_id, name=name, role=role, nonce=challenge.nonce,
+                app_id=app_id, name=name, role=role, nonce=nonce,
                 public_key=identity.spki_der, evidence_json=evidence.to_json(),
             ),
         )
         wrapped = WrappedSecret(reply.ephemeral_public, reply.gcm_nonce, reply.ciphertext)
         return unwrap_secret(wrapped, identity.private_key, release_context(app_id, name))
+
+    def _bound_evidence(
+        self, role: str, provider: EvidenceProvider, identity: RaTlsIdentity
+    ) -> tuple[bytes, Evidence]:
+        """A fresh challenge, and evidence binding it together with the identity's key."""
+        challenge = self._call(self.stub.GetChallenge, pb.ChallengeRequest(role=role))
+        nonce: bytes = challenge.nonce
+        return nonce, provider.get_evidence(key_binding(identity.spki_der, nonce))
 
     # -- the lab owner --------------------------------------------------------------------
 
