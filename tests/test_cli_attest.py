@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import json
 import random
 from collections.abc import Sequence
@@ -12,14 +11,13 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from hfl_lab.cli import ExitCode, main
 from hfl_lab.cli.attest import policy_from_evidence, render_verdict, verify_evidence
 from hfl_lab.ratls import evidence_ext as ext
 from hfl_lab.tee import AttestationPolicy, parse_quote
+from tests.cert_support import self_signed
 from tests.conftest import (
     SGX_IN_WINDOW,
     TDX_QUOTE_AFTER_WINDOW,
@@ -53,25 +51,7 @@ def tdx_collateral(attestation_dir: Path) -> Path:
 
 
 def _self_signed(extensions: Sequence[x509.ExtensionType] = ()) -> x509.Certificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "plain")])
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-    )
-    for e in extensions:
-        builder = builder.add_extension(e, critical=False)
-    return builder.sign(key, hashes.SHA256())
-
-
-# -- verify: the known outcomes ----------------------------------------------------------------
-
+    return self_signed(extensions=extensions)
 
 def test_real_quote_in_its_collateral_window_is_accepted(
     capsys: pytest.CaptureFixture[str], tdx_quote: Path, tdx_collateral: Path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import subprocess
 import sys
@@ -13,15 +12,14 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from hfl_lab.cli import ExitCode, main
 from hfl_lab.cli.attest import verify_endpoint
 from hfl_lab.ratls import RaTlsIdentity
 from hfl_lab.tee import SimulatedPlatform, SimulatedTdProvider, measure_workload
+from tests.cert_support import self_signed
 from tests.conftest import TDX_QUOTE_IN_WINDOW
 
 ROLE = "trust"
@@ -80,18 +78,7 @@ def ratls_server(request: pytest.FixtureRequest, identity: RaTlsIdentity) -> Ite
 def plain_tls_server() -> Iterator[str]:
     """A gRPC server with an ordinary self-signed certificate: no attestation evidence."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "plain")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    cert = self_signed(key)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

@@ -12,9 +12,7 @@ import os
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from hfl_lab._exceptions import AttestationError
 from hfl_lab.ratls import RaTlsIdentity, key_binding, read_evidence, spki_der, verify_certificate
@@ -28,6 +26,7 @@ from hfl_lab.tee import (
     Verifier,
     measure_workload,
 )
+from tests.cert_support import dice_value, self_signed
 
 ROLE = "worker0"
 
@@ -58,29 +57,11 @@ def _cert_with(
     key: ec.EllipticCurvePrivateKey, oid: x509.ObjectIdentifier, value: bytes, cn: str = "mallory"
 ) -> x509.Certificate:
     """A self-signed certificate for ``key`` carrying ``value`` under ``oid`` (an attacker's)."""
-    now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.UnrecognizedExtension(oid, value), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-
+    return self_signed(key, cn=cn, extensions=[x509.UnrecognizedExtension(oid, value)],
+                       valid_for=dt.timedelta(hours=1))
 
 def _dice_value(cert: x509.Certificate) -> bytes:
-    value = cert.extensions.get_extension_for_oid(ext.DICE_EVIDENCE_OID).value
-    assert isinstance(value, x509.UnrecognizedExtension)
-    return value.value
-
-
-# -- the convention ----------------------------------------------------------------------
-
+    return dice_value(cert)
 
 def test_key_binding_is_spki_hash_then_challenge_hash() -> None:
     spki = spki_der(ec.generate_private_key(ec.SECP256R1()).public_key())

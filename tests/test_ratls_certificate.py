@@ -12,9 +12,8 @@ from pathlib import Path
 import cbor2
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +31,7 @@ from hfl_lab.tee import (
     Verifier,
     measure_workload,
 )
+from tests.cert_support import dice_value, self_signed
 
 ROLE = "ps0"
 
@@ -67,30 +67,12 @@ def _cert_with(
     *,
     days: float = 1.0,
 ) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RATLS")])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - dt.timedelta(days=2))
-        .not_valid_after(now + dt.timedelta(days=days))
-    )
-    if extension is not None:
-        builder = builder.add_extension(x509.UnrecognizedExtension(*extension), critical=False)
-    return builder.sign(key, hashes.SHA256())
-
+    extensions = [x509.UnrecognizedExtension(*extension)] if extension is not None else []
+    return self_signed(key, cn="RATLS", extensions=extensions,
+                       valid_since=dt.timedelta(days=2), valid_for=dt.timedelta(days=days))
 
 def _dice_value(cert: x509.Certificate) -> bytes:
-    value = cert.extensions.get_extension_for_oid(ext.DICE_EVIDENCE_OID).value
-    assert isinstance(value, x509.UnrecognizedExtension)
-    return value.value
-
-
-# -- round trip ---------------------------------------------------------------------------
-
+    return dice_value(cert)
 
 @pytest.mark.parametrize(("binding", "challenge"), [("key+nonce", b"fresh"), ("key", None)])
 @pytest.mark.parametrize("curve", ["P-256", "P-384"])
