@@ -161,6 +161,10 @@ class LabConfig(metaclass=_ValidatingMeta):
     warmup_steps: int = _param(0, "steps of linear learning-rate warm-up", ge=0)
     weight_decay: float = _param(2e-4, "L2 weight decay (reference 2e-4)", ge=0, le=1)
     momentum: float = _param(0.9, "SGD momentum (reference 0.9)", ge=0, lt=1)
+    bn_momentum: float = _param(
+        0.9, "batch-norm moving-average momentum (reference 0.997; lower settles in short runs)",
+        ge=0, lt=1,
+    )
     augment: bool = _param(True, "random crop and flip of training images, as the reference")
     # -- data
     partition: str = _param(
@@ -516,6 +520,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # epochs 91 and 136, 182 epochs (~64k steps of 128 images on the full 50k set).
         "depth": 56,
         "workers": 2,
+        "bn_momentum": 0.997,
         "batch_size": 128,
         "epochs": 182,
         "threads": 0,

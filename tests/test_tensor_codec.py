@@ -540,8 +540,12 @@ def test_spec_proto_round_trip_and_gradient_selection() -> None:
 
     assert back == specs
     assert specs[0].nbytes == 1728
-    assert specs_for(specs, pb.UPDATE_KIND_GRADIENTS) == [specs[0], specs[2]]
+    # gradient streams carry the new non-trainable values (BN statistics) too
+    assert specs_for(specs, pb.UPDATE_KIND_GRADIENTS) == specs
     assert specs_for(specs, pb.UPDATE_KIND_WEIGHTS) == specs
+    with pytest.raises(TensorValidationError) as refused:
+        specs_for(specs, pb.UPDATE_KIND_UNSPECIFIED)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.parametrize(

@@ -352,10 +352,11 @@ def build_resnet(
     batch_norm: bool = True,
     seed: int = 0,
     num_threads: int | None = None,
+    bn_momentum: float = BN_MOMENTUM,
 ) -> ResNet:
     """Build ResNet-``depth`` v1 for CIFAR-10, initialised deterministically from ``seed``."""
     set_torch_threads(num_threads)
-    return ResNet(depth, batch_norm=batch_norm, seed=seed)
+    return ResNet(depth, batch_norm=batch_norm, seed=seed, bn_momentum=bn_momentum)
 
 
 def _to_numpy(tensor: torch.Tensor) -> FloatArray:

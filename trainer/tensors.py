@@ -142,9 +142,20 @@ class TensorSpec:
 
 
 def specs_for(specs: Iterable[TensorSpec], kind: int) -> list[TensorSpec]:
-    """The tensors a stream of ``kind`` (``pb.UpdateKind``) carries: gradients skip frozen ones."""
-    if kind == pb.UPDATE_KIND_GRADIENTS:
-        return [spec for spec in specs if spec.trainable]
+    """The tensors a stream of ``kind`` (``pb.UpdateKind``) carries, in model order.
+
+    Both kinds carry every tensor. A gradient stream holds the gradients of the trainable
+    tensors and the new values of the non-trainable ones (the batch-norm moving statistics the
+    worker's forward pass produced), which the PS averages like the reference does.
+    """
+    if kind not in (pb.UPDATE_KIND_GRADIENTS, pb.UPDATE_KIND_WEIGHTS):
+        raise TensorValidationError(
+            f"unknown update kind {kind}.",
+            code=grpc.StatusCode.INVALID_ARGUMENT,
+            expected="GRADIENTS or WEIGHTS",
+            actual=kind,
+            fix="set StreamHeader.kind to UPDATE_KIND_GRADIENTS or UPDATE_KIND_WEIGHTS.",
+        )
     return list(specs)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import grpc
@@ -136,6 +136,7 @@ def attested_channel(
     creds: MeshCredentials,
     verifier: Verifier,
     expected_role: str,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> tuple[grpc.Channel, Verdict]:
     """Verify the server's mesh certificate and evidence first; then open an mTLS channel."""
     host, _, port = address.rpartition(":")
@@ -147,8 +148,8 @@ def attested_channel(
         private_key=creds.identity.private_key_pem(),
         certificate_chain=creds.certificate_pem,
     )
-    options = [("grpc.ssl_target_name_override", expected_role)]
-    return grpc.secure_channel(address, credentials, options=options), verdict
+    channel_options = [("grpc.ssl_target_name_override", expected_role), *options]
+    return grpc.secure_channel(address, credentials, options=channel_options), verdict
 
 
 def roles(*names: str, prefixes: Collection[str] = ()) -> Callable[[str], bool]:

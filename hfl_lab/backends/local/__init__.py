@@ -1,0 +1,5 @@
+"""The ``local`` backend: every participant a process with a simulated TD, on loopback."""
+
+from hfl_lab.backends.local.backend import LocalBackend, Participant, TrainingResult, free_port
+
+__all__ = ["LocalBackend", "Participant", "TrainingResult", "free_port"]

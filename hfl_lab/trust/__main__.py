@@ -1,0 +1,93 @@
+"""``python -m hfl_lab.trust serve --config FILE --policy FILE --port N``: the trust service TD.
+
+The service's own RA-TLS certificate binds its in-memory key to its TD evidence, so clients
+verify it before handing it anything. The admin credential (and, for a simulated TD, the lab
+platform's keys) arrive on stdin from the launcher; nothing secret is read from a file.
+Events (verdicts, audit records, lifecycle) go to stdout as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from hfl_lab._exceptions import ConfigError, HflLabError
+from hfl_lab.tee.policy import AttestationPolicy
+from hfl_lab.trust.service import TrustService, serve
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hfl_lab.trust",
+                                     description="The lab's trust service (runs in its own TD).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("serve", help="attest participants, issue mesh certificates, "
+                         "release secrets")
+    run.add_argument("--config", required=True, help="the run's participant config file")
+    run.add_argument("--policy", required=True, help="the owner's attestation policy (YAML)")
+    run.add_argument("--port", type=int, default=50060, help="TLS port (0 = any free port)")
+    run.add_argument("--host", default=None,
+                     help="listen address (default: from trust_address in the config)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from trainer.participant import Emitter, Participant, measured_argv, read_bootstrap
+    from trainer.settings import ParticipantConfig
+
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(args_list)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    emitter = Emitter("trust")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        config = ParticipantConfig.load(args.config)
+        policy = AttestationPolicy.load(args.policy)
+        boot = read_bootstrap()
+        emitter.lifecycle("starting")
+        if boot.admin_token is None:
+            raise ConfigError(
+                "no admin credential came on stdin.",
+                fix="start the trust service through a backend, which hands it the owner's "
+                "credential over a pipe.",
+            )
+        me = Participant("trust", config, measured_argv("hfl_lab.trust", args_list), boot,
+                         emitter, policy=policy)
+        service = TrustService(
+            policy=policy,
+            admin_token=boot.admin_token,
+            lab_root_der=boot.platform.root_der if boot.platform else None,
+            on_event=emitter.emit,
+            cert_lifetime_s=config.lab.cert_lifetime_s,
+        )
+        me.identity.make_certificate(me.provider, subject_cn="trust", role="trust")
+        host = args.host or config.deployment.trust_address.rpartition(":")[0]
+        server, port = serve(service, me.identity.certificate_pem, me.identity.private_key_pem(),
+                             host=host, port=args.port)
+    except HflLabError as e:
+        print(f"trust: {e}", file=sys.stderr)
+        emitter.lifecycle("failed", detail=str(e))
+        return 1
+    emitter.lifecycle("ready", detail=f"serving on {host}:{port}", port=port)
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    server.stop(1).wait()
+    emitter.lifecycle("exited", detail=f"issued {service.issued} mesh certificates")
+    return 0
+
+
+def _entry() -> Any:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()

@@ -1,0 +1,7 @@
+"""``python -m trainer ps|worker --config FILE``: one participant of a lab run."""
+
+import sys
+
+from trainer.run import main
+
+sys.exit(main())

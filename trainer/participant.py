@@ -1,0 +1,307 @@
+"""What every participant process shares: bootstrap, events on stdout, evidence, attestation.
+
+A participant (trust service, ps0, a worker) is one process in one TD. It
+
+1. reads its bootstrap from stdin when its launcher gives one (the local backend hands each
+   simulated TD the lab platform's keys this way, never through a file or the environment, and
+   keeps the pipe open: when the launcher dies, stdin reaches EOF and the participant exits, so no
+   process outlives the lab);
+2. measures itself and obtains evidence from the configured source;
+3. attests to the trust service (retrying while it is not up yet) and gets its mesh identity;
+4. prints one JSON :class:`~hfl_lab.events.LabEvent` per line on stdout (the backend's event
+   stream) and human log lines on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+
+from hfl_lab._exceptions import AttestationError, ConfigError, HflLabError
+from hfl_lab.events import LabEvent
+from hfl_lab.ratls.certificate import RaTlsIdentity
+from hfl_lab.tee.collateral import Collateral
+from hfl_lab.tee.evidence import EvidenceProvider
+from hfl_lab.tee.policy import AttestationPolicy, baseline_policy
+from hfl_lab.tee.providers.coco_agent import CocoAgentProvider
+from hfl_lab.tee.providers.configfs_tsm import ConfigfsTsmProvider
+from hfl_lab.tee.providers.detect import choose_provider, detect
+from hfl_lab.tee.providers.simulated import SimulatedTdProvider
+from hfl_lab.tee.sim.measure import TdMeasurements, measure_workload
+from hfl_lab.tee.sim.platform import SimulatedPlatform
+from hfl_lab.tee.verdict import Verdict
+from hfl_lab.tee.verifier import Verifier
+from hfl_lab.trust.client import MeshCredentials, TrustClient
+from hfl_lab.trust.service import event_for
+from trainer.settings import ParticipantConfig
+
+__all__ = [
+    "Bootstrap",
+    "Emitter",
+    "Participant",
+    "measured_argv",
+    "read_bootstrap",
+]
+
+log = logging.getLogger("hfl_lab.participant")
+
+#: exit status of a participant whose launcher went away (stdin closed)
+EXIT_ORPHANED = 3
+#: set to 1 in a participant's environment to launch it as a DEBUG TD (attack demonstrations)
+DEBUG_TD_ENV = "HFL_LAB_SIM_DEBUG"
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """What the launcher hands a participant over stdin. Held in memory only."""
+
+    platform: SimulatedPlatform | None = None
+    admin_token: bytes | None = None
+
+    def __repr__(self) -> str:
+        return "Bootstrap(<secrets in memory>)"
+
+
+def read_bootstrap(stream: TextIO | None = None, *, watch: bool = True) -> Bootstrap:
+    """Read the one-line JSON bootstrap from stdin; then watch stdin for EOF (launcher gone).
+
+    With no launcher (stdin a terminal or /dev/null) the bootstrap is empty.
+    """
+    stream = stream or sys.stdin
+    if stream is None or stream.closed or stream.isatty():
+        return Bootstrap()
+    line = stream.readline()
+    if not line.strip():
+        return Bootstrap()
+    try:
+        raw = json.loads(line)
+        platform = raw.get("platform")
+        token = raw.get("admin_token")
+        boot = Bootstrap(
+            platform=SimulatedPlatform.from_secret(bytes.fromhex(platform)) if platform else None,
+            admin_token=bytes.fromhex(token) if token else None,
+        )
+    except (ValueError, AttributeError, TypeError, HflLabError) as e:
+        raise ConfigError(
+            f"the bootstrap line on stdin is not valid ({type(e).__name__}).",
+            fix="start participants through a backend (hfl_lab.backends.local).",
+        ) from None
+    finally:
+        del line
+    if watch:
+        threading.Thread(target=_exit_on_eof, args=(stream,), daemon=True,
+                         name="launcher-watch").start()
+    return boot
+
+
+def _exit_on_eof(stream: TextIO) -> None:
+    while stream.readline():
+        pass
+    # The launcher is gone (crash, kill -9, closed notebook): do not outlive it.
+    os._exit(EXIT_ORPHANED)
+
+
+class Emitter:
+    """Writes events as JSON lines to stdout (thread-safe) and passes them to listeners."""
+
+    def __init__(self, source: str, stream: TextIO | None = None) -> None:
+        self.source = source
+        self._stream = stream or sys.stdout
+        self._lock = threading.Lock()
+        self.listeners: list[Callable[[LabEvent], None]] = []
+
+    def emit(self, event: LabEvent) -> None:
+        line = event.to_json()
+        with self._lock:
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # stdout gone: the launcher is gone too
+        for listener in list(self.listeners):
+            listener(event)
+
+    def __call__(self, kind: str, **data: Any) -> None:
+        self.emit(LabEvent(kind, self.source, data))
+
+    def lifecycle(self, state: str, detail: str = "", **data: Any) -> None:
+        self("lifecycle", state=state, pid=os.getpid(), detail=detail, **data)
+
+    def log(self, message: str, level: str = "info") -> None:
+        getattr(log, level if level in ("debug", "info", "warning", "error") else "info")(message)
+        self("log", level=level, message=message)
+
+    def attestation(self, verdict: Verdict) -> None:
+        self.emit(event_for(verdict))
+
+
+def measured_argv(module: str, args: Sequence[str]) -> list[str]:
+    """The command line a participant's RTMR2 measures: ``python -m <module> <args>``."""
+    return ["python", "-m", module, *args]
+
+
+def workload_root() -> Path:
+    """The folder holding the ``trainer`` and ``hfl_lab`` packages this process runs."""
+    return Path(__file__).resolve().parents[1]
+
+
+class Participant:
+    """One TD's identity: its evidence source, its verifier, its attestation to the service."""
+
+    def __init__(
+        self,
+        role: str,
+        config: ParticipantConfig,
+        argv: Sequence[str],
+        bootstrap: Bootstrap,
+        emitter: Emitter,
+        *,
+        policy: AttestationPolicy | None = None,
+    ) -> None:
+        self.role = role
+        self.config = config
+        self.argv = list(argv)
+        self.bootstrap = bootstrap
+        self.emit = emitter
+        self.policy = policy or self._load_policy()
+        self.measurements: TdMeasurements | None = None
+        self.provider = self._provider()
+        self.identity = RaTlsIdentity()
+        self.verifier = self.make_verifier()
+
+    # -- evidence ------------------------------------------------------------------------
+
+    def _load_policy(self) -> AttestationPolicy:
+        path = self.config.deployment.policy_path
+        if path:
+            return AttestationPolicy.load(path)
+        policy = baseline_policy()
+        if self.config.deployment.evidence == "simulated":
+            policy = policy.replace(allow_simulated=True)
+        return policy
+
+    def _provider(self) -> EvidenceProvider:
+        source = self.config.deployment.evidence
+        if source == "configfs-tsm":
+            return ConfigfsTsmProvider()
+        if source == "coco-agent":
+            return CocoAgentProvider()
+        simulated = self._simulated() if self.bootstrap.platform is not None else None
+        if source == "simulated":
+            if simulated is None:
+                raise ConfigError(
+                    f"{self.role}: evidence 'simulated' needs the lab platform's keys, and no "
+                    "bootstrap came on stdin.",
+                    fix="start participants through a backend, or set deployment.evidence to "
+                    "configfs-tsm inside a TD.",
+                )
+            return simulated
+        allowed = self.config.lab.allow_simulated and simulated is not None
+        return choose_provider(detect(allow_simulated=allowed), simulated)
+
+    def _simulated(self) -> SimulatedTdProvider:
+        assert self.bootstrap.platform is not None
+        self.measurements = measure_workload(
+            role=self.role, config=self.config.measured(), argv=self.argv, root=workload_root()
+        )
+        debug = os.environ.get(DEBUG_TD_ENV, "") == "1"
+        return SimulatedTdProvider(self.bootstrap.platform, self.measurements, debug=debug)
+
+    def make_verifier(self, policy: AttestationPolicy | None = None) -> Verifier:
+        """This participant's own verifier: every verdict becomes an attestation event."""
+        platform = self.bootstrap.platform
+        return Verifier(
+            policy or self.policy,
+            lab_root_der=platform.root_der if platform else None,
+            lab_collateral=Collateral(platform.collateral_json, "lab platform")
+            if platform
+            else None,
+            name=self.role,
+            on_verdict=self.emit.attestation,
+        )
+
+    # -- attestation -----------------------------------------------------------------------
+
+    def connect_trust(self, deadline_s: float | None = None) -> TrustClient:
+        """Verify the trust service's own attestation, retrying while it is not up yet."""
+        address = self.config.deployment.trust_address
+        platform = self.bootstrap.platform
+        client: TrustClient = retry_until(
+            lambda: TrustClient.connect(
+                address,
+                self.policy,
+                lab_root_der=platform.root_der if platform else None,
+                role="trust",
+                verifier_name=self.role,
+                on_verdict=self.emit.attestation,
+            ),
+            what=f"the trust service at {address}",
+            timeout_s=deadline_s or self.config.deployment.connect_timeout_s,
+        )
+        return client
+
+    def attest(self, client: TrustClient) -> MeshCredentials:
+        """Prove this TD to the trust service; its mesh certificate for this role."""
+        creds = client.attest(self.role, self.provider, self.identity)
+        self.emit.log(
+            f"{self.role}: attested, mesh certificate valid until "
+            f"{time.strftime('%H:%M:%S', time.localtime(creds.not_after))}"
+        )
+        return creds
+
+
+def retry_until(
+    action: Callable[[], Any],
+    *,
+    what: str,
+    timeout_s: float,
+    first_delay_s: float = 0.1,
+    max_delay_s: float = 2.0,
+    on_retry: Callable[[str], None] | None = None,
+) -> Any:
+    """Run ``action`` until it stops failing with a connection error; back off in between.
+
+    Attestation refusals and configuration errors are not retried: they will not heal.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = first_delay_s
+    while True:
+        try:
+            return action()
+        except AttestationError as e:
+            if e.check != "connection":
+                raise
+            if time.monotonic() + delay > deadline:
+                raise HflLabError(
+                    f"cannot reach {what} after {timeout_s:.0f} s: {e.message}",
+                    fix="check that it runs and that the address in the config file is right.",
+                ) from None
+            time.sleep(delay)
+            delay = min(max_delay_s, delay * 2)
+        except (OSError, grpc.RpcError, ConnectionError) as e:
+            code = e.code() if isinstance(e, grpc.RpcError) else None
+            if code is not None and code not in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ):
+                raise
+            if time.monotonic() + delay > deadline:
+                reason = e.details() if isinstance(e, grpc.RpcError) else str(e)
+                raise HflLabError(
+                    f"cannot reach {what} after {timeout_s:.0f} s: {reason}",
+                    fix="check that it runs and that the address in the config file is right.",
+                ) from None
+            if on_retry is not None:
+                on_retry(str(e))
+            time.sleep(delay)
+            delay = min(max_delay_s, delay * 2)

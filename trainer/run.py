@@ -1,0 +1,163 @@
+"""Process entry points: ``python -m trainer ps|worker --config FILE``.
+
+Each prints lab events as JSON lines on stdout, logs on stderr, and exits with 0 when its part of
+the training is done, 1 on an error it can name (one line, with the fix), 3 when its launcher went
+away, and 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hfl_lab._exceptions import ConfigError, HflLabError
+from hfl_lab.vault.checkpoints import CheckpointStore
+from hfl_lab.vault.directory_store import DirectoryCheckpointStore
+from trainer.participant import Emitter, Participant, measured_argv, read_bootstrap
+from trainer.settings import ParticipantConfig
+
+__all__ = ["main"]
+
+log = logging.getLogger("trainer")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description="A participant of an HFL-TDX Lab run (parameter server or worker).",
+    )
+    sub = parser.add_subparsers(dest="role", required=True)
+    ps = sub.add_parser("ps", help="the parameter server (ps0)")
+    ps.add_argument("--config", required=True, help="the run's participant config file")
+    ps.add_argument("--host", default=None, help="listen address (default: from ps_address)")
+    ps.add_argument("--exit-when-done", action="store_true",
+                    help="exit once training finished and every worker was told so "
+                    "(default: stay up so the vault can be fetched)")
+    worker = sub.add_parser("worker", help="a worker (worker<N>)")
+    worker.add_argument("--index", type=int, required=True, help="worker index N (0-based)")
+    worker.add_argument("--config", required=True, help="the run's participant config file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(args_list)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    role = "ps0" if args.role == "ps" else f"worker{args.index}"
+    emitter = Emitter(role)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if args.role == "ps":
+            return run_ps(args, args_list, emitter, stop)
+        if args.index < 0:
+            raise ConfigError(f"--index must be >= 0, got {args.index}.", fix="use 0..workers-1.")
+        return run_worker(args, args_list, emitter)
+    except KeyboardInterrupt:
+        emitter.lifecycle("exited", detail="stopped")
+        return 0 if stop.is_set() else 130
+    except HflLabError as e:
+        print(f"{role}: {e}", file=sys.stderr)
+        emitter.lifecycle("failed", detail=str(e))
+        return 1
+
+
+def _participant(role: str, args_list: Sequence[str], config: ParticipantConfig,
+                 emitter: Emitter) -> Participant:
+    boot = read_bootstrap()
+    emitter.lifecycle("starting")
+    return Participant(role, config, measured_argv("trainer", args_list), boot, emitter)
+
+
+def open_checkpoint_store(config: ParticipantConfig) -> CheckpointStore | None:
+    """Where ps0 keeps checkpoints: the run's checkpoint folder (the vault plugs in here)."""
+    folder = config.deployment.checkpoint_dir
+    if not folder:
+        return None
+    return DirectoryCheckpointStore(Path(folder))
+
+
+def run_ps(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
+           stop: threading.Event) -> int:
+    from trainer.serving import build_parameter_server
+
+    config = ParticipantConfig.load(args.config)
+    participant = _participant("ps0", args_list, config, emitter)
+    trust = participant.connect_trust()
+    creds = participant.attest(trust)
+    host, _, port = config.deployment.ps_address.rpartition(":")
+    # A pod listens on every interface behind its Service; a local run on its loopback address.
+    local = host[:1].isdigit() or host == "localhost"
+    bind = args.host or (host if local else "0.0.0.0")  # noqa: S104
+    running = build_parameter_server(
+        config, participant, creds, emit=emitter.emit, store=open_checkpoint_store(config),
+        host=bind, port=int(port),
+    )
+    emitter.lifecycle("ready", detail=f"serving on {bind}:{running.port}", port=running.port,
+                      version=running.servicer.version)
+    try:
+        while not running.servicer.finished.wait(0.5):
+            pass
+        if args.exit_when_done:
+            running.servicer.wait_workers_released(timeout_s=30.0)
+            emitter.lifecycle("exited", detail="training finished")
+            return 0
+        emitter.log("training finished; serving the final model until stopped")
+        while not stop.wait(1.0):
+            pass
+        return 0
+    finally:
+        running.stop()
+        trust.close()
+
+
+def run_worker(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter) -> int:
+    from trainer.serving import build_worker
+
+    config = ParticipantConfig.load(args.config)
+    if args.index >= config.lab.workers:
+        raise ConfigError(
+            f"--index {args.index} is outside this run's {config.lab.workers} workers.",
+            fix=f"use an index from 0 to {config.lab.workers - 1}.",
+        )
+    role = f"worker{args.index}"
+    participant = _participant(role, args_list, config, emitter)
+    trust = participant.connect_trust()
+    creds = participant.attest(trust)
+    ready_file = config.deployment.ready_file
+
+    def registered(reply: Any) -> None:
+        if ready_file:
+            path = Path(ready_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        emitter.lifecycle("ready", detail=f"registered at step {reply.model_version}",
+                          version=reply.model_version)
+
+    worker = build_worker(config, participant, creds, args.index, emit=emitter.emit,
+                          on_registered=registered)
+    started = time.monotonic()
+    try:
+        summary = worker.run()
+    finally:
+        trust.close()
+    emitter.lifecycle(
+        "exited",
+        detail=f"{len(summary.steps)} steps in {time.monotonic() - started:.1f} s, "
+        f"last step {summary.final_version}, {summary.reconnects} reconnects",
+        steps=len(summary.steps), reconnects=summary.reconnects,
+    )
+    return 0

@@ -1,0 +1,164 @@
+"""Assemble a parameter server or a worker from a run's configuration and mesh identity.
+
+Used by the participant processes (``trainer.run``), and by tests and benchmarks that run the
+same components in one process (always over the attested mesh).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from hfl_lab.events import LabEvent
+from hfl_lab.tee.verifier import Verifier
+from hfl_lab.trust.client import MeshCredentials
+from hfl_lab.trust.mesh import PeerCheck, attested_channel
+from hfl_lab.vault.checkpoints import CheckpointStore
+from trainer.checkpoint import decode_state
+from trainer.data import load_cifar10, standardize
+from trainer.model import ResNet, build_resnet
+from trainer.optim import MomentumSGD, PiecewiseConstantSchedule
+from trainer.proto import parameter_server_pb2 as pb
+from trainer.ps import MAX_MESSAGE_BYTES, ParameterServer, PsOptions, serve_ps, worker_peers
+from trainer.tensors import TensorSpec
+from trainer.worker import Worker, worker_batches
+
+__all__ = [
+    "RunningPs",
+    "build_parameter_server",
+    "build_worker",
+    "channel_factory",
+    "model_specs",
+    "parameter_server",
+]
+
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+)
+
+
+def model_specs(model: ResNet) -> list[TensorSpec]:
+    """The model's tensors in the order they travel."""
+    return [TensorSpec(v.name, v.dtype, v.shape, v.trainable) for v in model.variable_specs]
+
+
+def schedule_for(lab: Any, num_train: int) -> PiecewiseConstantSchedule:
+    return PiecewiseConstantSchedule(*lab.lr_schedule(num_train))
+
+
+def parameter_server(
+    lab: Any,
+    *,
+    num_train: int,
+    test: tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]] | None = None,
+    store: CheckpointStore | None = None,
+    emit: Callable[[LabEvent], None] | None = None,
+    model: ResNet | None = None,
+    initial_weights: Mapping[str, npt.NDArray[np.float32]] | None = None,
+) -> ParameterServer:
+    """The PS of a LabConfig: model, optimizer, schedule; resumed from ``store`` if it holds one."""
+    model = model or build_resnet(lab.depth, seed=lab.seed, num_threads=lab.threads or None,
+                                  bn_momentum=lab.bn_momentum)
+    specs = model_specs(model)
+    optimizer = MomentumSGD(model.variable_specs, schedule_for(lab, num_train),
+                            momentum=lab.momentum, weight_decay=lab.weight_decay)
+    weights = dict(initial_weights) if initial_weights is not None else model.get_weights()
+    start_version = 0
+    resumed = None
+    if store is not None:
+        latest = store.load_latest()
+        if latest is not None:
+            state = decode_state(latest.payload, specs)
+            weights = {k: np.asarray(v, np.float32) for k, v in state.weights.items()}
+            optimizer.load_state(state.optimizer)
+            start_version = state.version
+            resumed = latest.step
+    evaluate = None
+    if test is not None:
+        x = standardize(test[0])
+        y = np.asarray(test[1], np.int64)
+
+        def evaluate(current: Mapping[str, npt.NDArray[np.float32]]) -> dict[str, float]:
+            model.set_weights(current)
+            result = model.evaluate(x, y)
+            return {"loss": result.loss, "accuracy": result.accuracy,
+                    "num_samples": float(result.num_samples)}
+
+    options = PsOptions.from_lab(lab, lab.total_steps(num_train))
+    servicer = ParameterServer(specs, weights, optimizer, options, store=store,
+                               evaluate=evaluate, emit=emit, start_version=start_version,
+                               checkpoint_metadata={"depth": lab.depth, "seed": lab.seed})
+    if resumed is not None:
+        servicer._event("log", level="info",
+                        message=f"resumed from the checkpoint of step {resumed}")
+    return servicer
+
+
+@dataclass
+class RunningPs:
+    servicer: ParameterServer
+    server: grpc.Server
+    port: int
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.server.stop(grace).wait()
+        self.servicer.close()
+
+
+def build_parameter_server(
+    config: Any,
+    participant: Any,
+    creds: MeshCredentials,
+    *,
+    emit: Callable[[LabEvent], None] | None = None,
+    store: CheckpointStore | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> RunningPs:
+    lab = config.lab
+    data = load_cifar10(lab.require_data_path())
+    servicer = parameter_server(lab, num_train=len(data.train_labels),
+                                test=(data.test_images, data.test_labels), store=store, emit=emit)
+    peer_check = PeerCheck(participant.verifier, creds.ca_pem, worker_peers(lab.workers))
+    server, bound = serve_ps(servicer, creds, peer_check, host=host, port=port)
+    return RunningPs(servicer, server, bound)
+
+
+def channel_factory(
+    address: str, creds: MeshCredentials, verifier: Verifier
+) -> Callable[[], grpc.Channel]:
+    """New attested channels to ps0: its certificate and evidence are checked every time."""
+
+    def connect() -> grpc.Channel:
+        channel, _ = attested_channel(address, creds, verifier, "ps0", options=CHANNEL_OPTIONS)
+        return channel
+
+    return connect
+
+
+def build_worker(
+    config: Any,
+    participant: Any,
+    creds: MeshCredentials,
+    index: int,
+    *,
+    emit: Callable[[LabEvent], None] | None = None,
+    on_registered: Callable[[pb.RegisterReply], None] | None = None,
+) -> Worker:
+    lab = config.lab
+    stream, num_train = worker_batches(lab, index)
+    model = build_resnet(lab.depth, seed=lab.seed, num_threads=lab.threads or None,
+                                  bn_momentum=lab.bn_momentum)
+    return Worker(
+        index, model, stream,
+        channel_factory(config.deployment.ps_address, creds, participant.verifier),
+        schedule=schedule_for(lab, num_train), momentum=lab.momentum,
+        weight_decay=lab.weight_decay, emit=emit, on_registered=on_registered,
+        reconnect_timeout_s=config.deployment.connect_timeout_s,
+    )
