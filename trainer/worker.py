@@ -284,7 +284,8 @@ class Worker:
                     break
                 if code in RECONNECT_CODES:
                     self._conn = self._reconnect(e.details() or code.name)
-                    next_version = max(next_version, self._version())
+                    # a restarted PS resumes from its last checkpoint, maybe behind us
+                    next_version = self._version()
                     continue
                 if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
                     # stale, not (or no longer) registered, or a duplicate: catch up and go on
@@ -294,7 +295,7 @@ class Worker:
                         assert self._conn is not None
                         self._conn.close()
                         self._conn = self._register()
-                    next_version = max(next_version, self._version())
+                        next_version = self._version()
                     continue
                 raise self._fatal(e) from None
             if record is None:

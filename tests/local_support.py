@@ -1,0 +1,47 @@
+"""Helpers for tests that run the local backend: configs, the process table, event summaries."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from hfl_lab.config import LabConfig
+from hfl_lab.events import LabEvent
+
+
+def quick_config(tmp_path: Path, cifar_dir: Path, **overrides: Any) -> LabConfig:
+    values: dict[str, Any] = {
+        "depth": 8, "workers": 2, "steps": 50, "batch_size": 32, "learning_rate": 0.02,
+        "eval_every": 0, "checkpoint_every": 25, "data_path": str(cifar_dir),
+        "run_dir": str(tmp_path / "run"), "timeout_s": 600.0,
+    }
+    values.update(overrides)
+    return LabConfig.profile("quick", **values)
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process whose command line contains ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next((line for line in (proc / "status").read_text().splitlines()
+                          if line.startswith("State:")), "")
+        except OSError:
+            continue
+        if text in cmdline and "zombie" not in state:
+            found.append((int(proc.name), cmdline.strip()))
+    return found
+
+
+def mean_loss_by_step(events: Iterable[LabEvent]) -> list[float]:
+    """Mean worker loss of each step, in step order."""
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for e in events:
+        if e.kind == "metrics":
+            by_step[int(e.data["step"])].append(float(e.data["loss"]))
+    return [sum(v) / len(v) for _, v in sorted(by_step.items())]

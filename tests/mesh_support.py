@@ -1,0 +1,81 @@
+"""An attested mesh inside one test process: a real trust service over gRPC/TLS, mesh
+identities for ps0 and the workers (simulated TDs), and the PS served behind the peer check."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from hfl_lab.tee import AttestationPolicy, Collateral, Verifier, measure_workload
+from hfl_lab.trust.client import MeshCredentials
+from hfl_lab.trust.mesh import PeerCheck
+from tests.test_trust_service import PLATFORM, Running, connect, provider, start
+from trainer.ps import ParameterServer, serve_ps, worker_peers
+from trainer.serving import channel_factory
+
+
+def mesh_policy(roles: list[str]) -> AttestationPolicy:
+    measured = {role: measure_workload(role=role) for role in ["trust", *roles]}
+    return AttestationPolicy.from_dict({
+        "mr_td": measured["trust"].mr_td.hex(),
+        "allow_simulated": True,
+        "report_data_binding": "key+nonce",
+        "roles": {r: {"mr_config_id": m.mr_config_id.hex()} for r, m in measured.items()},
+    })
+
+
+@dataclass
+class Mesh:
+    trust: Running
+    policy: AttestationPolicy
+    creds: dict[str, MeshCredentials]
+    servers: list[grpc.Server] = field(default_factory=list)
+    last_address: str = ""
+
+    def verifier(self, name: str, on_verdict: Callable[[Any], None] | None = None) -> Verifier:
+        return Verifier(self.policy, lab_root_der=PLATFORM.root_der, name=name,
+                        lab_collateral=Collateral(PLATFORM.collateral_json, "lab platform"),
+                        on_verdict=on_verdict)
+
+    def serve(self, servicer: ParameterServer, num_workers: int) -> str:
+        """Serve ``servicer`` as ps0; returns its address."""
+        check = PeerCheck(self.verifier("ps0"), self.creds["ps0"].ca_pem,
+                          worker_peers(num_workers))
+        server, port = serve_ps(servicer, self.creds["ps0"], check)
+        self.servers.append(server)
+        self.last_address = f"127.0.0.1:{port}"
+        return self.last_address
+
+    def connect(self, role: str, address: str) -> Callable[[], grpc.Channel]:
+        """Attested channels from ``role`` to ps0 (the PS's evidence checked every time)."""
+        return channel_factory(address, self.creds[role], self.verifier(role))
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop(0)
+        self.trust.server.stop(0)
+
+
+def start_mesh(tmp_path: Path, workers: int) -> Mesh:
+    roles = ["ps0", *(f"worker{i}" for i in range(workers))]
+    policy = mesh_policy(roles)
+    trust = start(tmp_path)
+    trust.service.policy = policy
+    creds = {}
+    with connect(trust) as client:
+        for role in roles:
+            m = measure_workload(role=role)
+            creds[role] = client.attest(role, provider(role, m))
+    return Mesh(trust, policy, creds)
+
+
+def mesh_fixture(tmp_path: Path, workers: int) -> Iterator[Mesh]:
+    mesh = start_mesh(tmp_path, workers)
+    try:
+        yield mesh
+    finally:
+        mesh.close()

@@ -1,0 +1,178 @@
+"""End to end on the local backend: trust service + ps0 + 2 workers as processes, ResNet-8,
+simulated TDs, every tensor over the attested mesh."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from hfl_lab import BackendError
+from hfl_lab.backends.local import LocalBackend
+from hfl_lab.events import LabEvent
+from hfl_lab.vault import DirectoryCheckpointStore
+from tests.local_support import mean_loss_by_step, processes_mentioning, quick_config
+from trainer.checkpoint import decode_state
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    ("mode", "overrides"),
+    [
+        ("sync", {}),
+        ("async", {}),
+        ("fedavg", {"steps": 25, "local_steps": 2, "learning_rate": 0.05}),
+    ],
+)
+def test_training_over_the_attested_mesh(
+    tmp_path: Path, cifar_dir: Path, mode: str, overrides: dict[str, object]
+) -> None:
+    config = quick_config(tmp_path, cifar_dir, aggregation=mode, **overrides)
+    events: list[LabEvent] = []
+    with LocalBackend(config) as backend:
+        result = backend.run_training(on_event=events.append)
+        config_path = str(backend.config_path)
+
+    losses = mean_loss_by_step(events)
+    assert len(losses) >= 20
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, losses
+    assert result.final_step == config.steps
+    assert result.test_accuracy is not None and result.test_accuracy > 0.1  # chance is 0.1
+    assert result.exit_codes["ps0"] == 0
+    assert result.exit_codes["worker0"] == result.exit_codes["worker1"] == 0
+
+    # every tensor moved between mutually verified participants
+    verdicts = {(e.data["verifier"], e.data["subject"]): e.data["accepted"]
+                for e in events if e.kind == "attestation"}
+    for worker in ("worker0", "worker1"):
+        assert verdicts[(worker, "ps0")] and verdicts[("ps0", worker)]
+        assert verdicts[("trust", worker)] and verdicts[(worker, "trust")]
+    assert all(verdicts.values())
+    assert all(e.data.get("simulated") for e in events if e.kind == "attestation")
+
+    # the checkpoint is the final model, and resumable
+    latest = DirectoryCheckpointStore(Path(config.run_dir) / "checkpoints").load_latest()
+    assert latest is not None and decode_state(latest.payload).version == config.steps
+    assert (Path(config.run_dir) / "logs" / "ps0.log").stat().st_size > 0
+    assert processes_mentioning(config_path) == []
+
+
+def test_sync_with_a_backup_worker_survives_a_killed_worker_that_rejoins(
+    tmp_path: Path, cifar_dir: Path
+) -> None:
+    config = quick_config(tmp_path, cifar_dir, steps=120, sync_quorum=1, checkpoint_every=0)
+    seen: list[LabEvent] = []
+    with LocalBackend(config) as backend:
+        backend.start()
+        backend.wait_ready(180)
+        events = backend.events(idle_timeout_s=120)
+        for event in events:
+            seen.append(event)
+            if event.kind == "metrics" and event.source == "worker1" and event.data["step"] >= 5:
+                break
+        backend.kill("worker1")
+        killed_at = max(e.data["step"] for e in seen if e.kind == "metrics")
+        # worker0 alone keeps the run going (K=1 of N=2)
+        for event in events:
+            seen.append(event)
+            if event.kind == "metrics" and event.data["step"] >= killed_at + 10:
+                break
+        assert backend.participants["worker1"].returncode is not None
+        backend.restart("worker1")
+        for event in events:
+            seen.append(event)
+        result = backend.result
+        config_path = str(backend.config_path)
+
+    assert result is not None and result.final_step == config.steps
+    steps_after_kill = [e.data["step"] for e in seen
+                        if e.kind == "metrics" and e.source == "worker0"
+                        and e.data["step"] > killed_at]
+    assert len(steps_after_kill) >= 10
+    rejoined = [e for e in seen if e.kind == "lifecycle" and e.source == "worker1"
+                and e.data.get("state") == "ready"]
+    assert len(rejoined) == 2, "worker1 registered again after its restart"
+    assert any(e.kind == "metrics" and e.source == "worker1" and e.data["step"] > killed_at + 10
+               for e in seen), "worker1 trained again after rejoining"
+    assert processes_mentioning(config_path) == []
+
+
+def test_a_participant_that_fails_attestation_is_named_with_its_last_log_lines(
+    tmp_path: Path, cifar_dir: Path
+) -> None:
+    wrong = tmp_path / "policy.yaml"
+    wrong.write_text("tee_type: TDX\nallow_simulated: true\nmr_td: ['" + "ab" * 48 + "']\n")
+    config = quick_config(tmp_path, cifar_dir, policy_path=str(wrong))
+    backend = LocalBackend(config)
+    try:
+        backend.start()
+        with pytest.raises(BackendError) as failed:
+            backend.wait_ready(120)
+    finally:
+        backend.teardown()
+    message = str(failed.value)
+    assert "exited with code" in message and "mr_td" in message
+    assert "logs" in message  # where to read more
+    assert processes_mentioning(str(backend.config_path)) == []
+
+
+def test_no_participant_outlives_a_launcher_killed_with_sigkill(
+    tmp_path: Path, cifar_dir: Path
+) -> None:
+    config = quick_config(tmp_path, cifar_dir, steps=100000, timeout_s=3600.0)
+    script = textwrap.dedent(f"""
+        import sys
+        from hfl_lab.config import LabConfig
+        from hfl_lab.backends.local import LocalBackend
+        backend = LocalBackend(LabConfig.from_dict({config.to_dict()!r}))
+        backend.start()
+        backend.wait_ready(180)
+        print("ready", flush=True)
+        sys.stdin.readline()
+    """)
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+    assert launcher.stdout is not None
+    assert launcher.stdout.readline().strip() == "ready"
+    config_path = str(Path(config.run_dir).resolve() / "config.yaml")
+    assert len(processes_mentioning(config_path)) == 4
+    launcher.send_signal(signal.SIGKILL)  # no teardown runs
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while processes_mentioning(config_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_mentioning(config_path) == []
+
+
+def test_a_restarted_parameter_server_resumes_from_its_checkpoint_and_workers_carry_on(
+    tmp_path: Path, cifar_dir: Path
+) -> None:
+    config = quick_config(tmp_path, cifar_dir, steps=80, checkpoint_every=10)
+    seen: list[LabEvent] = []
+    with LocalBackend(config) as backend:
+        backend.start()
+        backend.wait_ready(180)
+        events = backend.events(idle_timeout_s=120)
+        for event in events:
+            seen.append(event)
+            if event.kind == "log" and event.data.get("checkpoint_step", 0) >= 20:
+                break
+        backend.kill("ps0")
+        backend.restart("ps0")
+        for event in events:
+            seen.append(event)
+        result = backend.result
+
+    assert result is not None and result.final_step == config.steps
+    resumed = [e for e in seen if e.kind == "log" and e.source == "ps0"
+               and "resumed from the checkpoint" in e.data.get("message", "")]
+    assert resumed, "ps0 resumed from its checkpoint"
+    exits = [e for e in seen if e.kind == "lifecycle" and e.source.startswith("worker")
+             and e.data.get("state") == "exited"]
+    assert len(exits) == 2 and all(e.data["reconnects"] >= 1 for e in exits)
