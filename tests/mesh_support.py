@@ -60,11 +60,12 @@ class Mesh:
         self.trust.server.stop(0)
 
 
-def start_mesh(tmp_path: Path, workers: int) -> Mesh:
+def start_mesh(tmp_path: Path, workers: int, cert_lifetime_s: float = 600.0) -> Mesh:
     roles = ["ps0", *(f"worker{i}" for i in range(workers))]
     policy = mesh_policy(roles)
     trust = start(tmp_path)
     trust.service.policy = policy
+    trust.service.cert_lifetime_s = cert_lifetime_s
     creds = {}
     with connect(trust) as client:
         for role in roles:

@@ -176,3 +176,21 @@ def test_a_restarted_parameter_server_resumes_from_its_checkpoint_and_workers_ca
     exits = [e for e in seen if e.kind == "lifecycle" and e.source.startswith("worker")
              and e.data.get("state") == "exited"]
     assert len(exits) == 2 and all(e.data["reconnects"] >= 1 for e in exits)
+
+
+def test_participants_re_attest_and_train_past_their_first_certificates_expiry(
+    tmp_path: Path, cifar_dir: Path
+) -> None:
+    config = quick_config(tmp_path, cifar_dir, steps=100, batch_size=64, cert_lifetime_s=6.0,
+                          reattest_every_s=2.0, checkpoint_every=0)
+    events: list[LabEvent] = []
+    with LocalBackend(config) as backend:
+        result = backend.run_training(on_event=events.append)
+
+    assert result.final_step == config.steps
+    assert result.seconds > config.cert_lifetime_s, "the run outlived the first certificates"
+    renewals = [e for e in events if e.kind == "log" and "re-attested" in e.data["message"]]
+    assert {e.source for e in renewals} >= {"ps0", "worker0", "worker1"}
+    issued = [e for e in events if e.kind == "audit" and e.source == "trust"
+              and e.data.get("action") == "issue_mesh_certificate" and e.data.get("allowed")]
+    assert len(issued) > 3 + len(renewals) // 2

@@ -260,6 +260,72 @@ class Participant:
         return creds
 
 
+class MeshSession:
+    """A participant's current mesh credentials, renewed by re-attesting every ``every_s``.
+
+    Each renewal makes a fresh key in memory, obtains fresh evidence bound to it and a new
+    certificate. If the fresh evidence fails (changed code, DEBUG, a revoked TCB...), the old
+    certificate is not replaced: when it expires, peers refuse this participant on every call.
+    """
+
+    def __init__(
+        self,
+        participant: Participant,
+        client: TrustClient,
+        creds: MeshCredentials,
+        *,
+        every_s: float = 0.0,
+    ) -> None:
+        self.participant = participant
+        self.client = client
+        self._creds = creds
+        self.every_s = every_s
+        self.generation = 0
+        self.failures = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def creds(self) -> MeshCredentials:
+        with self._lock:
+            return self._creds
+
+    def renew(self) -> bool:
+        """Re-attest now; True if a new certificate replaced the old one."""
+        p = self.participant
+        identity = RaTlsIdentity()
+        try:
+            creds = self.client.attest(p.role, p.provider, identity)
+        except HflLabError as e:
+            self.failures += 1
+            until = time.strftime("%H:%M:%S", time.localtime(self.creds.not_after))
+            p.emit.log(f"{p.role}: re-attestation failed; no new certificate (the current one "
+                       f"expires at {until}, then peers refuse this TD): {e}", level="error")
+            return False
+        with self._lock:
+            self._creds = creds
+            self.generation += 1
+        p.identity = identity
+        p.emit.log(f"{p.role}: re-attested; new mesh certificate until "
+                   f"{time.strftime('%H:%M:%S', time.localtime(creds.not_after))}")
+        return True
+
+    def start(self) -> None:
+        """Renew in the background every ``every_s`` seconds (0: never)."""
+        if self.every_s <= 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="re-attest")
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.renew()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def retry_until(
     action: Callable[[], Any],
     *,

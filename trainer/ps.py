@@ -28,9 +28,9 @@ from hfl_lab.trust.client import MeshCredentials
 from hfl_lab.trust.mesh import (
     AttestedPeerInterceptor,
     PeerCheck,
+    dynamic_server_credentials,
     role_of,
     roles,
-    server_credentials,
 )
 from hfl_lab.vault.checkpoints import CheckpointStore
 from trainer.aggregation import Aggregator, Mode, Outcome, Status, Update
@@ -614,14 +614,17 @@ def _json(data: Mapping[str, Any]) -> str:
 
 def serve_ps(
     servicer: ParameterServer,
-    creds: MeshCredentials,
+    creds: MeshCredentials | Callable[[], MeshCredentials],
     peer_check: PeerCheck,
     *,
     host: str = "127.0.0.1",
     port: int = 0,
     max_workers: int = 16,
 ) -> tuple[grpc.Server, int]:
-    """Serve the PS on the attested mesh: mTLS with mesh certificates + the evidence re-check."""
+    """Serve the PS on the attested mesh: mTLS with mesh certificates + the evidence re-check.
+
+    ``creds`` may be a callable returning the current (renewed) mesh credentials.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ps-rpc"),
         interceptors=[AttestedPeerInterceptor(peer_check)],
@@ -631,7 +634,8 @@ def serve_ps(
         ],
     )
     rpc.add_ParameterServerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    bound = server.add_secure_port(f"{host}:{port}", server_credentials(creds))
+    current = creds if callable(creds) else (lambda: creds)
+    bound = server.add_secure_port(f"{host}:{port}", dynamic_server_credentials(current))
     if bound == 0:
         raise ConfigError(
             f"the parameter server cannot listen on {host}:{port} (port in use?).",

@@ -20,7 +20,13 @@ from typing import Any
 from hfl_lab._exceptions import ConfigError, HflLabError
 from hfl_lab.vault.checkpoints import CheckpointStore
 from hfl_lab.vault.directory_store import DirectoryCheckpointStore
-from trainer.participant import Emitter, Participant, measured_argv, read_bootstrap
+from trainer.participant import (
+    Emitter,
+    MeshSession,
+    Participant,
+    measured_argv,
+    read_bootstrap,
+)
 from trainer.settings import ParticipantConfig
 
 __all__ = ["main"]
@@ -97,13 +103,16 @@ def run_ps(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
     config = ParticipantConfig.load(args.config)
     participant = _participant("ps0", args_list, config, emitter)
     trust = participant.connect_trust()
-    creds = participant.attest(trust)
+    session = MeshSession(participant, trust, participant.attest(trust),
+                          every_s=config.lab.reattest_every_s)
+    session.start()
     host, _, port = config.deployment.ps_address.rpartition(":")
     # A pod listens on every interface behind its Service; a local run on its loopback address.
     local = host[:1].isdigit() or host == "localhost"
     bind = args.host or (host if local else "0.0.0.0")  # noqa: S104
     running = build_parameter_server(
-        config, participant, creds, emit=emitter.emit, store=open_checkpoint_store(config),
+        config, participant, lambda: session.creds, emit=emitter.emit,
+        store=open_checkpoint_store(config),
         host=bind, port=int(port),
     )
     emitter.lifecycle("ready", detail=f"serving on {bind}:{running.port}", port=running.port,
@@ -120,6 +129,7 @@ def run_ps(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
             pass
         return 0
     finally:
+        session.stop()
         running.stop()
         trust.close()
 
@@ -136,7 +146,9 @@ def run_worker(args: argparse.Namespace, args_list: Sequence[str], emitter: Emit
     role = f"worker{args.index}"
     participant = _participant(role, args_list, config, emitter)
     trust = participant.connect_trust()
-    creds = participant.attest(trust)
+    session = MeshSession(participant, trust, participant.attest(trust),
+                          every_s=config.lab.reattest_every_s)
+    session.start()
     ready_file = config.deployment.ready_file
 
     def registered(reply: Any) -> None:
@@ -147,12 +159,14 @@ def run_worker(args: argparse.Namespace, args_list: Sequence[str], emitter: Emit
         emitter.lifecycle("ready", detail=f"registered at step {reply.model_version}",
                           version=reply.model_version)
 
-    worker = build_worker(config, participant, creds, args.index, emit=emitter.emit,
-                          on_registered=registered)
+    worker = build_worker(config, participant, lambda: session.creds, args.index,
+                          emit=emitter.emit, on_registered=registered,
+                          generation=lambda: session.generation)
     started = time.monotonic()
     try:
         summary = worker.run()
     finally:
+        session.stop()
         trust.close()
     emitter.lifecycle(
         "exited",

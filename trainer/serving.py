@@ -114,7 +114,7 @@ class RunningPs:
 def build_parameter_server(
     config: Any,
     participant: Any,
-    creds: MeshCredentials,
+    creds: MeshCredentials | Callable[[], MeshCredentials],
     *,
     emit: Callable[[LabEvent], None] | None = None,
     store: CheckpointStore | None = None,
@@ -125,18 +125,24 @@ def build_parameter_server(
     data = load_cifar10(lab.require_data_path())
     servicer = parameter_server(lab, num_train=len(data.train_labels),
                                 test=(data.test_images, data.test_labels), store=store, emit=emit)
-    peer_check = PeerCheck(participant.verifier, creds.ca_pem, worker_peers(lab.workers))
+    ca_pem = (creds() if callable(creds) else creds).ca_pem
+    peer_check = PeerCheck(participant.verifier, ca_pem, worker_peers(lab.workers))
     server, bound = serve_ps(servicer, creds, peer_check, host=host, port=port)
     return RunningPs(servicer, server, bound)
 
 
 def channel_factory(
-    address: str, creds: MeshCredentials, verifier: Verifier
+    address: str,
+    creds: MeshCredentials | Callable[[], MeshCredentials],
+    verifier: Verifier,
 ) -> Callable[[], grpc.Channel]:
-    """New attested channels to ps0: its certificate and evidence are checked every time."""
+    """New attested channels to ps0: its certificate and evidence are checked every time, and
+    the channel uses this participant's current (renewed) mesh certificate."""
+    current = creds if callable(creds) else (lambda: creds)
 
     def connect() -> grpc.Channel:
-        channel, _ = attested_channel(address, creds, verifier, "ps0", options=CHANNEL_OPTIONS)
+        channel, _ = attested_channel(address, current(), verifier, "ps0",
+                                      options=CHANNEL_OPTIONS)
         return channel
 
     return connect
@@ -145,11 +151,12 @@ def channel_factory(
 def build_worker(
     config: Any,
     participant: Any,
-    creds: MeshCredentials,
+    creds: MeshCredentials | Callable[[], MeshCredentials],
     index: int,
     *,
     emit: Callable[[LabEvent], None] | None = None,
     on_registered: Callable[[pb.RegisterReply], None] | None = None,
+    generation: Callable[[], int] | None = None,
 ) -> Worker:
     lab = config.lab
     stream, num_train = worker_batches(lab, index)
@@ -160,5 +167,5 @@ def build_worker(
         channel_factory(config.deployment.ps_address, creds, participant.verifier),
         schedule=schedule_for(lab, num_train), momentum=lab.momentum,
         weight_decay=lab.weight_decay, emit=emit, on_registered=on_registered,
-        reconnect_timeout_s=config.deployment.connect_timeout_s,
+        reconnect_timeout_s=config.deployment.connect_timeout_s, generation=generation,
     )

@@ -172,6 +172,7 @@ class Worker:
         on_registered: Callable[[pb.RegisterReply], None] | None = None,
         reconnect_timeout_s: float = 120.0,
         max_steps: int | None = None,
+        generation: Callable[[], int] | None = None,
     ) -> None:
         self.index = index
         self.name = f"worker{index}"
@@ -185,6 +186,9 @@ class Worker:
         self._on_registered = on_registered
         self.reconnect_timeout_s = reconnect_timeout_s
         self.max_steps = max_steps
+        #: the mesh identity's renewal count: a change means "reconnect with the new certificate"
+        self._generation = generation
+        self._seen_generation = generation() if generation is not None else 0
         self.summary = WorkerSummary()
         self._conn: PsConnection | None = None
         self._specs: list[TensorSpec] = []
@@ -275,6 +279,9 @@ class Worker:
         while True:
             if self.max_steps is not None and len(self.summary.steps) >= self.max_steps:
                 break
+            if self._generation is not None and self._generation() != self._seen_generation:
+                self._seen_generation = self._generation()
+                self._conn = self._reconnect("mesh certificate renewed", first=True)
             try:
                 record, next_version = self._step(mode, next_version)
             except grpc.RpcError as e:

@@ -44,6 +44,30 @@ def server_credentials(creds: MeshCredentials) -> grpc.ServerCredentials:
     )
 
 
+def dynamic_server_credentials(current: Callable[[], MeshCredentials]) -> grpc.ServerCredentials:
+    """mTLS whose certificate follows ``current()``: a renewed mesh certificate is served from
+    the next new connection on, without restarting the server."""
+
+    def config_of(creds: MeshCredentials) -> Any:
+        return grpc.ssl_server_certificate_configuration(
+            [(creds.identity.private_key_pem(), creds.certificate_pem)],
+            root_certificates=creds.ca_pem,
+        )
+
+    served = [current()]
+
+    def fetch() -> Any:
+        latest = current()
+        if latest is served[0]:
+            return None  # keep the current configuration
+        served[0] = latest
+        return config_of(latest)
+
+    return grpc.dynamic_ssl_server_credentials(
+        config_of(served[0]), fetch, require_client_authentication=True
+    )
+
+
 class PeerCheck:
     """Verifies a peer's mesh certificate and its embedded evidence, once per certificate."""
 
