@@ -12,12 +12,14 @@ export PYTHONHASHSEED := 0
 .PHONY: install system-deps proto lint test test-fast run bench reliability clean
 
 # Debian packages: cryptsetup (LUKS headers) and e2fsprogs (ext4 images) for the vault,
-# shellcheck for the tests of the operator scripts in native/.
+# shellcheck for the tests of the operator scripts in native/, chromium for the real-browser
+# test of the notebooks (Playwright drives /usr/bin/chromium; no browser is downloaded).
 system-deps:
 	@missing=""; \
 	command -v cryptsetup >/dev/null || missing="$$missing cryptsetup-bin"; \
 	command -v mke2fs >/dev/null && command -v debugfs >/dev/null || missing="$$missing e2fsprogs"; \
 	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
 	  else echo "please install:$$missing (sudo apt-get install$$missing)"; exit 1; fi; \
@@ -29,6 +31,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -m trainer.proto
+	$(VENV)/bin/hfl-lab lab --install-kernel
 	touch $(STAMP)
 
 install: system-deps $(STAMP)
@@ -38,7 +41,7 @@ proto: $(STAMP)
 	$(PY) -m trainer.proto
 
 lint: install
-	$(VENV)/bin/ruff check hfl_lab trainer tests bench
+	$(VENV)/bin/ruff check hfl_lab trainer tests bench notebooks
 	$(VENV)/bin/mypy hfl_lab trainer
 
 test: lint

@@ -132,16 +132,41 @@ def _register_attest(parser: argparse.ArgumentParser) -> None:
     register(parser)
 
 
+def _register_run(parser: argparse.ArgumentParser) -> None:
+    from hfl_lab.cli.run import register
+
+    register(parser)
+
+
+def _register_check(parser: argparse.ArgumentParser) -> None:
+    from hfl_lab.cli.check import register
+
+    register(parser)
+
+
+def _register_lab(parser: argparse.ArgumentParser) -> None:
+    from hfl_lab.cli.lab import register
+
+    register(parser)
+
+
 SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand(
+        "run",
+        "run the whole lab (notebooks 00-06) headless with papermill into runs/<time>/",
+        _register_run,
+    ),
+    Subcommand(
+        "check",
+        "preflight only: environment, TDX, cluster and backend; starts nothing",
+        _register_check,
+    ),
+    Subcommand("lab", "start JupyterLab on the lab's notebooks", _register_lab),
     Subcommand(
         "attest",
         "would the lab trust this evidence? verify, show, endpoint, policy",
         _register_attest,
     ),
-    # Reserved for their owners (not implemented here); add them the same way:
-    #   Subcommand("run", "run a federated training round set", _register_run),
-    #   Subcommand("check", "preflight: TDX, backend, vault, fixtures", _register_check),
-    #   Subcommand("lab", "start/stop the lab services", _register_lab),
 )
 
 

@@ -1,0 +1,53 @@
+"""The lab's steps as the notebooks call them: each notebook is narration plus a few of these.
+
+    00 preflight            run_preflight(config)
+    01 CoCo stack           coco_stack(config, apply=...)
+    02 trust & volume       LabTrustService.start(config), create_model_volume(trust)
+    03 image                measure_image(config)
+    04 training             run_training(config)
+    05 retrieval            retrieve_and_evaluate(config)
+    06 attacks & defenses   run_attacks(trust), AttestationBoard(folder)
+    hfl-lab run             run_lab(config)
+"""
+
+from hfl_lab.lab.attacks import ATTACKS, AttackOutcome, AttackReport, run_attacks
+from hfl_lab.lab.board import AttestationBoard
+from hfl_lab.lab.coco import CocoPlan, coco_stack
+from hfl_lab.lab.image import ImageReport, measure_image
+from hfl_lab.lab.notebook import Table, brief_errors, show, show_image
+from hfl_lab.lab.preflight import PreflightReport, run_preflight
+from hfl_lab.lab.retrieval import RetrievalReport, retrieve_and_evaluate
+from hfl_lab.lab.sequence import NOTEBOOKS, LabRun, run_lab
+from hfl_lab.lab.training import TrainingOutcome, create_backend, ensure_trained, run_training
+from hfl_lab.lab.trust import LabTrustService, VerdictView, VolumeReport, create_model_volume
+
+__all__ = [
+    "ATTACKS",
+    "NOTEBOOKS",
+    "AttackOutcome",
+    "AttackReport",
+    "AttestationBoard",
+    "CocoPlan",
+    "ImageReport",
+    "LabRun",
+    "LabTrustService",
+    "PreflightReport",
+    "RetrievalReport",
+    "Table",
+    "TrainingOutcome",
+    "VerdictView",
+    "VolumeReport",
+    "brief_errors",
+    "coco_stack",
+    "create_backend",
+    "create_model_volume",
+    "ensure_trained",
+    "measure_image",
+    "retrieve_and_evaluate",
+    "run_attacks",
+    "run_lab",
+    "run_preflight",
+    "run_training",
+    "show",
+    "show_image",
+]

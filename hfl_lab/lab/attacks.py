@@ -1,0 +1,358 @@
+"""Notebook 06: live attacks on the lab, each refused by a real component, with its reason.
+
+- a worker whose code differs by one byte (its MR_TD differs): the trust service refuses it;
+- a DEBUG TD: refused (its memory is readable by the host);
+- a MITM server relaying the trust service's genuine evidence under its own key: the lab's
+  client refuses it before sending anything (the evidence does not bind the MITM's key);
+- a client without attestation asking for the volume key: the key broker refuses it.
+
+Genuine participants are attested first (the control), so the matrix shows that the defenses
+refuse the attacks and only the attacks. Verdict tables come from :mod:`hfl_lab.cli.attest`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from hfl_lab._exceptions import AttestationError, ConfigError, PolicyViolation
+from hfl_lab.events import LabEvent
+from hfl_lab.lab.notebook import Table
+from hfl_lab.lab.trust import LabTrustService, VerdictView
+from hfl_lab.ratls import evidence_ext
+from hfl_lab.ratls.binding import spki_der
+from hfl_lab.tee.sim.measure import measure_workload, source_files
+from hfl_lab.tee.verdict import Verdict
+from hfl_lab.trust.broker import DEFAULT_APP_ID
+from hfl_lab.trust.client import TrustClient
+from hfl_lab.trust.service import event_for
+from hfl_lab.vault.keyrelease import VOLUME_SECRET_NAME
+
+__all__ = [
+    "ATTACKS",
+    "AttackOutcome",
+    "AttackReport",
+    "debug_td",
+    "mitm_server",
+    "modified_worker",
+    "run_attacks",
+    "unattested_key_request",
+]
+
+_REPO = Path(__file__).resolve().parents[2]
+#: the file whose one byte the modified worker changes (the worker's own code when present)
+TAMPERED_FILES = ("trainer/worker.py", "trainer/model.py", "trainer/__init__.py")
+
+
+@dataclass
+class AttackOutcome:
+    """One attack: what the attacker did, whether (and by whom, why) it was refused."""
+
+    name: str
+    attempt: str
+    refused: bool
+    refused_by: str
+    reason: str
+    verdict: Verdict | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "attempt": self.attempt,
+            "refused": self.refused,
+            "refused_by": self.refused_by,
+            "reason": self.reason,
+            "details": self.details,
+            "verdict": self.verdict.to_dict() if self.verdict is not None else None,
+        }
+
+    def verdict_view(self) -> VerdictView | None:
+        if self.verdict is None:
+            return None
+        return VerdictView(self.verdict, f"{self.name}: the verdict behind the refusal")
+
+
+@dataclass
+class AttackReport:
+    """Every attack of the run; ``raise_if_any_succeeded`` fails the notebook if a defense fell."""
+
+    outcomes: list[AttackOutcome]
+    controls: list[str] = field(default_factory=list)
+
+    def table(self) -> Table:
+        table = Table(("attack", "what the attacker did", "refused", "by", "reason"),
+                      title="attacks and defenses")
+        for o in self.outcomes:
+            table.add(o.name, o.attempt, o.refused, o.refused_by, o.reason,
+                      color="#dafbe1" if o.refused else "#ffebe9")
+        if self.controls:
+            table.note = "controls (genuine, accepted): " + "; ".join(self.controls)
+        return table
+
+    def __repr__(self) -> str:
+        return self.table().to_text()
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "attacks": [o.to_dict() for o in self.outcomes],
+            "refused": sum(o.refused for o in self.outcomes),
+            "controls": self.controls,
+        }
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / "attacks.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def raise_if_any_succeeded(self) -> None:
+        accepted = [o.name for o in self.outcomes if not o.refused]
+        if accepted:
+            raise AttestationError(
+                f"attack(s) not refused: {', '.join(accepted)}; the lab's defenses are broken.",
+                check="defenses",
+                fix="do not use this build of the lab; run the security tests (make reliability).",
+            )
+
+
+# ---------------------------------------------------------------------- the attacks
+
+
+def _refused_by_trust(
+    trust: LabTrustService, role: str, attempt: str, name: str, provider: Any
+) -> AttackOutcome:
+    """Ask the trust service for a mesh certificate with ``provider``'s evidence."""
+    before = len(trust.events)
+    try:
+        with trust.client() as client:
+            client.attest(role, provider)
+    except PolicyViolation as e:
+        verdict = _last_verdict(trust, before)
+        reason = verdict.reason if verdict is not None else e.message
+        return AttackOutcome(name, attempt, True, "trust service", reason, verdict)
+    return AttackOutcome(name, attempt, False, "", "a mesh certificate was issued")
+
+
+def _last_verdict(trust: LabTrustService, since: int) -> Verdict | None:
+    """The trust service's verdict event after ``since``, as a Verdict (for the table)."""
+    from hfl_lab.tee.verdict import Check
+
+    for event in reversed(trust.events[since:]):
+        if event.kind == "attestation":
+            data = event.data
+            verdict = Verdict(
+                checks=[Check(**c) for c in data.get("checks", [])],
+                simulated=bool(data.get("simulated")),
+                measurements=dict(data.get("measurements") or {}),
+                subject=str(data.get("subject", "")),
+                verifier=str(data.get("verifier", "")),
+            )
+            return verdict
+    return None
+
+
+def _one_byte_changed_copy(dest: Path) -> tuple[str, int, str, str]:
+    """Copy the workload sources to ``dest`` and flip the case of one letter of one file."""
+    for file in source_files(_REPO):
+        target = dest / file.relative_to(_REPO)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, target)
+    name = next(n for n in TAMPERED_FILES if (dest / n).is_file())
+    data = bytearray((dest / name).read_bytes())
+    offset = next(i for i, b in enumerate(data) if chr(b).isalpha())
+    old = chr(data[offset])
+    data[offset] = ord(old.swapcase())
+    (dest / name).write_bytes(bytes(data))
+    return name, offset, old, old.swapcase()
+
+
+def modified_worker(trust: LabTrustService, role: str = "worker0") -> AttackOutcome:
+    """A worker built from the lab's code with one byte changed asks to join the mesh."""
+    run = {"run_dir": str(Path(trust.config.run_dir).resolve()), "workers": trust.config.workers}
+    with tempfile.TemporaryDirectory(prefix="hfl-lab-tampered-") as tmp:
+        name, offset, old, new = _one_byte_changed_copy(Path(tmp))
+        measured = measure_workload(role=role, config=run, root=Path(tmp))
+    genuine = trust.measurements[role].mr_td.hex()
+    attempt = (
+        f"{role} runs code with one byte changed ({name} offset {offset}: {old!r} → {new!r}); "
+        f"MR_TD {measured.mr_td.hex()[:16]}… instead of {genuine[:16]}…"
+    )
+    outcome = _refused_by_trust(
+        trust, role, attempt, "modified worker code", trust.provider(role, measured)
+    )
+    outcome.details = {"file": name, "offset": offset, "mr_td": measured.mr_td.hex(),
+                       "genuine_mr_td": genuine}
+    return outcome
+
+
+def debug_td(trust: LabTrustService, role: str = "worker1") -> AttackOutcome:
+    """The genuine worker code, but in a DEBUG TD (the host can read its memory)."""
+    if role not in trust.measurements:
+        role = "worker0"
+    attempt = f"{role} with the genuine code, launched as a DEBUG TD (TD attribute bit 0 set)"
+    return _refused_by_trust(
+        trust, role, attempt, "DEBUG TD", trust.provider(role, debug=True)
+    )
+
+
+def _mitm_certificate(genuine: x509.Certificate) -> tuple[bytes, bytes]:
+    """The attacker's own key, in a certificate that copies the genuine RA-TLS evidence."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    evidence = genuine.extensions.get_extension_for_oid(evidence_ext.DICE_EVIDENCE_OID).value
+    name = genuine.subject
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("trust"), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(evidence, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def mitm_server(trust: LabTrustService) -> AttackOutcome:
+    """A server in the middle presents the trust service's genuine evidence with its own key."""
+    from hfl_lab.cli.attest import verify_endpoint
+    from hfl_lab.ratls.peer import fetch_server_certificate
+    from hfl_lab.trust.service import TrustService, serve
+
+    host, _, port = trust.address.rpartition(":")
+    genuine = fetch_server_certificate(host, int(port))
+    cert_pem, key_pem = _mitm_certificate(genuine)
+    rogue = TrustService(policy=trust.policy, admin_token=b"m" * 32)  # accepts whatever it gets
+    server, rogue_port = serve(rogue, cert_pem, key_pem)
+    address = f"127.0.0.1:{rogue_port}"
+    attempt = (
+        f"a MITM at {address} relays the trust service's genuine evidence in a certificate "
+        "for its own key, hoping the lab hands it the policy and the volume key"
+    )
+    try:
+        verdict = verify_endpoint(
+            address, trust.policy.replace(report_data_binding="key"),
+            lab_root=trust.lab_root_der, role="trust",
+        )
+        verdict.verifier, verdict.subject = "lab", "trust (MITM)"
+        trust.publish(event_for(verdict))
+        try:  # the lab's own client, misdirected to the MITM
+            TrustClient.connect(
+                address, trust.policy, lab_root_der=trust.lab_root_der, role="trust"
+            ).close()
+            handed = True
+        except AttestationError:
+            handed = False
+    finally:
+        server.stop(0)
+    refused = not verdict.accepted and not handed
+    return AttackOutcome(
+        "MITM server", attempt, refused, "the lab's client (before sending anything)",
+        verdict.reason, verdict, {"address": address},
+    )
+
+
+def unattested_key_request(trust: LabTrustService, role: str = "owner") -> AttackOutcome:
+    """A client with no TD evidence at all asks the key broker for the volume key."""
+    from trainer.proto import trust_pb2 as pb
+
+    secret = f"{DEFAULT_APP_ID}/{VOLUME_SECRET_NAME}"
+    attempt = f"a client without attestation asks for {secret} as {role}"
+    key = ec.generate_private_key(ec.SECP256R1())
+    with trust.client() as client:
+        challenge = client.stub.GetChallenge(pb.ChallengeRequest(role=role), timeout=30)
+        request = pb.ReleaseRequest(
+            app_id=DEFAULT_APP_ID, name=VOLUME_SECRET_NAME, role=role, nonce=challenge.nonce,
+            public_key=spki_der(key.public_key()), evidence_json="",
+        )
+        try:
+            client.stub.ReleaseSecret(request, timeout=30)
+        except grpc.RpcError as e:
+            detail = str(e.details()) if hasattr(e, "details") else str(e)
+            reason = f"{e.code().name}: {detail}" if hasattr(e, "code") else detail
+            refused = True
+        else:
+            reason, refused = "the key was released", False
+    verdict = Verdict(evidence_kind="none", subject="client without attestation",
+                      verifier="key-broker")
+    verdict.add("evidence", False, "TDX evidence binding the key and the challenge", "none",
+                reason)
+    trust.publish(event_for(verdict))
+    return AttackOutcome("client without attestation", attempt, refused, "key broker", reason,
+                         verdict)
+
+
+Attack = Callable[[LabTrustService], AttackOutcome]
+ATTACKS: dict[str, Attack] = {
+    "modified worker code": modified_worker,
+    "DEBUG TD": debug_td,
+    "MITM server": mitm_server,
+    "client without attestation": unattested_key_request,
+}
+
+
+def _controls(trust: LabTrustService) -> list[str]:
+    """The genuine parties get in: the lab verifies the trust service, ps0 attests and receives
+    the volume key. So the matrix shows that the defenses refuse the attacks, not everyone."""
+    done = []
+    if trust.verify().accepted:
+        done.append("the lab verified the trust service")
+    with trust.client() as client:
+        client.attest("ps0", trust.provider("ps0"))
+    done.append("ps0 attested")
+    trust.release_volume_key("ps0")
+    done.append("volume key released to ps0")
+    return done
+
+
+def run_attacks(
+    trust: LabTrustService,
+    on_outcome: Callable[[AttackOutcome], None] | None = None,
+    names: list[str] | None = None,
+) -> AttackReport:
+    """The controls, then every attack (or those in ``names``), live against ``trust``."""
+    unknown = sorted(set(names or ()) - set(ATTACKS))
+    if unknown:
+        raise ConfigError(
+            f"unknown attack(s) {', '.join(unknown)}.", fix=f"use: {', '.join(ATTACKS)}."
+        )
+    report = AttackReport([], _controls(trust))
+    for name, attack in ATTACKS.items():
+        if names is not None and name not in names:
+            continue
+        outcome = attack(trust)
+        report.outcomes.append(outcome)
+        trust.publish(
+            LabEvent("log", "lab", {"level": "info", "message": f"attack {name}: "
+                                    f"{'refused' if outcome.refused else 'NOT refused'}"})
+        )
+        if on_outcome is not None:
+            on_outcome(outcome)
+    return report

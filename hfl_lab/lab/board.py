@@ -1,0 +1,118 @@
+"""A live attestation matrix without training curves: what notebook 06 watches while it attacks.
+
+It folds LabEvents into the dashboard's :class:`RunState` and draws the dashboard's own
+attestation figure, so a refusal looks the same here as during training. With a front end the
+matrix is the interactive widget (checks on hover, a pair picker); headless it is the figure,
+updated in place, and one text line per verdict. It writes attestation_matrix.png,
+metrics.json and events.jsonl into its folder.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from hfl_lab.dashboard import frontend
+from hfl_lab.dashboard._files import event_line, write_json_atomic
+from hfl_lab.dashboard.figures import AttestationFigure, save_png
+from hfl_lab.dashboard.state import RunState
+from hfl_lab.dashboard.text import attestation_line, event_text
+from hfl_lab.events import LabEvent
+from hfl_lab.lab.notebook import show
+
+__all__ = ["AttestationBoard"]
+
+
+class AttestationBoard:
+    """Live attestation matrix of a set of verifications, also written to ``folder``."""
+
+    def __init__(self, folder: str | Path, *, interactive: bool | None = None) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.state = RunState()
+        self.figure = AttestationFigure()
+        self.interactive = frontend.has_front_end() if interactive is None else interactive
+        self._lock = threading.RLock()
+        self._events = open(self.folder / "events.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        self._widget: frontend.AttestationWidget | None = None
+        self._view: frontend.FigureView | None = None
+        self.lines: list[str] = []
+        self._closed = False
+        if self.interactive:
+            self._widget = frontend.AttestationWidget()
+        if self.interactive or frontend.in_ipython_kernel():
+            self._view = frontend.FigureView(self.figure.figure, self.figure.filename)
+        self._redraw()
+
+    def feed(self, event: LabEvent) -> None:
+        """Record one event; redraw when it was a verdict; print refusals and denials."""
+        with self._lock:
+            if self._closed:
+                return
+            self._events.write(event_line(event) + "\n")
+            before = len(self.state.attestations)
+            changed = self.state.apply(event)
+            record = self.state.attestations[-1] if len(self.state.attestations) > before else None
+            line = attestation_line(record) if record is not None else None
+            if line is None and "text" in changed:
+                line = event_text(event.kind, event.source, event.data)
+            if line:
+                self.lines.append(line)
+                if not self.interactive:
+                    print(line, flush=True)
+            if "attestation" in changed:
+                self._redraw()
+
+    def _redraw(self) -> None:
+        self.figure.draw(self.state)
+        if self._widget is not None:
+            self._widget.update(self.state)
+        if self._view is not None:
+            self._view.update()
+
+    def metrics(self) -> dict[str, Any]:
+        return {"run_dir": str(self.folder), "finished": self._closed, **self.state.to_metrics()}
+
+    def save(self) -> None:
+        with self._lock:
+            save_png(self.figure.figure, self.folder / self.figure.filename)
+            write_json_atomic(self.folder / "metrics.json", self.metrics())
+            if not self._events.closed:
+                self._events.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._redraw()
+            self.save()
+            self._events.close()
+
+    def __enter__(self) -> AttestationBoard:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def show_matrix(self) -> None:
+        """Show the final matrix as text (headless) — the figure is already in the output."""
+        from hfl_lab.dashboard.text import matrix_text
+
+        if not self.interactive:
+            show(_Text(matrix_text(self.state.to_metrics()["attestation_matrix"])))
+
+
+class _Text:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text

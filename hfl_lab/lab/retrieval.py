@@ -1,0 +1,218 @@
+"""Notebook 05: move the model to the owner's trusted node, open it, evaluate it.
+
+The sealed model is the LUKS volume ps0 checkpointed into. The owner's trusted node obtains its
+passphrase with :func:`hfl_lab.vault.retrieve_as_owner`: from the run's trust service as an
+attested owner, or, after that service stopped (notebook 05 in another kernel than 04), as the
+*authorized* owner from the service's sealed state and the owner key the backend left for it
+(``training.json`` records where). The provenance chain is verified when the backend named the
+parameter server's attested key.
+
+A run without a volume (``vault=False``, or a backend that keeps checkpoints in a folder) is
+retrieved from its checkpoint folder and reported as NOT sealed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hfl_lab._exceptions import VaultError
+from hfl_lab.config import LabConfig
+from hfl_lab.lab.notebook import Table
+
+__all__ = [
+    "RetrievalReport",
+    "evaluate_checkpoint",
+    "move_to_trusted_node",
+    "owner_credential",
+    "retrieve_and_evaluate",
+]
+
+TRUSTED_NODE = "trusted-node"
+VOLUME_NAME = "model.luks"
+CLASS_NAMES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+
+
+@dataclass
+class RetrievalReport:
+    """What the trusted node received, whether it was sealed and opened, and the evaluation."""
+
+    location: Path
+    sealed: bool
+    opened: bool
+    step: int
+    provenance: str
+    loss: float
+    accuracy: float
+    num_samples: int
+    training_accuracy: float | None
+    figures: dict[str, str] = field(default_factory=dict)
+
+    def table(self) -> Table:
+        table = Table(("", "value"), title="model retrieval on the owner's trusted node")
+        table.add("model", self.location)
+        table.add("sealed in a LUKS volume", self.sealed)
+        table.add("volume opened with the released key", self.opened if self.sealed else "n/a")
+        table.add("checkpoint step", self.step)
+        table.add("provenance", self.provenance)
+        table.add("test accuracy", f"{self.accuracy:.1%} on {self.num_samples} images")
+        table.add("test loss", f"{self.loss:.4f}")
+        if self.training_accuracy is not None:
+            table.add("ps0's own evaluation", f"{self.training_accuracy:.1%}")
+        if not self.sealed:
+            table.note = "NOT SEALED: this run kept its checkpoints in a plain folder."
+        return table
+
+    def __repr__(self) -> str:
+        return self.table().to_text()
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "location": str(self.location),
+            "sealed": self.sealed,
+            "opened": self.opened,
+            "step": self.step,
+            "provenance": self.provenance,
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "num_samples": self.num_samples,
+            "training_accuracy": self.training_accuracy,
+            "figures": self.figures,
+        }
+
+
+def _trusted_dir(config: LabConfig) -> Path:
+    return Path(config.run_dir) / TRUSTED_NODE
+
+
+def owner_credential(vault: dict[str, Any]) -> Any:
+    """The owner's authorized credential the backend left: sealed trust state + owner key."""
+    from hfl_lab.vault import SealedBrokerState
+
+    state, key = vault.get("trust_state_path"), vault.get("owner_key_path")
+    if not state or not key:
+        raise VaultError(
+            "the run's model is sealed, but its backend recorded no way for the owner to obtain "
+            "the key (no trust_state_path / owner_key_path in training.json).",
+            fix="re-run notebook 04 with a backend that keeps the trust service's sealed state "
+            "for the owner, then run this notebook again.",
+        )
+    return SealedBrokerState(Path(state), Path(key).read_bytes())
+
+
+def move_to_trusted_node(
+    config: LabConfig, backend: Any = None, volume: str | None = None
+) -> tuple[Path, bool]:
+    """Copy the sealed volume (or, without one, the checkpoint folder) to the trusted node.
+
+    Returns the location there and whether it is a sealed volume.
+    """
+    dest = _trusted_dir(config)
+    dest.mkdir(parents=True, exist_ok=True)
+    source = Path(volume) if volume else Path(config.run_dir) / "vault" / VOLUME_NAME
+    if backend is not None:
+        from hfl_lab._exceptions import BackendError
+
+        try:
+            return Path(backend.fetch_vault(dest / VOLUME_NAME)), True
+        except BackendError:
+            pass  # no volume in this run: the checkpoint folder below
+    if source.is_file():
+        shutil.copyfile(source, dest / VOLUME_NAME)
+        return dest / VOLUME_NAME, True
+    folder = Path(config.run_dir) / "checkpoints"
+    if not folder.is_dir():
+        raise VaultError(
+            f"the run folder {config.run_dir} holds neither a model volume nor checkpoints/.",
+            fix="run notebook 04 (training) with this run_dir first.",
+        )
+    target = dest / "checkpoints"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(folder, target)
+    return target, False
+
+
+def _open(location: Path, sealed: bool, vault: dict[str, Any]) -> tuple[Any, str, bool]:
+    """The newest checkpoint, a provenance summary, and whether a volume was opened."""
+    if sealed:
+        from hfl_lab.vault import retrieve_as_owner
+
+        keys = list(vault.get("trusted_ps_keys") or [])
+        retrieved = retrieve_as_owner(
+            None, owner_credential(vault), location, keys, require_provenance=bool(keys)
+        )
+        summary = retrieved.provenance.summary()
+        if not keys:
+            summary = f"not verified (the backend named no PS key): {summary}"
+        return retrieved.checkpoint, summary, True
+    from hfl_lab.vault import DirectoryCheckpointStore
+
+    checkpoint = DirectoryCheckpointStore(location, durable=False).load_latest()
+    if checkpoint is None:
+        raise VaultError(
+            f"{location} holds no intact checkpoint.",
+            fix="train until the first checkpoint (checkpoint_every) is written.",
+        )
+    return checkpoint, "not signed (plain checkpoint folder)", False
+
+
+def evaluate_checkpoint(config: LabConfig, payload: bytes) -> tuple[Any, Any]:
+    """Load the weights into a fresh ResNet and evaluate on the test set: (evaluation, data)."""
+    from trainer.checkpoint import decode_state
+    from trainer.data import load_cifar10, standardize
+    from trainer.model import build_resnet
+
+    state = decode_state(payload)
+    model = build_resnet(
+        config.depth, seed=config.seed, num_threads=config.threads or None,
+        bn_momentum=getattr(config, "bn_momentum", 0.9),
+    )
+    model.set_weights(state.weights)
+    data = load_cifar10(config.require_data_path())
+    evaluation = model.evaluate(standardize(data.test_images), data.test_labels)
+    return evaluation, data
+
+
+def retrieve_and_evaluate(config: LabConfig, *, backend: Any = None) -> RetrievalReport:
+    """Move, open, evaluate; write retrieval.json, confusion_matrix.png, sample_predictions.png."""
+    from hfl_lab.dashboard import render_confusion_matrix, render_sample_predictions
+    from hfl_lab.lab.training import TrainingOutcome
+
+    training = TrainingOutcome.load(config.run_dir)
+    vault = training.vault if training is not None else {}
+    location, sealed = move_to_trusted_node(config, backend, vault.get("vault_path"))
+    checkpoint, provenance, opened = _open(location, sealed, vault)
+    trained = LabConfig.from_dict(training.config) if training and training.config else config
+    evaluation, data = evaluate_checkpoint(trained, checkpoint.payload)
+    out = Path(config.run_dir)
+    figures = {
+        "confusion_matrix": str(out / "confusion_matrix.png"),
+        "sample_predictions": str(out / "sample_predictions.png"),
+    }
+    render_confusion_matrix(
+        data.test_labels, evaluation.predictions, CLASS_NAMES, figures["confusion_matrix"],
+        title=f"global model, step {checkpoint.step}",
+    )
+    picks = np.arange(min(16, len(data.test_labels)))
+    render_sample_predictions(
+        data.test_images[picks], data.test_labels[picks], evaluation.predictions[picks],
+        CLASS_NAMES, figures["sample_predictions"],
+    )
+    report = RetrievalReport(
+        location, sealed, opened, checkpoint.step, provenance, evaluation.loss,
+        evaluation.accuracy, evaluation.num_samples,
+        training.test_accuracy if training is not None else None, figures,
+    )
+    (out / "retrieval.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report

@@ -1,0 +1,302 @@
+"""The notebooks: thin, committed without outputs, and every one runs under papermill.
+
+One headless run of the whole lab (``hfl-lab run`` with small parameters, as pyhf runs its
+notebooks in tests) is shared by the tests below, which assert on what it wrote.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+
+from hfl_lab.lab.sequence import NOTEBOOKS
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO / "notebooks"
+#: small enough for 2 cores: ResNet-8, a few steps, an 8 MB volume
+SMALL = {
+    "depth": 8,
+    "steps": 8,
+    "batch_size": 16,
+    "eval_every": 4,
+    "checkpoint_every": 4,
+    "vault_size_mb": 8,
+}
+
+
+def _notebook(name: str) -> Any:
+    return nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "KERAS_BACKEND": "torch", "MPLBACKEND": "agg", "PYTHONHASHSEED": "0"}
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG, after checking its signature; the file must not be empty."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def _error_outputs(path: Path) -> list[str]:
+    nb = nbformat.read(path, as_version=4)
+    return [
+        f"{o.get('ename')}: {o.get('evalue')}"
+        for cell in nb.cells
+        for o in cell.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
+
+
+# ---------------------------------------------------------------------- the files as committed
+
+
+def _tracked_notebooks() -> dict[str, str]:
+    """Notebook texts as git holds them (index), plus any notebook file in the folder."""
+    texts = {p.name: p.read_text(encoding="utf-8") for p in NOTEBOOK_DIR.glob("*.ipynb")}
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "notebooks/*.ipynb"], cwd=REPO, capture_output=True, text=True,
+            check=True,
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return texts
+    for rel in listed:
+        shown = subprocess.run(
+            ["git", "show", f":{rel}"], cwd=REPO, capture_output=True, text=True, check=True
+        )
+        texts[f"git:{rel}"] = shown.stdout
+    return texts
+
+
+def test_every_lab_notebook_exists() -> None:
+    assert sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(NOTEBOOKS)
+
+
+@pytest.mark.parametrize("name", sorted(_tracked_notebooks()))
+def test_notebooks_are_committed_without_outputs(name: str) -> None:
+    nb = nbformat.reads(_tracked_notebooks()[name], as_version=4)
+
+    with_outputs = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.outputs]
+    counted = [i for i, c in enumerate(nb.cells) if c.get("execution_count") is not None]
+
+    assert not with_outputs, f"{name}: cells {with_outputs} have outputs; clear them"
+    assert not counted, f"{name}: cells {counted} have execution counts; clear them"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebooks_are_thin(name: str) -> None:
+    nb = _notebook(name)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+
+    assert nb.cells[0].cell_type == "markdown"
+    assert "What you will learn" in nb.cells[0].source
+    assert "What happens" in nb.cells[0].source
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    following = nb.cells[tagged[0] + 1].source
+    assert following.startswith("config = validate_notebook_parameters(globals()")
+    assert nb.metadata.kernelspec.name == "hfl-lab"
+    for cell in code:
+        tree = ast.parse(cell.source)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                pytest.fail(f"{name}: `import {node.names[0].name}`; import from hfl_lab only")
+            if isinstance(node, ast.ImportFrom):
+                assert node.module == "hfl_lab", f"{name}: imports from {node.module}"
+        if "parameters" not in cell.metadata.get("tags", []):
+            assert len(cell.source.splitlines()) <= 12, f"{name}: a code cell is not thin"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_parameters_cells_hold_annotated_literals(name: str) -> None:
+    cell = next(c for c in _notebook(name).cells if "parameters" in c.metadata.get("tags", []))
+    tree = ast.parse(cell.source)
+
+    assert tree.body, "the parameters cell sets parameters"
+    for statement in tree.body:
+        assert isinstance(statement, ast.AnnAssign), ast.unparse(statement)
+        assert isinstance(statement.value, ast.Constant), ast.unparse(statement)
+
+
+# ---------------------------------------------------------------------- one headless run
+
+
+@pytest.fixture(scope="module")
+def lab_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`hfl-lab run --profile quick` with small overrides: the whole lab, headless."""
+    run_dir = tmp_path_factory.mktemp("lab") / "run"
+    pairs = [f"{k}={v}" for k, v in {**SMALL, "run_dir": run_dir}.items()]
+    argv = [sys.executable, "-m", "hfl_lab.cli", "run", "--profile", "quick", "-q"]
+    for pair in pairs:
+        argv += ["-p", pair]
+
+    done = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=900, check=False)
+
+    assert done.returncode == 0, f"hfl-lab run failed:\n{done.stderr[-4000:]}"
+    yield run_dir
+
+
+@pytest.mark.slow
+def test_run_folder_holds_executed_notebooks_and_a_linked_summary(lab_run: Path) -> None:
+    record = json.loads((lab_run / "run.json").read_text())
+    summary = (lab_run / "summary.md").read_text()
+
+    assert record["ok"] and [n["status"] for n in record["notebooks"]] == ["ok"] * len(NOTEBOOKS)
+    for name in NOTEBOOKS:
+        executed = lab_run / "notebooks" / f"{name}.ipynb"
+        assert executed.is_file()
+        assert _error_outputs(executed) == []
+        assert f"notebooks/{name}.ipynb" in summary
+    for target in ("loss.png", "metrics.json", "attacks/attestation_matrix.png"):
+        assert f"({target})" in summary
+    links = [part.split(")")[0] for part in summary.split("](")[1:]]
+    assert links and all((lab_run / link).exists() for link in links), links
+    assert "<img src='loss.png'" in (lab_run / "summary.html").read_text()
+
+
+@pytest.mark.slow
+def test_preflight_and_coco_plan_on_the_local_backend(lab_run: Path) -> None:
+    preflight = json.loads((lab_run / "preflight.json").read_text())
+    plan = json.loads((lab_run / "coco_plan.json").read_text())
+
+    assert preflight["ok"] and preflight["backend"] == "local"
+    assert "simulated" in preflight["evidence"]
+    assert [s["number"] for s in plan["steps"]] == list(range(1, 10))
+    for step in plan["steps"]:
+        assert step["status"] == "skipped"
+        assert "backend=local" in step["detail"]
+        assert step["commands"], f"step {step['name']} shows no plan"
+
+
+@pytest.mark.slow
+def test_trust_service_verified_and_volume_opened_with_the_released_key(lab_run: Path) -> None:
+    volume = json.loads((lab_run / "trust" / "volume.json").read_text())
+    nb = nbformat.read(lab_run / "notebooks" / "02_trust_and_volume.ipynb", as_version=4)
+    text = "\n".join(
+        o.get("data", {}).get("text/plain", "") for c in nb.cells for o in c.get("outputs", [])
+    )
+
+    assert volume["opened_with_released_key"] is True
+    assert (lab_run / "trust" / "model.luks").read_bytes()[:6] == b"LUKS\xba\xbe"
+    assert "verdict: ACCEPTED (SIMULATED TD" in text  # the table of `hfl-lab attest endpoint`
+
+
+@pytest.mark.slow
+def test_image_reference_values_accept_the_reference_td(lab_run: Path) -> None:
+    image = json.loads((lab_run / "image" / "image.json").read_text())
+    policy = (lab_run / "image" / "reference_policy.yaml").read_text()
+
+    assert image["reference_accepted"] is True
+    assert image["measurements"]["ps0"]["mr_td"] in policy
+
+
+@pytest.mark.slow
+def test_training_wrote_falling_loss_and_plots(lab_run: Path) -> None:
+    metrics = json.loads((lab_run / "metrics.json").read_text())
+    training = json.loads((lab_run / "training.json").read_text())
+
+    assert metrics["finished"] and metrics["steps_done"] == SMALL["steps"]
+    assert training["result"]["final_step"] == SMALL["steps"]
+    for role, series in metrics["workers"].items():
+        losses = [v for v in series["loss"] if v is not None]
+        head, tail = losses[: len(losses) // 2], losses[len(losses) // 2 :]
+        assert sum(tail) / len(tail) < sum(head) / len(head), f"{role}: loss did not fall"
+    assert metrics["counts"]["attestations"] > 0 and metrics["counts"]["attestations_refused"] == 0
+    for png in ("loss.png", "step_time.png", "attestation_matrix.png"):
+        width, height = _png_size(lab_run / png)
+        assert width > 100 and height > 100
+
+
+@pytest.mark.slow
+def test_retrieved_model_evaluates_like_the_parameter_server_said(lab_run: Path) -> None:
+    retrieval = json.loads((lab_run / "retrieval.json").read_text())
+    training = json.loads((lab_run / "training.json").read_text())
+    sealed = (lab_run / "vault" / "model.luks").is_file()
+
+    assert retrieval["step"] == SMALL["steps"]
+    assert retrieval["accuracy"] == pytest.approx(training["result"]["evaluation"]["accuracy"])
+    assert retrieval["sealed"] is sealed
+    if sealed:
+        assert retrieval["opened"] is True
+    for png in ("confusion_matrix.png", "sample_predictions.png"):
+        assert _png_size(lab_run / png)[0] > 100
+
+
+@pytest.mark.slow
+def test_attack_notebook_shows_every_refusal_with_its_reason(lab_run: Path) -> None:
+    attacks = json.loads((lab_run / "attacks" / "attacks.json").read_text())
+    board = json.loads((lab_run / "attacks" / "metrics.json").read_text())
+    reasons = {a["name"]: a["reason"] for a in attacks["attacks"]}
+
+    assert attacks["refused"] == 4 and all(a["refused"] for a in attacks["attacks"])
+    assert "mr_td" in reasons["modified worker code"]
+    assert "DEBUG" in reasons["DEBUG TD"]
+    assert "key_binding" in reasons["MITM server"]
+    assert "PERMISSION_DENIED" in reasons["client without attestation"]
+    refused = {(c["verifier"], c["subject"]) for c in board["attestation_matrix"]["cells"]
+               if c["verdict"] == "fail"}
+    assert len(refused) == 4
+    assert ("lab", "trust") in {(c["verifier"], c["subject"])
+                                for c in board["attestation_matrix"]["cells"]
+                                if c["verdict"] != "fail"}
+    assert _png_size(lab_run / "attacks" / "attestation_matrix.png")[0] > 100
+
+
+# ---------------------------------------------------------------------- on its own, and errors
+
+
+@pytest.mark.slow
+def test_retrieval_notebook_on_its_own_trains_what_it_needs(tmp_path: Path) -> None:
+    import papermill
+
+    from hfl_lab.lab.jupyter import ensure_kernel
+
+    ensure_kernel()
+    params = {**SMALL, "run_dir": str(tmp_path / "alone")}
+
+    papermill.execute_notebook(
+        str(NOTEBOOK_DIR / "05_model_retrieval.ipynb"), str(tmp_path / "05.ipynb"),
+        parameters=params, kernel_name="hfl-lab", cwd=str(NOTEBOOK_DIR), progress_bar=False,
+    )
+
+    assert json.loads((tmp_path / "alone" / "training.json").read_text())["result"]
+    assert json.loads((tmp_path / "alone" / "retrieval.json").read_text())["step"] == 8
+
+
+def test_a_lab_error_is_one_sentence_with_its_fix_and_fails_the_run(tmp_path: Path) -> None:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    from hfl_lab.lab.jupyter import ensure_kernel
+
+    ensure_kernel()
+    out = tmp_path / "04.ipynb"
+
+    with pytest.raises(PapermillExecutionError) as failed:
+        papermill.execute_notebook(
+            str(NOTEBOOK_DIR / "04_federated_training.ipynb"), str(out),
+            parameters={"workers": -1, "run_dir": str(tmp_path / "run")},
+            kernel_name="hfl-lab", cwd=str(NOTEBOOK_DIR), progress_bar=False,
+        )
+
+    error = failed.value
+    assert error.ename == "ConfigError"
+    assert "workers" in error.evalue and "Fix:" in error.evalue
+    assert len(error.traceback) == 1 and "\n" not in error.evalue
+    nb = nbformat.read(out, as_version=4)
+    shown = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "display_data"]
+    assert any("<b>Fix:</b>" in o.data.get("text/html", "") for o in shown)
