@@ -3,11 +3,23 @@
 from hfl_lab.vault.checkpoints import Checkpoint, CheckpointInfo, CheckpointStore
 from hfl_lab.vault.directory_store import DirectoryCheckpointStore
 from hfl_lab.vault.kernel import kernel_path_status
+from hfl_lab.vault.keyrelease import (
+    VOLUME_SECRET_NAME,
+    SealedBrokerState,
+    VaultInfo,
+    check_release_policy,
+    inspect_volume,
+    open_vault_for_ps,
+    provision_vault,
+    retrieve_as_owner,
+    volume_release_policy,
+)
 from hfl_lab.vault.model_vault import ModelVault, PathKind, choose_data_path, new_passphrase
 from hfl_lab.vault.provenance import ProvenanceEntry, ProvenanceReport, TrustedKey
 from hfl_lab.vault.retrieval import RetrievedModel, retrieve_model
 
 __all__ = [
+    "VOLUME_SECRET_NAME",
     "Checkpoint",
     "CheckpointInfo",
     "CheckpointStore",
@@ -17,9 +29,17 @@ __all__ = [
     "ProvenanceEntry",
     "ProvenanceReport",
     "RetrievedModel",
+    "SealedBrokerState",
     "TrustedKey",
+    "VaultInfo",
+    "check_release_policy",
     "choose_data_path",
+    "inspect_volume",
     "kernel_path_status",
     "new_passphrase",
+    "open_vault_for_ps",
+    "provision_vault",
+    "retrieve_as_owner",
     "retrieve_model",
+    "volume_release_policy",
 ]
