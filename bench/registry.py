@@ -11,7 +11,9 @@ from typing import Any
 from hfl_lab._exceptions import ConfigError
 
 #: modules of this package that hold tools, not benchmarks
-_NOT_BENCHMARKS = frozenset({"__main__", "registry", "report", "runner", "timing"})
+_NOT_BENCHMARKS = frozenset(
+    {"__main__", "plain_participant", "registry", "report", "runner", "support", "timing"}
+)
 
 
 @dataclass(frozen=True)
