@@ -169,8 +169,14 @@ class Aggregator:
         tensors: Tensors,
         num_samples: int = 1,
         non_trainable: Tensors | None = None,
+        *,
+        checked_finite: bool = False,
     ) -> Outcome:
-        """Offer gradients (sync/async) or weights (fedavg) computed at model ``version``."""
+        """Offer gradients (sync/async) or weights (fedavg) computed at model ``version``.
+
+        ``checked_finite``: the caller already refused NaN/Inf (the PS's stream decoder does),
+        so the values are not scanned a second time.
+        """
         with self._cond:
             current = self._version
             staleness = current - version
@@ -195,7 +201,7 @@ class Aggregator:
                 return self._refuse(
                     Status.REJECTED, f"{worker} already contributed to step {version}"
                 )
-            problem = self._validate(tensors, non_trainable, num_samples)
+            problem = self._validate(tensors, non_trainable, num_samples, checked_finite)
             if problem:
                 return self._refuse(Status.REJECTED, problem, staleness)
             self._accumulate(worker, tensors, non_trainable, num_samples)
@@ -234,23 +240,40 @@ class Aggregator:
     def _reset_step(self) -> None:
         self._sums: dict[str, npt.NDArray[np.float64]] = {}
         self._nt_sums: dict[str, npt.NDArray[np.float64]] = {}
+        self._single: dict[str, npt.NDArray[np.generic]] | None = None
+        self._nt_single: dict[str, npt.NDArray[np.generic]] = {}
+        self._single_weight = 1.0
         self._weight_total = 0.0
         self._samples = 0
         self._contributors: list[str] = []
+
+    def _step_sums(
+        self,
+    ) -> tuple[Mapping[str, npt.NDArray[np.generic]], Mapping[str, npt.NDArray[np.generic]]]:
+        """This step's contributions so far: the single first one, or the running sums."""
+        if self._single is not None:
+            return self._single, self._nt_single
+        return self._sums, self._nt_sums
 
     def _refuse(self, status: Status, reason: str, staleness: int = 0) -> Outcome:
         self._counts[str(status)] += 1
         return Outcome(status, self._version, staleness, reason)
 
-    def _validate(self, tensors: Tensors, non_trainable: Tensors | None, num_samples: int) -> str:
+    def _validate(
+        self,
+        tensors: Tensors,
+        non_trainable: Tensors | None,
+        num_samples: int,
+        checked_finite: bool = False,
+    ) -> str:
         if num_samples < 1:
             return f"num_samples must be >= 1, got {num_samples}"
         if not tensors:
             return "no tensors submitted"
         if self._shapes is not None:
             expected = self._shapes
-        elif self._sums:
-            expected = {k: v.shape for k, v in self._sums.items()}
+        elif self._contributors:
+            expected = {k: v.shape for k, v in self._step_sums()[0].items()}
         else:
             expected = {k: np.shape(v) for k, v in tensors.items()}
         if tensors.keys() != expected.keys():
@@ -259,14 +282,15 @@ class Aggregator:
         for name, value in tensors.items():
             if np.shape(value) != tuple(expected[name]):
                 return f"{name!r} has shape {np.shape(value)}, expected {tuple(expected[name])}"
-            if not np.all(np.isfinite(value)):
+            if not checked_finite and not np.all(np.isfinite(value)):
                 return f"{name!r} holds NaN or infinite values"
-        if self._contributors and (non_trainable or {}).keys() != self._nt_sums.keys():
+        frozen = self._step_sums()[1]
+        if self._contributors and (non_trainable or {}).keys() != frozen.keys():
             return "non-trainable names differ from this step's other contributions"
         for name, value in (non_trainable or {}).items():
-            if name in self._nt_sums and np.shape(value) != self._nt_sums[name].shape:
+            if name in frozen and np.shape(value) != frozen[name].shape:
                 return f"non-trainable {name!r} has shape {np.shape(value)}"
-            if not np.all(np.isfinite(value)):
+            if not checked_finite and not np.all(np.isfinite(value)):
                 return f"non-trainable {name!r} holds NaN or infinite values"
         return ""
 
@@ -279,25 +303,38 @@ class Aggregator:
     ) -> None:
         # Sync averages the K gradients equally; FedAvg weighs each model by its samples.
         weight = float(num_samples) if self.mode is Mode.FEDAVG else 1.0
-        for target, source in ((self._sums, tensors), (self._nt_sums, non_trainable or {})):
-            for name, value in source.items():
-                contribution = np.asarray(value, dtype=np.float64) * weight
-                if name in target:
-                    target[name] += contribution
-                else:
-                    target[name] = contribution
+        if not self._contributors:
+            # The first contribution is kept as it came (no float64 copy): with one contributor
+            # (async, K=1) the mean is the contribution itself. A second one starts the sums.
+            self._single = {k: np.asarray(v) for k, v in tensors.items()}
+            self._nt_single = {k: np.asarray(v) for k, v in (non_trainable or {}).items()}
+            self._single_weight = weight
+        else:
+            if self._single is not None:
+                self._sums = _weighted(self._single, self._single_weight)
+                self._nt_sums = _weighted(self._nt_single, self._single_weight)
+                self._single = None
+            for target, source in ((self._sums, tensors), (self._nt_sums, non_trainable or {})):
+                for name, value in source.items():
+                    target[name] += np.asarray(value, dtype=np.float64) * weight
         self._weight_total += weight
         self._samples += num_samples
         self._contributors.append(worker)
 
     def _complete(self, staleness: int) -> None:
         total = self._weight_total
+        if self._single is not None:  # one contributor: its values are the mean
+            tensors = {k: v.astype(np.float32, copy=False) for k, v in self._single.items()}
+            frozen = {k: v.astype(np.float32, copy=False) for k, v in self._nt_single.items()}
+        else:
+            tensors = {k: (v / total).astype(np.float32) for k, v in self._sums.items()}
+            frozen = {k: (v / total).astype(np.float32) for k, v in self._nt_sums.items()}
         update = Update(
             mode=self.mode,
             base_version=self._version,
             version=self._version + 1,
-            tensors={k: (v / total).astype(np.float32) for k, v in self._sums.items()},
-            non_trainable={k: (v / total).astype(np.float32) for k, v in self._nt_sums.items()},
+            tensors=tensors,
+            non_trainable=frozen,
             contributors=tuple(self._contributors),
             num_samples=self._samples,
             staleness=staleness,
@@ -311,3 +348,9 @@ class Aggregator:
         self._counts["updates"] += 1
         self._counts["applied"] += applied
         self._cond.notify_all()
+
+
+def _weighted(
+    values: Mapping[str, npt.NDArray[np.generic]], weight: float
+) -> dict[str, npt.NDArray[np.float64]]:
+    return {k: np.asarray(v, dtype=np.float64) * weight for k, v in values.items()}

@@ -509,6 +509,7 @@ class ParameterServer(rpc.ParameterServerServicer):
             {name: tensors[name] for name in self._trainable},
             num_samples=max(1, header.num_samples),
             non_trainable={name: tensors[name] for name in self._frozen},
+            checked_finite=True,  # the stream decoder refused NaN/Inf already
         )
         self.timings["aggregate_s"] += time.perf_counter() - submitted
         self.timings["pushes"] += 1
