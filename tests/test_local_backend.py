@@ -38,6 +38,8 @@ def test_training_over_the_attested_mesh(
     with LocalBackend(config) as backend:
         result = backend.run_training(on_event=events.append)
         config_path = str(backend.config_path)
+        assert backend.platform is not None
+        secrets = [backend.admin_token.hex(), backend.platform.export_secret().hex()]
 
     losses = mean_loss_by_step(events)
     assert len(losses) >= 20
@@ -61,6 +63,16 @@ def test_training_over_the_attested_mesh(
     assert latest is not None and decode_state(latest.payload).version == config.steps
     assert (Path(config.run_dir) / "logs" / "ps0.log").stat().st_size > 0
     assert processes_mentioning(config_path) == []
+
+    # no secret of the run in any file of the run folder (logs, config, policy, checkpoints),
+    # nor in the events; no private key in PEM form either
+    files = [f for f in Path(config.run_dir).rglob("*") if f.is_file()]
+    assert len(files) >= 6
+    texts = [f.read_bytes() for f in files] + [e.to_json().encode() for e in events]
+    for text in texts:
+        assert b"PRIVATE KEY" not in text
+        for secret in secrets:
+            assert secret.encode() not in text and bytes.fromhex(secret) not in text
 
 
 def test_sync_with_a_backup_worker_survives_a_killed_worker_that_rejoins(
