@@ -22,7 +22,7 @@ from trainer.ps import serve_ps, worker_peers
 from trainer.serving import channel_factory, model_specs, parameter_server
 from trainer.worker import PsConnection
 
-LIFETIME_S = 6.0
+LIFETIME_S = 8.0
 
 
 def gradients(model: ResNet) -> dict[str, np.ndarray]:
@@ -65,8 +65,9 @@ def test_renewed_participants_outlive_their_first_certificate_and_failed_ones_ar
             with pytest.raises(PolicyViolation):
                 client.attest("worker1", provider("worker1", tampered))
 
-        # every first certificate has expired now; the renewed ones have not
-        time.sleep(max(0.0, issued_at + LIFETIME_S + 0.5 - time.monotonic()))
+        # every first certificate has expired now; the renewed ones have not (notAfter is a
+        # whole second and valid through that second, RFC 5280: wait past the next one)
+        time.sleep(max(0.0, issued_at + LIFETIME_S + 1.5 - time.monotonic()))
 
         renewed = PsConnection(
             channel_factory(address, lambda: current["worker0"], mesh.verifier("worker0"))())
