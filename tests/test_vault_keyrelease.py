@@ -12,7 +12,7 @@ import pytest
 from test_trust_service import MEASURED, Running, connect, lab_policy, provider, start
 from vault_support import FAST_KDF, entry, needs_cryptsetup, ps_identity, weights
 
-from hfl_lab import PolicyViolation, VaultError
+from hfl_lab import HflLabError, PolicyViolation, VaultError
 from hfl_lab.tee import AttestationPolicy, measure_workload
 from hfl_lab.trust.broker import DEFAULT_APP_ID
 from hfl_lab.vault import (
@@ -270,6 +270,10 @@ def test_owner_retrieves_offline_with_the_sealed_state_and_owner_key(
     # Assert
     assert retrieved.payload == payload and retrieved.provenance.ok
     assert owner_key.hex() not in repr(credential)
-    with pytest.raises(Exception, match="wrong owner key"):
+    with pytest.raises(HflLabError, match="wrong owner key"):
         retrieve_as_owner(None, SealedBrokerState(credential.state_path, os.urandom(32)), path,
                           [pem], data_path="userspace")
+    with pytest.raises(VaultError, match="needs a TrustClient"):
+        retrieve_as_owner(None, provider("owner", OWNER), path, [pem])
+    with pytest.raises(VaultError, match="cannot obtain the volume passphrase"):
+        retrieve_as_owner(None, owner_key, path, [pem])  # type: ignore[arg-type]

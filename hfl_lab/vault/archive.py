@@ -16,12 +16,13 @@ import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 from hfl_lab._exceptions import VaultError
 from hfl_lab.vault.checkpoints import Checkpoint, CheckpointInfo
-from hfl_lab.vault.files import VolumeFiles, Write
+from hfl_lab.vault.files import VolumeFiles, Write, read_hashed
 from hfl_lab.vault.integrity import canonical_json, mac, mac_matches
 from hfl_lab.vault.provenance import (
     CheckpointClaim,
@@ -99,55 +100,72 @@ class CheckpointArchive:
                 f"the vault already holds a checkpoint for step {step}.",
                 fix="write each step once; use a higher step number.",
             )
-        weights_sha256 = hashlib.sha256(payload).hexdigest()
-        writes: list[Write] = [(f"{CHECKPOINTS}/{name}.bin", payload)]
-        link: dict[str, Any] | None = None
-        written_by = None
-        if provenance is not None:
-            records = sorted(self.files.list_dir(PROVENANCE))
-            prev = self._genesis
-            if records:
-                prev = record_hash(json.loads(self.files.read(f"{PROVENANCE}/{records[-1]}")))
-            metrics = (
-                provenance.metrics
-                if provenance.metrics is not None
-                else metadata.get("metrics", {})
-            )
-            record = sign_record(
-                provenance,
-                index=len(records),
-                prev=prev,
-                step=step,
-                checkpoint=name,
-                weights_sha256=weights_sha256,
-                weights_size=len(payload),
-                metrics=metrics,
-            )
-            writes.append((f"{PROVENANCE}/{len(records):012d}.json", canonical_json(record)))
-            link = {"index": len(records), "record_sha256": record_hash(record)}
-            written_by = provenance.ps_id
-        meta: dict[str, Any] = {
-            "format": META_FORMAT,
-            "step": step,
-            "name": name,
-            "metadata": metadata,
-            "payload_size": len(payload),
-            "payload_sha256": weights_sha256,
-            "provenance": link,
-            "written_by": written_by,
-            "written_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "data_path": self.data_path,
-        }
-        meta["mac"] = mac(self._mac_key, meta) if self._mac_key is not None else None
-        writes.append((f"{CHECKPOINTS}/{name}.json", canonical_json(meta)))
-        self.files.commit(writes, self._expired(existing, step))
+        chain = self._chain_head() if provenance is not None else None
+        made: dict[str, Any] = {}
+        with ThreadPoolExecutor(1, thread_name_prefix="hfl-checkpoint-hash") as pool:
+            # The payload is hashed while the volume stores it (hashlib releases the GIL); the
+            # provenance record and the metadata, which name the hash, are made afterwards.
+            hashing = pool.submit(lambda: hashlib.sha256(payload).hexdigest())
+
+            def record() -> bytes:
+                assert provenance is not None and chain is not None
+                made["record"] = sign_record(
+                    provenance,
+                    index=chain[0],
+                    prev=chain[1],
+                    step=step,
+                    checkpoint=name,
+                    weights_sha256=hashing.result(),
+                    weights_size=len(payload),
+                    metrics=provenance.metrics
+                    if provenance.metrics is not None
+                    else metadata.get("metrics", {}),
+                )
+                return canonical_json(made["record"])
+
+            def meta() -> bytes:
+                link = None
+                if chain is not None:
+                    if "record" not in made:
+                        record()
+                    link = {"index": chain[0], "record_sha256": record_hash(made["record"])}
+                made["meta"] = {
+                    "format": META_FORMAT,
+                    "step": step,
+                    "name": name,
+                    "metadata": metadata,
+                    "payload_size": len(payload),
+                    "payload_sha256": hashing.result(),
+                    "provenance": link,
+                    "written_by": provenance.ps_id if provenance is not None else None,
+                    "written_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                    "data_path": self.data_path,
+                }
+                made["meta"]["mac"] = (
+                    mac(self._mac_key, made["meta"]) if self._mac_key is not None else None
+                )
+                return canonical_json(made["meta"])
+
+            writes: list[Write] = [(f"{CHECKPOINTS}/{name}.bin", payload)]
+            if chain is not None:
+                writes.append((f"{PROVENANCE}/{chain[0]:012d}.json", record))
+            writes.append((f"{CHECKPOINTS}/{name}.json", meta))  # last: it makes the checkpoint
+            self.files.commit(writes, self._expired(existing, step))
         log.info(
             "checkpoint step %d written (%d bytes, %s data path)",
             step,
             len(payload),
             self.data_path,
         )
-        return self._info(meta, None)
+        return self._info(made["meta"], None)
+
+    def _chain_head(self) -> tuple[int, str]:
+        """Index and ``prev`` hash of the next provenance record."""
+        records = sorted(self.files.list_dir(PROVENANCE))
+        if not records:
+            return 0, self._genesis
+        last = json.loads(self.files.read(f"{PROVENANCE}/{records[-1]}"))
+        return len(records), record_hash(last)
 
     def _expired(self, existing: Mapping[str, int], new_step: int) -> list[str]:
         if self.keep_last is None:
@@ -213,8 +231,8 @@ class CheckpointArchive:
         """The checkpoint's payload, verified against its MAC-protected hash."""
         if info.problem:
             raise self._corrupt(info.step, info.problem)
-        payload = self.files.read(f"{CHECKPOINTS}/{info.name}.bin")
-        if len(payload) != info.size or hashlib.sha256(payload).hexdigest() != info.payload_sha256:
+        payload, digest = read_hashed(self.files, f"{CHECKPOINTS}/{info.name}.bin")
+        if len(payload) != info.size or digest != info.payload_sha256:
             raise self._corrupt(info.step, "its payload does not match the hash in its metadata")
         return Checkpoint(
             step=info.step,
@@ -254,12 +272,12 @@ class CheckpointArchive:
             if info.problem:
                 bad.append(f"checkpoint step {info.step}: {info.problem}")
                 continue
-            payload = self.files.read(f"{CHECKPOINTS}/{info.name}.bin")
+            _, digest = read_hashed(self.files, f"{CHECKPOINTS}/{info.name}.bin")
             claims.append(
                 CheckpointClaim(
                     info.step,
                     info.name,
-                    hashlib.sha256(payload).hexdigest(),
+                    digest,
                     info.provenance_index,
                     info.provenance_sha256,
                 )

@@ -8,13 +8,16 @@ through memfds or are read straight out of the mapped image using the extents de
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import mmap
 import os
 import re
 import shutil
 import struct
 import subprocess
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _JOURNAL_MIN_SIZE = 64 * 1024 * 1024
 _INLINE_DATA_FLAG = 0x10000000  # EXT4_INLINE_DATA_FL
 _BANNER = re.compile(r"^debugfs \d")
+_NOT_FOUND = "File not found by ext2_lookup"
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,9 @@ class Ext4Image:
         self.size = size
         self._map = mmap.mmap(fd, size)
         self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self._map, dtype=np.uint8)
+        # Answers of read-only debugfs commands, valid until the image changes: run(write=True)
+        # empties it, and whoever changes ``bytes`` directly must call forget().
+        self._answers: dict[tuple[str, ...], list[str] | None] = {}
 
     @staticmethod
     def format(fd: int, size: int, label: str) -> None:
@@ -167,6 +174,26 @@ class Ext4Image:
         self, commands: Sequence[str], *, write: bool, pass_fds: Sequence[int] = ()
     ) -> list[str]:
         """Run debugfs commands on the image; return each command's output, raise on any error."""
+        if write:
+            self.forget()
+        sections, errors, status = self._debugfs(commands, write=write, pass_fds=pass_fds)
+        if any("Could not allocate" in line for line in errors):
+            raise VaultError(
+                "the volume is full: the file system inside it has no room for this write.",
+                fix="create a larger volume (size_mb) or keep fewer checkpoints (keep_last).",
+            )
+        if status != 0 or errors:
+            detail = "; ".join(errors) or f"exit status {status}"
+            raise VaultError(
+                f"debugfs failed on the volume's file system: {detail}.",
+                fix="check free space in the volume (create a larger one) and that it is intact.",
+            )
+        return sections
+
+    def _debugfs(
+        self, commands: Sequence[str], *, write: bool, pass_fds: Sequence[int] = ()
+    ) -> tuple[list[str], list[str], int]:
+        """debugfs's output per command, its error lines, and its exit status."""
         mode = ["-w"] if write else ["-c"]
         script = "".join(f"{command}\n" for command in commands)
         result = subprocess.run(
@@ -181,27 +208,40 @@ class Ext4Image:
             for line in result.stderr.decode(errors="replace").splitlines()
             if line.strip() and not _BANNER.match(line) and "catastrophic mode" not in line
         ]
-        if any("Could not allocate" in line for line in errors):
-            raise VaultError(
-                "the volume is full: the file system inside it has no room for this write.",
-                fix="create a larger volume (size_mb) or keep fewer checkpoints (keep_last).",
-            )
-        if result.returncode != 0 or errors:
-            detail = "; ".join(errors) or f"exit status {result.returncode}"
-            raise VaultError(
-                f"debugfs failed on the volume's file system: {detail}.",
-                fix="check free space in the volume (create a larger one) and that it is intact.",
-            )
         sections = result.stdout.decode(errors="replace").split("debugfs: ")[1:]
-        return [section.split("\n", 1)[1] if "\n" in section else "" for section in sections]
+        outputs = [section.split("\n", 1)[1] if "\n" in section else "" for section in sections]
+        return outputs, errors, result.returncode
+
+    def forget(self) -> None:
+        """Drop cached answers about the file system (the image was changed)."""
+        self._answers.clear()
+
+    def _read_only(self, commands: Sequence[str], path: str) -> list[str] | None:
+        """Outputs of read-only commands about ``path``; None when ``path`` does not exist."""
+        key = tuple(commands)
+        if key in self._answers:
+            cached = self._answers[key]
+            return None if cached is None else list(cached)
+        outputs, errors, status = self._debugfs(commands, write=False)
+        if errors and all(_NOT_FOUND in line for line in errors):
+            self._answers[key] = None
+            return None
+        if status != 0 or errors:
+            detail = "; ".join(errors) or f"exit status {status}"
+            raise VaultError(
+                f"debugfs could not read {path} in the volume's file system: {detail}.",
+                fix="check that the volume is intact (restore it from a good copy if not).",
+            )
+        self._answers[key] = list(outputs)
+        return outputs
 
     def list_dir(self, path: str) -> dict[str, int]:
         """Regular files in the directory ``path`` and their sizes; {} when it does not exist."""
-        if not self.exists(path):
+        found = self._read_only([f"ls -p {check_path(path)}"], path)
+        if found is None:
             return {}
-        (listing,) = self.run([f"ls -p {check_path(path)}"], write=False)
         files: dict[str, int] = {}
-        for line in listing.splitlines():
+        for line in found[0].splitlines():
             # ls -p: /inode/mode/uid/gid/name/size/
             fields = line.split("/")
             if len(fields) >= 7 and fields[2].startswith("10"):
@@ -213,16 +253,22 @@ class Ext4Image:
         if not name:  # the root directory
             return True
         try:
-            (listing,) = self.run([f"ls -p {parent or '/'}"], write=False)
-        except VaultError:
+            found = self._read_only([f"ls -p {parent or '/'}"], parent or "/")
+        except VaultError:  # e.g. the parent is a file
             return False
-        return any(line.split("/")[5:6] == [name] for line in listing.splitlines())
+        if found is None:
+            return False
+        return any(line.split("/")[5:6] == [name] for line in found[0].splitlines())
 
     def layout(self, path: str) -> FileLayout:
         """Size and extents of a regular file (one debugfs call)."""
-        stat, extents = self.run(
-            [f"stat {check_path(path)}", f"ex -l {check_path(path)}"], write=False
-        )
+        found = self._read_only([f"stat {check_path(path)}", f"ex -l {check_path(path)}"], path)
+        if found is None:
+            raise VaultError(
+                f"{path} is missing from the volume.",
+                fix="check the name, or that the volume is the right one.",
+            )
+        stat, extents = found
         size_match = re.search(r"Size:\s+(\d+)", stat)
         if "Type: regular" not in stat or size_match is None:
             raise VaultError(
@@ -244,6 +290,41 @@ class Ext4Image:
 
     def read_file(self, path: str) -> bytes:
         """Contents of a regular file, copied out of the mapped image by extent."""
+        with self._pieces(path) as pieces:
+            # join() over views of the mapping copies each byte once, straight into the result.
+            return b"".join(pieces)
+
+    def read_file_hashed(self, path: str) -> tuple[bytes, str]:
+        """Contents and SHA-256 (hex) of a regular file, the copy and the hash side by side.
+
+        A second thread hashes while this one copies. hashlib lets go of the GIL while it
+        hashes, but the copy (one join) holds it throughout, and the hashing thread needs it
+        between pieces; so the copy starts only once the hash has reached the largest piece.
+        On two cores the read then costs about what the hash alone costs.
+        """
+        digest = hashlib.sha256()
+        with self._pieces(path) as pieces, ThreadPoolExecutor(1) as pool:
+            largest = max(range(len(pieces)), key=lambda index: len(pieces[index]))
+            reached = threading.Event()
+
+            def hash_all() -> None:
+                try:
+                    for index, piece in enumerate(pieces):
+                        if index == largest:
+                            reached.set()
+                        digest.update(piece)
+                finally:
+                    reached.set()
+
+            hashing = pool.submit(hash_all)
+            reached.wait()
+            data = b"".join(pieces)
+            hashing.result()
+        return data, digest.hexdigest()
+
+    @contextmanager
+    def _pieces(self, path: str) -> Iterator[list[bytes | memoryview]]:
+        """The file's contents in order: views of the mapped image, and zeros for holes."""
         layout = self.layout(path)
         block = self.block_size
         runs: list[list[int]] = []  # [file offset, image offset, length], merged when adjacent
@@ -263,17 +344,16 @@ class Ext4Image:
                 last[2] += length
             else:
                 runs.append([start, source, length])
-        # join() over views of the mapping copies each byte once, straight into the result;
-        # fresh buffers are what big reads pay for, so there is no intermediate one.
         image = memoryview(self._map)
+        pieces: list[bytes | memoryview] = []
         try:
-            pieces: list[bytes | memoryview] = []
             at = 0
             for start, source, length in runs:
                 pieces += [bytes(start - at), image[source : source + length]]
                 at = start + length
             pieces.append(bytes(layout.size - at))
-            return b"".join(pieces)
+            yield pieces
         finally:
             pieces.clear()
             image.release()
+

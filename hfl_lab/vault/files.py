@@ -7,17 +7,26 @@ mounted dm-crypt volume) and the vault-less ``DirectoryCheckpointStore``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from hfl_lab._exceptions import VaultError
 from hfl_lab.vault.ext4_image import check_path
 from hfl_lab.vault.journal import fsync_dir
 
-Write = tuple[str, bytes | bytearray | memoryview]
+Data = bytes | bytearray | memoryview
+#: a file's contents, or a function that makes them: it is called only after the writes before
+#: it in the same commit are under way, so slow work (hashing a checkpoint) overlaps with them
+Contents = Data | Callable[[], Data]
+Write = tuple[str, Contents]
+
+
+def materialize(contents: Contents) -> Data:
+    return contents() if callable(contents) else contents
 
 
 class VolumeFiles(Protocol):
@@ -34,10 +43,29 @@ class VolumeFiles(Protocol):
     def commit(self, writes: Sequence[Write], deletes: Sequence[str] = ()) -> None:
         """Write files (in order, creating directories) and then delete files.
 
+        Contents given as a function are made when their turn comes (see ``Contents``).
+
         Implementations make a crash leave either the old or the new version of each file; the
         caller writes the file that makes a group of files count (a checkpoint's metadata) last.
         """
         ...
+
+
+@runtime_checkable
+class HashingReader(Protocol):
+    """A ``VolumeFiles`` that hashes a file while it reads it (faster than one after the other)."""
+
+    def read_hashed(self, path: str) -> tuple[bytes, str]:
+        """Contents of a file and their SHA-256 as hex."""
+        ...
+
+
+def read_hashed(files: VolumeFiles, path: str) -> tuple[bytes, str]:
+    """Contents of a file and their SHA-256 (hex), overlapped where ``files`` can do that."""
+    if isinstance(files, HashingReader):
+        return files.read_hashed(path)
+    data = files.read(path)
+    return data, hashlib.sha256(data).hexdigest()
 
 
 class DirectoryFiles:
@@ -71,7 +99,8 @@ class DirectoryFiles:
         }
 
     def commit(self, writes: Sequence[Write], deletes: Sequence[str] = ()) -> None:
-        for path, data in writes:
+        for path, contents in writes:
+            data = materialize(contents)
             target = self._resolve(path)
             target.parent.mkdir(parents=True, exist_ok=True)
             temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")

@@ -291,6 +291,13 @@ def retrieve_as_owner(
     inspect_volume(path)
     if isinstance(credential, SealedBrokerState):
         passphrase = _from_sealed_state(credential, secret_name)
+    elif not isinstance(credential, EvidenceProvider):
+        raise VaultError(
+            f"the owner's credential is a {type(credential).__name__}, which cannot obtain the "
+            "volume passphrase.",
+            fix="pass the trusted node's EvidenceProvider (attested as 'owner') or a "
+            "SealedBrokerState (the trust service's sealed state and the owner key).",
+        )
     elif client is None:
         raise VaultError(
             "attested retrieval needs a TrustClient connected to the trust service.",

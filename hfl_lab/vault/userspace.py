@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -21,17 +22,19 @@ from hfl_lab._exceptions import VaultError
 from hfl_lab.vault import journal
 from hfl_lab.vault.cryptsetup import format_volume
 from hfl_lab.vault.ext4_image import Ext4Image, check_path, memfd_with
-from hfl_lab.vault.files import Write
+from hfl_lab.vault.files import Data, Write, materialize
 from hfl_lab.vault.luks_header import LuksHeader, read_header
 from hfl_lab.vault.luks_keyslot import unlock_volume_key
-from hfl_lab.vault.xts import SECTOR_SIZE, XtsCipher
+from hfl_lab.vault.xts import SECTOR_SIZE, XtsCipher, worker_count
 
 log = logging.getLogger(__name__)
 
 _READ_CHUNK = 32 * 1024 * 1024
-_DIFF_CHUNK = 65536  # sectors compared per numpy call
+_DIFF_CHUNK = 2048  # sectors compared per numpy call (1 MiB)
 # Fresh files at least this big have their data written in place rather than journaled.
 _IN_PLACE_MIN = 64 * 1024
+# Fresh data is encrypted and written in slices of this many sectors (8 MiB).
+_WRITE_SLICE_SECTORS = 16384
 _MIN_DATA = 4 * 1024 * 1024
 LABEL = "hfl-model"
 
@@ -87,6 +90,7 @@ class UserspaceVolume:
         os.ftruncate(self._memfd, self.data_size)
         self.image = Ext4Image(self._memfd, self.data_size)
         self._shadow: npt.NDArray[np.uint8] | None = None
+        self._slice_buffers: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]] | None = None
 
     @property
     def uuid(self) -> str:
@@ -193,13 +197,14 @@ class UserspaceVolume:
         return cls(path, fd, header, key, writable=writable, durable=durable)
 
     def _decrypt_all(self, overlay: Sequence[journal.SectorRun]) -> None:
-        buffer = bytearray(min(_READ_CHUNK, self.data_size))
-        view = memoryview(buffer)
+        # Ciphertext is read straight into the mapped image and decrypted in place there:
+        # XTS consumes each slice into scratch buffers before writing it back.
         image = self.image.bytes.data
         first_sector = self.header.iv_tweak
         for start in range(0, self.data_size, _READ_CHUNK):
             length = min(_READ_CHUNK, self.data_size - start)
-            got = os.preadv(self._fd, [view[:length]], self.header.data_offset + start)
+            view = image[start : start + length]
+            got = os.preadv(self._fd, [view], self.header.data_offset + start)
             if got != length:
                 raise VaultError(
                     "the volume file is truncated inside its data segment.",
@@ -207,7 +212,7 @@ class UserspaceVolume:
                 )
             sectors = np.arange(length // SECTOR_SIZE, dtype=np.uint64)
             sectors += np.uint64(first_sector + start // SECTOR_SIZE)
-            self._xts.decrypt_into(view[:length], image[start : start + length], sectors)
+            self._xts.decrypt_into(view, view, sectors)
         for run in overlay:
             start = run.offset - self.header.data_offset
             first = first_sector + start // SECTOR_SIZE
@@ -239,12 +244,11 @@ class UserspaceVolume:
     # -- VolumeFiles ---------------------------------------------------------------------------
 
     def read(self, path: str) -> bytes:
-        if not self.image.exists(path):
-            raise VaultError(
-                f"{path} is missing from the volume.",
-                fix="check the name, or that the volume is the right one.",
-            )
         return self.image.read_file(path)
+
+    def read_hashed(self, path: str) -> tuple[bytes, str]:
+        """Contents and SHA-256 of a file, hashed while it is copied out (see Ext4Image)."""
+        return self.image.read_file_hashed(path)
 
     def list_dir(self, path: str) -> dict[str, int]:
         return self.image.list_dir(path)
@@ -264,23 +268,48 @@ class UserspaceVolume:
                 "the volume was opened read-only.",
                 fix="open it with ModelVault.open(...) for writing.",
             )
-        fresh, commands = self._script(writes, deletes)
-        sizes = {check_path(path): len(data) for path, data in writes}
+        paths = [check_path(path) for path, _ in writes]
+        if len(set(paths)) != len(paths):
+            raise VaultError("one commit writes the same file twice.", fix="write each file once.")
+        # Contents given as functions (a checkpoint's metadata, which waits for the payload's
+        # hash) are made while debugfs writes the others; everything still reaches the disk
+        # in the one transaction of _write_back.
+        ready = [(path, data) for path, data in writes if not callable(data)]
+        later = [(path, data) for path, data in writes if callable(data)]
+        big: list[str] = []
         try:
-            with ExitStack() as stack:
-                fds = [stack.enter_context(memfd_with(data)) for _, data in writes]
-                sources = [f"/proc/self/fd/{fd}" for fd in fds]
-                self.image.run([c.format(*sources) for c in commands], write=True, pass_fds=fds)
-            big = [path for path in fresh if sizes[path] >= _IN_PLACE_MIN]
+            freed = False
+            for batch, batch_deletes in ((ready, ()), (later, deletes)):
+                if batch or batch_deletes:
+                    made = [(check_path(path), materialize(data)) for path, data in batch]
+                    fresh, replaced = self._apply(made, batch_deletes)
+                    # Fresh files go straight to their blocks only while those blocks are
+                    # certainly free on disk: before this commit has removed anything.
+                    if not freed:
+                        sizes = {path: memoryview(data).nbytes for path, data in made}
+                        big += [path for path in fresh if sizes[path] >= _IN_PLACE_MIN]
+                    freed = freed or bool(replaced) or bool(batch_deletes)
             in_place = self._sectors_of(big)
-            changed = self._changed_sectors()
+            changed = self._changed_sectors(in_place)
         except BaseException:
             self.image.bytes[:] = self._shadow  # roll the image back to what is on disk
+            self.image.forget()
             raise
         self._write_back(changed, in_place)
 
+    def _apply(
+        self, writes: Sequence[tuple[str, Data]], deletes: Sequence[str]
+    ) -> tuple[list[str], list[str]]:
+        """Change the in-memory image with one debugfs run; returns (fresh, replaced) paths."""
+        fresh, commands = self._script(writes, deletes)
+        with ExitStack() as stack:
+            fds = [stack.enter_context(memfd_with(data)) for _, data in writes]
+            sources = [f"/proc/self/fd/{fd}" for fd in fds]
+            self.image.run([c.format(*sources) for c in commands], write=True, pass_fds=fds)
+        return fresh, [path for path, _ in writes if path not in fresh]
+
     def _script(
-        self, writes: Sequence[Write], deletes: Sequence[str]
+        self, writes: Sequence[tuple[str, Data]], deletes: Sequence[str]
     ) -> tuple[list[str], list[str]]:
         """debugfs commands: fresh files first, so they only take blocks free on disk."""
         paths = [check_path(path) for path, _ in writes]
@@ -294,11 +323,9 @@ class UserspaceVolume:
                     prefix = "/" + "/".join(parts[:depth])
                     if not self.image.exists(prefix) and f"mkdir {prefix}" not in commands:
                         commands.append(f"mkdir {prefix}")
-            existing[folder] = self.image.list_dir(folder or "/")
+            existing[folder] = self.list_dir(folder or "/")
         fresh = [p for p in paths if p.rpartition("/")[2] not in existing[p.rpartition("/")[0]]]
         replaced = [p for p in paths if p not in fresh]
-        if len(set(paths)) != len(paths):
-            raise VaultError("one commit writes the same file twice.", fix="write each file once.")
         for path in [*fresh, *replaced]:
             index = paths.index(path)
             if path in replaced:
@@ -319,41 +346,99 @@ class UserspaceVolume:
                 mask[start : start + extent.length * per_block] = True
         return mask
 
-    def _changed_sectors(self) -> npt.NDArray[np.int64]:
+    def _changed_sectors(self, known: Mask) -> npt.NDArray[np.int64]:
+        """Sectors whose plaintext differs from what is on disk. The ``known`` ones (data of
+        fresh files, written to free blocks) are taken as changed without comparing them."""
         assert self._shadow is not None
         words = SECTOR_SIZE // 8
-        now = self.image.bytes.view(np.uint64).reshape(-1, words)
-        before = self._shadow.view(np.uint64).reshape(-1, words)
-        changed = np.empty(now.shape[0], dtype=bool)
-        for start in range(0, now.shape[0], _DIFF_CHUNK):
-            stop = start + _DIFF_CHUNK
-            np.any(now[start:stop] != before[start:stop], axis=1, out=changed[start:stop])
+        now = self.image.bytes.view(np.uint64)
+        before = self._shadow.view(np.uint64)
+        changed = known.copy()
+
+        def compare(span: tuple[int, int]) -> None:
+            # Most slices are unchanged: one flat comparison says so; only a changed slice is
+            # looked at sector by sector.
+            start, stop = span
+            differs = now[start * words : stop * words] != before[start * words : stop * words]
+            if differs.any():
+                changed[start:stop] = differs.reshape(-1, words).any(axis=1)
+
+        spans = [
+            (at, min(end, at + _DIFF_CHUNK))
+            for start, end in _runs(np.flatnonzero(~known))
+            for at in range(start, end, _DIFF_CHUNK)
+        ]
+        with ThreadPoolExecutor(worker_count(), thread_name_prefix="hfl-diff") as pool:
+            for done in [pool.submit(compare, span) for span in spans]:
+                done.result()
         return np.flatnonzero(changed)
 
     def _write_back(self, changed: npt.NDArray[np.int64], in_place: Mask) -> None:
         """Encrypt the changed sectors; data of fresh files goes straight to its (free) blocks,
         everything else through the journal, whose commit is the transaction's commit point."""
         assert self._shadow is not None
-        direct = self._encrypt_runs(_runs(changed[in_place[changed]]))
-        journaled = self._encrypt_runs(_runs(changed[~in_place[changed]]))
+        direct_runs = _runs(changed[in_place[changed]])
+        journaled_runs = _runs(changed[~in_place[changed]])
+        journaled = self._encrypt_runs(journaled_runs)
         try:
-            journal.write_sectors(self._fd, direct)
-            if self.durable and direct:
-                os.fsync(self._fd)
+            self._write_direct(direct_runs)
+            with ThreadPoolExecutor(1, thread_name_prefix="hfl-fsync") as pool:
+                # While the fresh data is flushed, the shadow takes it in: those blocks are
+                # free in the state on disk, so the shadow stays a true copy of that state
+                # whether or not this transaction commits.
+                flushed = pool.submit(os.fsync, self._fd) if self.durable and direct_runs else None
+                self._update_shadow(direct_runs)
+                if flushed is not None:
+                    flushed.result()
             journal.commit(self.path, self._fd, self.uuid, journaled, durable=self.durable)
         except OSError as error:
             self.image.bytes[:] = self._shadow
+            self.image.forget()
             raise VaultError(
                 f"writing the volume failed ({error.strerror}); the previous state is kept.",
                 fix="free disk space or check the disk, then retry the write.",
             ) from error
-        for start, end in _runs(changed):
+        self._update_shadow(journaled_runs)
+
+    def _write_direct(self, runs: list[tuple[int, int]]) -> None:
+        """Encrypt fresh data slice by slice and write each slice while the next is encrypted:
+        two small reused buffers instead of one as big as the data (whose pages would all
+        have to be faulted in first), and the copy to the kernel overlaps the cipher."""
+        if not runs:
+            return
+        slices = [
+            (at, min(end, at + _WRITE_SLICE_SECTORS))
+            for start, end in runs
+            for at in range(start, end, _WRITE_SLICE_SECTORS)
+        ]
+        if self._slice_buffers is None:
+            size = _WRITE_SLICE_SECTORS * SECTOR_SIZE
+            self._slice_buffers = (np.empty(size, np.uint8), np.empty(size, np.uint8))
+        image = self.image.bytes.data
+        pending: list[Future[None] | None] = [None, None]
+        with ThreadPoolExecutor(1, thread_name_prefix="hfl-pwrite") as writer:
+            for index, (start, end) in enumerate(slices):
+                turn = index % 2
+                if (previous := pending[turn]) is not None:
+                    previous.result()  # its buffer is about to be reused
+                out = self._slice_buffers[turn].data[: (end - start) * SECTOR_SIZE]
+                sectors = np.arange(start, end, dtype=np.uint64) + np.uint64(self.header.iv_tweak)
+                self._xts.encrypt_into(image[start * SECTOR_SIZE : end * SECTOR_SIZE], out, sectors)
+                run = journal.SectorRun(self.header.data_offset + start * SECTOR_SIZE, out)
+                pending[turn] = writer.submit(journal.write_sectors, self._fd, [run])
+            for done in pending:
+                if done is not None:
+                    done.result()
+
+    def _update_shadow(self, runs: list[tuple[int, int]]) -> None:
+        assert self._shadow is not None
+        for start, end in runs:
             byte_range = slice(start * SECTOR_SIZE, end * SECTOR_SIZE)
             self._shadow[byte_range] = self.image.bytes[byte_range]
 
     def _encrypt_runs(self, runs: list[tuple[int, int]]) -> list[journal.SectorRun]:
         total = sum(end - start for start, end in runs) * SECTOR_SIZE
-        out = memoryview(bytearray(total))
+        out = np.empty(total, dtype=np.uint8).data  # every byte is written below
         image = self.image.bytes.data
         result, at = [], 0
         for start, end in runs:
@@ -374,6 +459,7 @@ class UserspaceVolume:
         """Forget the key and the decrypted image; release the file."""
         self._key[:] = bytes(len(self._key))
         self._shadow = None
+        self._slice_buffers = None
         if self._memfd >= 0:
             self.image.close()
             os.close(self._memfd)

@@ -1,11 +1,16 @@
 """AES-XTS with plain64 sector IVs (dm-crypt's ``aes-xts-plain64``), vectorized over many sectors.
 
-One ``Cipher`` per 512-byte sector is far too slow in Python, so the tweaks of all sectors are
-made with one AES-ECB call, multiplied by α^j in GF(2^128) with numpy (IEEE 1619 little-endian
-convention), and the data goes through one more AES-ECB call between two XORs.
+One ``Cipher`` per 512-byte sector is far too slow in Python, so the first tweak of every sector
+is made with one AES-ECB call, the tweaks of its 32 blocks are derived with numpy (multiplication
+by α^j in GF(2^128), IEEE 1619 little-endian convention), and the data goes through one more
+AES-ECB call between two XORs. Large requests are split across threads: numpy and OpenSSL
+release the GIL, and the work is memory-bound, so each thread's slices are kept cache-sized.
 """
 
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import numpy.typing as npt
@@ -15,12 +20,20 @@ from hfl_lab._exceptions import VaultError
 
 SECTOR_SIZE = 512
 _BLOCK = 16
-# Sectors per slice: big enough to amortize the Python overhead, small enough that the
-# tweak and scratch buffers stay in cache.
-_CHUNK_SECTORS = 4096
+# Sectors per slice (512 KiB): the tweaks, the scratch and the cipher output of a slice stay in
+# the core's L2 cache, which made the whole transform about 1.5x faster than 2 MiB slices.
+_CHUNK_SECTORS = 1024
+# Below this (4 MiB) starting threads costs more than it saves.
+_PARALLEL_MIN_SECTORS = 8192
 
 U64Array = npt.NDArray[np.uint64]
 Buffer = bytes | bytearray | memoryview
+
+
+def worker_count() -> int:
+    """Threads a large transform is split across: the cores this process may run on (≤ 4)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, cores or 1))
 
 
 class XtsCipher:
@@ -39,9 +52,13 @@ class XtsCipher:
         self._tweak_key = algorithms.AES(bytes(key[half:]))
         self.sector_size = sector_size
         self._blocks = sector_size // _BLOCK
+        if self._blocks > 64:
+            raise VaultError(f"unsupported sector size {sector_size}.", fix="use 512-byte sectors.")
+        # Block j's tweak is T·α^j: a 128-bit shift left by j bits; j = 0 shifts nothing out.
         shifts = np.arange(self._blocks, dtype=np.uint64)
-        self._shift_left = shifts[None, 1:]
-        self._shift_right = (np.uint64(64) - shifts)[None, 1:]
+        self._shift_left = shifts[None, :]
+        self._shift_right = (np.uint64(64) - shifts)[None, :]
+        self._shift_right[0, 0] = 0  # placeholder: column 0 of the carries is cleared after
 
     def encrypt(self, data: Buffer, first_sector: int) -> bytearray:
         """Encrypt consecutive sectors starting at sector number ``first_sector``."""
@@ -73,41 +90,77 @@ class XtsCipher:
                 f"XTS input of {size} bytes is not {len(sectors)} whole sectors.",
                 fix="pass data and output buffers in multiples of the sector size.",
             )
-        src = np.frombuffer(data, dtype="<u8")
-        dst = np.frombuffer(out, dtype="<u8")
-        words_per_sector = self.sector_size // 8
-        ecb = Cipher(self._data_key, modes.ECB())  # noqa: S305 - the core step of XTS
-        ctx = ecb.encryptor() if encrypt else ecb.decryptor()
-        scratch = np.empty(_CHUNK_SECTORS * words_per_sector, dtype="<u8")
-        # update_into wants one spare block of room beyond the input.
-        middle = bytearray(_CHUNK_SECTORS * self.sector_size + _BLOCK)
-        middle_words = np.frombuffer(middle, dtype="<u8")
-        for first in range(0, len(sectors), _CHUNK_SECTORS):
-            numbers = sectors[first : first + _CHUNK_SECTORS]
-            lo, hi = first * words_per_sector, (first + len(numbers)) * words_per_sector
-            tweaks = self._tweaks(numbers)
-            mixed = scratch[: hi - lo]
-            np.bitwise_xor(src[lo:hi], tweaks, out=mixed)
-            done = ctx.update_into(mixed.data.cast("B"), middle)
-            np.bitwise_xor(middle_words[: done // 8], tweaks, out=dst[lo:hi])
-        ctx.finalize()
-
-    def _tweaks(self, sectors: U64Array) -> U64Array:
-        """Tweak T_j = AES_K2(plain64 IV) · α^j for every 16-byte block j of every sector."""
+        if size == 0:
+            return
+        src = np.frombuffer(data, dtype="<u8").reshape(-1, self._blocks, 2)
+        dst = np.frombuffer(out, dtype="<u8").reshape(-1, self._blocks, 2)
+        seeds = self._seeds(sectors)
         count = len(sectors)
-        ivs = np.zeros((count, 2), dtype="<u8")
+        workers = worker_count() if count >= _PARALLEL_MIN_SECTORS else 1
+        if workers == 1:
+            self._span(src, dst, seeds, 0, count, encrypt)
+            return
+        step = -(-count // workers)
+        with ThreadPoolExecutor(workers, thread_name_prefix="hfl-xts") as pool:
+            spans = [
+                pool.submit(self._span, src, dst, seeds, start, min(count, start + step), encrypt)
+                for start in range(0, count, step)
+            ]
+            for span in spans:
+                span.result()
+
+    def _seeds(self, sectors: U64Array) -> U64Array:
+        """AES_K2(plain64 IV) of every sector as (low, high) 64-bit words: the tweak of block 0."""
+        ivs = np.zeros((len(sectors), 2), dtype="<u8")
         ivs[:, 0] = sectors  # plain64: the sector number as a 64-bit LE integer, zero-padded
         ecb = Cipher(self._tweak_key, modes.ECB()).encryptor()  # noqa: S305 - XTS tweak step
-        first = np.frombuffer(ecb.update(ivs.tobytes()) + ecb.finalize(), dtype="<u8")
-        lo = first[0::2, None]
-        hi = first[1::2, None]
-        tweaks = np.empty((count, self._blocks, 2), dtype="<u8")
-        tweaks[:, 0, 0] = lo[:, 0]
-        tweaks[:, 0, 1] = hi[:, 0]
+        raw = ecb.update(ivs.data.cast("B")) + ecb.finalize()
+        return np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+
+    def _span(
+        self,
+        src: U64Array,
+        dst: U64Array,
+        seeds: U64Array,
+        start: int,
+        stop: int,
+        encrypt: bool,
+    ) -> None:
+        """Transform sectors ``start:stop`` slice by slice, with buffers reused across slices."""
+        ecb = Cipher(self._data_key, modes.ECB())  # noqa: S305 - the core step of XTS
+        ctx = ecb.encryptor() if encrypt else ecb.decryptor()
+        rows = min(_CHUNK_SECTORS, stop - start)
+        tweaks = np.empty((rows, self._blocks, 2), dtype="<u8")
+        carry = np.empty((rows, self._blocks), dtype="<u8")
+        scratch = np.empty((rows, self._blocks), dtype="<u8")
+        mixed = np.empty((rows, self._blocks, 2), dtype="<u8")
+        # update_into wants one spare block of room beyond the input.
+        middle = bytearray(rows * self.sector_size + _BLOCK)
+        middle_words = np.frombuffer(middle, dtype="<u8")
+        for first in range(start, stop, rows):
+            n = min(rows, stop - first)
+            t = tweaks[:n]
+            self._tweaks(seeds[first : first + n], t, carry[:n], scratch[:n])
+            np.bitwise_xor(src[first : first + n], t, out=mixed[:n])
+            done = ctx.update_into(mixed[:n].data.cast("B"), middle)
+            cipher_out = middle_words[: done // 8].reshape(t.shape)
+            np.bitwise_xor(cipher_out, t, out=dst[first : first + n])
+        ctx.finalize()
+
+    def _tweaks(self, seeds: U64Array, out: U64Array, carry: U64Array, scratch: U64Array) -> None:
+        """Tweak T_j = T_0 · α^j of every block j of every sector (``out`` is rows × blocks × 2)."""
+        lo, hi = seeds[:, 0:1], seeds[:, 1:2]
+        low, high = out[:, :, 0], out[:, :, 1]
         # IEEE 1619 §5.2: T·α^j is T shifted left by j bits with the j bits shifted out folded
         # back by x^128 = x^7 + x^2 + x + 1 (0x87); for j < 57 the fold stays in the low word.
-        carry = hi >> self._shift_right
-        fold = carry ^ (carry << np.uint64(1)) ^ (carry << np.uint64(2)) ^ (carry << np.uint64(7))
-        tweaks[:, 1:, 0] = (lo << self._shift_left) ^ fold
-        tweaks[:, 1:, 1] = (hi << self._shift_left) | (lo >> self._shift_right)
-        return tweaks.reshape(-1)
+        np.left_shift(lo, self._shift_left, out=low)
+        np.left_shift(hi, self._shift_left, out=high)
+        np.right_shift(lo, self._shift_right, out=scratch)
+        scratch[:, 0] = 0
+        high |= scratch
+        np.right_shift(hi, self._shift_right, out=carry)
+        carry[:, 0] = 0
+        low ^= carry
+        for bit in (1, 2, 7):
+            np.left_shift(carry, np.uint64(bit), out=scratch)
+            low ^= scratch
