@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from hfl_lab.backends.local import LocalBackend
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
 
@@ -45,3 +46,20 @@ def mean_loss_by_step(events: Iterable[LabEvent]) -> list[float]:
         if e.kind == "metrics":
             by_step[int(e.data["step"])].append(float(e.data["loss"]))
     return [sum(v) / len(v) for _, v in sorted(by_step.items())]
+
+
+def started(backend: LocalBackend) -> Iterator[LabEvent]:
+    """Start ``backend``, wait until every participant is ready; its event stream."""
+    backend.start()
+    backend.wait_ready(180)
+    return backend.events(idle_timeout_s=120)
+
+
+def read_until(
+    events: Iterator[LabEvent], seen: list[LabEvent], until: Callable[[LabEvent], bool]
+) -> None:
+    """Append events to ``seen`` up to and including the first one ``until`` accepts."""
+    for event in events:
+        seen.append(event)
+        if until(event):
+            return

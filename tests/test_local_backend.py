@@ -16,7 +16,13 @@ from hfl_lab import BackendError
 from hfl_lab.backends.local import LocalBackend
 from hfl_lab.events import LabEvent
 from hfl_lab.vault import DirectoryCheckpointStore
-from tests.local_support import mean_loss_by_step, processes_mentioning, quick_config
+from tests.local_support import (
+    mean_loss_by_step,
+    processes_mentioning,
+    quick_config,
+    read_until,
+    started,
+)
 from trainer.checkpoint import decode_state
 
 pytestmark = pytest.mark.slow
@@ -81,20 +87,14 @@ def test_sync_with_a_backup_worker_survives_a_killed_worker_that_rejoins(
     config = quick_config(tmp_path, cifar_dir, steps=120, sync_quorum=1, checkpoint_every=0)
     seen: list[LabEvent] = []
     with LocalBackend(config) as backend:
-        backend.start()
-        backend.wait_ready(180)
-        events = backend.events(idle_timeout_s=120)
-        for event in events:
-            seen.append(event)
-            if event.kind == "metrics" and event.source == "worker1" and event.data["step"] >= 5:
-                break
+        events = started(backend)
+        read_until(events, seen, lambda e: e.kind == "metrics" and e.source == "worker1"
+                   and e.data["step"] >= 5)
         backend.kill("worker1")
         killed_at = max(e.data["step"] for e in seen if e.kind == "metrics")
         # worker0 alone keeps the run going (K=1 of N=2)
-        for event in events:
-            seen.append(event)
-            if event.kind == "metrics" and event.data["step"] >= killed_at + 10:
-                break
+        read_until(events, seen,
+                   lambda e: e.kind == "metrics" and e.data["step"] >= killed_at + 10)
         assert backend.participants["worker1"].returncode is not None
         backend.restart("worker1")
         for event in events:
@@ -168,13 +168,9 @@ def test_a_restarted_parameter_server_resumes_from_its_checkpoint_and_workers_ca
     config = quick_config(tmp_path, cifar_dir, steps=80, checkpoint_every=10)
     seen: list[LabEvent] = []
     with LocalBackend(config) as backend:
-        backend.start()
-        backend.wait_ready(180)
-        events = backend.events(idle_timeout_s=120)
-        for event in events:
-            seen.append(event)
-            if event.kind == "log" and event.data.get("checkpoint_step", 0) >= 20:
-                break
+        events = started(backend)
+        read_until(events, seen,
+                   lambda e: e.kind == "log" and e.data.get("checkpoint_step", 0) >= 20)
         backend.kill("ps0")
         backend.restart("ps0")
         for event in events:

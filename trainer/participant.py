@@ -49,6 +49,7 @@ __all__ = [
     "Bootstrap",
     "Emitter",
     "Participant",
+    "configure_logging",
     "measured_argv",
     "read_bootstrap",
 ]
@@ -143,6 +144,12 @@ class Emitter:
 
     def attestation(self, verdict: Verdict) -> None:
         self.emit(event_for(verdict))
+
+
+def configure_logging() -> None:
+    """Human log lines on stderr (stdout carries only JSON events)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
 def measured_argv(module: str, args: Sequence[str]) -> list[str]:

@@ -24,6 +24,7 @@ from trainer.participant import (
     Emitter,
     MeshSession,
     Participant,
+    configure_logging,
     measured_argv,
     read_bootstrap,
 )
@@ -55,8 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(args_list)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     role = "ps0" if args.role == "ps" else f"worker{args.index}"
     emitter = Emitter(role)
     stop = threading.Event()

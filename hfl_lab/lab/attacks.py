@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hfl_lab._exceptions import AttestationError, ConfigError, PolicyViolation
 from hfl_lab.events import LabEvent
-from hfl_lab.lab.notebook import Table
+from hfl_lab.lab.notebook import Table, TableReport
 from hfl_lab.lab.trust import LabTrustService, VerdictView
 from hfl_lab.ratls import evidence_ext
 from hfl_lab.ratls.binding import spki_der
@@ -84,8 +84,8 @@ class AttackOutcome:
         return VerdictView(self.verdict, f"{self.name}: the verdict behind the refusal")
 
 
-@dataclass
-class AttackReport:
+@dataclass(repr=False)  # shown as its table (TableReport)
+class AttackReport(TableReport):
     """Every attack of the run; ``raise_if_any_succeeded`` fails the notebook if a defense fell."""
 
     outcomes: list[AttackOutcome]
@@ -100,12 +100,6 @@ class AttackReport:
         if self.controls:
             table.note = "controls (genuine, accepted): " + "; ".join(self.controls)
         return table
-
-    def __repr__(self) -> str:
-        return self.table().to_text()
-
-    def _repr_html_(self) -> str:
-        return self.table()._repr_html_()
 
     def to_dict(self) -> dict[str, Any]:
         return {

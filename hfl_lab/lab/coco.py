@@ -17,7 +17,7 @@ from typing import Any
 
 from hfl_lab._exceptions import BackendError, HflLabError
 from hfl_lab.config import LabConfig
-from hfl_lab.lab.notebook import Table
+from hfl_lab.lab.notebook import Table, TableReport
 
 __all__ = [
     "COCO_STEPS",
@@ -101,8 +101,8 @@ class StepResult:
         }
 
 
-@dataclass
-class CocoPlan:
+@dataclass(repr=False)  # shown as its table (TableReport)
+class CocoPlan(TableReport):
     """Every step of the CoCo stack with its status; ``save`` writes coco_plan.json."""
 
     backend: str
@@ -124,12 +124,6 @@ class CocoPlan:
                 color=_COLORS.get(s.status, ""),
             )
         return table
-
-    def __repr__(self) -> str:
-        return self.table().to_text()
-
-    def _repr_html_(self) -> str:
-        return self.table()._repr_html_()
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "steps": [s.to_dict() for s in self.steps]}

@@ -104,6 +104,19 @@ def show_image(path: str | Path) -> None:
     display(image(filename=str(file)))
 
 
+class TableReport:
+    """A step's result that shows as its :meth:`table`: HTML in a notebook, text elsewhere."""
+
+    def table(self) -> Table:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.table().to_text()
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+
 @dataclass
 class Table:
     """A small table that renders as HTML in a notebook and as aligned text everywhere else."""

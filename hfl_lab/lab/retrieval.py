@@ -23,7 +23,7 @@ import numpy as np
 
 from hfl_lab._exceptions import VaultError
 from hfl_lab.config import LabConfig
-from hfl_lab.lab.notebook import Table
+from hfl_lab.lab.notebook import Table, TableReport
 
 __all__ = [
     "RetrievalReport",
@@ -40,8 +40,8 @@ CLASS_NAMES = (
 )
 
 
-@dataclass
-class RetrievalReport:
+@dataclass(repr=False)  # shown as its table (TableReport)
+class RetrievalReport(TableReport):
     """What the trusted node received, whether it was sealed and opened, and the evaluation."""
 
     location: Path
@@ -69,12 +69,6 @@ class RetrievalReport:
         if not self.sealed:
             table.note = "NOT SEALED: this run kept its checkpoints in a plain folder."
         return table
-
-    def __repr__(self) -> str:
-        return self.table().to_text()
-
-    def _repr_html_(self) -> str:
-        return self.table()._repr_html_()
 
     def to_dict(self) -> dict[str, Any]:
         return {

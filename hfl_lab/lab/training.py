@@ -22,7 +22,7 @@ from hfl_lab.config import LabConfig
 from hfl_lab.dashboard import Dashboard
 from hfl_lab.dashboard._files import jsonable
 from hfl_lab.events import LabEvent
-from hfl_lab.lab.notebook import Table
+from hfl_lab.lab.notebook import Table, TableReport
 
 __all__ = ["TrainingOutcome", "create_backend", "ensure_trained", "run_training", "total_steps"]
 
@@ -48,8 +48,8 @@ def total_steps(config: LabConfig) -> int:
     return config.total_steps(len(data.train_labels))
 
 
-@dataclass
-class TrainingOutcome:
+@dataclass(repr=False)  # shown as its table (TableReport)
+class TrainingOutcome(TableReport):
     """How the run went: the backend's result, the curves' ends, where everything is."""
 
     run_dir: Path
@@ -84,12 +84,6 @@ class TrainingOutcome:
         if self.simulated:
             table.note = "SIMULATED TDs: the verdicts prove what ran, not that it ran on TDX."
         return table
-
-    def __repr__(self) -> str:
-        return self.table().to_text()
-
-    def _repr_html_(self) -> str:
-        return self.table()._repr_html_()
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -20,7 +20,7 @@ from typing import Any
 from hfl_lab._exceptions import AttestationError
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
-from hfl_lab.lab.notebook import Table
+from hfl_lab.lab.notebook import Table, TableReport
 from hfl_lab.ratls.certificate import RaTlsIdentity
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.providers.simulated import SimulatedTdProvider
@@ -267,8 +267,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else f"{text[:20]}…{text[-8:]}"
 
 
-@dataclass(frozen=True)
-class VolumeReport:
+@dataclass(frozen=True, repr=False)  # shown as its table (TableReport)
+class VolumeReport(TableReport):
     """The model volume as created: where, how big, which LUKS, and who may get its key."""
 
     path: Path
@@ -287,12 +287,6 @@ class VolumeReport:
         table.add("key released to", self.released_to)
         table.add("opened with the released key", self.opened_with_released_key)
         return table
-
-    def __repr__(self) -> str:
-        return self.table().to_text()
-
-    def _repr_html_(self) -> str:
-        return self.table()._repr_html_()
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -9,7 +9,6 @@ Events (verdicts, audit records, lifecycle) go to stdout as JSON lines.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
@@ -36,13 +35,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from trainer.participant import Emitter, Participant, measured_argv, read_bootstrap
+    from trainer.participant import (
+        Emitter,
+        Participant,
+        configure_logging,
+        measured_argv,
+        read_bootstrap,
+    )
     from trainer.settings import ParticipantConfig
 
     args_list = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(args_list)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     emitter = Emitter("trust")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())

@@ -73,7 +73,9 @@ class Participant:
     env: dict[str, str]
     process: subprocess.Popen[str] | None = None
     log_path: Path | None = None
-    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=40))
+    tail: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=TAIL_LINES)
+    )
     state: str = "new"
     ready: threading.Event = field(default_factory=threading.Event)
     ended: threading.Event = field(default_factory=threading.Event)
