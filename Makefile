@@ -56,8 +56,11 @@ run: install
 bench: install
 	$(PY) -m bench
 
+# The reliability and security suite; its figures (R1-R7, shared/docs/BENCH.md) go to
+# bench/reliability.json. `make test` runs the same tests without writing the report.
 reliability: install
-	$(PY) -m pytest tests/reliability tests/security -q
+	rm -f bench/reliability.json
+	HFL_LAB_RELIABILITY_REPORT=bench/reliability.json $(PY) -m pytest tests/reliability tests/security -q
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
