@@ -7,6 +7,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def owner_session() -> None:
+    """One lab session for the whole test run: every notebook kernel a test starts inherits
+    the owner secret, as under `hfl-lab run` (see hfl_lab.owner)."""
+    from hfl_lab.owner import ensure_owner_secret
+
+    ensure_owner_secret()
 SHARED = Path(__import__("os").environ.get("HFL_LAB_SHARED", REPO.parent / "shared"))
 
 

@@ -65,8 +65,10 @@ def _merge(path: Path, rid: str, case: str, entry: dict[str, Any]) -> None:
         rec["tried"] = sum(c["tried"] for c in cases.values())
         rec["held"] = sum(c["held"] for c in cases.values())
         rec["lost"] = sum(c["lost"] for c in cases.values())
-        rec["machine"] = f"{os.cpu_count()} cores, {platform.machine()}, {platform.python_version()}"
-        rec["when"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        rec["machine"] = (
+            f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
+        )
+        rec["when"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         by_id[rid] = rec
         ordered = [by_id[k] for k in sorted(by_id)]
         tmp = path.with_suffix(".tmp")

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from hfl_lab import BackendError
+from hfl_lab import AttestationError, BackendError
 from hfl_lab.backends.local import LocalBackend
 from hfl_lab.events import LabEvent
-from hfl_lab.vault import DirectoryCheckpointStore
 from tests.local_support import (
     mean_loss_by_step,
     processes_mentioning,
@@ -65,7 +64,8 @@ def test_training_over_the_attested_mesh(
     assert all(e.data.get("simulated") for e in events if e.kind == "attestation")
 
     # the checkpoint is the final model, and resumable
-    latest = DirectoryCheckpointStore(Path(config.run_dir) / "checkpoints").load_latest()
+    with backend.model_store() as store:
+        latest = store.load_latest()
     assert latest is not None and decode_state(latest.payload).version == config.steps
     assert (Path(config.run_dir) / "logs" / "ps0.log").stat().st_size > 0
     assert processes_mentioning(config_path) == []
@@ -120,7 +120,8 @@ def test_a_participant_that_fails_attestation_is_named_with_its_last_log_lines(
 ) -> None:
     wrong = tmp_path / "policy.yaml"
     wrong.write_text("tee_type: TDX\nallow_simulated: true\nmr_td: ['" + "ab" * 48 + "']\n")
-    config = quick_config(tmp_path, cifar_dir, policy_path=str(wrong))
+    # without the vault: the owner provisions nothing, so the participants meet the policy first
+    config = quick_config(tmp_path, cifar_dir, policy_path=str(wrong), vault=False)
     backend = LocalBackend(config)
     try:
         backend.start()
@@ -131,6 +132,25 @@ def test_a_participant_that_fails_attestation_is_named_with_its_last_log_lines(
     message = str(failed.value)
     assert "exited with code" in message and "mr_td" in message
     assert "logs" in message  # where to read more
+    assert processes_mentioning(str(backend.config_path)) == []
+
+
+def test_the_owner_provisions_no_volume_for_a_trust_service_that_fails_attestation(
+    tmp_path: Path, cifar_dir: Path
+) -> None:
+    wrong = tmp_path / "policy.yaml"
+    wrong.write_text("tee_type: TDX\nallow_simulated: true\nmr_td: ['" + "ab" * 48 + "']\n")
+    config = quick_config(tmp_path, cifar_dir, policy_path=str(wrong))
+    backend = LocalBackend(config)
+    try:
+        with pytest.raises(AttestationError) as refused:
+            backend.start()
+    finally:
+        backend.teardown()
+
+    assert "the trust service at" in str(refused.value) and "mr_td" in str(refused.value)
+    assert backend.vault_path is not None and not backend.vault_path.exists()
+    assert backend.participants["ps0"].process is None  # nothing else was started
     assert processes_mentioning(str(backend.config_path)) == []
 
 

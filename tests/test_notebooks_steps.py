@@ -93,7 +93,7 @@ def test_summary_of_a_failed_run_names_the_notebook_and_cell(tmp_path: Path) -> 
 def test_a_sealed_model_is_retrieved_by_the_authorized_owner_and_evaluated(
     tmp_path: Path,
 ) -> None:
-    import os
+    import json
 
     from hfl_lab.lab.retrieval import retrieve_and_evaluate
     from hfl_lab.lab.training import TrainingOutcome
@@ -104,8 +104,11 @@ def test_a_sealed_model_is_retrieved_by_the_authorized_owner_and_evaluated(
 
     run = tmp_path / "run"
     config = LabConfig(run_dir=str(run), depth=8, steps=1, vault_size_mb=8)
-    owner_key, state, key_file = os.urandom(32), tmp_path / "trust.sealed", tmp_path / "owner.key"
-    key_file.write_bytes(owner_key)
+    from hfl_lab import owner
+
+    salt, state, salt_file = owner.new_salt(), tmp_path / "trust.sealed", tmp_path / "owner.json"
+    salt_file.write_text(json.dumps({"salt": salt.hex()}))  # public; the secret is the session's
+    owner_key = owner.sealing_key(owner.admin_token(salt))
     volume = run / "vault" / "model.luks"
     volume.parent.mkdir(parents=True)
     weights = build_resnet(8, seed=0).get_weights()
@@ -117,7 +120,7 @@ def test_a_sealed_model_is_retrieved_by_the_authorized_owner_and_evaluated(
             vault.write_checkpoint(1, encode_state(TrainingState(1, weights)), {})
     TrainingOutcome(run, 1, 1.0, {"final_step": 1, "evaluation": {}}, config=config.to_dict(),
                     vault={"vault_path": str(volume), "trust_state_path": str(state),
-                           "owner_key_path": str(key_file)}).save()
+                           "owner_salt_path": str(salt_file)}).save()
 
     report = retrieve_and_evaluate(config)  # another "kernel": the trust service is gone
 

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hfl_lab._exceptions import ConfigError, HflLabError
 from hfl_lab.vault.checkpoints import CheckpointStore
@@ -29,6 +29,9 @@ from trainer.participant import (
     read_bootstrap,
 )
 from trainer.settings import ParticipantConfig
+
+if TYPE_CHECKING:
+    from hfl_lab.trust.client import TrustClient
 
 __all__ = ["main"]
 
@@ -88,12 +91,24 @@ def _participant(role: str, args_list: Sequence[str], config: ParticipantConfig,
     return Participant(role, config, measured_argv("trainer", args_list), boot, emitter)
 
 
-def open_checkpoint_store(config: ParticipantConfig) -> CheckpointStore | None:
-    """Where ps0 keeps checkpoints: the run's checkpoint folder (the vault plugs in here)."""
-    folder = config.deployment.checkpoint_dir
-    if not folder:
-        return None
-    return DirectoryCheckpointStore(Path(folder))
+def open_checkpoint_store(
+    config: ParticipantConfig,
+    participant: Participant,
+    trust: TrustClient,
+    session: MeshSession,
+) -> CheckpointStore | None:
+    """Where ps0 keeps checkpoints: the LUKS volume at ``deployment.vault_path`` (opened with
+    the passphrase the key broker releases to ps0's attested TD, every checkpoint signed), else
+    a plain ``checkpoint_dir`` (a run without the vault), else nowhere."""
+    deployment = config.deployment
+    if deployment.vault_path:
+        from trainer.vault_store import open_vault_store
+
+        return open_vault_store(participant, trust, lambda: session.creds,
+                                deployment.vault_path, data_path=deployment.vault_data_path)
+    if deployment.checkpoint_dir:
+        return DirectoryCheckpointStore(Path(deployment.checkpoint_dir))
+    return None
 
 
 def run_ps(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
@@ -110,10 +125,10 @@ def run_ps(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
     # A pod listens on every interface behind its Service; a local run on its loopback address.
     local = host[:1].isdigit() or host == "localhost"
     bind = args.host or (host if local else "0.0.0.0")  # noqa: S104
+    store = open_checkpoint_store(config, participant, trust, session)
     running = build_parameter_server(
         config, participant, lambda: session.creds, emit=emitter.emit,
-        store=open_checkpoint_store(config),
-        host=bind, port=int(port),
+        store=store, host=bind, port=int(port),
     )
     emitter.lifecycle("ready", detail=f"serving on {bind}:{running.port}", port=running.port,
                       version=running.servicer.version)
@@ -131,6 +146,9 @@ def run_ps(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
     finally:
         session.stop()
         running.stop()
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
         trust.close()
 
 

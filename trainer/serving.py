@@ -127,7 +127,11 @@ def build_parameter_server(
                                 test=(data.test_images, data.test_labels), store=store, emit=emit)
     ca_pem = (creds() if callable(creds) else creds).ca_pem
     peer_check = PeerCheck(participant.verifier, ca_pem, worker_peers(lab.workers))
-    server, bound = serve_ps(servicer, creds, peer_check, host=host, port=port)
+    # A sync worker holds an RPC thread while it waits in PullParameters for the next step, and
+    # may push, report metrics and watch events meanwhile: a fixed pool would let the first
+    # workers hold every thread and starve the rest's pushes (a deadlock with many workers).
+    server, bound = serve_ps(servicer, creds, peer_check, host=host, port=port,
+                             max_workers=max(16, 4 * lab.workers + 4))
     return RunningPs(servicer, server, bound)
 
 

@@ -18,6 +18,9 @@ def _cmd_lab(args: argparse.Namespace) -> int:
     if args.install_kernel:
         print(f"{PROG} lab: kernel {KERNEL_NAME!r} ({sys.executable}) registered in {where}")
         return ExitCode.SUCCESS
+    from hfl_lab.owner import ensure_owner_secret
+
+    ensure_owner_secret()  # every kernel of this JupyterLab shares the session's owner secret
     argv = jupyter_lab_command(port=args.port, ip=args.ip, open_browser=args.browser)
     print(f"{PROG} lab: JupyterLab on {NOTEBOOK_DIR} at http://{args.ip}:{args.port}/lab "
           "(Ctrl-C stops it)", file=sys.stderr)

@@ -54,6 +54,8 @@ class RetrievalReport(TableReport):
     num_samples: int
     training_accuracy: float | None
     figures: dict[str, str] = field(default_factory=dict)
+    #: the attestation of each key that signed the provenance (ps0's mesh keys)
+    signed_by: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self) -> Table:
         table = Table(("", "value"), title="model retrieval on the owner's trusted node")
@@ -62,6 +64,13 @@ class RetrievalReport(TableReport):
         table.add("volume opened with the released key", self.opened if self.sealed else "n/a")
         table.add("checkpoint step", self.step)
         table.add("provenance", self.provenance)
+        for signer in self.signed_by:
+            kind = "SIMULATED TD" if signer.get("simulated") else "TDX"
+            table.add(
+                f"signed by {signer.get('role')} key {str(signer.get('signer_sha256'))[:16]}",
+                f"attested ({kind}, TCB {signer.get('tcb_status')}), "
+                f"MR_TD {str(signer.get('mr_td'))[:16]}…",
+            )
         table.add("test accuracy", f"{self.accuracy:.1%} on {self.num_samples} images")
         table.add("test loss", f"{self.loss:.4f}")
         if self.training_accuracy is not None:
@@ -82,6 +91,7 @@ class RetrievalReport(TableReport):
             "num_samples": self.num_samples,
             "training_accuracy": self.training_accuracy,
             "figures": self.figures,
+            "signed_by": self.signed_by,
         }
 
 
@@ -90,18 +100,38 @@ def _trusted_dir(config: LabConfig) -> Path:
 
 
 def owner_credential(vault: dict[str, Any]) -> Any:
-    """The owner's authorized credential the backend left: sealed trust state + owner key."""
+    """The owner's authorized credential: the trust service's sealed state and the key that
+    unseals it, derived from this session's owner secret and the run's public salt."""
+    from hfl_lab import owner
     from hfl_lab.vault import SealedBrokerState
 
-    state, key = vault.get("trust_state_path"), vault.get("owner_key_path")
-    if not state or not key:
+    state, salt_file = vault.get("trust_state_path"), vault.get("owner_salt_path")
+    if not state or not salt_file:
         raise VaultError(
             "the run's model is sealed, but its backend recorded no way for the owner to obtain "
-            "the key (no trust_state_path / owner_key_path in training.json).",
+            "the key (no trust_state_path / owner_salt_path in training.json).",
             fix="re-run notebook 04 with a backend that keeps the trust service's sealed state "
             "for the owner, then run this notebook again.",
         )
-    return SealedBrokerState(Path(state), Path(key).read_bytes())
+    try:
+        salt = bytes.fromhex(json.loads(Path(salt_file).read_text())["salt"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise VaultError(
+            f"cannot read the run's owner salt {salt_file}.",
+            fix="keep the run folder's trust/ directory with the volume.",
+        ) from None
+    return SealedBrokerState(Path(state), owner.sealing_key(owner.admin_token(salt)))
+
+
+def _signers(vault: dict[str, Any]) -> Any:
+    """Whom the trusted node trusts as provenance signers: ps0's attested keys (verified from
+    the evidence in each signer certificate), or nobody when the run left no policy."""
+    from hfl_lab.vault import AttestedSigners
+
+    folder = vault.get("trust_dir")
+    if folder and (Path(folder) / "volume_policy.yaml").is_file():
+        return AttestedSigners.from_folder(folder)
+    return None
 
 
 def move_to_trusted_node(
@@ -137,19 +167,31 @@ def move_to_trusted_node(
     return target, False
 
 
-def _open(location: Path, sealed: bool, vault: dict[str, Any]) -> tuple[Any, str, bool]:
-    """The newest checkpoint, a provenance summary, and whether a volume was opened."""
+def _open(
+    location: Path, sealed: bool, vault: dict[str, Any]
+) -> tuple[Any, str, bool, list[dict[str, Any]]]:
+    """The newest checkpoint, a provenance summary, whether a volume was opened, and the
+    attestation of each provenance signer."""
     if sealed:
+        from hfl_lab import owner
+        from hfl_lab._exceptions import AttestationError
         from hfl_lab.vault import retrieve_as_owner
 
-        keys = list(vault.get("trusted_ps_keys") or [])
-        retrieved = retrieve_as_owner(
-            None, owner_credential(vault), location, keys, require_provenance=bool(keys)
-        )
+        signers = _signers(vault)
+        credential = owner_credential(vault)
+        try:
+            retrieved = retrieve_as_owner(
+                None, credential, location, signers if signers is not None else [],
+                require_provenance=signers is not None,
+            )
+        except AttestationError as error:
+            if error.check == "state":
+                raise owner.unsealing_failed(credential.state_path) from None
+            raise
         summary = retrieved.provenance.summary()
-        if not keys:
-            summary = f"not verified (the backend named no PS key): {summary}"
-        return retrieved.checkpoint, summary, True
+        if signers is None:
+            summary = f"not verified (the run named no policy for the PS's key): {summary}"
+        return retrieved.checkpoint, summary, True, retrieved.provenance.signer_evidence
     from hfl_lab.vault import DirectoryCheckpointStore
 
     checkpoint = DirectoryCheckpointStore(location, durable=False).load_latest()
@@ -158,7 +200,7 @@ def _open(location: Path, sealed: bool, vault: dict[str, Any]) -> tuple[Any, str
             f"{location} holds no intact checkpoint.",
             fix="train until the first checkpoint (checkpoint_every) is written.",
         )
-    return checkpoint, "not signed (plain checkpoint folder)", False
+    return checkpoint, "not signed (plain checkpoint folder)", False, []
 
 
 def evaluate_checkpoint(config: LabConfig, payload: bytes) -> tuple[Any, Any]:
@@ -186,7 +228,7 @@ def retrieve_and_evaluate(config: LabConfig, *, backend: Any = None) -> Retrieva
     training = TrainingOutcome.load(config.run_dir)
     vault = training.vault if training is not None else {}
     location, sealed = move_to_trusted_node(config, backend, vault.get("vault_path"))
-    checkpoint, provenance, opened = _open(location, sealed, vault)
+    checkpoint, provenance, opened, signed_by = _open(location, sealed, vault)
     trained = LabConfig.from_dict(training.config) if training and training.config else config
     evaluation, data = evaluate_checkpoint(trained, checkpoint.payload)
     out = Path(config.run_dir)
@@ -206,7 +248,7 @@ def retrieve_and_evaluate(config: LabConfig, *, backend: Any = None) -> Retrieva
     report = RetrievalReport(
         location, sealed, opened, checkpoint.step, provenance, evaluation.loss,
         evaluation.accuracy, evaluation.num_samples,
-        training.test_accuracy if training is not None else None, figures,
+        training.test_accuracy if training is not None else None, figures, signed_by,
     )
     (out / "retrieval.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report

@@ -169,6 +169,9 @@ def run_lab(
     """Execute the notebooks in order into ``config.run_dir``; stop at the first failure."""
     import papermill
 
+    from hfl_lab.owner import ensure_owner_secret
+
+    ensure_owner_secret()  # the kernels of notebooks 04 and 05 share the owner's credential
     config = _absolute(config)
     run_dir = Path(config.run_dir)
     (run_dir / EXECUTED_DIR).mkdir(parents=True, exist_ok=True)

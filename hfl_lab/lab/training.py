@@ -195,23 +195,21 @@ def _watch(backend: Backend, dashboard: Dashboard, config: LabConfig) -> dict[st
     return done
 
 
-#: backend attributes that say where the sealed model and the owner's credential are
-VAULT_ATTRIBUTES = ("vault_path", "trust_state_path", "owner_key_path")
+#: backend attributes that say where the sealed model is and what the owner's trusted node needs:
+#: the trust service's sealed state, the run's public owner salt (the owner credential derives
+#: from it and the session's owner secret, see hfl_lab.owner) and the public ``trust/`` folder
+#: that verifies ps0's provenance signatures offline
+VAULT_ATTRIBUTES = ("vault_path", "trust_state_path", "owner_salt_path", "trust_dir")
 
 
 def _vault_record(backend: Backend) -> dict[str, Any]:
-    """Where the backend left the sealed model, the trust service's sealed state and the owner
-    key file (paths, never the keys), and the PS keys the owner trusts for provenance."""
+    """Where the backend left the sealed model and what opens and verifies it (paths only,
+    never a key)."""
     record: dict[str, Any] = {}
     for name in VAULT_ATTRIBUTES:
         value = getattr(backend, name, None)
-        if value:
+        if value and (name != "vault_path" or Path(value).exists()):
             record[name] = str(value)
-    keys = getattr(backend, "trusted_ps_keys", None)
-    if callable(keys):
-        keys = keys()
-    if keys:
-        record["trusted_ps_keys"] = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
     return record
 
 

@@ -2,7 +2,8 @@
 
 The service's own RA-TLS certificate binds its in-memory key to its TD evidence, so clients
 verify it before handing it anything. The admin credential (and, for a simulated TD, the lab
-platform's keys) arrive on stdin from the launcher; nothing secret is read from a file.
+platform's keys) arrive on stdin from the launcher, or in a pod from the tmpfs Secret volume that
+``$HFL_LAB_BOOTSTRAP_FILE`` names (see ``trainer.participant.read_bootstrap``).
 Events (verdicts, audit records, lifecycle) go to stdout as JSON lines.
 """
 
@@ -13,9 +14,11 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hfl_lab._exceptions import ConfigError, HflLabError
+from hfl_lab.owner import sealing_key
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.trust.service import TrustService, serve
 
@@ -31,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=50060, help="TLS port (0 = any free port)")
     run.add_argument("--host", default=None,
                      help="listen address (default: from trust_address in the config)")
+    run.add_argument("--state", default=None,
+                     help="seal the policy and the registered secrets into this file (sealed "
+                     "under a key derived from the admin credential), and resume from it when "
+                     "it exists: a restarted service still releases the volume passphrase")
     return parser
 
 
@@ -57,9 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         emitter.lifecycle("starting")
         if boot.admin_token is None:
             raise ConfigError(
-                "no admin credential came on stdin.",
+                "no admin credential came on stdin (or in $HFL_LAB_BOOTSTRAP_FILE).",
                 fix="start the trust service through a backend, which hands it the owner's "
-                "credential over a pipe.",
+                "credential over a pipe (local) or a Secret volume (kubernetes).",
             )
         me = Participant("trust", config, measured_argv("hfl_lab.trust", args_list), boot,
                          emitter, policy=policy)
@@ -69,9 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             lab_root_der=boot.platform.root_der if boot.platform else None,
             on_event=emitter.emit,
             cert_lifetime_s=config.lab.cert_lifetime_s,
+            state_path=Path(args.state) if args.state else None,
+            owner_key=sealing_key(boot.admin_token) if args.state else None,
         )
         me.identity.make_certificate(me.provider, subject_cn="trust", role="trust")
-        host = args.host or config.deployment.trust_address.rpartition(":")[0]
+        address_host = config.deployment.trust_address.rpartition(":")[0]
+        # A pod listens on every interface behind its Service; a local run on its loopback address.
+        local = address_host[:1].isdigit() or address_host == "localhost"
+        host = args.host or (address_host if local else "0.0.0.0")  # noqa: S104
         server, port = serve(service, me.identity.certificate_pem, me.identity.private_key_pem(),
                              host=host, port=args.port)
     except HflLabError as e:

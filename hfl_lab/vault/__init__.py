@@ -1,5 +1,6 @@
 """The LUKS model vault: checkpoints at rest in a LUKS volume, with MACs and signed provenance."""
 
+from hfl_lab.vault.attested_signers import AttestedSigners
 from hfl_lab.vault.checkpoints import Checkpoint, CheckpointInfo, CheckpointStore
 from hfl_lab.vault.directory_store import DirectoryCheckpointStore
 from hfl_lab.vault.kernel import kernel_path_status
@@ -9,6 +10,7 @@ from hfl_lab.vault.keyrelease import (
     VaultInfo,
     check_release_policy,
     inspect_volume,
+    open_as_owner,
     open_vault_for_ps,
     provision_vault,
     retrieve_as_owner,
@@ -20,6 +22,7 @@ from hfl_lab.vault.retrieval import RetrievedModel, retrieve_model
 
 __all__ = [
     "VOLUME_SECRET_NAME",
+    "AttestedSigners",
     "Checkpoint",
     "CheckpointInfo",
     "CheckpointStore",
@@ -37,6 +40,7 @@ __all__ = [
     "inspect_volume",
     "kernel_path_status",
     "new_passphrase",
+    "open_as_owner",
     "open_vault_for_ps",
     "provision_vault",
     "retrieve_as_owner",

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +28,7 @@ from hfl_lab.vault.provenance import (
     CheckpointClaim,
     ProvenanceEntry,
     ProvenanceReport,
-    TrustedKey,
+    Signers,
     record_hash,
     sign_record,
     verify_chain,
@@ -263,7 +263,7 @@ class CheckpointArchive:
                 log.warning("skipping checkpoint step %d: %s", info.step, error.message)
         return None
 
-    def verify_provenance(self, trusted_keys: Iterable[TrustedKey]) -> ProvenanceReport:
+    def verify_provenance(self, trusted_keys: Signers) -> ProvenanceReport:
         """Verify the whole log offline, re-hashing the weights of every checkpoint present."""
         names = sorted(self.files.list_dir(PROVENANCE))
         records = [(name, self.files.read(f"{PROVENANCE}/{name}")) for name in names]

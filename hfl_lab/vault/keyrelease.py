@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -23,7 +23,7 @@ from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.trust.broker import DEFAULT_APP_ID
 from hfl_lab.vault.luks_header import LuksHeader, read_header
 from hfl_lab.vault.model_vault import ModelVault, PathKind, choose_data_path, new_passphrase
-from hfl_lab.vault.provenance import TrustedKey
+from hfl_lab.vault.provenance import Signers
 from hfl_lab.vault.retrieval import RetrievedModel, retrieve_model
 
 if TYPE_CHECKING:
@@ -273,7 +273,7 @@ def retrieve_as_owner(
     client: TrustClient | None,
     credential: OwnerCredential,
     vault_path: Path | str,
-    trusted_ps_keys: Iterable[TrustedKey],
+    trusted_ps_keys: Signers,
     *,
     identity: RaTlsIdentity | None = None,
     data_path: PathKind = "auto",
@@ -309,6 +309,24 @@ def retrieve_as_owner(
     try:
         return retrieve_model(path, passphrase, trusted_ps_keys, path_kind=data_path,
                               require_provenance=require_provenance)
+    finally:
+        del passphrase
+
+
+def open_as_owner(
+    credential: SealedBrokerState,
+    vault_path: Path | str,
+    *,
+    data_path: PathKind = "auto",
+    secret_name: str = VOLUME_SECRET_NAME,
+) -> ModelVault:
+    """Open the volume read-only with the owner's authorized credential, to list and check
+    every checkpoint (``retrieve_as_owner`` returns the newest one only)."""
+    path = Path(vault_path)
+    inspect_volume(path)
+    passphrase = _from_sealed_state(credential, secret_name)
+    try:
+        return ModelVault.open(path, passphrase, data_path, read_only=True)
     finally:
         del passphrase
 

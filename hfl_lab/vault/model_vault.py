@@ -12,7 +12,7 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -24,7 +24,13 @@ from hfl_lab.vault.checkpoints import Checkpoint, CheckpointInfo
 from hfl_lab.vault.files import VolumeFiles
 from hfl_lab.vault.integrity import derive_mac_key
 from hfl_lab.vault.kernel import KernelVolume, kernel_path_status
-from hfl_lab.vault.provenance import ProvenanceEntry, ProvenanceReport, TrustedKey, genesis_hash
+from hfl_lab.vault.provenance import (
+    ProvenanceEntry,
+    ProvenanceReport,
+    SignerResolver,
+    Signers,
+    genesis_hash,
+)
 from hfl_lab.vault.userspace import UserspaceVolume
 
 log = logging.getLogger(__name__)
@@ -223,10 +229,16 @@ class ModelVault:
         with self._lock:
             return self._archive.infos()
 
-    def verify_provenance(self, trusted_ps_keys: Iterable[TrustedKey]) -> ProvenanceReport:
-        """Verify the signed, hash-chained log against the PS keys the owner trusts (offline)."""
+    def verify_provenance(self, trusted_ps_keys: Signers) -> ProvenanceReport:
+        """Verify the signed, hash-chained log against the PS keys the owner trusts (offline):
+        a list of keys/certificates, or a ``SignerResolver`` such as ``AttestedSigners``."""
+        trusted = (
+            trusted_ps_keys
+            if isinstance(trusted_ps_keys, SignerResolver)
+            else list(trusted_ps_keys)
+        )
         with self._lock:
-            return self._archive.verify_provenance(list(trusted_ps_keys))
+            return self._archive.verify_provenance(trusted)
 
     # -- CheckpointStore -------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -28,6 +28,26 @@ RECORD_FORMAT = "hfl-lab-provenance/1"
 _GENESIS_DOMAIN = b"hfl-lab/provenance/genesis/v1\0"
 
 TrustedKey = ec.EllipticCurvePublicKey | x509.Certificate | bytes | str
+
+
+@runtime_checkable
+class SignerResolver(Protocol):
+    """Decides which signers of a chain to trust from the records themselves (e.g. by verifying
+    the attestation evidence in each signer's certificate, see ``AttestedSigners``)."""
+
+    def resolve(
+        self, records: Sequence[tuple[str, bytes]]
+    ) -> tuple[dict[str, ec.EllipticCurvePublicKey], dict[str, str]]:
+        """(trusted keys by fingerprint, why each refused fingerprint was refused)"""
+        ...
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """One line of evidence per trusted signer, for the report."""
+        ...
+
+
+#: what the trusted node trusts: a list of PS keys/certificates, or a resolver
+Signers = Iterable[TrustedKey] | SignerResolver
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,9 @@ class ProvenanceReport:
     unsigned_steps: list[int] = field(default_factory=list)
     signers: list[str] = field(default_factory=list)
     head_step: int | None = None
+    #: the attestation of each trusted signer (role, simulated, measurements), when a
+    #: ``SignerResolver`` decided which signers to trust
+    signer_evidence: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -182,12 +205,16 @@ def sign_record(
 
 def verify_chain(
     records: Sequence[tuple[str, bytes]],
-    trusted_keys: Iterable[TrustedKey],
+    trusted_keys: Signers,
     genesis: str,
     checkpoints: Sequence[CheckpointClaim],
 ) -> ProvenanceReport:
     """Check signatures, links and weight hashes; every break becomes one readable problem."""
-    trusted = {fingerprint(public_key_of(key)): public_key_of(key) for key in trusted_keys}
+    refused: dict[str, str] = {}
+    if isinstance(trusted_keys, SignerResolver):
+        trusted, refused = trusted_keys.resolve(records)
+    else:
+        trusted = {fingerprint(public_key_of(key)): public_key_of(key) for key in trusted_keys}
     report = ProvenanceReport(records=len(records))
     hashes_by_index: dict[int, str] = {}
     prev, signers = genesis, set()
@@ -195,7 +222,7 @@ def verify_chain(
         label = f"record {position} ({name})"
         try:
             record = json.loads(raw)
-            problem = _check_record(record, position, prev, trusted)
+            problem = _check_record(record, position, prev, trusted, refused)
         except (ValueError, KeyError, TypeError) as error:
             problem = f"{label} is not a valid provenance record ({error})"
             record = {}
@@ -211,12 +238,18 @@ def verify_chain(
         signers.add(f"{record['ps']['id']} (key {record['ps']['signer_sha256'][:16]})")
         report.head_step = int(record["step"])
     report.signers = sorted(signers)
+    if isinstance(trusted_keys, SignerResolver):
+        report.signer_evidence = trusted_keys.summaries()
     _check_checkpoints(records, hashes_by_index, checkpoints, report)
     return report
 
 
 def _check_record(
-    record: dict[str, Any], position: int, prev: str, trusted: dict[str, ec.EllipticCurvePublicKey]
+    record: dict[str, Any],
+    position: int,
+    prev: str,
+    trusted: dict[str, ec.EllipticCurvePublicKey],
+    refused: Mapping[str, str],
 ) -> str | None:
     if record.get("format") != RECORD_FORMAT:
         return f"unknown format {record.get('format')!r}"
@@ -232,6 +265,11 @@ def _check_record(
     key = public_key_of(record["ps"]["signer_pem"])
     key_id = fingerprint(key)
     if key_id not in trusted:
+        if key_id in refused:
+            return (
+                f"is signed by key {key_id[:16]}…, whose certificate's attestation was refused: "
+                f"{refused[key_id]}"
+            )
         return f"is signed by key {key_id[:16]}…, which is not a trusted PS key"
     body = {name: value for name, value in record.items() if name != "signature"}
     try:

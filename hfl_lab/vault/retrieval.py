@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hfl_lab.vault.checkpoints import Checkpoint
 from hfl_lab.vault.model_vault import ModelVault, PathKind
-from hfl_lab.vault.provenance import ProvenanceReport, TrustedKey
+from hfl_lab.vault.provenance import ProvenanceReport, Signers
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class RetrievedModel:
 def retrieve_model(
     path: Path | str,
     passphrase: bytes,
-    trusted_ps_keys: Iterable[TrustedKey],
+    trusted_ps_keys: Signers,
     *,
     path_kind: PathKind = "auto",
     require_provenance: bool = True,

@@ -9,6 +9,16 @@ and configuration: a participant that runs anything else is refused.
 Ports are chosen automatically on 127.0.0.1; logs go to ``<run_dir>/logs/<role>.log``; the lab
 events that participants print are one queue, read by :meth:`LocalBackend.events`. Teardown
 stops every process group; a participant whose launcher dies exits by itself (its stdin closes).
+
+With ``vault=True`` (the default) the model is sealed: once the trust service is up, this
+backend, as the lab owner, creates the LUKS volume ``<run_dir>/vault/model.luks`` and registers
+its random passphrase in the key broker with a release policy naming ps0's measurements, then
+starts ps0, which obtains the passphrase by attested key release and writes every checkpoint
+into the volume, signed. The trust service seals its state (the passphrase included) into
+``<run_dir>/trust/state.sealed`` under a key derived from the owner's admin credential
+(:mod:`hfl_lab.owner`), so the owner's trusted node can open the volume after the run. The
+public parts the trusted node needs to check provenance offline (the lab platform's root and
+collateral, the volume's release policy) are in ``<run_dir>/trust/``.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from hfl_lab import owner
 from hfl_lab._exceptions import BackendError, ConfigError, HflLabError
 from hfl_lab.backends.base import PreflightCheck, ProgressCallback
 from hfl_lab.config import LabConfig
@@ -129,8 +140,9 @@ class LocalBackend:
         self.extra_env = dict(env or {})
         self.connect_timeout_s = connect_timeout_s
         self.platform: SimulatedPlatform | None = None
-        #: the owner's admin credential for the trust service: memory only
-        self.admin_token = os.urandom(32)
+        #: the owner's admin credential for the trust service (memory only), derived from the
+        #: session's owner secret and this run's public salt (see hfl_lab.owner) in prepare()
+        self.admin_token = b""
         self.policy: AttestationPolicy | None = None
         self.measurements: dict[str, TdMeasurements] = {}
         self.trust_address = ""
@@ -139,6 +151,16 @@ class LocalBackend:
         self.policy_path = self.run_dir / "policy.yaml"
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.log_dir = self.run_dir / "logs"
+        self.trust_dir = self.run_dir / "trust"
+        #: the sealed model (None without the vault) and the trust service's sealed state
+        self.vault_path: Path | None = (
+            self.run_dir / "vault" / "model.luks" if config.vault else None
+        )
+        self.trust_state_path = self.trust_dir / "state.sealed"
+        self.owner_salt_path = self.trust_dir / "owner.json"
+        self.platform_path = self.trust_dir / "platform.json"
+        self.volume_policy_path = self.trust_dir / "volume_policy.yaml"
+        self.vault_info: Any = None
         self.participants: dict[str, Participant] = {}
         self.result: TrainingResult | None = None
         self._queue: queue.Queue[Any] = queue.Queue()
@@ -222,6 +244,17 @@ class LocalBackend:
 
     def prepare(self) -> None:
         """Write the run's config and policy; derive the reference measurements."""
+        try:
+            self._prepare()
+        except OSError as e:
+            raise BackendError(
+                f"cannot write the run folder {self.run_dir}: {e.strerror or e} "
+                f"({e.filename or self.run_dir}).",
+                fix="choose a writable run_dir with free space (-p run_dir=...), or fix the "
+                "folder's permissions; nothing was started.",
+            ) from None
+
+    def _prepare(self) -> None:
         from trainer.settings import Deployment, ParticipantConfig
 
         if not self.config.allow_simulated:
@@ -232,7 +265,14 @@ class LocalBackend:
         self.config.require_data_path()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
+        self.trust_dir.mkdir(exist_ok=True)
         self.platform = self.platform or SimulatedPlatform.generate()
+        self.admin_token = owner.admin_token(self._owner_salt())
+        # public: what the owner's trusted node needs to verify ps0's evidence offline
+        self.platform_path.write_text(json.dumps({
+            "root_der": self.platform.root_der.hex(),
+            "collateral_json": self.platform.collateral_json,
+        }) + "\n")
         trust_port, ps_port = free_port(), free_port()
         while ps_port == trust_port:
             ps_port = free_port()
@@ -244,7 +284,8 @@ class LocalBackend:
             workers=self.config.workers,
             evidence="simulated",
             overlay="local",
-            checkpoint_dir=str(self.checkpoint_dir),
+            checkpoint_dir="" if self.vault_path else str(self.checkpoint_dir),
+            vault_path=str(self.vault_path or ""),
             policy_path=str(self.policy_path),
             data_dir=self.config.data_path,
             connect_timeout_s=self.connect_timeout_s,
@@ -254,7 +295,8 @@ class LocalBackend:
         config = str(self.config_path)
         commands = {
             "trust": ["hfl_lab.trust", "serve", "--config", config, "--policy",
-                      str(self.policy_path), "--port", str(trust_port)],
+                      str(self.policy_path), "--port", str(trust_port),
+                      "--state", str(self.trust_state_path)],
             "ps0": ["trainer", "ps", "--config", config, "--exit-when-done"],
         }
         for i in range(self.config.workers):
@@ -271,6 +313,51 @@ class LocalBackend:
         else:
             self.policy = self.reference_policy()
         self.policy.save(self.policy_path)
+        if self.vault_path is not None:
+            self.volume_release_policy().save(self.volume_policy_path)
+
+    def _owner_salt(self) -> bytes:
+        """This run's public salt (kept, so a resumed run keeps its admin credential)."""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return bytes.fromhex(json.loads(self.owner_salt_path.read_text())["salt"])
+        salt = owner.new_salt()
+        self.owner_salt_path.write_text(json.dumps({"salt": salt.hex()}) + "\n")
+        return salt
+
+    def volume_release_policy(self) -> AttestationPolicy:
+        """Who may receive the volume passphrase by attested release: ps0's TD (this code, its
+        configuration), nobody else. The owner's node uses the sealed state instead."""
+        from hfl_lab.vault.keyrelease import volume_release_policy
+
+        assert self.policy is not None
+        return volume_release_policy(self.measurements["ps0"], base=self.policy)
+
+    def owner_credential(self) -> Any:
+        """The owner's authorized way to the volume passphrase after the run (sealed state)."""
+        from hfl_lab.vault.keyrelease import SealedBrokerState
+
+        return SealedBrokerState(self.trust_state_path, owner.sealing_key(self.admin_token))
+
+    @contextlib.contextmanager
+    def model_store(self) -> Iterator[Any]:
+        """The run's checkpoints, read-only, as the owner sees them: the volume opened with the
+        owner's credential, or the plain checkpoint folder of a run without the vault. Both
+        have ``load_latest()``; the volume also ``list_checkpoints()`` and
+        ``verify_provenance(...)``. Nothing is written."""
+        from hfl_lab.vault import DirectoryCheckpointStore
+        from hfl_lab.vault.keyrelease import open_as_owner
+
+        if self.vault_path is None:
+            yield DirectoryCheckpointStore(self.checkpoint_dir, durable=False)
+            return
+        with open_as_owner(self.owner_credential(), self.vault_path) as vault:
+            yield vault
+
+    def signer_policy(self) -> Any:
+        """What the trusted node trusts as provenance signers: ps0's attested keys."""
+        from hfl_lab.vault.attested_signers import AttestedSigners
+
+        return AttestedSigners.from_folder(self.trust_dir)
 
     def reference_policy(self) -> AttestationPolicy:
         """The owner's policy for this run: this code (MR_TD), each role's configuration."""
@@ -294,13 +381,39 @@ class LocalBackend:
             raise BackendError("the run is already started.", fix="call teardown() first.")
         self.prepare()
         self._started_at = time.monotonic()
-        for role in self.roles:
+        self._launch(self.participants["trust"])
+        if self.vault_path is not None:
+            self._provision_vault(self.vault_path)
+        for role in self.training_roles:
             self._launch(self.participants[role])
+
+    def _provision_vault(self, path: Path) -> None:
+        """As the owner: create the volume and register its passphrase (or keep the volume a
+        resumed run made: the restarted trust service unsealed its passphrase)."""
+        from hfl_lab.vault.keyrelease import provision_vault
+
+        self._wait_roles(["trust"], self.connect_timeout_s, None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self.trust_client() as client:
+            self.vault_info = provision_vault(
+                client, self.admin_token, path, size_mb=self.config.vault_size_mb,
+                release_policy=self.volume_release_policy(), reuse=path.exists(),
+            )
+        info = self.vault_info
+        self._put(LabEvent("log", "owner", {
+            "level": "info",
+            "message": f"model volume {path.name}: LUKS{info.luks_version}, {info.size_mb} MB, "
+            f"{info.data_path_kind} data path, "
+            + ("created; its passphrase is registered in the key broker for ps0 only"
+               if info.created else "kept from the earlier start of this run"),
+        }))
 
     def _launch(self, p: Participant) -> None:
         assert self.platform is not None
         env = dict(os.environ)
         env.update(self.extra_env)
+        env.pop(owner.OWNER_SECRET_ENV, None)  # the owner's credential stays with the owner
+        env.pop("HFL_LAB_BOOTSTRAP_FILE", None)  # the pod way; here the bootstrap is the pipe
         env.update(p.env)
         pythonpath = [str(self.workload_root), env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join(x for x in pythonpath if x)
@@ -418,8 +531,11 @@ class LocalBackend:
     # ------------------------------------------------------------------ waiting and events
 
     def wait_ready(self, timeout_s: float, progress: ProgressCallback | None = None) -> None:
+        self._wait_roles(self.roles, timeout_s, progress)
+
+    def _wait_roles(self, roles: Sequence[str], timeout_s: float,
+                    progress: ProgressCallback | None) -> None:
         deadline = time.monotonic() + timeout_s
-        roles = self.roles
         reported = -1
         while True:
             ready = [r for r in roles if self.participants[r].ready.is_set()]
@@ -554,7 +670,7 @@ class LocalBackend:
 
     def fetch_vault(self, dest: Path) -> Path:
         """Copy the run's model store out of ps0's reach to ``dest``."""
-        source = self.run_dir / "vault" / "model.luks"
+        source = self.vault_path or self.run_dir / "vault" / "model.luks"
         if not source.exists():
             raise BackendError(
                 f"this run has no model volume at {source}; its checkpoints are in "
@@ -618,3 +734,4 @@ def _writable(folder: Path) -> bool:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return os.access(probe, os.W_OK)
+
