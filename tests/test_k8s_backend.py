@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import threading
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ def make_backend(double: ApiDouble, tmp_path: Path, **kw) -> KubernetesBackend:
         registry_insecure=True,
         poll_interval_s=0.02,
         run_dir=tmp_path / "k8s",
+        lab_config=kw.pop("lab_config", {"vault": False}),
         **kw,
     )
     api = ClusterApi(k8s_client.ApiClient(k8s_client.Configuration(host=double.url)))
@@ -87,8 +90,18 @@ def test_preflight_all_ok_on_a_tdx_cluster(double, tmp_path):
         "CoCo operator",
         "TDX nodes",
         "registry",
+        "model vault",
     ]
     assert all(c.ok for c in checks), [str(c) for c in checks]
+
+
+def test_preflight_says_the_vault_is_not_provisioned_on_a_cluster_yet(double, tmp_path):
+    tdx_cluster(double)
+    backend = make_backend(double, tmp_path, overlay="kata-qemu-tdx", lab_config={"vault": True})
+
+    (vault,) = [c for c in backend.preflight() if c.name == "model vault"]
+
+    assert not vault.ok and "vault=false" in vault.fix
 
 
 @pytest.mark.parametrize(
@@ -153,7 +166,7 @@ def test_preflight_runc_needs_no_tdx(double, tmp_path):
         },
     )
     checks = make_backend(double, tmp_path).preflight()
-    assert [c.name for c in checks] == ["API server", "nodes", "registry"]
+    assert [c.name for c in checks] == ["API server", "nodes", "registry", "model vault"]
     assert all(c.ok for c in checks)
 
 
@@ -181,17 +194,71 @@ def test_missing_kubeconfig_is_a_failed_check(tmp_path):
     assert len(checks) == 1 and not checks[0].ok and "kubeconfig" in checks[0].fix
 
 
+def secret_payload(double: ApiDouble, name: str) -> dict:
+    secret = double.objects[f"/api/v1/namespaces/{NS}/secrets/{name}"]
+    assert secret["immutable"] is True and secret["type"] == "Opaque"
+    return json.loads(base64.b64decode(secret["data"]["bootstrap.json"]))
+
+
 def test_start_applies_every_object_server_side(double, tmp_path):
     backend = make_backend(double, tmp_path, workers=3)
     backend.start()
     backend._stop.set()
     patched = double.calls("PATCH")
-    assert len(patched) == len(backend.render())
+    assert len(patched) == len(backend.render()) + 2  # + the two bootstrap Secrets
     assert patched[0].startswith("/api/v1/namespaces/lab-test?")
     assert all("fieldManager=hfl-lab" in p and "force=true" in p for p in patched)
+    secrets = [i for i, p in enumerate(patched) if "/secrets/" in p]
+    statefulsets = [i for i, p in enumerate(patched) if "/statefulsets/" in p]
+    assert len(secrets) == 2 and max(secrets) < min(statefulsets)  # mounted ones exist first
     sts = double.objects[f"/apis/apps/v1/namespaces/{NS}/statefulsets/worker"]
     assert sts["spec"]["replicas"] == 3
     assert (tmp_path / "k8s" / "kustomization.yaml").is_file()
+
+
+def test_start_hands_the_bootstrap_to_pods_through_secrets_only(double, tmp_path):
+    backend = make_backend(double, tmp_path, workers=2)
+    backend.start()
+    backend._stop.set()
+    assert backend.platform is not None
+    platform_hex = backend.platform.export_secret().hex()
+    trust = secret_payload(double, "hfl-bootstrap-trust")
+    td = secret_payload(double, "hfl-bootstrap-td")
+    assert trust == {"admin_token": backend.admin_token.hex(), "platform": platform_hex}
+    assert td == {"platform": platform_hex}  # ps0 and workers never get the admin credential
+    mounted = {}
+    for name in ("trust", "ps", "worker"):
+        spec = double.objects[f"/apis/apps/v1/namespaces/{NS}/statefulsets/{name}"]["spec"]
+        pod = spec["template"]["spec"]
+        volume = next(v for v in pod["volumes"] if v["name"] == "bootstrap")
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["bootstrap"]["readOnly"] is True
+        assert env["HFL_LAB_BOOTSTRAP_FILE"] == mounts["bootstrap"]["mountPath"] + "/bootstrap.json"
+        mounted[name] = volume["secret"]["secretName"]
+    assert mounted == {"trust": "hfl-bootstrap-trust", "ps": "hfl-bootstrap-td",
+                       "worker": "hfl-bootstrap-td"}
+    # no secret in the run folder, in what the backend keeps, or in its repr
+    for file in (tmp_path / "k8s").rglob("*"):
+        text = file.read_text() if file.is_file() else ""
+        assert platform_hex not in text and backend.admin_token.hex() not in text
+    assert all("data" not in o for o in backend.applied if o["kind"] == "Secret")
+    assert backend.admin_token.hex() not in repr(backend)
+
+
+def test_tdx_overlay_creates_only_the_trust_services_secret(double, tmp_path):
+    backend = make_backend(double, tmp_path, overlay="kata-qemu-tdx")
+    backend.start()
+    backend._stop.set()
+    trust = secret_payload(double, "hfl-bootstrap-trust")
+    assert trust == {"admin_token": backend.admin_token.hex()}
+    assert f"/api/v1/namespaces/{NS}/secrets/hfl-bootstrap-td" not in double.objects
+    assert backend.platform is None
+    for name in ("ps", "worker"):
+        pod = double.objects[f"/apis/apps/v1/namespaces/{NS}/statefulsets/{name}"]["spec"][
+            "template"]["spec"]
+        assert all(v["name"] != "bootstrap" for v in pod["volumes"])
+        assert all(e["name"] != "HFL_LAB_BOOTSTRAP_FILE" for e in pod["containers"][0]["env"])
 
 
 def test_start_reports_forbidden_with_rbac_fix(double, tmp_path):
@@ -252,19 +319,19 @@ def test_logs_become_events_in_the_same_stream(double, tmp_path):
     assert metric in events
     follows = [p for p in double.calls("GET") if "/log?" in p]
     assert any("worker-0/log?container=worker&follow=true" in p for p in follows)
-    assert not any("container=vault" in p for p in follows)
+    assert all("container=" in p for p in follows)
 
 
 def test_fetch_vault_copies_over_exec_and_checks_digest(double, tmp_path):
     backend = make_backend(double, tmp_path)
     double.set_pod(NS, "ps-0")
     payload = bytes(range(256)) * 4096 + b"LUKS"  # binary, > one websocket frame
-    double.files[("ps-0", "vault")] = {"/vault/model.luks": payload}
+    double.files[("ps-0", "ps")] = {"/vault/model.luks": payload}
     out = backend.fetch_vault(tmp_path / "out" / "model.luks")
     assert out.read_bytes() == payload
     assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(payload).hexdigest()
     execs = [p for p in double.calls("GET") if "/exec?" in p]
-    assert len(execs) == 2 and all("container=vault" in p for p in execs)
+    assert len(execs) == 2 and all("container=ps" in p for p in execs)
 
 
 def test_fetch_vault_before_the_vault_exists(double, tmp_path):
@@ -278,13 +345,13 @@ def test_fetch_vault_before_the_vault_exists(double, tmp_path):
 def test_fetch_vault_rejects_a_copy_that_does_not_match(double, tmp_path):
     backend = make_backend(double, tmp_path)
     double.set_pod(NS, "ps-0")
-    double.files[("ps-0", "vault")] = {"/vault/model.luks": b"A" * 1000}
+    double.files[("ps-0", "ps")] = {"/vault/model.luks": b"A" * 1000}
     real_run = double.run
 
     def tampered(pod, container, command):  # the file changes between the two execs
         out, err, code = real_run(pod, container, command)
         if command[0] == "sha256sum":
-            double.files[("ps-0", "vault")] = {"/vault/model.luks": b"B" * 1000}
+            double.files[("ps-0", "ps")] = {"/vault/model.luks": b"B" * 1000}
         return out, err, code
 
     double.run = tampered
@@ -311,6 +378,9 @@ def test_teardown_deletes_everything_and_ends_events(double, tmp_path):
     assert applied.isdisjoint(double.objects)
     deleted = [p.split("?")[0] for p in double.calls("DELETE")]
     assert deleted[-1] == f"/api/v1/namespaces/{NS}"
+    assert {f"/api/v1/namespaces/{NS}/secrets/hfl-bootstrap-trust",
+            f"/api/v1/namespaces/{NS}/secrets/hfl-bootstrap-td"} <= set(deleted)
+    assert not [p for p in double.objects if "/secrets/" in p]
     assert got[-1].kind == "lifecycle" and got[-1].data["state"] == "exited"
     backend.teardown()  # a second teardown finds nothing and does not fail
 
@@ -319,3 +389,30 @@ def test_role_and_line_mapping():
     assert [role_of(p) for p in ("trust-0", "ps-0", "worker-11")] == ["trust", "ps0", "worker11"]
     assert event_from_line("ps0", '{"not": "an event"}').kind == "log"
     assert event_from_line("ps0", "WARNING slow").data["level"] == "warning"
+
+
+def test_participant_reads_the_pod_bootstrap_file_and_names_a_bad_one(tmp_path, monkeypatch):
+    from hfl_lab import ConfigError
+    from hfl_lab.tee.sim.platform import SimulatedPlatform
+    from trainer.participant import BOOTSTRAP_FILE_ENV, read_bootstrap
+
+    platform = SimulatedPlatform.generate()
+    token = bytes(range(32))
+    good = tmp_path / "bootstrap.json"
+    good.write_text(json.dumps({"platform": platform.export_secret().hex(),
+                                "admin_token": token.hex()}))
+    monkeypatch.setenv(BOOTSTRAP_FILE_ENV, str(good))
+    threads = threading.active_count()
+    boot = read_bootstrap()
+    assert boot.admin_token == token and boot.platform is not None
+    assert boot.platform.root_der == platform.root_der
+    assert threading.active_count() == threads  # no stdin watchdog in a pod
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"admin_token": "' + "zz" * 32 + '"}')
+    monkeypatch.setenv(BOOTSTRAP_FILE_ENV, str(bad))
+    with pytest.raises(ConfigError, match=r"bootstrap file .* is not valid") as info:
+        read_bootstrap()
+    assert "zz" not in str(info.value)
+    monkeypatch.setenv(BOOTSTRAP_FILE_ENV, str(tmp_path / "absent.json"))
+    with pytest.raises(ConfigError, match="cannot read the bootstrap file"):
+        read_bootstrap()

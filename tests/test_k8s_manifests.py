@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
+import hashlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,8 +16,13 @@ import yaml
 from hfl_lab import ConfigError
 from hfl_lab.backends.kubernetes import kustomize
 from hfl_lab.backends.kubernetes.jsonpatch import apply_patch
-from hfl_lab.backends.kubernetes.render import K8S_DIR, config_document, render
+from hfl_lab.backends.kubernetes.render import K8S_DIR, config_document, render, render_run
 from hfl_lab.backends.kubernetes.settings import OVERLAYS, ContainerResources, KubernetesSettings
+from hfl_lab.tee.policy import AttestationPolicy
+from hfl_lab.tee.sim.measure import measure_workload
+from trainer.settings import ParticipantConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 #: the Kubernetes version whose OpenAPI schemas the manifests must satisfy
 #: (schemas shipped with kubernetes-validate 1.37.0)
@@ -73,7 +81,11 @@ def test_runtime_class_and_privileges_per_overlay(tmp_path):
     assert pod(tdx, "ps")["containers"][0]["securityContext"]["privileged"] is True
     env = {e["name"]: e.get("value") for e in pod(tdx, "ps")["containers"][0]["env"]}
     assert env["HFL_LAB_VAULT_DATA_PATH"] == "kernel" and env["HFL_LAB_EVIDENCE"] == "configfs-tsm"
-    assert pod(tdx, "ps")["containers"][1]["securityContext"]["runAsNonRoot"] is True
+    for objects in (runc, tdx):  # one participant per pod, no placeholder containers
+        for name in ("trust", "ps", "worker"):
+            (container,) = pod(objects, name)["containers"]
+            assert container["command"] == ["/opt/hfl-lab/entrypoint.sh"]
+            assert container["args"][:2] == ["python", "-m"]
 
 
 def test_parameters_reach_the_objects(tmp_path):
@@ -108,9 +120,11 @@ def test_parameters_reach_the_objects(tmp_path):
     )
     config = yaml.safe_load(by_kind(objects, "ConfigMap", "hfl-config")["data"]["config.yaml"])
     assert config == config_document(settings)
-    assert config["deployment"]["ps_address"] == "ps0.team-a.svc:50051" and config["lab"] == {
-        "epochs": 2
-    }
+    assert config["deployment"]["ps_address"] == "ps0.team-a.svc:50051"
+    assert config["lab"]["epochs"] == 2 and config["lab"]["workers"] == 3
+    assert config["lab"]["data_path"] == "/data" and config["lab"]["kubeconfig"] is None
+    data = {"name": "data", "persistentVolumeClaim": {"claimName": "cifar10", "readOnly": True}}
+    assert data in pod(objects, "ps")["volumes"]
     annotations = by_kind(objects, "StatefulSet", "ps")["spec"]["template"]["metadata"][
         "annotations"
     ]
@@ -118,6 +132,82 @@ def test_parameters_reach_the_objects(tmp_path):
         "cc_kbc::http://10.1.2.3:8080"
         in annotations["io.katacontainers.config.hypervisor.kernel_params"]
     )
+
+
+def test_config_map_is_the_participant_config_the_services_promise(tmp_path):
+    objects = render(KubernetesSettings(namespace="lab-c", workers=2, run_dir=tmp_path,
+                                        lab_config={"steps": 7, "vault": True}))
+    text = by_kind(objects, "ConfigMap", "hfl-config")["data"]["config.yaml"]
+    config = ParticipantConfig.from_document(yaml.safe_load(text))
+    ports = {s["metadata"]["name"]: s["spec"]["ports"][0]["port"]
+             for s in by_kind(objects, "Service")}
+    d = config.deployment
+    assert d.trust_address == f"trust.lab-c.svc:{ports['trust']}"
+    assert d.ps_address == f"ps0.lab-c.svc:{ports['ps0']}"
+    assert (d.evidence, d.workers, config.lab.workers, config.lab.steps) == ("simulated", 2, 2, 7)
+    ps = pod(objects, "ps")["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in ps["volumeMounts"]}
+    assert d.vault_path.startswith(mounts["vault"] + "/") and d.data_dir == mounts["data"]
+    assert d.policy_path.startswith(mounts["policy"] + "/")
+    trust_args = pod(objects, "trust")["containers"][0]["args"]
+    assert trust_args[trust_args.index("--port") + 1] == str(ports["trust"])
+    assert trust_args[trust_args.index("--config") + 1] == mounts["config"]
+
+
+def test_runc_policy_is_derived_from_the_rendered_document_and_argv(tmp_path):
+    run = render_run(KubernetesSettings(workers=2, run_dir=tmp_path))
+    policy_text = by_kind(run.objects, "ConfigMap", "hfl-policy")["data"]["policy.yaml"]
+    policy = AttestationPolicy.from_dict(yaml.safe_load(policy_text))
+    config_map = by_kind(run.objects, "ConfigMap", "hfl-config")
+    document = yaml.safe_load(config_map["data"]["config.yaml"])
+    worker = pod(run.objects, "worker")["containers"][0]
+    args = {
+        "trust": pod(run.objects, "trust")["containers"][0]["args"],
+        "ps0": pod(run.objects, "ps")["containers"][0]["args"],
+        "worker1": [a.replace("$(HFL_LAB_WORKER_INDEX)", "1") for a in worker["args"]],
+    }
+    assert policy.allow_simulated and not policy.allow_debug
+    for role, argv in args.items():
+        m = measure_workload(role=role, config=document, argv=argv, root=REPO)
+        assert policy.reference_for(role, "mr_config_id") == (m.mr_config_id.hex(),)
+        assert m.mr_td.hex() in (policy.mr_td or ())
+    assert policy.reference_for("worker0", "mr_config_id") != policy.reference_for(
+        "worker1", "mr_config_id")
+
+
+def test_tdx_policies_refuse_simulated_evidence_and_pin_the_initdata(tmp_path):
+    plain = render_run(KubernetesSettings(overlay="kata-qemu-tdx", run_dir=tmp_path / "a"))
+    assert not plain.policy.allow_simulated and plain.policy.mr_config_id is None
+    digest = "sha256:" + "cd" * 32
+    signed = render_run(KubernetesSettings(overlay="kata-qemu-tdx-encrypted-signed",
+                                           image=f"r.example.com/hfl@{digest}",
+                                           run_dir=tmp_path / "b"))
+    annotations = by_kind(signed.objects, "StatefulSet", "worker")["spec"]["template"]["metadata"][
+        "annotations"]
+    initdata = gzip.decompress(
+        base64.b64decode(annotations["io.katacontainers.config.hypervisor.cc_init_data"]))
+    assert digest.encode() in initdata
+    assert signed.policy.mr_config_id == (hashlib.sha384(initdata).hexdigest(),)
+    assert not signed.policy.allow_simulated and signed.policy.report_data_binding == "key+nonce"
+
+
+def test_mount_root_moves_every_lab_path_and_nothing_else(tmp_path):
+    root = str(tmp_path / "pods")
+    objects = render(KubernetesSettings(mount_root=root, service_host="127.0.0.9",
+                                        run_dir=tmp_path / "k8s"))
+    document = yaml.safe_load(by_kind(objects, "ConfigMap", "hfl-config")["data"]["config.yaml"])
+    d = document["deployment"]
+    assert d["trust_address"] == "127.0.0.9:50060" and d["vault_path"] == root + "/vault/model.luks"
+    assert document["lab"]["data_path"] == root + "/data"
+    for name in ("trust", "ps", "worker"):
+        container = pod(objects, name)["containers"][0]
+        assert all(m["mountPath"].startswith(root + "/") or m["mountPath"] == "/tmp"
+                   for m in container["volumeMounts"])
+        assert container["command"] == ["/opt/hfl-lab/entrypoint.sh"]
+        config = container["args"][container["args"].index("--config") + 1]
+        assert config == root + "/etc/hfl-lab/config.yaml"
+        kubernetes_validate.validate(by_kind(objects, "StatefulSet", name), K8S_SCHEMA_VERSION,
+                                     strict=True)
 
 
 def test_ingress_passes_tls_through_and_network_policy_denies_by_default(tmp_path):
@@ -192,6 +282,9 @@ def test_json_patch_test_op_guards_index_based_overlay_patches():
         ({"namespace": "Bad_NS"}, "namespace"),
         ({"image": "UPPER case"}, "image"),
         ({"data_source": "s3://bucket"}, "data source"),
+        ({"data_source": "emptydir"}, "data source"),  # nothing would fill it
+        ({"mount_root": "relative/dir"}, "mount_root"),
+        ({"service_host": "a host"}, "service_host"),
         ({"policy_yaml": "- a list"}, "policy"),
     ],
 )

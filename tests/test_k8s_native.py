@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
+import signal
 import subprocess
 from pathlib import Path
 
@@ -127,3 +130,24 @@ def test_kata_config_edits_vcpus_memory_and_kernel_params(tmp_path):
         timeout=10,
     )
     assert bad.returncode == 2 and "positive integer" in bad.stderr
+
+
+def test_entrypoint_passes_failures_on_and_idles_after_success(tmp_path):
+    entry = str(REPO / "native/image/entrypoint.sh")
+    config = tmp_path / "config.yaml"
+    config.write_text("deployment: {}\n")
+    failed = subprocess.run(["bash", entry, "sh", "-c", "exit 7", "--config", str(config)],
+                            capture_output=True, text=True, timeout=10)
+    assert failed.returncode == 7  # Kubernetes restarts a participant that failed
+    missing = subprocess.run(["bash", entry, "true", "--config", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=10)
+    assert missing.returncode == 1 and "hfl-config ConfigMap" in missing.stderr
+    finished = subprocess.Popen(["bash", entry, "true"], stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    assert finished.stderr is not None
+    assert "idle until the pod is stopped" in finished.stderr.readline()
+    assert finished.poll() is None  # a StatefulSet would restart a container that exits
+    os.killpg(finished.pid, signal.SIGTERM)
+    assert finished.wait(timeout=10) == 0
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(finished.pid, signal.SIGKILL)

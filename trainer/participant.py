@@ -5,7 +5,9 @@ A participant (trust service, ps0, a worker) is one process in one TD. It
 1. reads its bootstrap from stdin when its launcher gives one (the local backend hands each
    simulated TD the lab platform's keys this way, never through a file or the environment, and
    keeps the pipe open: when the launcher dies, stdin reaches EOF and the participant exits, so no
-   process outlives the lab);
+   process outlives the lab); in a pod, which has no launcher on stdin, from the file that
+   ``$HFL_LAB_BOOTSTRAP_FILE`` names: a Kubernetes Secret volume (tmpfs) that the Kubernetes
+   backend created from memory (see ``hfl_lab.backends.kubernetes.bootstrap``);
 2. measures itself and obtains evidence from the configured source;
 3. attests to the trust service (retrying while it is not up yet) and gets its mesh identity;
 4. prints one JSON :class:`~hfl_lab.events.LabEvent` per line on stdout (the backend's event
@@ -46,6 +48,7 @@ from hfl_lab.trust.service import event_for
 from trainer.settings import ParticipantConfig
 
 __all__ = [
+    "BOOTSTRAP_FILE_ENV",
     "Bootstrap",
     "Emitter",
     "Participant",
@@ -60,6 +63,8 @@ log = logging.getLogger("hfl_lab.participant")
 EXIT_ORPHANED = 3
 #: set to 1 in a participant's environment to launch it as a DEBUG TD (attack demonstrations)
 DEBUG_TD_ENV = "HFL_LAB_SIM_DEBUG"
+#: in a pod: the file (a tmpfs Secret volume) that holds the bootstrap line instead of stdin
+BOOTSTRAP_FILE_ENV = "HFL_LAB_BOOTSTRAP_FILE"
 
 
 @dataclass(frozen=True)
@@ -76,8 +81,13 @@ class Bootstrap:
 def read_bootstrap(stream: TextIO | None = None, *, watch: bool = True) -> Bootstrap:
     """Read the one-line JSON bootstrap from stdin; then watch stdin for EOF (launcher gone).
 
-    With no launcher (stdin a terminal or /dev/null) the bootstrap is empty.
+    With no launcher (stdin a terminal or /dev/null) the bootstrap is empty. When no ``stream``
+    is given and ``$HFL_LAB_BOOTSTRAP_FILE`` is set (a pod), the bootstrap comes from that file
+    instead, and nothing watches stdin: the pod's lifetime is Kubernetes' business.
     """
+    path = os.environ.get(BOOTSTRAP_FILE_ENV, "") if stream is None else ""
+    if path:
+        return _read_bootstrap_file(Path(path))
     stream = stream or sys.stdin
     if stream is None or stream.closed or stream.isatty():
         return Bootstrap()
@@ -85,24 +95,47 @@ def read_bootstrap(stream: TextIO | None = None, *, watch: bool = True) -> Boots
     if not line.strip():
         return Bootstrap()
     try:
-        raw = json.loads(line)
-        platform = raw.get("platform")
-        token = raw.get("admin_token")
-        boot = Bootstrap(
-            platform=SimulatedPlatform.from_secret(bytes.fromhex(platform)) if platform else None,
-            admin_token=bytes.fromhex(token) if token else None,
-        )
-    except (ValueError, AttributeError, TypeError, HflLabError) as e:
-        raise ConfigError(
-            f"the bootstrap line on stdin is not valid ({type(e).__name__}).",
-            fix="start participants through a backend (hfl_lab.backends.local).",
-        ) from None
+        boot = _parse_bootstrap(line, "the bootstrap line on stdin",
+                                "start participants through a backend (hfl_lab.backends.local).")
     finally:
         del line
     if watch:
         threading.Thread(target=_exit_on_eof, args=(stream,), daemon=True,
                          name="launcher-watch").start()
     return boot
+
+
+def _read_bootstrap_file(path: Path) -> Bootstrap:
+    fix = ("let the Kubernetes backend create the run's bootstrap Secret (it does so in start()), "
+           f"or unset {BOOTSTRAP_FILE_ENV}.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read the bootstrap file {path} named by {BOOTSTRAP_FILE_ENV}: "
+            f"{e.strerror or type(e).__name__}.",
+            fix=fix,
+        ) from None
+    try:
+        if not text.strip():
+            return Bootstrap()
+        return _parse_bootstrap(text, f"the bootstrap file {path}", fix)
+    finally:
+        del text
+
+
+def _parse_bootstrap(text: str, what: str, fix: str) -> Bootstrap:
+    """The secrets of a bootstrap JSON object; the message never quotes them."""
+    try:
+        raw = json.loads(text)
+        platform = raw.get("platform")
+        token = raw.get("admin_token")
+        return Bootstrap(
+            platform=SimulatedPlatform.from_secret(bytes.fromhex(platform)) if platform else None,
+            admin_token=bytes.fromhex(token) if token else None,
+        )
+    except (ValueError, AttributeError, TypeError, HflLabError) as e:
+        raise ConfigError(f"{what} is not valid ({type(e).__name__}).", fix=fix) from None
 
 
 def _exit_on_eof(stream: TextIO) -> None:

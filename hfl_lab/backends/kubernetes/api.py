@@ -27,6 +27,7 @@ k8s_config: Any = _k8s_config
 RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
     ("v1", "Namespace"): ("/api/v1", "namespaces", False),
     ("v1", "ConfigMap"): ("/api/v1", "configmaps", True),
+    ("v1", "Secret"): ("/api/v1", "secrets", True),
     ("v1", "Service"): ("/api/v1", "services", True),
     ("v1", "PersistentVolumeClaim"): ("/api/v1", "persistentvolumeclaims", True),
     ("v1", "Pod"): ("/api/v1", "pods", True),

@@ -1,7 +1,13 @@
-"""The Kubernetes backend: the lab's participants as pods (CoCo TDs under kata-qemu-tdx)."""
+"""The Kubernetes backend: the lab's participants as pods (CoCo TDs under kata-qemu-tdx).
+
+``start()`` renders the run (:mod:`.render`: manifests, participant config, the owner's
+policy), creates the pods' bootstrap Secrets from memory (:mod:`.bootstrap`) and applies
+everything server-side; the pods run the real participant entry points.
+"""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -11,17 +17,20 @@ from typing import Any
 
 from hfl_lab._exceptions import BackendError
 from hfl_lab.backends.base import PreflightCheck, ProgressCallback
+from hfl_lab.backends.kubernetes import bootstrap, vault_copy
 from hfl_lab.backends.kubernetes import render as rendering
-from hfl_lab.backends.kubernetes import vault_copy
 from hfl_lab.backends.kubernetes.api import ApiError, ClusterApi, object_path
 from hfl_lab.backends.kubernetes.kustomize import Manifest
 from hfl_lab.backends.kubernetes.preflight import run_preflight
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 from hfl_lab.events import KINDS, LabEvent
+from hfl_lab.tee.policy import AttestationPolicy
+from hfl_lab.tee.sim.platform import SimulatedPlatform
 
 SELECTOR = "app.kubernetes.io/part-of=hfl-lab"
 PS_POD = "ps-0"
-VAULT_CONTAINER = "vault"
+#: ps0 stays up after training, so its own container serves the vault copy
+VAULT_CONTAINER = "ps"
 #: the container of each StatefulSet whose logs are the participant's logs
 MAIN_CONTAINER = {"trust": "trust", "ps": "ps", "worker": "worker"}
 #: container waiting reasons that will not heal by waiting, and what to do about each
@@ -41,6 +50,7 @@ FATAL_REASONS = {
 _APPLY_ORDER = [
     "Namespace",
     "ConfigMap",
+    "Secret",
     "PersistentVolumeClaim",
     "Service",
     "NetworkPolicy",
@@ -121,6 +131,16 @@ class KubernetesBackend:
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self.applied: list[Manifest] = []
+        #: the owner's admin credential for the trust service: memory and the trust pod only
+        self.admin_token = os.urandom(32)
+        #: the simulated platform of a runc run (its keys reach the pods only through Secrets)
+        self.platform: SimulatedPlatform | None = None
+        self.policy: AttestationPolicy | None = None
+        self.rendered: rendering.RenderedRun | None = None
+
+    def __repr__(self) -> str:
+        return (f"KubernetesBackend(namespace={self.settings.namespace!r}, "
+                f"overlay={self.settings.overlay!r}, <secrets in memory>)")
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -149,22 +169,44 @@ class KubernetesBackend:
             api = self.api
         except BackendError as exc:
             return [PreflightCheck("credentials", False, exc.message, exc.fix or "")]
-        return run_preflight(api, self.settings)
+        return [*run_preflight(api, self.settings), self._vault_check()]
+
+    def _vault_check(self) -> PreflightCheck:
+        if not self.settings.lab_config.get("vault", True):
+            return PreflightCheck("model vault", True,
+                                  "off: ps0 keeps plain checkpoints in its pod (vault=false)")
+        return PreflightCheck(
+            "model vault", False,
+            "this backend does not yet create the LUKS volume in the PS pod and register its "
+            "passphrase with the trust service from the owner's side, so ps0 would stop at its "
+            "start waiting for a volume",
+            "run with -p vault=false on a cluster (checkpoints stay in the PS pod), or use the "
+            "local backend for the sealed model.",
+        )
 
     def render(self) -> list[Manifest]:
-        """The objects this run applies (also written to ``settings.run_dir``)."""
-        objects = rendering.render(self.settings, self.k8s_dir)
-        return sorted(objects, key=lambda o: _APPLY_ORDER.index(o["kind"]))
+        """The objects this run applies (also written to ``settings.run_dir``); no Secrets."""
+        self.rendered = rendering.render_run(self.settings, self.k8s_dir)
+        self.policy = self.rendered.policy
+        return sorted(self.rendered.objects, key=lambda o: _APPLY_ORDER.index(o["kind"]))
+
+    def _bootstrap_secrets(self) -> list[Manifest]:
+        if not self.settings.uses_tdx and self.platform is None:
+            self.platform = SimulatedPlatform.generate()
+        return bootstrap.bootstrap_secrets(self.settings.namespace, self.admin_token,
+                                           None if self.settings.uses_tdx else self.platform)
 
     def start(self) -> None:
-        objects = self.render()
+        objects = self.render() + self._bootstrap_secrets()
+        objects.sort(key=lambda o: _APPLY_ORDER.index(o["kind"]))
         for i, obj in enumerate(objects, 1):
             what = f"applying {obj['kind']} {obj['metadata']['name']}"
             try:
                 self.api.apply(obj, self.settings.field_manager)
             except ApiError as exc:
                 raise self._fail(what, exc) from None
-            self.applied.append(obj)
+            # a Secret's data stays out of what the backend keeps
+            self.applied.append(bootstrap.reference(obj) if obj["kind"] == "Secret" else obj)
             self._emit(
                 LabEvent(
                     "progress",
@@ -231,7 +273,7 @@ class KubernetesBackend:
 
     def fetch_vault(self, dest: Path) -> Path:
         ns = self.settings.namespace
-        path = rendering.VAULT_PATH
+        path = rendering.pod_path(self.settings, rendering.VAULT_PATH)
         try:
             digest_run = self.api.exec(ns, PS_POD, VAULT_CONTAINER, vault_copy.sha256_command(path))
             if digest_run.returncode != 0:
@@ -261,7 +303,11 @@ class KubernetesBackend:
         if self._monitor is not None:
             self._monitor.join(timeout=5)
             self._monitor = None
-        objects = self.applied or self.render()
+        objects = self.applied or sorted(
+            self.render()
+            + bootstrap.secret_references(self.settings.namespace, not self.settings.uses_tdx),
+            key=lambda o: _APPLY_ORDER.index(o["kind"]),
+        )
         for obj in reversed(objects):
             try:
                 self.api.delete(object_path(obj))

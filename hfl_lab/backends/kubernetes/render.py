@@ -6,63 +6,148 @@ and which sets the namespace, worker count, image, configuration, policy, data s
 resources and KBS address. ``kubectl apply -k <run_dir>`` deploys exactly what the backend
 applies, because the backend builds that same folder with :mod:`.kustomize`.
 
+``config.yaml`` is the participant config document (``trainer.settings.ParticipantConfig``):
+the Services' DNS names and ports, the evidence source (simulated under runc, configfs-tsm in a
+TD), where ps0 keeps the vault and where CIFAR-10 is, plus the run's LabConfig. Its whole content
+is what each participant's MR_CONFIG_ID measures. Unless the owner gives a policy, ``policy.yaml``
+is derived from that same document and from the command lines the rendered pods run
+(:mod:`.measure`), as the local backend derives its own.
+
 Container contract (what the image must provide; see native/image/):
   trust service  ``python -m hfl_lab.trust serve --config C --policy P --port 50060``
   ps0            ``python -m trainer ps --config /etc/hfl-lab/config.yaml``
   worker i       ``python -m trainer worker --index i --config /etc/hfl-lab/config.yaml``
-  all through /opt/hfl-lab/entrypoint.sh; config at /etc/hfl-lab/config.yaml (see
-  :func:`config_document`), policy at /etc/hfl-lab/policy/policy.yaml, env HFL_LAB_ROLE,
-  HFL_LAB_EVIDENCE (simulated | configfs-tsm), HFL_LAB_VAULT_DATA_PATH (userspace | kernel);
-  ps0 writes the vault to /vault/model.luks; a worker touches /run/hfl-lab/ready once it is
-  attested and connected (its readiness probe); a stdout line that is a ``LabEvent`` in JSON
-  reaches the dashboard as that event, any other line as a "log" event. Pods belong to
-  StatefulSets, which restart a container that exits: when training is over, ps0 prints a
-  "lifecycle" event with state "exited" (detail "vault sealed") and then idles until teardown.
+  all through /opt/hfl-lab/entrypoint.sh; policy at /etc/hfl-lab/policy/policy.yaml; env
+  HFL_LAB_ROLE, HFL_LAB_EVIDENCE (simulated | configfs-tsm), HFL_LAB_VAULT_DATA_PATH (userspace |
+  kernel), HFL_LAB_BOOTSTRAP_FILE (the bootstrap Secret volume, see :mod:`.bootstrap`); ps0
+  keeps the vault at /vault/model.luks and stays up after training; a worker touches
+  /run/hfl-lab/ready once it is attested and registered (its readiness probe), and its
+  entrypoint idles after the worker finished (a StatefulSet restarts a container that exits); a
+  stdout line that is a ``LabEvent`` in JSON reaches the dashboard as that event, any other line
+  as a "log" event.
 """
 
 from __future__ import annotations
 
+import base64
+import copy
+import gzip
 import os
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from hfl_lab._exceptions import ConfigError
-from hfl_lab.backends.kubernetes import kustomize
+from hfl_lab.backends.kubernetes import kustomize, measure
 from hfl_lab.backends.kubernetes.kustomize import Manifest
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
+from hfl_lab.config import LabConfig
+from hfl_lab.tee.policy import AttestationPolicy
+from trainer.settings import Deployment, ParticipantConfig
 
 #: the repository's k8s/ folder
 K8S_DIR = Path(__file__).resolve().parents[3] / "k8s"
 TRUST_PORT = 50060
 PS_PORT = 50051
+#: in-container paths (prefixed with ``settings.mount_root``)
+CONFIG_FILE = "/etc/hfl-lab/config.yaml"
+POLICY_FILE = "/etc/hfl-lab/policy/policy.yaml"
+BOOTSTRAP_FILE = "/etc/hfl-lab/bootstrap/bootstrap.json"
+DATA_DIR = "/data"
 VAULT_PATH = "/vault/model.luks"
+CHECKPOINT_DIR = "/vault/checkpoints"
+RUN_DIR = "/run/hfl-lab"
 READY_FILE = "/run/hfl-lab/ready"
+POD_PATH_ROOTS = ("/etc/hfl-lab", DATA_DIR, "/vault", RUN_DIR)
 KERNEL_PARAMS_ANNOTATION = "io.katacontainers.config.hypervisor.kernel_params"
+#: CoCo initdata (gzip + base64 of the TOML); the TD reports its SHA-384 as MRCONFIGID
+INITDATA_ANNOTATION = "io.katacontainers.config.hypervisor.cc_init_data"
+STATEFULSETS = ("trust", "ps", "worker")
+
+
+@dataclass(frozen=True)
+class RenderedRun:
+    """One run's folder and objects, and what the owner's policy was derived from."""
+
+    folder: Path
+    objects: list[Manifest]
+    document: dict[str, Any]
+    policy: AttestationPolicy
+    #: role → the argv its container runs (after the kubelet's $(VAR) expansion)
+    commands: dict[str, list[str]]
+    derived_policy: bool
+
+
+def pod_path(settings: KubernetesSettings, path: str) -> str:
+    """An in-container path of the lab under ``settings.mount_root``."""
+    return settings.mount_root + path
+
+
+def lab_for_pods(settings: KubernetesSettings) -> LabConfig:
+    """The run's LabConfig as the pods see it: their data folder, no owner's machine paths."""
+    values = dict(settings.lab_config)
+    values.update(
+        backend="kubernetes",
+        workers=settings.workers,
+        data_path=pod_path(settings, DATA_DIR),
+        run_dir=pod_path(settings, RUN_DIR),
+        policy_path=None,
+        kubeconfig=None,
+        kube_context=None,
+        namespace=settings.namespace,
+        image=settings.image,
+        k8s_overlay=settings.overlay,
+        runtime_class=settings.runtime_class,
+    )
+    lab = LabConfig.from_dict(values)
+    if not settings.uses_tdx and not lab.allow_simulated:
+        raise ConfigError(
+            "the runc overlay runs simulated TDs, and allow_simulated is False.",
+            fix="set allow_simulated=True, or use the kata-qemu-tdx overlay on a TDX cluster.",
+        )
+    return lab
+
+
+def deployment_for(settings: KubernetesSettings, lab: LabConfig) -> Deployment:
+    """Where things are in the cluster: Service DNS names and ports, evidence, vault, data."""
+    ns = settings.namespace
+
+    def address(service: str, port: int) -> str:
+        return f"{settings.service_host or f'{service}.{ns}.svc'}:{port}"
+
+    return Deployment(
+        trust_address=address("trust", TRUST_PORT),
+        ps_address=address("ps0", PS_PORT),
+        workers=settings.workers,
+        evidence="configfs-tsm" if settings.uses_tdx else "simulated",
+        namespace=ns,
+        overlay=settings.overlay,
+        vault_path=pod_path(settings, VAULT_PATH) if lab.vault else "",
+        vault_data_path="kernel" if settings.uses_tdx else "userspace",
+        checkpoint_dir="" if lab.vault else pod_path(settings, CHECKPOINT_DIR),
+        policy_path=pod_path(settings, POLICY_FILE),
+        data_dir=pod_path(settings, DATA_DIR),
+        data_source=settings.data_source,
+        ready_file=pod_path(settings, READY_FILE),
+        connect_timeout_s=settings.connect_timeout_s,
+    )
+
+
+def write_config(settings: KubernetesSettings, path: Path) -> dict[str, Any]:
+    """Write the participant config document to ``path``; the document as participants read it."""
+    lab = lab_for_pods(settings)
+    ParticipantConfig.write(path, deployment_for(settings, lab), lab)
+    return dict(ParticipantConfig.load(path).measured())
 
 
 def config_document(settings: KubernetesSettings) -> dict[str, Any]:
-    """What /etc/hfl-lab/config.yaml holds: where things are, plus the lab's own config."""
-    ns = settings.namespace
-    return {
-        "deployment": {
-            "namespace": ns,
-            "workers": settings.workers,
-            "overlay": settings.overlay,
-            "evidence": "configfs-tsm" if settings.uses_tdx else "simulated",
-            "vault_path": VAULT_PATH,
-            "vault_data_path": "kernel" if settings.uses_tdx else "userspace",
-            "trust_address": f"trust.{ns}.svc:{TRUST_PORT}",
-            "ps_address": f"ps0.{ns}.svc:{PS_PORT}",
-            "policy_path": "/etc/hfl-lab/policy/policy.yaml",
-            "data_dir": "/data",
-            "data_source": settings.data_source,
-            "ready_file": READY_FILE,
-        },
-        "lab": dict(settings.lab_config),
-    }
+    """What /etc/hfl-lab/config.yaml holds (see :func:`write_config`)."""
+    with tempfile.TemporaryDirectory(prefix="hfl-lab-config-") as folder:
+        return write_config(settings, Path(folder) / "config.yaml")
 
 
 def overlay_dir(settings: KubernetesSettings, k8s_dir: Path = K8S_DIR) -> Path:
@@ -101,18 +186,26 @@ def run_kustomization(settings: KubernetesSettings, k8s_dir: Path, out_dir: Path
         entry["newTag"] = image.tag
     if image.digest:
         entry["digest"] = image.digest
-    worker_pod = _pod_spec(base, "worker")
-    data_index = _index_of(worker_pod["volumes"], "data", "worker volume")
-    data_path = f"/spec/template/spec/volumes/{data_index}"
-    patches: list[dict[str, Any]] = [
-        _patch(
-            "worker",
-            [
-                {"op": "test", "path": f"{data_path}/name", "value": "data"},
-                {"op": "replace", "path": data_path, "value": settings.data_volume()},
-            ],
+    patches: list[dict[str, Any]] = []
+    if settings.mount_root:
+        for name in STATEFULSETS:
+            container = _reroot(_pod_spec(base, name)["containers"][0], settings.mount_root)
+            patches.append(
+                _patch(name, [{"op": "replace", "path": "/spec/template/spec/containers/0",
+                               "value": container}])
+            )
+    for name in ("ps", "worker"):
+        index = _index_of(_pod_spec(base, name)["volumes"], "data", f"{name} volume")
+        path = f"/spec/template/spec/volumes/{index}"
+        patches.append(
+            _patch(
+                name,
+                [
+                    {"op": "test", "path": f"{path}/name", "value": "data"},
+                    {"op": "replace", "path": path, "value": settings.data_volume()},
+                ],
+            )
         )
-    ]
     for name, resources in (
         ("ps", settings.ps_resources),
         ("worker", settings.worker_resources),
@@ -148,6 +241,15 @@ def run_kustomization(settings: KubernetesSettings, k8s_dir: Path, out_dir: Path
                         }
                     ],
                 )
+            )
+    initdata = measure.initdata_for(settings)
+    if initdata is not None:
+        escaped = INITDATA_ANNOTATION.replace("~", "~0").replace("/", "~1")
+        value = base64.b64encode(gzip.compress(initdata.encode(), mtime=0)).decode()
+        for name in STATEFULSETS:
+            patches.append(
+                _patch(name, [{"op": "add", "value": value,
+                               "path": f"/spec/template/metadata/annotations/{escaped}"}])
             )
     return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
@@ -189,20 +291,104 @@ def _patch(name: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def write_run(settings: KubernetesSettings, k8s_dir: Path = K8S_DIR) -> Path:
-    """Write the run's kustomization folder (settings.run_dir, or a new temporary one)."""
+def _reroot(container: dict[str, Any], root: str) -> dict[str, Any]:
+    """``container`` with every in-container path of the lab moved under ``root``."""
+
+    def move(value: Any) -> Any:
+        if isinstance(value, str):
+            for prefix in POD_PATH_ROOTS:
+                if value == prefix or value.startswith(prefix + "/"):
+                    return root + value
+            return value
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        return value
+
+    out = copy.deepcopy(container)
+    for key in ("args", "env", "volumeMounts", "readinessProbe", "livenessProbe"):
+        if key in out:
+            out[key] = move(out[key])
+    return out
+
+
+_VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+_POD_INDEX_FIELD = "metadata.labels['apps.kubernetes.io/pod-index']"
+
+
+def container_env(container: dict[str, Any], pod_index: int) -> dict[str, str]:
+    """The main container's environment as the kubelet sets it for the pod with ``pod_index``."""
+    env: dict[str, str] = {}
+    for item in container.get("env") or []:
+        if "value" in item:
+            env[item["name"]] = _VAR.sub(lambda m: env.get(m[1], m[0]), str(item["value"]))
+            continue
+        field = ((item.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+        if field != _POD_INDEX_FIELD:
+            raise ConfigError(
+                f"env {item['name']} comes from {item.get('valueFrom')}, which the lab cannot "
+                "measure; k8s/ and the lab disagree."
+            )
+        env[item["name"]] = str(pod_index)
+    return env
+
+
+def container_commands(objects: list[Manifest], workers: int) -> dict[str, list[str]]:
+    """Role → the argv of its participant process, as the kubelet expands the container args."""
+
+    def argv(name: str, index: int) -> list[str]:
+        container = _pod_spec(objects, name)["containers"][0]
+        env = container_env(container, index)
+        args = [_VAR.sub(lambda m: env.get(m[1], m[0]), str(a))
+                for a in container.get("args") or []]
+        if args[:2] != ["python", "-m"] or len(args) < 3:
+            raise ConfigError(
+                f"the {name} container runs {args[:3]}, not `python -m <participant>`; k8s/ and "
+                "the lab disagree."
+            )
+        return args
+
+    commands = {"trust": argv("trust", 0), "ps0": argv("ps", 0)}
+    for i in range(workers):
+        commands[f"worker{i}"] = argv("worker", i)
+    return commands
+
+
+def render_run(settings: KubernetesSettings, k8s_dir: Path = K8S_DIR) -> RenderedRun:
+    """Write the run's kustomization folder (settings.run_dir, or a new temporary one), derive
+    the owner's policy unless one was given, and build the objects."""
     out = settings.run_dir or Path(tempfile.mkdtemp(prefix="hfl-lab-k8s-"))
     out.mkdir(parents=True, exist_ok=True)
     spec = run_kustomization(settings, k8s_dir, out)
-    (out / "config.yaml").write_text(yaml.safe_dump(config_document(settings), sort_keys=False))
-    (out / "policy.yaml").write_text(settings.policy_yaml)
+    document = write_config(settings, out / "config.yaml")
     (out / "kustomization.yaml").write_text(
         "# Generated by hfl-lab from LabConfig for one run; `kubectl apply -k` this folder.\n"
         + yaml.safe_dump(spec, sort_keys=False)
     )
-    return out
+    policy_file = out / "policy.yaml"
+    derived = settings.policy_yaml is None
+    if not derived:
+        policy_file.write_text(str(settings.policy_yaml))
+    else:
+        # the policy is only the hfl-policy ConfigMap's content: build once to read what each
+        # container runs, derive the policy from that and the document, then build for real
+        policy_file.write_text("tee_type: TDX\n")
+    commands = container_commands(kustomize.build(out), settings.workers)
+    if derived:
+        policy = measure.reference_policy(settings, document, commands)
+        policy.save(policy_file)
+    else:
+        policy = AttestationPolicy.from_dict(settings.policy_document())
+    objects = kustomize.build(out)
+    return RenderedRun(out, objects, document, policy, commands, derived)
+
+
+def write_run(settings: KubernetesSettings, k8s_dir: Path = K8S_DIR) -> Path:
+    """Write the run's kustomization folder; its path."""
+    return render_run(settings, k8s_dir).folder
 
 
 def render(settings: KubernetesSettings, k8s_dir: Path = K8S_DIR) -> list[Manifest]:
     """Every object of the run, exactly as ``kustomize build`` of the written folder."""
-    return kustomize.build(write_run(settings, k8s_dir))
+    return render_run(settings, k8s_dir).objects

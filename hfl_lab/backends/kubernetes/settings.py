@@ -16,7 +16,7 @@ from hfl_lab._exceptions import ConfigError
 #: overlays under k8s/overlays/, in order of increasing protection
 OVERLAYS = ("runc", "kata-qemu-tdx", "kata-qemu-tdx-encrypted-signed")
 DEFAULT_IMAGE = "registry.hfl-lab.local:5000/hfl-lab:0.1.0"
-DEFAULT_POLICY = "tee_type: TDX\nallow_simulated: true\nreport_data_binding: key+nonce\n"
+DEFAULT_DATA_SOURCE = "pvc:cifar10"
 MAX_WORKERS = 64
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -25,6 +25,7 @@ _IMAGE = re.compile(
     r"^(?:(?P<host>[a-zA-Z0-9.-]+(?::[0-9]+)?)/)?(?P<path>[a-z0-9]+(?:[._/-][a-z0-9]+)*)"
     r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
 )
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
 
 
@@ -92,10 +93,12 @@ class KubernetesSettings:
     image: str = DEFAULT_IMAGE
     overlay: str = "runc"
     runtime_class: str = "kata-qemu-tdx"
-    #: where workers read CIFAR-10: "emptydir" (the trainer fills it), "pvc:<claim>",
-    #: or "hostpath:/abs/path" (the path must exist on every node that runs a worker)
-    data_source: str = "emptydir"
-    policy_yaml: str = DEFAULT_POLICY
+    #: where ps0 and the workers read CIFAR-10 (python version; the lab never downloads it):
+    #: "pvc:<claim>" (a ReadOnlyMany claim holding it) or "hostpath:/abs/path" (the path must
+    #: exist on every node that runs a participant)
+    data_source: str = DEFAULT_DATA_SOURCE
+    #: the owner's attestation policy (YAML); None: derived for this run (see render.py)
+    policy_yaml: str | None = None
     #: kubeconfig file; None: in-cluster credentials when running in a pod, else ~/.kube/config
     kubeconfig: str | None = None
     context: str | None = None
@@ -113,6 +116,15 @@ class KubernetesSettings:
     run_dir: Path | None = None
     poll_interval_s: float = 1.0
     field_manager: str = "hfl-lab"
+    #: how long a participant keeps trying to reach the trust service / ps0 (TDs boot slowly)
+    connect_timeout_s: float = 600.0
+    #: the host participants dial instead of the Services' DNS names (``trust.<ns>.svc``,
+    #: ``ps0.<ns>.svc``); None in a cluster. Set, with ``mount_root``, to run the rendered pods'
+    #: commands as local processes (tests/test_k8s_pods_as_processes.py does).
+    service_host: str | None = None
+    #: a folder prefixed to every in-container path of the lab (/etc/hfl-lab, /data, /vault,
+    #: /run/hfl-lab) in the rendered manifests and config; "" in a cluster
+    mount_root: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.namespace, str) or not _DNS_LABEL.match(self.namespace):
@@ -136,9 +148,25 @@ class KubernetesSettings:
             raise ConfigError(f"runtime class {self.runtime_class!r} is not a DNS label.")
         ImageRef.parse(self.image)
         self.data_volume()
-        self.policy_document()
+        if self.policy_yaml is not None:
+            self.policy_document()
         if self.poll_interval_s <= 0:
             raise ConfigError("poll_interval_s must be positive.")
+        if self.connect_timeout_s <= 0:
+            raise ConfigError("connect_timeout_s must be positive; use e.g. 600.")
+        if self.service_host is not None and not _HOST.match(self.service_host):
+            raise ConfigError(
+                f"service_host {self.service_host!r} is not a host name or IPv4 address."
+            )
+        if self.mount_root and (
+            not self.mount_root.startswith("/")
+            or self.mount_root.endswith("/")
+            or any(c.isspace() for c in self.mount_root)
+        ):
+            raise ConfigError(
+                f"mount_root {self.mount_root!r} must be '' or an absolute folder path without "
+                "a trailing '/' or spaces."
+            )
 
     # -- derived values -----------------------------------------------------------------
 
@@ -159,21 +187,21 @@ class KubernetesSettings:
         return [f"worker{i}" for i in range(self.workers)]
 
     def data_volume(self) -> dict[str, Any]:
-        """The ``data`` volume of the worker pods for ``data_source``."""
+        """The ``data`` volume of the ps0 and worker pods for ``data_source``."""
         source = self.data_source
-        if source == "emptydir":
-            return {"name": "data", "emptyDir": {}}
         kind, _, arg = source.partition(":")
         if kind == "pvc" and _DNS_LABEL.match(arg):
             return {"name": "data", "persistentVolumeClaim": {"claimName": arg, "readOnly": True}}
         if kind == "hostpath" and arg.startswith("/"):
             return {"name": "data", "hostPath": {"path": arg, "type": "Directory"}}
         raise ConfigError(
-            f"data source {source!r} is not understood; use 'emptydir', 'pvc:<claim-name>' "
-            "or 'hostpath:/absolute/path'."
+            f"data source {source!r} is not understood; use 'pvc:<claim-name>' or "
+            "'hostpath:/absolute/path' (a folder holding the CIFAR-10 python version)."
         )
 
     def policy_document(self) -> dict[str, Any]:
+        if self.policy_yaml is None:
+            raise ConfigError("no attestation policy was given; the renderer derives one.")
         try:
             doc = yaml.safe_load(self.policy_yaml)
         except yaml.YAMLError as exc:
@@ -193,8 +221,8 @@ class KubernetesSettings:
 
         Read: ``namespace``, ``workers``, ``image``, ``k8s_overlay``, ``runtime_class``,
         ``kubeconfig``, ``kube_context``, ``registry``, ``registry_insecure``,
-        ``data_source`` (else ``data_path``: "pvc:…", "hostpath:…", "emptydir", or an absolute
-        path taken as a host path), ``policy_path`` (a YAML file) or ``policy`` (a mapping or
+        ``data_source`` (else ``data_path``: "pvc:…", "hostpath:…", or an absolute path taken
+        as a host path), ``policy_path`` (a YAML file) or ``policy`` (a mapping or
         an object with ``to_dict()``), ``kbs_url``, ``run_dir``; the whole config, as a
         mapping, becomes ``lab_config``.
         """
