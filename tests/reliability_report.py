@@ -65,6 +65,12 @@ def _merge(path: Path, rid: str, case: str, entry: dict[str, Any]) -> None:
         rec["tried"] = sum(c["tried"] for c in cases.values())
         rec["held"] = sum(c["held"] for c in cases.values())
         rec["lost"] = sum(c["lost"] for c in cases.values())
+        # figures every case reports (e.g. R2's tensors_exchanged) are summed at the top too
+        shared = set.intersection(*(set(c) for c in cases.values())) - {"tried", "held", "lost"}
+        for name in sorted(shared):
+            values = [c[name] for c in cases.values()]
+            if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+                rec["details"][name] = sum(values)
         rec["machine"] = (
             f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
         )

@@ -8,6 +8,8 @@ caller's identity is the role in that certificate, never a field of the request.
 from __future__ import annotations
 
 import collections
+import contextlib
+import hashlib
 import logging
 import queue
 import threading
@@ -43,6 +45,7 @@ from trainer.tensors import (
     StreamAssembler,
     TensorSpec,
     TensorValidationError,
+    check_model_version,
     encode_tensors,
 )
 
@@ -66,6 +69,12 @@ _WIRE: dict[str, int] = {
 _WIRE_NAMES: dict[int, str] = {v: k for k, v in _WIRE.items()}
 #: gRPC message limit both ways: a chunk is at most 4 MiB of data plus framing
 MAX_MESSAGE_BYTES = 8 << 20
+#: One live session per role. A registered worker's session is its certificate on its
+#: connection; it stays live while that connection has a call in flight or made one less than
+#: this many seconds ago (longer than one step's compute). Meanwhile another connection with the
+#: same certificate (a second process holding the role's credentials) is refused. A certificate
+#: attested later (a restarted worker, a renewal) takes the role over at once.
+SESSION_LEASE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -108,22 +117,53 @@ class PsOptions:
         )
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the role and certificate the interceptor verified, and the connection."""
+
+    role: str
+    fingerprint: str  # SHA-256 of the mesh certificate
+    attested_at: float  # the certificate's notBefore: when the trust service attested it
+    peer: str  # the connection (address and port) the call came on
+
+
+@dataclass
+class _Session:
+    """A registered worker's hold on its role: one certificate on one connection."""
+
+    caller: Caller
+    in_flight: int = 0
+    last_active: float = field(default_factory=time.monotonic)
+
+    def live(self, lease_s: float) -> bool:
+        return self.in_flight > 0 or time.monotonic() - self.last_active < lease_s
+
+
 @dataclass
 class _WorkerRecord:
     worker_id: str
     index: int
+    session: _Session
     updates: int = 0
     last_version: int = 0
     last_seen: float = field(default_factory=time.time)
     released: bool = False  # was told that training finished
 
 
-def caller_role(context: grpc.ServicerContext) -> str:
-    """The role in the caller's mesh certificate (the interceptor has verified it already)."""
+def caller_identity(context: grpc.ServicerContext) -> Caller:
+    """The caller's verified mesh identity (the interceptor has checked it already)."""
     pems: Any = context.auth_context().get("x509_pem_cert") or []
     if not pems:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate on this call")
-    return role_of(x509.load_pem_x509_certificate(bytes(pems[0])))
+    pem = bytes(pems[0])
+    cert = x509.load_pem_x509_certificate(pem)
+    return Caller(role_of(cert), hashlib.sha256(pem).hexdigest(),
+                  cert.not_valid_before_utc.timestamp(), context.peer())
+
+
+def caller_role(context: grpc.ServicerContext) -> str:
+    """The role in the caller's mesh certificate (the interceptor has verified it already)."""
+    return caller_identity(context).role
 
 
 class ParameterServer(rpc.ParameterServerServicer):
@@ -147,6 +187,7 @@ class ParameterServer(rpc.ParameterServerServicer):
         name: str = "ps0",
         start_version: int = 0,
         checkpoint_metadata: Mapping[str, Any] | None = None,
+        session_lease_s: float = SESSION_LEASE_S,
     ) -> None:
         self.specs = list(specs)
         self.options = options
@@ -185,6 +226,11 @@ class ParameterServer(rpc.ParameterServerServicer):
         self._encoded: tuple[int, int, list[pb.TensorChunk]] | None = None
         self._encode_lock = threading.Lock()
         self.refusals: collections.Counter[str] = collections.Counter()
+        self.session_lease_s = session_lease_s
+        #: tensors that crossed the wire with a peer: complete tensors decoded from pushes,
+        #: tensors streamed (at least their first piece) to pulls
+        self.tensors_received = 0
+        self.tensors_sent = 0
         self.timings: dict[str, float] = collections.defaultdict(float)
         self._events: collections.deque[tuple[int, LabEvent]] = collections.deque(maxlen=10_000)
         self._event_seq = 0
@@ -196,7 +242,10 @@ class ParameterServer(rpc.ParameterServerServicer):
         self._housekeeper.start()
         self.finished = threading.Event()
         self.result: dict[str, Any] = {}
-        self._last_checkpoint = start_version
+        self._last_checkpoint = start_version  # the newest checkpoint queued
+        #: the newest checkpoint the store confirmed (a queued write can fail: a full volume)
+        self._last_written: int | None = start_version if start_version > 0 else None
+        self._checkpoint_failures = 0
         self._finishing = False
         if self.state == "done":
             self._finish(start_version)
@@ -206,6 +255,12 @@ class ParameterServer(rpc.ParameterServerServicer):
     @property
     def version(self) -> int:
         return self._snapshot[0]
+
+    @property
+    def tensors_exchanged(self) -> int:
+        """Tensors received from and sent to peers since the start (the server's own count)."""
+        with self._lock:
+            return self.tensors_received + self.tensors_sent
 
     def weights(self) -> Weights:
         """The current global weights (a consistent snapshot; do not modify)."""
@@ -274,8 +329,10 @@ class ParameterServer(rpc.ParameterServerServicer):
                 elif job == "checkpoint":
                     self._write_checkpoint(payload)
             except HflLabError as e:
+                self._checkpoint_failures += job == "checkpoint"
                 self._event("log", level="error", message=f"{job} at step {version} failed: {e}")
             except Exception as e:  # keep serving; the failure is reported, not swallowed
+                self._checkpoint_failures += job == "checkpoint"
                 log.exception("%s at step %d failed", job, version)
                 self._event("log", level="error",
                             message=f"{job} at step {version} failed: {type(e).__name__}: {e}")
@@ -298,6 +355,7 @@ class ParameterServer(rpc.ParameterServerServicer):
         started = time.perf_counter()
         payload = encode_state(state)
         info = self.store.save(state.version, payload, dict(state.metadata))
+        self._last_written = state.version
         self._event("log", level="info",
                     message=f"checkpoint at step {state.version} written "
                     f"({len(payload) / 1e6:.1f} MB, {time.perf_counter() - started:.2f} s)",
@@ -328,7 +386,9 @@ class ParameterServer(rpc.ParameterServerServicer):
             "stale_refused": counters.stale_refused,
             "rejected": counters.rejected,
             "refusals": dict(self.refusals),
-            "checkpoint_step": self._last_checkpoint if self.store is not None else None,
+            # what is on disk, not what was queued: a write may have failed (full volume)
+            "checkpoint_step": self._last_written if self.store is not None else None,
+            "checkpoint_failures": self._checkpoint_failures,
         }
         self._event("lifecycle", state="done", detail=f"training finished at step {version}",
                     **self.result)
@@ -353,16 +413,83 @@ class ParameterServer(rpc.ParameterServerServicer):
         context.abort(code, message)
         raise AssertionError("unreachable")  # context.abort raises
 
-    def _registered(self, context: grpc.ServicerContext) -> str:
-        who = caller_role(context)
+    @contextlib.contextmanager
+    def _session_call(self, context: grpc.ServicerContext) -> Iterator[str]:
+        """A call of a registered worker on the connection that holds its session."""
+        caller = caller_identity(context)
+        who = caller.role
         with self._lock:
             record = self._workers.get(who)
-            if record is not None:
+            problem = self._session_problem(record, caller)
+            if record is not None and not problem:
+                session = record.session
+                if session.caller.peer != caller.peer:
+                    # the holder's connection went quiet past the lease: it is gone
+                    session.caller = caller
+                session.in_flight += 1
+                session.last_active = time.monotonic()
                 record.last_seen = time.time()
+        if problem:
+            self._refuse(context, problem[0], problem[1], who)
+        assert record is not None
+        try:
+            yield who
+        finally:
+            with self._lock:
+                session.in_flight -= 1
+                session.last_active = time.monotonic()
+
+    def _session_problem(
+        self, record: _WorkerRecord | None, caller: Caller
+    ) -> tuple[grpc.StatusCode, str] | None:
+        who = caller.role
         if record is None:
-            self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
-                         f"{who} has not registered; call Register first", who)
-        return who
+            return (grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{who} has not registered; call Register first")
+        held = record.session
+        if held.caller.fingerprint != caller.fingerprint:
+            if caller.attested_at > held.caller.attested_at:
+                return (grpc.StatusCode.FAILED_PRECONDITION,
+                        f"{who} has a newer mesh certificate than its session; call Register "
+                        "first")
+            return (grpc.StatusCode.PERMISSION_DENIED,
+                    f"this {who} session was superseded: another certificate for {who}, "
+                    "attested later, holds the role now. Fix: run each role once; this "
+                    "process should stop")
+        if held.caller.peer != caller.peer and held.live(self.session_lease_s):
+            return (grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{who}'s session is held by another live connection with this same "
+                    "certificate (a second process using its credentials?); call Register "
+                    "on this connection once that one is gone")
+        return None
+
+    def _register_conflict(
+        self, record: _WorkerRecord | None, caller: Caller
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """Why ``caller`` may not take ``record``'s role now; None when it may.
+
+        One live session per role. It moves to a certificate attested later at once (a
+        restarted worker re-attests; a renewed certificate), never to an older one, and to the
+        same certificate on another connection only once the session has lapsed.
+        """
+        if record is None:
+            return None
+        held = record.session.caller
+        who = caller.role
+        if held.fingerprint != caller.fingerprint:
+            if caller.attested_at > held.attested_at:
+                return None  # a fresher attestation of the role: the old session is superseded
+            return (grpc.StatusCode.PERMISSION_DENIED,
+                    f"{who} is held by a certificate attested as recently or later than this "
+                    f"one; refused. Fix: run each role once; a restarted {who} re-attests and "
+                    "its new certificate takes over at once")
+        if held.peer == caller.peer or not record.session.live(self.session_lease_s):
+            return None  # its own connection, or the old one has lapsed
+        return (grpc.StatusCode.ALREADY_EXISTS,
+                f"{who} already has a live session on another connection with this same "
+                "certificate (a second process using its credentials?); refused. Fix: run each "
+                f"role once; the session lapses {self.session_lease_s:.0f} s after its "
+                "connection's last call")
 
     # ------------------------------------------------------------------ RPCs
 
@@ -378,14 +505,22 @@ class ParameterServer(rpc.ParameterServerServicer):
                 context, grpc.StatusCode.INVALID_ARGUMENT,
                 f"{name} asked for partition {index}; this run has workers worker0.."
                 f"worker{self.options.num_workers - 1}, each with its own index", who)
+        caller = caller_identity(context)
         with self._lock:
-            rejoined = name in self._workers
-            self._workers[name] = _WorkerRecord(name, index)
-            if self.state == "waiting":
-                self.state = "training"
-        self._event("log", level="info",
-                    message=f"{name} {'re-registered' if rejoined else 'registered'} "
-                    f"at step {self.version}", peer=name)
+            previous = self._workers.get(name)
+            conflict = self._register_conflict(previous, caller)
+            if not conflict:
+                self._workers[name] = _WorkerRecord(name, index, _Session(caller))
+                if self.state == "waiting":
+                    self.state = "training"
+        if conflict:
+            self._refuse(context, conflict[0], conflict[1], who)
+        how = "registered"
+        if previous is not None:
+            superseded = previous.session.caller.fingerprint != caller.fingerprint
+            how = "re-registered with a newer certificate" if superseded else "re-registered"
+        self._event("log", level="info", message=f"{name} {how} at step {self.version}",
+                    peer=name)
         opts = self.options
         return pb.RegisterReply(
             worker_id=name,
@@ -411,7 +546,12 @@ class ParameterServer(rpc.ParameterServerServicer):
     def PullParameters(
         self, request: pb.PullRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.TensorChunk]:
-        who = self._registered(context)
+        with self._session_call(context) as who:
+            yield from self._pull(who, request, context)
+
+    def _pull(
+        self, who: str, request: pb.PullRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.TensorChunk]:
         wanted = request.min_version
         while self.version < wanted:
             if self.state == "done" or self.finished.is_set():
@@ -429,7 +569,11 @@ class ParameterServer(rpc.ParameterServerServicer):
         chunks = self._chunks(wire)
         if chunks and chunks[0].header.model_version >= self.options.total_steps:
             self._release(who)
-        yield from chunks
+        for chunk in chunks:
+            started = sum(1 for piece in chunk.pieces if piece.offset == 0)
+            with self._lock:
+                self.tensors_sent += started
+            yield chunk
 
     def _release(self, who: str) -> None:
         with self._lock:
@@ -473,7 +617,13 @@ class ParameterServer(rpc.ParameterServerServicer):
     def PushUpdate(
         self, request_iterator: Iterator[pb.TensorChunk], context: grpc.ServicerContext
     ) -> Any:
-        who = self._registered(context)
+        with self._session_call(context) as who:
+            return self._push(who, request_iterator, context)
+
+    def _push(
+        self, who: str, request_iterator: Iterator[pb.TensorChunk],
+        context: grpc.ServicerContext,
+    ) -> Any:
         started = time.perf_counter()
         assembler = StreamAssembler(self.specs)
         try:
@@ -483,6 +633,8 @@ class ParameterServer(rpc.ParameterServerServicer):
         except TensorValidationError as e:
             self._refuse(context, e.code, f"{e.message} {e.fix or ''}".strip(), who)
         header = decoded.header
+        with self._lock:
+            self.tensors_received += len(decoded.tensors)
         self.timings["decode_s"] += time.perf_counter() - started
         if header.worker_id and header.worker_id != who:
             self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
@@ -496,11 +648,19 @@ class ParameterServer(rpc.ParameterServerServicer):
             self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT,
                 f"this PS aggregates in {self.options.mode} mode and expects "
-                f"{pb.UpdateKind.Name(expected)}, got {pb.UpdateKind.Name(header.kind)}", who)
+                f"{_kind_name(expected)}, got {_kind_name(header.kind)}", who)
         if self.finished.is_set() or self.state == "done":
             self._release(who)
             self._refuse(context, grpc.StatusCode.OUT_OF_RANGE,
                          f"training finished at step {self.version}", who)
+        if self.options.mode is not Mode.ASYNC:
+            # A late update within the bound is a backup worker's, dropped quietly by the
+            # aggregator; one older than that is refused, so its sender pulls and catches up.
+            try:
+                check_model_version(min(header.model_version, self.version), self.version,
+                                    max_staleness=self.aggregator.staleness_bound)
+            except TensorValidationError as e:
+                self._refuse(context, e.code, f"{e.message} {e.fix or ''}".strip(), who)
         tensors = decoded.tensors
         submitted = time.perf_counter()
         outcome = self.aggregator.submit(
@@ -557,7 +717,12 @@ class ParameterServer(rpc.ParameterServerServicer):
             self._finish(outcome.version)
 
     def ReportMetrics(self, request: pb.MetricsReport, context: grpc.ServicerContext) -> Any:
-        who = self._registered(context)
+        with self._session_call(context) as who:
+            return self._report_metrics(who, request, context)
+
+    def _report_metrics(
+        self, who: str, request: pb.MetricsReport, context: grpc.ServicerContext
+    ) -> Any:
         if request.worker_id and request.worker_id != who:
             self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
                          f"metrics claim worker {request.worker_id!r} but came from {who!r}", who)
@@ -605,6 +770,14 @@ class ParameterServer(rpc.ParameterServerServicer):
             workers=workers,
             uptime_seconds=time.time() - self.started,
         )
+
+
+def _kind_name(kind: int) -> str:
+    """The update kind's name; a value no enum member has (a hostile header) as a number."""
+    try:
+        return str(pb.UpdateKind.Name(kind))
+    except ValueError:
+        return f"unknown update kind {kind}"
 
 
 def _json(data: Mapping[str, Any]) -> str:

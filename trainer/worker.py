@@ -240,7 +240,10 @@ class Worker:
             try:
                 conn = self._register()
             except grpc.RpcError as e:
-                if e.code() not in RECONNECT_CODES or time.monotonic() + delay > deadline:
+                # ALREADY_EXISTS: this role's previous session (same certificate, another
+                # connection) has not lapsed yet; the PS accepts us once it has
+                retry = e.code() in RECONNECT_CODES or e.code() == grpc.StatusCode.ALREADY_EXISTS
+                if not retry or time.monotonic() + delay > deadline:
                     raise self._fatal(e) from None
             except HflLabError as e:
                 if getattr(e, "check", None) != "connection" or time.monotonic() > deadline:
@@ -299,9 +302,7 @@ class Worker:
                     self._event("log", level="warning",
                                 message=f"{self.name}: {code.name}: {e.details()}")
                     if "register" in (e.details() or ""):
-                        assert self._conn is not None
-                        self._conn.close()
-                        self._conn = self._register()
+                        self._conn = self._reconnect("asked to register again", first=True)
                         next_version = self._version()
                     continue
                 raise self._fatal(e) from None

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -226,7 +227,7 @@ def load_certificate(cert: x509.Certificate | bytes | str) -> x509.Certificate:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise AttestationError(
             "the data is not an X.509 certificate (neither PEM nor DER)",
             check="certificate",
@@ -265,7 +266,16 @@ def _extension_value(cert: x509.Certificate, oids: Sequence[x509.ObjectIdentifie
 def decode_certificate(cert: x509.Certificate | bytes | str) -> EmbeddedEvidence:
     """Everything in the certificate, without judging the key binding (the verdict does)."""
     c = load_certificate(cert)
-    spki = spki_der(c.public_key())
+    try:
+        public_key = c.public_key()
+    except (ValueError, UnsupportedAlgorithm) as e:
+        # DER that parses as X.509 can still hold a key that is no point on its curve
+        raise AttestationError(
+            f"the certificate's public key cannot be read ({e})",
+            check="certificate",
+            fix="the peer must present an RA-TLS certificate with a valid EC or RSA key",
+        ) from None
+    spki = spki_der(public_key)
     subject = _subject(c)
     dice = _extension_value(c, (ext.DICE_EVIDENCE_OID,))
     if dice is not None:

@@ -87,7 +87,7 @@ def fetch_server_certificate(host: str, port: int, timeout: float = 5.0) -> x509
         )
     try:
         return x509.load_der_x509_certificate(der)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise AttestationError(
             f"{where} presented a certificate that is not valid X.509 DER", check="certificate"
         ) from None

@@ -29,10 +29,18 @@ class Collateral:
     def __post_init__(self) -> None:
         try:
             doc = json.loads(self.json_text)
-        except ValueError as e:
+        except (ValueError, TypeError, RecursionError) as e:
+            # collateral can come with a peer's evidence: a hostile document is refused here
             raise AttestationError(
-                f"collateral from {self.source} is not JSON ({e})", check="collateral"
+                f"collateral from {self.source} is not JSON ({type(e).__name__}: {e})",
+                check="collateral",
             ) from None
+        if not isinstance(doc, dict):
+            raise AttestationError(
+                f"collateral from {self.source} is a JSON {type(doc).__name__}, not an object",
+                check="collateral",
+                fix="use collateral saved by dcap-qvl / a PCCS (QuoteCollateralV3 JSON)",
+            )
         missing = [f for f in _FIELDS if f not in doc]
         if missing:
             raise AttestationError(

@@ -77,19 +77,34 @@ class Evidence:
             doc = json.loads(text)
         except ValueError as e:
             raise AttestationError(f"evidence is not JSON ({e})", check="evidence") from None
+        except RecursionError:
+            # a nesting bomb ("[[[[...") from a hostile peer: refuse it like any bad document
+            raise AttestationError(
+                "evidence JSON is nested too deeply to be an evidence document",
+                check="evidence",
+                fix="send the evidence document Evidence.to_json() produces",
+            ) from None
         if not isinstance(doc, dict):
             raise AttestationError("evidence JSON must be an object", check="evidence")
         return cls.from_dict(doc)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Evidence:
+        collateral = d.get("collateral")
+        if collateral is not None and not isinstance(collateral, str):
+            raise AttestationError(
+                f"evidence document: 'collateral' is a {type(collateral).__name__}, not the "
+                "collateral's JSON text",
+                check="evidence",
+                fix="send the evidence document Evidence.to_json() produces",
+            )
         try:
             return cls(
                 quote=base64.b64decode(d["quote"], validate=True),
                 provider=str(d.get("provider", "unknown")),
                 simulated=bool(d.get("simulated", False)),
                 produced_at=float(d.get("produced_at", 0.0)),
-                collateral_json=d.get("collateral"),
+                collateral_json=collateral,
                 event_log=tuple(d.get("event_log", ())),
                 report_data_encoding=str(d.get("report_data_encoding", "raw")),
             )

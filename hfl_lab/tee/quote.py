@@ -183,7 +183,7 @@ class QuoteSignatureData:
         for i, pem in enumerate(self.pck_chain_pem):
             try:
                 certs.append(x509.load_pem_x509_certificate(pem))
-            except ValueError as e:
+            except (ValueError, x509.InvalidVersion) as e:  # a damaged chain in a quote
                 raise QuoteFormatError(
                     f"PCK certificate #{i} in the chain is not a valid X.509 certificate ({e})",
                     field="signature.pck_cert_data",

@@ -1,0 +1,98 @@
+"""R6: after a full `hfl-lab run`, no secret is in any file of the run folder: logs, configs,
+policies, executed notebooks (their outputs included), plots, the sealed state, the volume.
+
+Searched for, byte for byte (raw and hex, upper and lower case):
+- the volume passphrase (taken from the trust service's sealed state with the owner's key);
+- the volume key (dumped by stock ``cryptsetup luksDump --dump-volume-key``, not by our code);
+- the admin credential (derived from this session's owner secret and the run's salt);
+- the owner secret itself.
+The TD private keys (mesh and RA-TLS keys) and the trust service's CA key exist only inside
+their processes, so no test can name them; instead every file is searched for any private key
+encoding at all: PEM ``PRIVATE KEY`` blocks, DER PKCS#8 and SEC1 EC private keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hfl_lab import owner
+from hfl_lab.vault.keyrelease import SealedBrokerState, _from_sealed_state
+from tests.reliability_report import record
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = {"depth": 8, "steps": 8, "batch_size": 16, "eval_every": 4, "checkpoint_every": 4,
+         "vault_size_mb": 8}
+# DER prefixes: PKCS#8 PrivateKeyInfo for EC (version 0, id-ecPublicKey) and SEC1 ECPrivateKey
+# (version 1, OCTET STRING of 32 or 48 bytes: P-256, P-384)
+_PRIVATE_KEY_PATTERNS = [
+    re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(rb"\x02\x01\x00\x30\x13\x06\x07\x2a\x86\x48\xce\x3d\x02\x01"),
+    re.compile(rb"\x30(?:\x77|\x81.)\x02\x01\x01\x04[\x20\x30]", re.DOTALL),
+]
+
+
+def _volume_key(volume: Path, passphrase: bytes) -> bytes:
+    done = subprocess.run(
+        ["cryptsetup", "luksDump", "--dump-volume-key", "--batch-mode", "--key-file=-",
+         str(volume)], input=passphrase, capture_output=True, check=True,
+    )
+    text = done.stdout.decode()
+    hexes = re.findall(r"(?:MK dump|Volume key):\s*((?:[0-9a-f]{2}\s*)+)", text)
+    assert hexes, "cryptsetup printed no volume key"
+    return bytes.fromhex("".join(hexes[0].split()))
+
+
+def _forms(secret: bytes) -> list[bytes]:
+    return [secret, secret.hex().encode(), secret.hex().upper().encode()]
+
+
+def test_no_secret_anywhere_in_the_run_folder_after_a_full_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "hfl_lab.cli", "run", "--profile", "quick", "-q"]
+    for name, value in {**SMALL, "run_dir": run_dir}.items():
+        argv += ["-p", f"{name}={value}"]
+    env = {**os.environ, "KERAS_BACKEND": "torch", "MPLBACKEND": "agg"}
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    trust = run_dir / "trust"
+    salt = bytes.fromhex(json.loads((trust / "owner.json").read_text())["salt"])
+    admin = owner.admin_token(salt)  # the same session: this process's owner secret
+    passphrase = _from_sealed_state(
+        SealedBrokerState(trust / "state.sealed", owner.sealing_key(admin)), "model-volume"
+    )
+    volume = run_dir / "vault" / "model.luks"
+    secrets = {
+        "volume passphrase": passphrase,
+        "volume key": _volume_key(volume, passphrase),
+        "admin credential": admin,
+        "owner secret": owner.owner_secret(),
+    }
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    notebooks = [p for p in files if p.suffix == ".ipynb"]
+    logs = [p for p in files if p.suffix == ".log"]
+
+    found = []
+    for path in files:
+        data = path.read_bytes()
+        found += [f"{name} in {path}" for name, secret in secrets.items()
+                  if any(form in data for form in _forms(secret))]
+        if path.name not in ("model.luks", "state.sealed"):  # ciphertext: random bytes
+            found += [f"a private key encoding in {path}"
+                      for pattern in _PRIVATE_KEY_PATTERNS if pattern.search(data)]
+
+    record("R6", "full hfl-lab run", tried=len(files), held=len(files) - len(found),
+           lost=len(found), files=len(files), notebooks=len(notebooks), logs=len(logs),
+           secrets=sorted(secrets), found=found)
+    assert len(notebooks) == 7 and len(logs) >= 4
+    assert found == []
