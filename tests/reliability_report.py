@@ -19,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 REPORT_ENV = "HFL_LAB_RELIABILITY_REPORT"
+#: per-case counters that are also summed over the cases at the top of a record's details
+SUMMED = (
+    "accepted_mutated", "certificates_issued", "checkpoints_verified", "corrupt_checkpoints",
+    "crashes", "hangs", "secrets_released", "steps_lost", "tensors_exchanged",
+)
 
 WHAT = {
     "R1": "hostile evidence: fuzzed quotes, certificates and evidence",
@@ -65,11 +70,10 @@ def _merge(path: Path, rid: str, case: str, entry: dict[str, Any]) -> None:
         rec["tried"] = sum(c["tried"] for c in cases.values())
         rec["held"] = sum(c["held"] for c in cases.values())
         rec["lost"] = sum(c["lost"] for c in cases.values())
-        # figures every case reports (e.g. R2's tensors_exchanged) are summed at the top too
-        shared = set.intersection(*(set(c) for c in cases.values())) - {"tried", "held", "lost"}
-        for name in sorted(shared):
-            values = [c[name] for c in cases.values()]
-            if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        # counters the cases report (e.g. R2's tensors_exchanged) are summed at the top too
+        for name in SUMMED:
+            values = [c[name] for c in cases.values() if isinstance(c.get(name), int | float)]
+            if values:
                 rec["details"][name] = sum(values)
         rec["machine"] = (
             f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
