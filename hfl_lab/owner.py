@@ -15,7 +15,7 @@ and every notebook kernel they start inherits it, so notebook 05 (a fresh kernel
 notebook 04 sealed, the way ``ssh-agent`` serves one login session. Participant TDs never get it:
 backends remove it from their environment. A kernel started some other way (plain
 ``jupyter lab``) makes its own secret, which the sealed state of another kernel does not open;
-:func:`unsealing_failed` words that case.
+:func:`unsealing_failed` words that case (``retrieve_as_owner`` raises it).
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def unsealing_failed(state_path: object) -> VaultError:
     """The error for a sealed state that this session's owner secret does not open."""
     return VaultError(
         f"this session's owner credential does not open the trust service's sealed state "
-        f"{state_path}: it was sealed in another lab session (another hfl-lab run or "
-        "JupyterLab started some other way).",
+        f"{state_path} (wrong owner key): it was sealed in another lab session (another hfl-lab run or "
+        "JupyterLab started some other way), or the file was modified.",
         fix="run notebooks 04 and 05 in one session: `hfl-lab run`, or JupyterLab started with "
         "`hfl-lab lab`; or re-run notebook 04 in this session.",
     )

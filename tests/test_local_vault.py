@@ -36,15 +36,10 @@ import json, sys
 from hfl_lab.lab.retrieval import _signers, owner_credential
 from hfl_lab.vault import retrieve_as_owner
 from hfl_lab._exceptions import HflLabError
-from hfl_lab import owner
-from hfl_lab._exceptions import VaultError
 vault = json.loads(sys.argv[1])
-credential = owner_credential(vault)
 try:
-    model = retrieve_as_owner(None, credential, sys.argv[2], _signers(vault))
+    model = retrieve_as_owner(None, owner_credential(vault), sys.argv[2], _signers(vault))
 except HflLabError as e:
-    if getattr(e, "check", "") == "state":
-        e = owner.unsealing_failed(credential.state_path)
     print(json.dumps({"error": str(e)}))
     sys.exit(1)
 print(json.dumps({"step": model.step, "ok": model.provenance.ok,

@@ -173,21 +173,13 @@ def _open(
     """The newest checkpoint, a provenance summary, whether a volume was opened, and the
     attestation of each provenance signer."""
     if sealed:
-        from hfl_lab import owner
-        from hfl_lab._exceptions import AttestationError
         from hfl_lab.vault import retrieve_as_owner
 
         signers = _signers(vault)
-        credential = owner_credential(vault)
-        try:
-            retrieved = retrieve_as_owner(
-                None, credential, location, signers if signers is not None else [],
-                require_provenance=signers is not None,
-            )
-        except AttestationError as error:
-            if error.check == "state":
-                raise owner.unsealing_failed(credential.state_path) from None
-            raise
+        retrieved = retrieve_as_owner(
+            None, owner_credential(vault), location, signers if signers is not None else [],
+            require_provenance=signers is not None,
+        )
         summary = retrieved.provenance.summary()
         if signers is None:
             summary = f"not verified (the run named no policy for the PS's key): {summary}"

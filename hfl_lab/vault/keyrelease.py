@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from hfl_lab._exceptions import HflLabError, PolicyViolation, VaultError
+from hfl_lab._exceptions import AttestationError, HflLabError, PolicyViolation, VaultError
 from hfl_lab.tee.evidence import EvidenceProvider
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.trust.broker import DEFAULT_APP_ID
@@ -352,10 +352,13 @@ def _attested_release(
 
 
 def _from_sealed_state(credential: SealedBrokerState, secret_name: str) -> bytes:
+    from hfl_lab.owner import unsealing_failed
     from hfl_lab.trust.sealed import unseal_state
 
     try:
         state = unseal_state(credential.state_path, credential.owner_key)
+    except AttestationError:
+        raise unsealing_failed(credential.state_path) from None
     except FileNotFoundError:
         raise VaultError(
             f"no sealed trust-service state at {credential.state_path}.",

@@ -353,11 +353,6 @@ class LocalBackend:
         with open_as_owner(self.owner_credential(), self.vault_path) as vault:
             yield vault
 
-    def signer_policy(self) -> Any:
-        """What the trusted node trusts as provenance signers: ps0's attested keys."""
-        from hfl_lab.vault.attested_signers import AttestedSigners
-
-        return AttestedSigners.from_folder(self.trust_dir)
 
     def reference_policy(self) -> AttestationPolicy:
         """The owner's policy for this run: this code (MR_TD), each role's configuration."""
