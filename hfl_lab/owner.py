@@ -92,8 +92,8 @@ def unsealing_failed(state_path: object) -> VaultError:
     """The error for a sealed state that this session's owner secret does not open."""
     return VaultError(
         f"this session's owner credential does not open the trust service's sealed state "
-        f"{state_path} (wrong owner key): it was sealed in another lab session (another hfl-lab run or "
-        "JupyterLab started some other way), or the file was modified.",
+        f"{state_path} (wrong owner key): it was sealed in another lab session (another "
+        "hfl-lab run or JupyterLab started some other way), or the file was modified.",
         fix="run notebooks 04 and 05 in one session: `hfl-lab run`, or JupyterLab started with "
         "`hfl-lab lab`; or re-run notebook 04 in this session.",
     )
