@@ -95,13 +95,25 @@ def test_preflight_all_ok_on_a_tdx_cluster(double, tmp_path):
     assert all(c.ok for c in checks), [str(c) for c in checks]
 
 
-def test_preflight_says_the_vault_is_not_provisioned_on_a_cluster_yet(double, tmp_path):
+def test_preflight_says_real_tds_need_ps0_pinned_for_the_vault(double, tmp_path):
     tdx_cluster(double)
     backend = make_backend(double, tmp_path, overlay="kata-qemu-tdx", lab_config={"vault": True})
 
     (vault,) = [c for c in backend.preflight() if c.name == "model vault"]
 
-    assert not vault.ok and "vault=false" in vault.fix
+    assert not vault.ok and "mr_td" in vault.detail and "vault=false" in vault.fix
+    with pytest.raises(BackendError, match=r"model vault: .*mr_td") as info:
+        backend.start()
+    assert "vault=false" in str(info.value)
+    assert double.calls("PATCH") == []  # nothing was applied
+
+
+def test_preflight_on_runc_the_vault_is_guarded_by_ps0s_measurements(double, tmp_path):
+    backend = make_backend(double, tmp_path, lab_config={"vault": True})
+
+    (vault,) = [c for c in backend.preflight() if c.name == "model vault"]
+
+    assert vault.ok and "ps0 only" in vault.detail
 
 
 @pytest.mark.parametrize(
@@ -337,7 +349,7 @@ def test_fetch_vault_copies_over_exec_and_checks_digest(double, tmp_path):
 def test_fetch_vault_before_the_vault_exists(double, tmp_path):
     backend = make_backend(double, tmp_path)
     double.set_pod(NS, "ps-0")
-    with pytest.raises(BackendError, match=r"No such file.*Fix: wait until the PS has sealed"):
+    with pytest.raises(BackendError, match=r"No such file.*Fix: wait until the PS has written"):
         backend.fetch_vault(tmp_path / "model.luks")
     assert not (tmp_path / "model.luks").exists()
 
@@ -358,6 +370,39 @@ def test_fetch_vault_rejects_a_copy_that_does_not_match(double, tmp_path):
     with pytest.raises(BackendError, match="corrupt"):
         backend.fetch_vault(tmp_path / "model.luks")
     assert list(tmp_path.glob("*model.luks*")) == []
+
+
+def test_collect_sealed_model_copies_the_volume_and_the_sealed_state(double, tmp_path):
+    backend = make_backend(double, tmp_path, lab_config={"vault": True})
+    backend.start()
+    token = backend.admin_token
+    volume, state = b"LUKS\xba\xbe" + bytes(5000), b"sealed state" * 100
+    double.set_pod(NS, "ps-0")
+    double.set_pod(NS, "trust-0")
+    double.files[("ps-0", "ps")] = {"/vault/model.luks": volume}
+    double.files[("trust-0", "trust")] = {"/var/lib/hfl-lab/trust/state.sealed": state}
+
+    backend.collect_sealed_model()
+
+    assert backend.vault_path == tmp_path / "vault" / "model.luks"
+    assert backend.vault_path.read_bytes() == volume
+    assert backend.trust_state_path.read_bytes() == state
+    public = sorted(p.name for p in backend.trust_dir.iterdir())
+    assert public == ["owner.json", "platform.json", "state.sealed", "volume_policy.yaml"]
+    assert token.hex() not in "".join(p.read_text(errors="replace")
+                                      for p in backend.trust_dir.iterdir())
+    # notebook 05's kernel (same session, another backend object) derives the same key
+    again = make_backend(double, tmp_path, lab_config={"vault": True})
+    assert again.admin_token == token
+    assert again.owner_credential().owner_key == backend.owner_credential().owner_key
+
+
+def test_collect_without_the_vault_copies_nothing(double, tmp_path):
+    backend = make_backend(double, tmp_path)
+    backend.start()
+    backend.collect_sealed_model()
+    assert not [p for p in double.calls("GET") if "/exec?" in p]
+    assert not backend.vault_path.exists()
 
 
 def test_teardown_deletes_everything_and_ends_events(double, tmp_path):

@@ -322,3 +322,59 @@ def test_settings_from_config_reads_attributes_by_name(tmp_path):
         "workers": 4,
         "run_dir": str(tmp_path / "run"),
     }
+
+
+def args_value(args, flag):
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def test_with_the_vault_the_trust_service_makes_the_passphrase_for_ps0_only(tmp_path):
+    run = render_run(KubernetesSettings(workers=2, run_dir=tmp_path / "on",
+                                        lab_config={"vault": True, "vault_size_mb": 32}))
+    trust = pod(run.objects, "trust")
+    args = trust["containers"][0]["args"]
+    mounts = {m["name"]: m["mountPath"] for m in trust["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in trust["volumes"]}
+    policies = by_kind(run.objects, "ConfigMap", "hfl-policy")["data"]
+    config_map = by_kind(run.objects, "ConfigMap", "hfl-config")
+    document = yaml.safe_load(config_map["data"]["config.yaml"])
+
+    # the sealed state on its own PVC, the release policy next to the run's policy
+    assert args_value(args, "--state") == mounts["state"] + "/state.sealed"
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == "trust-state"
+    assert by_kind(run.objects, "PersistentVolumeClaim", "trust-state")
+    assert args_value(args, "--volume-policy") == mounts["policy"] + "/volume_policy.yaml"
+    release = AttestationPolicy.from_dict(yaml.safe_load(policies["volume_policy.yaml"]))
+    assert release == run.volume_policy and sorted(release.roles) == ["ps0"]
+    assert release.reference_for("ps0", "mr_config_id") == run.policy.reference_for(
+        "ps0", "mr_config_id")
+    assert release.reference_for("worker1", "mr_config_id") == release.reference_for(
+        "ps0", "mr_config_id")  # a worker is held to ps0's values, and refused
+    assert document["deployment"]["vault_size_mb"] == 32
+    # the trust service's argv is measured after the patch: its policy entry still holds
+    trust_m = measure_workload(role="trust", config=document, argv=args, root=REPO)
+    assert run.policy.reference_for("trust", "mr_config_id") == (trust_m.mr_config_id.hex(),)
+
+    off = render_run(KubernetesSettings(workers=2, run_dir=tmp_path / "off",
+                                        lab_config={"vault": False}))
+    off_args = pod(off.objects, "trust")["containers"][0]["args"]
+    off_doc = yaml.safe_load(by_kind(off.objects, "ConfigMap", "hfl-config")["data"]["config.yaml"])
+    assert "--volume-policy" not in off_args and "--state" in off_args
+    assert "volume_policy.yaml" not in by_kind(off.objects, "ConfigMap", "hfl-policy")["data"]
+    assert off.volume_policy is None and off_doc["deployment"]["vault_size_mb"] == 0
+
+
+def test_on_real_tds_the_vault_needs_ps0_pinned_by_the_owner(tmp_path):
+    plain = render_run(KubernetesSettings(overlay="kata-qemu-tdx", run_dir=tmp_path / "a"))
+    assert plain.volume_policy is None
+    assert "mr_td" in plain.volume_policy_error and "vault=false" in plain.volume_policy_fix
+
+    pinned = yaml.safe_dump({
+        "tee_type": "TDX", "allow_simulated": False, "report_data_binding": "key+nonce",
+        "roles": {"ps0": {"mr_td": ["ab" * 48], "mr_config_id": ["cd" * 48]}},
+    })
+    owned = render_run(KubernetesSettings(overlay="kata-qemu-tdx", run_dir=tmp_path / "b",
+                                          policy_yaml=pinned))
+    assert owned.volume_policy_error == "" and owned.volume_policy is not None
+    assert owned.volume_policy.reference_for("worker0", "mr_td") == ("ab" * 48,)
+    assert not owned.volume_policy.allow_simulated

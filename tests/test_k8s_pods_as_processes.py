@@ -9,6 +9,13 @@ Secret volume a tmpfs folder, the data PVC a link to the CIFAR subset; the Servi
 one loopback address the test picks (``service_host``). The image's entrypoint is
 native/image/entrypoint.sh (what the Dockerfile copies to /opt/hfl-lab/entrypoint.sh), and
 ``python`` is this venv's. Nothing is edited between render and run.
+
+The run keeps the model vault on, as a cluster run does: the trust service generates the
+volume's passphrase in its (simulated) TD, ps0 creates the LUKS volume on its "PVC" folder with
+the passphrase released to it and signs every checkpoint; the backend then copies the volume and
+the trust service's sealed state out over the API double's exec (from the very files the
+processes wrote), and the owner opens them with the session's owner key and verifies ps0's
+attested signatures offline.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import pytest
 from k8s_api_double import ApiDouble
 from kubernetes import client as k8s_client
 
+from hfl_lab._exceptions import VaultError
+from hfl_lab.backends.kubernetes import render as rendering
 from hfl_lab.backends.kubernetes.api import ClusterApi
 from hfl_lab.backends.kubernetes.backend import KubernetesBackend
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
@@ -112,6 +121,24 @@ def materialize(
             target.mkdir(parents=True, exist_ok=True)
 
 
+def check_sealed_model(backend: KubernetesBackend) -> None:
+    """The collected volume opens with the owner key only, and ps0's attested key signed it."""
+    from hfl_lab.vault import AttestedSigners, retrieve_as_owner
+    from hfl_lab.vault.keyrelease import SealedBrokerState
+
+    assert backend.vault_path.is_file() and backend.trust_state_path.is_file()
+    model = retrieve_as_owner(None, backend.owner_credential(), backend.vault_path,
+                              AttestedSigners.from_folder(backend.trust_dir))
+    assert model.checkpoint.step == STEPS
+    (signer,) = {e["signer_sha256"]: e for e in model.provenance.signer_evidence}.values()
+    assert signer["accepted"] and signer["simulated"] and signer["role"] == "ps0"
+    assert backend.policy is not None
+    assert [signer["mr_config_id"]] == list(backend.policy.roles["ps0"]["mr_config_id"] or [])
+    wrong = SealedBrokerState(backend.trust_state_path, b"\x00" * 32)
+    with pytest.raises(VaultError, match="wrong owner key"):
+        retrieve_as_owner(None, wrong, backend.vault_path, [])
+
+
 @pytest.fixture()
 def tmpfs():
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
@@ -131,7 +158,7 @@ def test_rendered_runc_pods_train_with_every_participant_attested(
         namespace=NS, workers=2, overlay="runc", service_host=host, mount_root=str(root),
         run_dir=tmp_path / "k8s", poll_interval_s=0.05, connect_timeout_s=120.0,
         lab_config={"depth": 8, "steps": STEPS, "batch_size": 16, "eval_every": 0,
-                    "checkpoint_every": 0, "vault": False, "threads": 1,
+                    "checkpoint_every": 3, "vault": True, "vault_size_mb": 16, "threads": 1,
                     "reattest_every_s": 0.0},
     )
     with ApiDouble() as double:
@@ -219,6 +246,18 @@ def test_rendered_runc_pods_train_with_every_participant_attested(
                 assert time.monotonic() < idle_by, logs[role].read_text()[-1500:]
                 time.sleep(0.2)
             assert procs[role].poll() is None
+
+        # the owner collects the sealed model as after a cluster run: exec + tar of the files
+        with ApiDouble() as collector:
+            backend._api = ClusterApi(
+                k8s_client.ApiClient(k8s_client.Configuration(host=collector.url)))
+            for pod, container, path in (("ps-0", "ps", rendering.VAULT_PATH),
+                                         ("trust-0", "trust", rendering.TRUST_STATE_FILE)):
+                collector.set_pod(NS, pod)
+                in_pod = str(root) + path
+                collector.files[(pod, container)] = {in_pod: Path(in_pod).read_bytes()}
+            backend.collect_sealed_model()
+        check_sealed_model(backend)
     finally:
         for p in procs.values():
             with contextlib.suppress(ProcessLookupError):

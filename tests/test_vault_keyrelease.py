@@ -19,8 +19,10 @@ from hfl_lab.vault import (
     VOLUME_SECRET_NAME,
     ModelVault,
     SealedBrokerState,
+    new_passphrase,
     open_vault_for_ps,
     provision_vault,
+    release_policy_from,
     retrieve_as_owner,
     volume_release_policy,
 )
@@ -277,3 +279,91 @@ def test_owner_retrieves_offline_with_the_sealed_state_and_owner_key(
         retrieve_as_owner(None, provider("owner", OWNER), path, [pem])
     with pytest.raises(VaultError, match="cannot obtain the volume passphrase"):
         retrieve_as_owner(None, owner_key, path, [pem])  # type: ignore[arg-type]
+
+
+# -- the cluster way: the passphrase is born in the trust service's TD ----------------------------
+
+
+def test_passphrase_generated_in_the_trust_service_creates_the_volume_at_ps0(
+    trust: tuple[Running, bytes], tmp_path: Path
+) -> None:
+    # Arrange: no owner provisioning; the service makes the passphrase for ps0 only
+    running, owner_key = trust
+    path = tmp_path / "pvc" / "model.luks"
+    key, pem = ps_identity()
+    payloads = {step: weights(step) for step in (1, 2)}
+    made = running.service.generate_secret(DEFAULT_APP_ID, VOLUME_SECRET_NAME, release_policy(),
+                                           new_passphrase)
+
+    # Act: ps0 finds no volume and creates it with the released passphrase; a second start of
+    # ps0 (a restarted pod) opens the same volume
+    with connect(running) as client:
+        with open_vault_for_ps(client, "ps0", provider("ps0"), path, data_path="userspace",
+                               create_size_mb=SIZE_MB) as vault:
+            vault.write_checkpoint(1, payloads[1], {}, entry(key, pem, 1.0))
+        with open_vault_for_ps(client, "ps0", provider("ps0"), path, data_path="userspace",
+                               create_size_mb=SIZE_MB) as vault:
+            vault.write_checkpoint(2, payloads[2], {}, entry(key, pem, 0.5))
+        with pytest.raises(PolicyViolation, match="refused the passphrase"):
+            open_vault_for_ps(client, "worker0", provider("worker0"), tmp_path / "w.luks",
+                              data_path="userspace", create_size_mb=SIZE_MB)
+    running.server.stop(0)
+    retrieved = retrieve_as_owner(None, SealedBrokerState(tmp_path / "trust.sealed", owner_key),
+                                  path, [pem], data_path="userspace")
+
+    # Assert
+    assert made and retrieved.step == 2 and retrieved.payload == payloads[2]
+    assert retrieved.provenance.ok and retrieved.provenance.verified_steps == [1, 2]
+    assert not (tmp_path / "w.luks").exists()  # a refused release creates nothing
+    generated = [e for e in running.service.audit.entries if e["action"] == "register_secret"]
+    assert [(e["subject"], e["reason"]) for e in generated] == [
+        ("trust", "generated in the trust service's TD")]
+
+
+def test_a_restarted_trust_service_keeps_the_generated_passphrase(tmp_path: Path) -> None:
+    owner_key = os.urandom(32)
+    first = start(tmp_path, owner_key=owner_key)
+    assert first.service.generate_secret(DEFAULT_APP_ID, VOLUME_SECRET_NAME, release_policy(),
+                                         new_passphrase)
+    before = first.service.broker.export_state()
+    first.server.stop(0)
+
+    again = start(tmp_path, owner_key=owner_key)
+    made = again.service.generate_secret(DEFAULT_APP_ID, VOLUME_SECRET_NAME, release_policy(),
+                                         new_passphrase)
+    again.server.stop(0)
+
+    assert not made and again.service.broker.export_state() == before
+    sealed = (tmp_path / "trust.sealed").read_bytes()
+    secret = bytes.fromhex(next(iter(before.values()))["secret"])  # type: ignore[arg-type]
+    assert secret not in sealed and secret.hex().encode() not in sealed
+
+
+def test_a_generated_secret_needs_the_sealed_state(tmp_path: Path) -> None:
+    running = start(tmp_path)  # no owner key: nothing is sealed
+    try:
+        with pytest.raises(HflLabError, match="needs its sealed state") as info:
+            running.service.generate_secret(DEFAULT_APP_ID, VOLUME_SECRET_NAME,
+                                            release_policy(), new_passphrase)
+        assert "--state" in str(info.value)
+        assert running.service.broker.names() == []
+    finally:
+        running.server.stop(0)
+
+
+def test_release_policy_from_the_run_policy_pins_ps0_or_says_what_is_missing() -> None:
+    run_policy = AttestationPolicy.from_dict({
+        "allow_simulated": True,
+        "mr_td": [MEASURED["ps0"].mr_td.hex()],
+        "roles": {role: {"mr_config_id": m.mr_config_id.hex()} for role, m in MEASURED.items()},
+    })
+
+    release = release_policy_from(run_policy)
+
+    assert sorted(release.roles) == ["ps0"]
+    assert release.reference_for("worker0", "mr_config_id") == (
+        MEASURED["ps0"].mr_config_id.hex(),)
+    assert release.allow_simulated and not release.allow_debug
+    with pytest.raises(VaultError, match=r"cannot guard the model volume.*mr_td") as info:
+        release_policy_from(AttestationPolicy.from_dict({"allow_simulated": False}))
+    assert "vault=false" in str(info.value)

@@ -97,15 +97,17 @@ def open_checkpoint_store(
     trust: TrustClient,
     session: MeshSession,
 ) -> CheckpointStore | None:
-    """Where ps0 keeps checkpoints: the LUKS volume at ``deployment.vault_path`` (opened with
-    the passphrase the key broker releases to ps0's attested TD, every checkpoint signed), else
+    """Where ps0 keeps checkpoints: the LUKS volume at ``deployment.vault_path`` (opened, or on a
+    cluster first created, with the passphrase the key broker releases to ps0's attested TD,
+    every checkpoint signed), else
     a plain ``checkpoint_dir`` (a run without the vault), else nowhere."""
     deployment = config.deployment
     if deployment.vault_path:
         from trainer.vault_store import open_vault_store
 
         return open_vault_store(participant, trust, lambda: session.creds,
-                                deployment.vault_path, data_path=deployment.vault_data_path)
+                                deployment.vault_path, data_path=deployment.vault_data_path,
+                                create_size_mb=deployment.vault_size_mb)
     if deployment.checkpoint_dir:
         return DirectoryCheckpointStore(Path(deployment.checkpoint_dir))
     return None

@@ -41,6 +41,10 @@ class Deployment:
     overlay: str = "local"
     vault_path: str = ""
     vault_data_path: str = "auto"
+    #: 0: the owner provisioned the volume (local); N: ps0 creates an N MB volume at
+    #: ``vault_path`` when there is none, with the passphrase the trust service generated in its
+    #: TD and released to ps0 (a cluster, where the owner cannot reach the trust service)
+    vault_size_mb: int = 0
     checkpoint_dir: str = ""
     policy_path: str = ""
     data_dir: str = ""

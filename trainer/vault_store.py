@@ -107,10 +107,12 @@ def open_vault_store(
     path: str | Path,
     *,
     data_path: str = "auto",
+    create_size_mb: int = 0,
 ) -> VaultCheckpointStore:
     """Open the run's volume by attested key release as ps0 and wrap it as ps0's store.
 
-    Also hooks ps0's verifier so each record names the workers' accepted evidence.
+    Also hooks ps0's verifier so each record names the workers' accepted evidence. With
+    ``create_size_mb`` a missing volume is created first (see ``Deployment.vault_size_mb``).
     """
     from hfl_lab.vault.keyrelease import open_vault_for_ps
 
@@ -124,14 +126,17 @@ def open_vault_store(
             report(verdict)
 
     verifier.on_verdict = observed
+    created = create_size_mb > 0 and not Path(path).exists()
     try:
         vault = open_vault_for_ps(trust, participant.role, participant.provider, path,
-                                  data_path=_path_kind(data_path))
+                                  data_path=_path_kind(data_path),
+                                  create_size_mb=create_size_mb)
     except HflLabError:
         verifier.on_verdict = report
         raise
     participant.emit.log(
-        f"{participant.role}: opened the model volume {Path(path).name} with the attested key "
+        f"{participant.role}: {'created and ' if created else ''}opened the model volume "
+        f"{Path(path).name} with the attested key "
         f"release ({vault.data_path_kind} data path); checkpoints go there, signed"
     )
     return VaultCheckpointStore(vault, credentials, contributors, participant.role)

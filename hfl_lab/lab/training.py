@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hfl_lab._exceptions import BackendError, ConfigError
+from hfl_lab._exceptions import BackendError, ConfigError, HflLabError
 from hfl_lab.backends.base import Backend
 from hfl_lab.config import LabConfig
 from hfl_lab.dashboard import Dashboard
@@ -257,6 +257,18 @@ def run_training(
         backend.teardown()
         raise
     dashboard.close()
+    collect = getattr(backend, "collect_sealed_model", None)
+    if callable(collect):  # a cluster: the volume and the sealed state to the owner's node
+        try:
+            collect()
+        except HflLabError as error:  # no teardown: it would delete the only copy
+            raise BackendError(
+                f"training finished, but the sealed model could not be copied to "
+                f"{run_dir}: {error.message}",
+                fix="the run stays deployed so nothing is lost: fix the cause, then call "
+                "collect_sealed_model() and teardown() on the backend (or kubectl cp the "
+                "volume and delete the namespace).",
+            ) from None
     vault = _vault_record(backend)
     if not keep_running:
         backend.teardown()

@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="seal the policy and the registered secrets into this file (sealed "
                      "under a key derived from the admin credential), and resume from it when "
                      "it exists: a restarted service still releases the volume passphrase")
+    run.add_argument("--volume-policy", default=None,
+                     help="generate the model volume's passphrase here, in this TD, and "
+                     "register it under this release policy (YAML) for ps0, which creates the "
+                     "volume (the cluster way; needs --state, the owner's way to it later)")
     return parser
 
 
@@ -79,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             state_path=Path(args.state) if args.state else None,
             owner_key=sealing_key(boot.admin_token) if args.state else None,
         )
+        if args.volume_policy:
+            _generate_volume_passphrase(service, Path(args.volume_policy), emitter)
         me.identity.make_certificate(me.provider, subject_cn="trust", role="trust")
         address_host = config.deployment.trust_address.rpartition(":")[0]
         # A pod listens on every interface behind its Service; a local run on its loopback address.
@@ -99,6 +105,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.stop(1).wait()
     emitter.lifecycle("exited", detail=f"issued {service.issued} mesh certificates")
     return 0
+
+
+def _generate_volume_passphrase(service: TrustService, policy_file: Path, emitter: Any) -> None:
+    """The model volume's passphrase, born in this TD (unless the sealed state has it)."""
+    from hfl_lab.trust.broker import DEFAULT_APP_ID
+    from hfl_lab.vault.keyrelease import VOLUME_SECRET_NAME, check_release_policy
+    from hfl_lab.vault.model_vault import new_passphrase
+
+    release = AttestationPolicy.load(policy_file)
+    check_release_policy(release)
+    made = service.generate_secret(DEFAULT_APP_ID, VOLUME_SECRET_NAME, release, new_passphrase)
+    emitter.log(
+        "model volume passphrase "
+        + ("generated in this TD and registered for "
+           f"{', '.join(sorted(release.roles)) or 'the PS'} only; sealed for the owner"
+           if made else "kept from the sealed state (a volume may already use it)")
+    )
 
 
 def _entry() -> Any:

@@ -43,7 +43,8 @@ class KeyBroker:
         self.released = 0
 
     def register(
-        self, app_id: str, name: str, secret: bytes, policy: AttestationPolicy, *, by: str
+        self, app_id: str, name: str, secret: bytes, policy: AttestationPolicy, *, by: str,
+        reason: str = "registered by the lab owner",
     ) -> None:
         if len(secret) < 16:
             raise PolicyViolation("refusing to register a secret shorter than 16 bytes")
@@ -51,7 +52,7 @@ class KeyBroker:
             self._secrets[(app_id, name)] = _Entry(bytes(secret), policy)
         self.audit.record(
             "register_secret", subject=by, allowed=True, app_id=app_id, name=name,
-            reason="registered by the lab owner",
+            reason=reason,
         )
 
     def names(self) -> list[tuple[str, str]]:

@@ -111,6 +111,33 @@ class TrustService(rpc.TrustServiceServicer):
             self._owner_key,
         )
 
+    def generate_secret(
+        self, app_id: str, name: str, release_policy: AttestationPolicy,
+        make: Callable[[], bytes],
+    ) -> bool:
+        """Register a secret born here, in this TD (``make()``), under ``release_policy``,
+        unless the sealed state this service resumed from already holds one under that name
+        (a restarted service must keep the passphrase of a volume that exists). True when a new
+        one was made. Only with a sealed state: it is the owner's one way to the secret after
+        the run, so without it the secret could never leave the TDs it is released to."""
+        if self.state_path is None or self._owner_key is None:
+            raise ConfigError(
+                f"a secret generated in the trust service ({app_id}/{name}) needs its sealed "
+                "state, or the owner could never obtain it.",
+                fix="start the service with --state PATH (on storage that outlives the pod).",
+            )
+        with self._lock:
+            if (app_id, name) in self.broker.names():
+                return False
+            secret = make()
+            try:
+                self.broker.register(app_id, name, secret, release_policy, by="trust",
+                                     reason="generated in the trust service's TD")
+            finally:
+                del secret
+            self._save_state()
+        return True
+
     # -- attestation -----------------------------------------------------------------------
 
     def GetChallenge(self, request: Any, context: grpc.ServicerContext) -> Any:

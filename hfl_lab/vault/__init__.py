@@ -13,6 +13,7 @@ from hfl_lab.vault.keyrelease import (
     open_as_owner,
     open_vault_for_ps,
     provision_vault,
+    release_policy_from,
     retrieve_as_owner,
     volume_release_policy,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "open_as_owner",
     "open_vault_for_ps",
     "provision_vault",
+    "release_policy_from",
     "retrieve_as_owner",
     "retrieve_model",
     "volume_release_policy",

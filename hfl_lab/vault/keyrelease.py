@@ -6,6 +6,13 @@ that names the parameter server's measurements (and the owner's trusted node), a
 From then on the passphrase exists only inside the key broker and, briefly, in the memory of an
 attested TD that asked for it: the PS, to write checkpoints, and the owner's trusted node, to
 retrieve the model.
+
+On a cluster the owner's machine cannot reach the trust service, so the passphrase is born in
+the trust service's own TD instead (``python -m hfl_lab.trust serve --volume-policy``, see
+:func:`release_policy_from`), and ps0 creates the volume in its pod at its first start with the
+passphrase released to it (``open_vault_for_ps(create_size_mb=...)``). Either way nobody outside
+the key broker and an attested TD ever holds it; the owner reaches it afterwards through the
+trust service's sealed state.
 """
 
 from __future__ import annotations
@@ -99,6 +106,33 @@ def volume_release_policy(
     fields["report_data_binding"] = "key+nonce"
     fields["roles"] = named
     return AttestationPolicy.from_dict(fields)
+
+
+def release_policy_from(policy: AttestationPolicy, ps_role: str = "ps0") -> AttestationPolicy:
+    """The volume's release policy derived from the owner's attestation policy for the run:
+    the PS's reference values (MR_TD, MR_CONFIG_ID, as the policy names them for ``ps_role``)
+    pinned for ``ps_role`` and for every role the policy does not name, and the policy's other
+    rules. ``VaultError`` (via :func:`check_release_policy`) when the policy leaves either open
+    for the PS, as a derived policy for real TDs does (the lab cannot predict their MR_TD)."""
+    fields = policy.to_dict()
+    pinned: dict[str, list[str]] = {}
+    for name in _PINNED:
+        values = policy.reference_for(ps_role, name)
+        if values is not None:
+            pinned[name] = list(values)
+    fields.update(pinned)
+    fields["roles"] = {ps_role: pinned}
+    fields["report_data_binding"] = "key+nonce"
+    release = AttestationPolicy.from_dict(fields)
+    try:
+        check_release_policy(release)
+    except VaultError as error:
+        raise VaultError(
+            f"the run's attestation policy cannot guard the model volume: {error.message}",
+            fix=f"pin {ps_role}'s mr_td and mr_config_id in your policy (hfl-lab attest policy "
+            "--from-evidence on its evidence writes them), or run with -p vault=false.",
+        ) from None
+    return release
 
 
 def _reference(measurements: TdMeasurements | Mapping[str, str]) -> dict[str, str]:
@@ -248,21 +282,33 @@ def open_vault_for_ps(
     data_path: PathKind = "auto",
     keep_last: int | None = None,
     secret_name: str = VOLUME_SECRET_NAME,
+    create_size_mb: int = 0,
 ) -> ModelVault:
     """Obtain the passphrase by attested key release as ``role`` and open the volume for writing.
 
     The volume file is checked first, so a missing or truncated one costs no key release. A
     refusal raises ``PolicyViolation`` naming the failed policy checks; no volume is opened.
+    With ``create_size_mb`` a missing volume is created with the released passphrase (the
+    cluster way: the trust service generated that passphrase in its TD); an existing one is
+    opened as usual, so a restarted PS finds its checkpoints.
     """
     path = Path(vault_path)
-    inspect_volume(path)
+    create = create_size_mb > 0 and not (path.exists() or path.is_symlink())
+    if not create:
+        inspect_volume(path)
     passphrase = _attested_release(client, role, provider, identity, path, secret_name)
     try:
-        vault = ModelVault.open(path, passphrase, data_path, keep_last=keep_last)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            vault = ModelVault.create(path, passphrase, create_size_mb, 1, data_path,
+                                      keep_last=keep_last)
+        else:
+            vault = ModelVault.open(path, passphrase, data_path, keep_last=keep_last)
     finally:
         del passphrase
-    log.info("%s opened %s with the attested key release (%s data path)",
-             role, path.name, vault.data_path_kind)
+    log.info("%s %s %s with the attested key release (%s data path)", role,
+             f"created ({create_size_mb} MB) and opened" if create else "opened", path.name,
+             vault.data_path_kind)
     return vault
 
 

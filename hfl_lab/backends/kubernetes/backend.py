@@ -3,25 +3,36 @@
 ``start()`` renders the run (:mod:`.render`: manifests, participant config, the owner's
 policy), creates the pods' bootstrap Secrets from memory (:mod:`.bootstrap`) and applies
 everything server-side; the pods run the real participant entry points.
+
+The model vault in a cluster: the owner's machine cannot reach the trust service, so the trust
+service generates the volume's passphrase in its TD under the release policy the renderer
+derived (ps0's measurements), seals it into its state on the trust-state PVC (under a key derived
+from the owner's admin credential, as the local backend's service does), and ps0 creates the
+LUKS volume in its pod with the passphrase released to it. After training,
+:meth:`KubernetesBackend.collect_sealed_model` copies the volume and the sealed state to the
+owner's run folder (``vault/``, ``trust/``), where notebook 05 opens them exactly as a local run's.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import json
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hfl_lab import owner
 from hfl_lab._exceptions import BackendError
 from hfl_lab.backends.base import PreflightCheck, ProgressCallback
 from hfl_lab.backends.kubernetes import bootstrap, vault_copy
 from hfl_lab.backends.kubernetes import render as rendering
 from hfl_lab.backends.kubernetes.api import ApiError, ClusterApi, object_path
 from hfl_lab.backends.kubernetes.kustomize import Manifest
-from hfl_lab.backends.kubernetes.preflight import run_preflight
+from hfl_lab.backends.kubernetes.preflight import check_vault, run_preflight
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 from hfl_lab.events import KINDS, LabEvent
 from hfl_lab.tee.policy import AttestationPolicy
@@ -29,8 +40,10 @@ from hfl_lab.tee.sim.platform import SimulatedPlatform
 
 SELECTOR = "app.kubernetes.io/part-of=hfl-lab"
 PS_POD = "ps-0"
+TRUST_POD = "trust-0"
 #: ps0 stays up after training, so its own container serves the vault copy
 VAULT_CONTAINER = "ps"
+TRUST_CONTAINER = "trust"
 #: the container of each StatefulSet whose logs are the participant's logs
 MAIN_CONTAINER = {"trust": "trust", "ps": "ps", "worker": "worker"}
 #: container waiting reasons that will not heal by waiting, and what to do about each
@@ -131,8 +144,10 @@ class KubernetesBackend:
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self.applied: list[Manifest] = []
-        #: the owner's admin credential for the trust service: memory and the trust pod only
-        self.admin_token = os.urandom(32)
+        #: the owner's side of the run (public files only): the lab's run folder, which holds
+        #: the kustomization folder ``k8s/``; a temporary folder without one
+        self.owner_dir = settings.run_dir.parent if settings.run_dir is not None else None
+        self._admin_token: bytes | None = None
         #: the simulated platform of a runc run (its keys reach the pods only through Secrets)
         self.platform: SimulatedPlatform | None = None
         self.policy: AttestationPolicy | None = None
@@ -141,6 +156,66 @@ class KubernetesBackend:
     def __repr__(self) -> str:
         return (f"KubernetesBackend(namespace={self.settings.namespace!r}, "
                 f"overlay={self.settings.overlay!r}, <secrets in memory>)")
+
+    # -- the owner's side ------------------------------------------------------------------
+
+    def _owner_path(self, *parts: str) -> Path:
+        if self.owner_dir is None:
+            self.owner_dir = Path(tempfile.mkdtemp(prefix="hfl-lab-owner-"))
+        return self.owner_dir.joinpath(*parts)
+
+    @property
+    def trust_dir(self) -> Path:
+        """``trust/``: the public salt, the platform's public root, the volume's release policy,
+        and (after :meth:`collect_sealed_model`) the trust service's sealed state."""
+        return self._owner_path("trust")
+
+    @property
+    def owner_salt_path(self) -> Path:
+        return self.trust_dir / "owner.json"
+
+    @property
+    def trust_state_path(self) -> Path:
+        return self.trust_dir / "state.sealed"
+
+    @property
+    def vault_path(self) -> Path:
+        """Where :meth:`collect_sealed_model` puts the volume on the owner's side."""
+        return self._owner_path("vault", "model.luks")
+
+    @property
+    def admin_token(self) -> bytes:
+        """The owner's admin credential for this run's trust service, derived from the session's
+        owner secret and the run's public salt (so notebook 05, in another kernel, derives the
+        same key to unseal the service's state): in memory and the trust pod's Secret only."""
+        if self._admin_token is None:
+            salt = None
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                salt = bytes.fromhex(json.loads(self.owner_salt_path.read_text())["salt"])
+            if salt is None:
+                salt = owner.new_salt()
+                self.trust_dir.mkdir(parents=True, exist_ok=True)
+                self.owner_salt_path.write_text(json.dumps({"salt": salt.hex()}) + "\n")
+            self._admin_token = owner.admin_token(salt)
+        return self._admin_token
+
+    def owner_credential(self) -> Any:
+        """The owner's authorized way to the volume passphrase: the collected sealed state."""
+        from hfl_lab.vault.keyrelease import SealedBrokerState
+
+        return SealedBrokerState(self.trust_state_path, owner.sealing_key(self.admin_token))
+
+    def _write_public_trust_files(self) -> None:
+        """What the owner's node needs to verify ps0's provenance signatures offline."""
+        self.trust_dir.mkdir(parents=True, exist_ok=True)
+        rendered = self.rendered
+        if rendered is not None and rendered.volume_policy is not None:
+            rendered.volume_policy.save(self.trust_dir / "volume_policy.yaml")
+        if self.platform is not None:
+            (self.trust_dir / "platform.json").write_text(json.dumps({
+                "root_der": self.platform.root_der.hex(),
+                "collateral_json": self.platform.collateral_json,
+            }) + "\n")
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -169,20 +244,10 @@ class KubernetesBackend:
             api = self.api
         except BackendError as exc:
             return [PreflightCheck("credentials", False, exc.message, exc.fix or "")]
-        return [*run_preflight(api, self.settings), self._vault_check()]
-
-    def _vault_check(self) -> PreflightCheck:
-        if not self.settings.lab_config.get("vault", True):
-            return PreflightCheck("model vault", True,
-                                  "off: ps0 keeps plain checkpoints in its pod (vault=false)")
-        return PreflightCheck(
-            "model vault", False,
-            "this backend does not yet create the LUKS volume in the PS pod and register its "
-            "passphrase with the trust service from the owner's side, so ps0 would stop at its "
-            "start waiting for a volume",
-            "run with -p vault=false on a cluster (checkpoints stay in the PS pod), or use the "
-            "local backend for the sealed model.",
-        )
+        checks = run_preflight(api, self.settings)
+        self.render()
+        assert self.rendered is not None
+        return [*checks, check_vault(self.rendered)]
 
     def render(self) -> list[Manifest]:
         """The objects this run applies (also written to ``settings.run_dir``); no Secrets."""
@@ -197,7 +262,15 @@ class KubernetesBackend:
                                            None if self.settings.uses_tdx else self.platform)
 
     def start(self) -> None:
-        objects = self.render() + self._bootstrap_secrets()
+        objects = self.render()
+        assert self.rendered is not None
+        if self.rendered.volume_policy_error:
+            raise BackendError(
+                f"model vault: {self.rendered.volume_policy_error}",
+                fix=self.rendered.volume_policy_fix,
+            )
+        objects += self._bootstrap_secrets()
+        self._write_public_trust_files()
         objects.sort(key=lambda o: _APPLY_ORDER.index(o["kind"]))
         for i, obj in enumerate(objects, 1):
             what = f"applying {obj['kind']} {obj['metadata']['name']}"
@@ -272,31 +345,57 @@ class KubernetesBackend:
             yield event
 
     def fetch_vault(self, dest: Path) -> Path:
-        ns = self.settings.namespace
-        path = rendering.pod_path(self.settings, rendering.VAULT_PATH)
-        try:
-            digest_run = self.api.exec(ns, PS_POD, VAULT_CONTAINER, vault_copy.sha256_command(path))
-            if digest_run.returncode != 0:
-                raise BackendError(
-                    f"the vault {path} cannot be read in pod {PS_POD}: "
-                    f"{digest_run.stderr.decode(errors='replace').strip()}.",
-                    fix="wait until the PS has sealed the vault (end of training), then retry.",
-                )
-            digest = vault_copy.parse_sha256sum(digest_run.stdout, path)
-            tar_run = self.api.exec(ns, PS_POD, VAULT_CONTAINER, vault_copy.tar_command(path))
-        except ApiError as exc:
-            raise self._fail(f"copying the vault out of {PS_POD}", exc) from None
-        if tar_run.returncode != 0:
-            raise BackendError(
-                f"tar of {path} in pod {PS_POD} failed: "
-                f"{tar_run.stderr.decode(errors='replace').strip()}.",
-                fix="check that the vault container is running, then retry.",
-            )
-        out = vault_copy.extract_single_file(tar_run.stdout, Path(path).name, dest, digest)
+        """Copy ps0's LUKS volume (ciphertext) out of its pod to ``dest``, checked."""
+        out = self._copy_out(PS_POD, VAULT_CONTAINER, rendering.VAULT_PATH, dest,
+                             "wait until the PS has written its first checkpoint, then retry.")
         self._emit(
             LabEvent("lifecycle", "ps0", {"state": "exited", "detail": f"vault copied to {out}"})
         )
         return out
+
+    def collect_sealed_model(self) -> None:
+        """After training: the volume (ps0's pod) and the trust service's sealed state (the
+        trust pod: the passphrase, sealed under the owner's key) to the owner's run folder,
+        ``vault/model.luks`` and ``trust/state.sealed``, before teardown deletes their PVCs.
+        A run without the vault has nothing to collect."""
+        if self.rendered is None:  # a backend made for a run another process started
+            self.render()
+        assert self.rendered is not None
+        if self.rendered.volume_policy is None:
+            return
+        self.fetch_vault(self.vault_path)
+        self._copy_out(TRUST_POD, TRUST_CONTAINER, rendering.TRUST_STATE_FILE,
+                       self.trust_state_path,
+                       "check that the trust service runs with --state on its PVC, then retry.")
+        self._emit(LabEvent("log", "owner", {
+            "level": "info",
+            "message": f"sealed model collected: {self.vault_path} and the trust service's "
+            f"sealed state {self.trust_state_path.name} (opened with the owner key only)",
+        }))
+
+    def _copy_out(self, pod: str, container: str, in_pod: str, dest: Path, fix: str) -> Path:
+        """``kubectl cp`` of one file: SHA-256 in the pod, tar over exec, checked locally."""
+        ns = self.settings.namespace
+        path = rendering.pod_path(self.settings, in_pod)
+        try:
+            digest_run = self.api.exec(ns, pod, container, vault_copy.sha256_command(path))
+            if digest_run.returncode != 0:
+                raise BackendError(
+                    f"{path} cannot be read in pod {pod}: "
+                    f"{digest_run.stderr.decode(errors='replace').strip()}.",
+                    fix=fix,
+                )
+            digest = vault_copy.parse_sha256sum(digest_run.stdout, path)
+            tar_run = self.api.exec(ns, pod, container, vault_copy.tar_command(path))
+        except ApiError as exc:
+            raise self._fail(f"copying {path} out of {pod}", exc) from None
+        if tar_run.returncode != 0:
+            raise BackendError(
+                f"tar of {path} in pod {pod} failed: "
+                f"{tar_run.stderr.decode(errors='replace').strip()}.",
+                fix=f"check that the {container} container is running, then retry.",
+            )
+        return vault_copy.extract_single_file(tar_run.stdout, Path(path).name, dest, digest)
 
     def teardown(self) -> None:
         self._stop.set()

@@ -8,6 +8,7 @@ from typing import Any
 
 from hfl_lab.backends.base import PreflightCheck
 from hfl_lab.backends.kubernetes.api import ApiError, ClusterApi
+from hfl_lab.backends.kubernetes.render import RenderedRun
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 
 #: the pod-index label that gives each worker its index is on by default from 1.28
@@ -143,6 +144,23 @@ def check_registry(settings: KubernetesSettings, timeout_s: float = 5.0) -> Pref
     if status in (200, 401):
         return PreflightCheck("registry", True, f"{url} answers ({status})")
     return PreflightCheck("registry", False, f"{url} answered {status}, not a registry.", fix)
+
+
+def check_vault(rendered: RenderedRun) -> PreflightCheck:
+    """Whether the model volume can be guarded: ps0's measurements pinned by the run's policy."""
+    if rendered.volume_policy is not None:
+        ps0 = rendered.volume_policy.roles.get("ps0", {})
+        mr_td = ", ".join(v[:12] + "…" for v in ps0.get("mr_td") or ())
+        return PreflightCheck(
+            "model vault", True,
+            "the trust service generates the volume's passphrase in its TD and releases it to "
+            f"ps0 only (MR_TD {mr_td}), which creates the LUKS volume in its pod",
+        )
+    if rendered.volume_policy_error:
+        return PreflightCheck("model vault", False, rendered.volume_policy_error,
+                              rendered.volume_policy_fix)
+    return PreflightCheck("model vault", True,
+                          "off: ps0 keeps plain checkpoints in its pod (vault=false)")
 
 
 def run_preflight(api: ClusterApi, settings: KubernetesSettings) -> list[PreflightCheck]:

@@ -56,13 +56,17 @@ PS_PORT = 50051
 #: in-container paths (prefixed with ``settings.mount_root``)
 CONFIG_FILE = "/etc/hfl-lab/config.yaml"
 POLICY_FILE = "/etc/hfl-lab/policy/policy.yaml"
+#: the model volume's release policy (ps0's measurements), next to the policy in hfl-policy
+VOLUME_POLICY_FILE = "/etc/hfl-lab/policy/volume_policy.yaml"
+#: the trust service's sealed state, on the trust-state PVC
+TRUST_STATE_FILE = "/var/lib/hfl-lab/trust/state.sealed"
 BOOTSTRAP_FILE = "/etc/hfl-lab/bootstrap/bootstrap.json"
 DATA_DIR = "/data"
 VAULT_PATH = "/vault/model.luks"
 CHECKPOINT_DIR = "/vault/checkpoints"
 RUN_DIR = "/run/hfl-lab"
 READY_FILE = "/run/hfl-lab/ready"
-POD_PATH_ROOTS = ("/etc/hfl-lab", DATA_DIR, "/vault", RUN_DIR)
+POD_PATH_ROOTS = ("/etc/hfl-lab", DATA_DIR, "/vault", RUN_DIR, "/var/lib/hfl-lab")
 KERNEL_PARAMS_ANNOTATION = "io.katacontainers.config.hypervisor.kernel_params"
 #: CoCo initdata (gzip + base64 of the TOML); the TD reports its SHA-384 as MRCONFIGID
 INITDATA_ANNOTATION = "io.katacontainers.config.hypervisor.cc_init_data"
@@ -80,6 +84,11 @@ class RenderedRun:
     #: role → the argv its container runs (after the kubelet's $(VAR) expansion)
     commands: dict[str, list[str]]
     derived_policy: bool
+    #: who may receive the model volume's passphrase (ps0 only); None without the vault or
+    #: when the policy cannot guard it (``volume_policy_error`` says why)
+    volume_policy: AttestationPolicy | None = None
+    volume_policy_error: str = ""
+    volume_policy_fix: str = ""
 
 
 def pod_path(settings: KubernetesSettings, path: str) -> str:
@@ -128,6 +137,7 @@ def deployment_for(settings: KubernetesSettings, lab: LabConfig) -> Deployment:
         overlay=settings.overlay,
         vault_path=pod_path(settings, VAULT_PATH) if lab.vault else "",
         vault_data_path="kernel" if settings.uses_tdx else "userspace",
+        vault_size_mb=lab.vault_size_mb if lab.vault else 0,
         checkpoint_dir="" if lab.vault else pod_path(settings, CHECKPOINT_DIR),
         policy_path=pod_path(settings, POLICY_FILE),
         data_dir=pod_path(settings, DATA_DIR),
@@ -224,6 +234,12 @@ def run_kustomization(settings: KubernetesSettings, k8s_dir: Path, out_dir: Path
                     ],
                 )
             )
+    if lab_for_pods(settings).vault:
+        # the trust service generates the volume's passphrase in its TD, for ps0 only
+        patches.append(_patch("trust", [
+            {"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": v}
+            for v in ("--volume-policy", pod_path(settings, VOLUME_POLICY_FILE))
+        ]))
     annotations = _pod_spec_meta(base, "ps").get("annotations") or {}
     if KERNEL_PARAMS_ANNOTATION in annotations:
         params = annotations[KERNEL_PARAMS_ANNOTATION]
@@ -251,6 +267,9 @@ def run_kustomization(settings: KubernetesSettings, k8s_dir: Path, out_dir: Path
                 _patch(name, [{"op": "add", "value": value,
                                "path": f"/spec/template/metadata/annotations/{escaped}"}])
             )
+    policy_files = ["policy.yaml"]
+    if lab_for_pods(settings).vault:
+        policy_files.append("volume_policy.yaml")
     return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
@@ -260,7 +279,7 @@ def run_kustomization(settings: KubernetesSettings, k8s_dir: Path, out_dir: Path
         "replicas": [{"name": "worker", "count": settings.workers}],
         "configMapGenerator": [
             {"name": "hfl-config", "behavior": "replace", "files": ["config.yaml"]},
-            {"name": "hfl-policy", "behavior": "replace", "files": ["policy.yaml"]},
+            {"name": "hfl-policy", "behavior": "replace", "files": policy_files},
         ],
         "generatorOptions": {"disableNameSuffixHash": True},
         "patches": patches,
@@ -374,14 +393,31 @@ def render_run(settings: KubernetesSettings, k8s_dir: Path = K8S_DIR) -> Rendere
         # the policy is only the hfl-policy ConfigMap's content: build once to read what each
         # container runs, derive the policy from that and the document, then build for real
         policy_file.write_text("tee_type: TDX\n")
+    volume_file = out / "volume_policy.yaml"
+    if lab_for_pods(settings).vault:
+        volume_file.write_text("tee_type: TDX\n")  # replaced below, once the policy is known
     commands = container_commands(kustomize.build(out), settings.workers)
     if derived:
         policy = measure.reference_policy(settings, document, commands)
         policy.save(policy_file)
     else:
         policy = AttestationPolicy.from_dict(settings.policy_document())
+    volume_policy, volume_error, volume_fix = None, "", ""
+    if volume_file.exists():
+        from hfl_lab._exceptions import VaultError
+        from hfl_lab.vault.keyrelease import release_policy_from
+
+        try:
+            volume_policy = release_policy_from(policy)
+        except VaultError as error:
+            # the trust service refuses this file at its start: nobody gets a passphrase
+            volume_file.write_text(f"# not derived: {error.message}\ntee_type: TDX\n")
+            volume_error, volume_fix = error.message, error.fix or ""
+        else:
+            volume_policy.save(volume_file)
     objects = kustomize.build(out)
-    return RenderedRun(out, objects, document, policy, commands, derived)
+    return RenderedRun(out, objects, document, policy, commands, derived, volume_policy,
+                       volume_error, volume_fix)
 
 
 def write_run(settings: KubernetesSettings, k8s_dir: Path = K8S_DIR) -> Path:

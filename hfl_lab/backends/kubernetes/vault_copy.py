@@ -1,6 +1,7 @@
-"""Copy the sealed model volume out of the ps0 pod, as ``kubectl cp`` does (exec + tar).
+"""Copy one file out of a pod, as ``kubectl cp`` does (exec + tar): the sealed model volume
+from ps0's pod, the trust service's sealed state from its pod.
 
-The volume is LUKS ciphertext, so the copy needs no secrecy; it needs integrity: the pod
+Both are ciphertext, so the copy needs no secrecy; it needs integrity: the pod
 computes the SHA-256 first, the tar stream is unpacked strictly (one regular file, the
 expected name, no links or paths), and the digest is checked before the file is renamed
 into place.
@@ -37,8 +38,8 @@ def parse_sha256sum(output: bytes, path: str) -> str:
         if match and match[2].decode(errors="replace") == path:
             return match[1].decode()
     raise BackendError(
-        f"could not read the SHA-256 of {path} in the ps0 pod (got {output[:80]!r}).",
-        fix="check that the PS wrote the vault and that the vault container has sha256sum.",
+        f"could not read the SHA-256 of {path} in the pod (got {output[:80]!r}).",
+        fix="check that the file was written and that the container has sha256sum.",
     )
 
 
@@ -51,13 +52,13 @@ def extract_single_file(tar_bytes: bytes, name: str, dest: Path, expected_sha256
                 members += 1
                 if member.name != name or not member.isreg() or members > 1:
                     raise BackendError(
-                        f"the vault archive holds {member.name!r} ({member.type!r}), expected "
+                        f"the archive of {name} holds {member.name!r} ({member.type!r}), expected "
                         f"the single regular file {name!r}.",
-                        fix="copy the vault again; do not trust this archive.",
+                        fix="copy it again; do not trust this archive.",
                     )
                 source = archive.extractfile(member)
                 if source is None:  # pragma: no cover - isreg() guarantees a file object
-                    raise BackendError(f"{name} in the vault archive has no data.")
+                    raise BackendError(f"{name} in the archive has no data.")
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
                 digest = hashlib.sha256()
@@ -68,19 +69,19 @@ def extract_single_file(tar_bytes: bytes, name: str, dest: Path, expected_sha256
                             out.write(chunk)
                     if digest.hexdigest() != expected_sha256:
                         raise BackendError(
-                            f"the copied vault's SHA-256 {digest.hexdigest()[:16]}… differs from "
+                            f"the copied {name}'s SHA-256 {digest.hexdigest()[:16]}… differs from "
                             f"the pod's {expected_sha256[:16]}…; the copy is corrupt.",
-                            fix="copy the vault again (fetch_vault).",
+                            fix="copy it again.",
                         )
                     Path(tmp).replace(dest)
                 except BaseException:
                     Path(tmp).unlink(missing_ok=True)
                     raise
             if members == 0:
-                raise BackendError(f"the vault archive is empty; {name} was not found.")
+                raise BackendError(f"the archive is empty; {name} was not found.")
     except tarfile.TarError as exc:
         raise BackendError(
-            f"the vault archive from ps0 is not a valid tar stream ({exc}).",
-            fix="copy the vault again; check that the vault container has tar.",
+            f"the archive of {name} is not a valid tar stream ({exc}).",
+            fix="copy it again; check that the container has tar.",
         ) from None
     return dest
