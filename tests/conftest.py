@@ -1,10 +1,14 @@
-"""Shared fixtures: where the read-only fixtures in ../shared live."""
+"""Shared fixtures: where the read-only fixtures in ../shared live; a simulated TD per module."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from hfl_lab.tee import SimulatedPlatform, SimulatedTdProvider, TdMeasurements
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,3 +54,30 @@ TDX_QUOTE_IN_WINDOW = 1750329147 + 3600
 TDX_QUOTE_AFTER_WINDOW = 1752919234 + 3600
 OUTDATED_IN_WINDOW = 1771412331 + 3600  # 2026-02-18T10:58:51Z + 1 h
 SGX_IN_WINDOW = 1750330571 + 3600  # 2025-06-19T10:56:11Z + 1 h
+
+
+# -- a simulated TD for the requesting module's ROLE (helpers in tests/td_support.py) ----------
+
+
+@pytest.fixture(scope="module")
+def platform() -> SimulatedPlatform:
+    """The lab's simulated platform (``td_support.PLATFORM``)."""
+    from tests.td_support import PLATFORM
+
+    return PLATFORM
+
+
+@pytest.fixture(scope="module")
+def measurements(request: pytest.FixtureRequest) -> TdMeasurements:
+    """The measurements of the TD of the role the test module names in ``ROLE``."""
+    from tests.td_support import measured
+
+    return measured(request.module.ROLE)
+
+
+@pytest.fixture(scope="module")
+def provider(platform: SimulatedPlatform, measurements: TdMeasurements) -> SimulatedTdProvider:
+    """Evidence from that TD, signed by the lab's platform."""
+    from hfl_lab.tee import SimulatedTdProvider
+
+    return SimulatedTdProvider(platform, measurements)

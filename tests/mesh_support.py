@@ -10,22 +10,13 @@ from typing import Any
 
 import grpc
 
-from hfl_lab.tee import AttestationPolicy, Collateral, Verifier, measure_workload
+from hfl_lab.tee import AttestationPolicy, Verifier
 from hfl_lab.trust.client import MeshCredentials
 from hfl_lab.trust.mesh import PeerCheck
-from tests.test_trust_service import PLATFORM, Running, connect, provider, start
+from tests.td_support import lab_policy, lab_verifier, provider
+from tests.test_trust_service import Running, connect, start
 from trainer.ps import ParameterServer, serve_ps, worker_peers
 from trainer.serving import channel_factory
-
-
-def mesh_policy(roles: list[str]) -> AttestationPolicy:
-    measured = {role: measure_workload(role=role) for role in ["trust", *roles]}
-    return AttestationPolicy.from_dict({
-        "mr_td": measured["trust"].mr_td.hex(),
-        "allow_simulated": True,
-        "report_data_binding": "key+nonce",
-        "roles": {r: {"mr_config_id": m.mr_config_id.hex()} for r, m in measured.items()},
-    })
 
 
 @dataclass
@@ -37,9 +28,7 @@ class Mesh:
     last_address: str = ""
 
     def verifier(self, name: str, on_verdict: Callable[[Any], None] | None = None) -> Verifier:
-        return Verifier(self.policy, lab_root_der=PLATFORM.root_der, name=name,
-                        lab_collateral=Collateral(PLATFORM.collateral_json, "lab platform"),
-                        on_verdict=on_verdict)
+        return lab_verifier(name, self.policy, on_verdict=on_verdict)
 
     def serve(self, servicer: ParameterServer, num_workers: int) -> str:
         """Serve ``servicer`` as ps0; returns its address."""
@@ -62,15 +51,14 @@ class Mesh:
 
 def start_mesh(tmp_path: Path, workers: int, cert_lifetime_s: float = 600.0) -> Mesh:
     roles = ["ps0", *(f"worker{i}" for i in range(workers))]
-    policy = mesh_policy(roles)
+    policy = lab_policy("trust", *roles)
     trust = start(tmp_path)
     trust.service.policy = policy
     trust.service.cert_lifetime_s = cert_lifetime_s
     creds = {}
     with connect(trust) as client:
         for role in roles:
-            m = measure_workload(role=role)
-            creds[role] = client.attest(role, provider(role, m))
+            creds[role] = client.attest(role, provider(role))
     return Mesh(trust, policy, creds)
 
 

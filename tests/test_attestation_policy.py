@@ -7,14 +7,8 @@ from pathlib import Path
 import pytest
 
 from hfl_lab import AttestationError, ConfigError
-from hfl_lab.tee import (
-    AttestationPolicy,
-    SimulatedPlatform,
-    SimulatedTdProvider,
-    choose_provider,
-    detect,
-    measure_workload,
-)
+from hfl_lab.tee import AttestationPolicy, choose_provider, detect
+from tests.td_support import provider
 
 
 def test_yaml_round_trip_keeps_every_field(tmp_path: Path) -> None:
@@ -76,7 +70,7 @@ def test_unreadable_policy_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_detection_prefers_configfs_then_simulated_only_if_allowed(tmp_path: Path) -> None:
     tsm = tmp_path / "report"
     tsm.mkdir()
-    sim = SimulatedTdProvider(SimulatedPlatform.generate(), measure_workload(role="ps0"))
+    sim = provider("ps0")
     nowhere = "127.0.0.1:9"
 
     real = detect(allow_simulated=True, configfs_root=tsm, agent_endpoint=nowhere)

@@ -23,7 +23,8 @@ from hfl_lab.trust.mesh import (
     server_credentials,
 )
 from hfl_lab.trust.service import TrustService, serve
-from tests.test_trust_service import connect, lab_policy, lab_verifier, provider, start
+from tests.td_support import lab_policy, lab_verifier, provider
+from tests.test_trust_service import connect, start
 
 calls: list[str] = []
 

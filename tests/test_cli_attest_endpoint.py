@@ -18,23 +18,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hfl_lab.cli import ExitCode, main
 from hfl_lab.cli.attest import verify_endpoint
 from hfl_lab.ratls import RaTlsIdentity
-from hfl_lab.tee import SimulatedPlatform, SimulatedTdProvider, measure_workload
+from hfl_lab.tee import SimulatedPlatform, SimulatedTdProvider
 from tests.cert_support import self_signed
 from tests.conftest import TDX_QUOTE_IN_WINDOW
 
-ROLE = "trust"
+ROLE = "trust"  # the TD of the conftest fixtures platform / measurements / provider
 
 
 @pytest.fixture(scope="module")
-def platform() -> SimulatedPlatform:
-    return SimulatedPlatform.generate()
-
-
-@pytest.fixture(scope="module")
-def identity(platform: SimulatedPlatform) -> RaTlsIdentity:
+def identity(provider: SimulatedTdProvider) -> RaTlsIdentity:
     """The certificate the lab's trust service presents: an RA-TLS certificate from the
     simulated TD (the trust service itself is being written; it uses exactly this call)."""
-    provider = SimulatedTdProvider(platform, measure_workload(role=ROLE))
     ident = RaTlsIdentity()
     ident.make_certificate(provider, subject_cn=ROLE, role=ROLE)
     return ident

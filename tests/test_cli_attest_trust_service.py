@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from hfl_lab.cli import main
-from tests.test_trust_service import PLATFORM, lab_policy, start
+from tests.td_support import PLATFORM, lab_policy
+from tests.test_trust_service import start
 
 
 def test_endpoint_verdicts_against_a_running_trust_service(

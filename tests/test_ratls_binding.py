@@ -18,39 +18,11 @@ from hfl_lab._exceptions import AttestationError
 from hfl_lab.ratls import RaTlsIdentity, key_binding, read_evidence, spki_der, verify_certificate
 from hfl_lab.ratls import evidence_ext as ext
 from hfl_lab.ratls.binding import spki_hash
-from hfl_lab.tee import (
-    AttestationPolicy,
-    SimulatedPlatform,
-    SimulatedTdProvider,
-    TdMeasurements,
-    Verifier,
-    measure_workload,
-)
+from hfl_lab.tee import SimulatedPlatform, SimulatedTdProvider, TdMeasurements
 from tests.cert_support import dice_value, self_signed
+from tests.td_support import policy_for, verifier_for
 
-ROLE = "worker0"
-
-
-@pytest.fixture(scope="module")
-def platform() -> SimulatedPlatform:
-    return SimulatedPlatform.generate()
-
-
-@pytest.fixture(scope="module")
-def measurements() -> TdMeasurements:
-    return measure_workload(role=ROLE)
-
-
-@pytest.fixture(scope="module")
-def provider(platform: SimulatedPlatform, measurements: TdMeasurements) -> SimulatedTdProvider:
-    return SimulatedTdProvider(platform, measurements)
-
-
-def _verifier(
-    platform: SimulatedPlatform, m: TdMeasurements, binding: str = "key+nonce"
-) -> Verifier:
-    raw = dict(m.summary(), allow_simulated=True, report_data_binding=binding)
-    return Verifier(AttestationPolicy.from_dict(raw), lab_root_der=platform.root_der)
+ROLE = "worker0"  # the TD of the conftest fixtures platform / measurements / provider
 
 
 def _cert_with(
@@ -60,8 +32,6 @@ def _cert_with(
     return self_signed(key, cn=cn, extensions=[x509.UnrecognizedExtension(oid, value)],
                        valid_for=dt.timedelta(hours=1))
 
-def _dice_value(cert: x509.Certificate) -> bytes:
-    return dice_value(cert)
 
 def test_key_binding_is_spki_hash_then_challenge_hash() -> None:
     spki = spki_der(ec.generate_private_key(ec.SECP256R1()).public_key())
@@ -112,9 +82,11 @@ def test_copied_evidence_with_the_original_pubkey_hash_is_refused(
 ) -> None:
     genuine = RaTlsIdentity().make_certificate(provider, subject_cn=ROLE, role=ROLE, challenge=b"c")
     mallory = ec.generate_private_key(ec.SECP256R1())
-    forged = _cert_with(mallory, ext.DICE_EVIDENCE_OID, _dice_value(genuine))
+    forged = _cert_with(mallory, ext.DICE_EVIDENCE_OID, dice_value(genuine))
 
-    verdict = verify_certificate(forged, _verifier(platform, measurements), challenge=b"c")
+    verdict = verify_certificate(
+        forged, verifier_for(policy_for(measurements), platform=platform), challenge=b"c"
+    )
 
     assert not verdict.accepted
     assert not verdict.check("key_binding").passed
@@ -129,7 +101,7 @@ def test_copied_evidence_with_a_rewritten_pubkey_hash_is_refused(
     platform: SimulatedPlatform, measurements: TdMeasurements, provider: SimulatedTdProvider
 ) -> None:
     genuine = RaTlsIdentity().make_certificate(provider, subject_cn=ROLE, role=ROLE, challenge=b"c")
-    stolen = ext.decode_dice_extension(_dice_value(genuine))
+    stolen = ext.decode_dice_extension(dice_value(genuine))
     mallory = ec.generate_private_key(ec.SECP256R1())
     claims = ext.encode_claims(
         spki_hash(spki_der(mallory.public_key())), nonce=stolen.nonce, lab=stolen.lab_claims
@@ -138,7 +110,9 @@ def test_copied_evidence_with_a_rewritten_pubkey_hash_is_refused(
         mallory, ext.DICE_EVIDENCE_OID, ext.encode_dice_extension(stolen.quote, claims)
     )
 
-    verdict = verify_certificate(forged, _verifier(platform, measurements), challenge=b"c")
+    verdict = verify_certificate(
+        forged, verifier_for(policy_for(measurements), platform=platform), challenge=b"c"
+    )
 
     assert verdict.check("key_binding").passed  # the claim now names mallory's key …
     assert not verdict.check("report_data").passed  # … but the signed quote does not
@@ -158,7 +132,9 @@ def test_random_report_data_with_the_key_hash_outside_the_quote_is_refused(
     )
     cert = _cert_with(key, ext.DICE_EVIDENCE_OID, ext.encode_dice_extension(evidence.quote, claims))
 
-    verdict = verify_certificate(cert, _verifier(platform, measurements, binding="key"))
+    verdict = verify_certificate(
+        cert, verifier_for(policy_for(measurements, "key"), platform=platform)
+    )
 
     assert verdict.check("dcap").passed and verdict.check("key_binding").passed
     assert not verdict.check("report_data").passed
@@ -174,7 +150,9 @@ def test_wrong_challenge_is_refused(
 ) -> None:
     cert = RaTlsIdentity().make_certificate(provider, subject_cn=ROLE, role=ROLE, challenge=b"old")
 
-    verdict = verify_certificate(cert, _verifier(platform, measurements), challenge=b"ours")
+    verdict = verify_certificate(
+        cert, verifier_for(policy_for(measurements), platform=platform), challenge=b"ours"
+    )
 
     assert not verdict.accepted
     assert not verdict.check("report_data").passed
@@ -186,7 +164,9 @@ def test_key_plus_nonce_policy_refuses_a_certificate_without_a_challenge(
 ) -> None:
     cert = RaTlsIdentity().make_certificate(provider, subject_cn=ROLE, role=ROLE)
 
-    verdict = verify_certificate(cert, _verifier(platform, measurements, binding="key+nonce"))
+    verdict = verify_certificate(
+        cert, verifier_for(policy_for(measurements, "key+nonce"), platform=platform)
+    )
 
     assert not verdict.accepted
     assert not verdict.check("nonce").passed

@@ -22,43 +22,22 @@ from hfl_lab.ratls import RaTlsIdentity, key_binding, read_evidence, spki_der, v
 from hfl_lab.ratls import evidence_ext as ext
 from hfl_lab.ratls.binding import claims_binding, spki_hash
 from hfl_lab.tee import (
-    AttestationPolicy,
     Collateral,
     SimulatedPlatform,
     SimulatedTdProvider,
     TdMeasurements,
     Verdict,
     Verifier,
-    measure_workload,
 )
 from tests.cert_support import dice_value, self_signed
+from tests.td_support import policy_for, verifier_for
 
-ROLE = "ps0"
-
-
-@pytest.fixture(scope="module")
-def platform() -> SimulatedPlatform:
-    return SimulatedPlatform.generate()
-
-
-@pytest.fixture(scope="module")
-def measurements() -> TdMeasurements:
-    return measure_workload(role=ROLE)
-
-
-@pytest.fixture(scope="module")
-def provider(platform: SimulatedPlatform, measurements: TdMeasurements) -> SimulatedTdProvider:
-    return SimulatedTdProvider(platform, measurements)
+ROLE = "ps0"  # the TD of the conftest fixtures platform / measurements / provider
 
 
 @pytest.fixture(scope="module")
 def genuine(provider: SimulatedTdProvider) -> x509.Certificate:
     return RaTlsIdentity().make_certificate(provider, subject_cn=ROLE, role=ROLE, challenge=b"n")
-
-
-def _policy(m: TdMeasurements, binding: str) -> AttestationPolicy:
-    raw = dict(m.summary(), allow_simulated=True, report_data_binding=binding)
-    return AttestationPolicy.from_dict(raw)
 
 
 def _cert_with(
@@ -71,8 +50,6 @@ def _cert_with(
     return self_signed(key, cn="RATLS", extensions=extensions,
                        valid_since=dt.timedelta(days=2), valid_for=dt.timedelta(days=days))
 
-def _dice_value(cert: x509.Certificate) -> bytes:
-    return dice_value(cert)
 
 @pytest.mark.parametrize(("binding", "challenge"), [("key+nonce", b"fresh"), ("key", None)])
 @pytest.mark.parametrize("curve", ["P-256", "P-384"])
@@ -86,7 +63,7 @@ def test_certificate_verifies_under_its_policy(
 ) -> None:
     identity = RaTlsIdentity(curve)
     cert = identity.make_certificate(provider, subject_cn=ROLE, role=ROLE, challenge=challenge)
-    verifier = Verifier(_policy(measurements, binding), lab_root_der=platform.root_der)
+    verifier = verifier_for(policy_for(measurements, binding), platform=platform)
 
     verdict = verify_certificate(identity.certificate_pem, verifier, role=ROLE, challenge=challenge)
 
@@ -117,7 +94,7 @@ def test_read_evidence_returns_quote_claims_and_binding(
 def test_certificate_has_the_interoperable_extension_layout(genuine: x509.Certificate) -> None:
     extension = genuine.extensions.get_extension_for_oid(ext.DICE_EVIDENCE_OID)
 
-    value = _dice_value(genuine)
+    value = dice_value(genuine)
 
     assert not extension.critical  # the draft: clear it until TLS libraries accept it
     assert value.startswith(bytes.fromhex("d9ea6082"))  # tag 60000, array of 2 (as Gramine)
@@ -132,7 +109,7 @@ def test_certificate_has_the_interoperable_extension_layout(genuine: x509.Certif
 def test_expired_certificate_fails_the_validity_check(
     platform: SimulatedPlatform, measurements: TdMeasurements, genuine: x509.Certificate
 ) -> None:
-    verifier = Verifier(_policy(measurements, "key+nonce"), lab_root_der=platform.root_der)
+    verifier = verifier_for(policy_for(measurements, "key+nonce"), platform=platform)
     later = int(genuine.not_valid_after_utc.timestamp()) + 10
 
     verdict = verify_certificate(genuine, verifier, challenge=b"n", now=later)
@@ -145,8 +122,8 @@ def test_on_verdict_sees_the_certificate_checks(
     platform: SimulatedPlatform, measurements: TdMeasurements, genuine: x509.Certificate
 ) -> None:
     seen: list[Verdict] = []
-    verifier = Verifier(
-        _policy(measurements, "key+nonce"), lab_root_der=platform.root_der, on_verdict=seen.append
+    verifier = verifier_for(
+        policy_for(measurements, "key+nonce"), platform=platform, on_verdict=seen.append
     )
 
     verify_certificate(genuine, verifier, challenge=b"n")
@@ -170,8 +147,8 @@ def test_gramine_legacy_certificate_is_read_and_verified(
     quote = provider.get_evidence(key_binding(spki, None)).quote  # SHA-256(SPKI) ‖ 0³²
     cert = _cert_with(key, (oid, ext.encode_legacy_extension(quote)))
     collateral = Collateral(platform.collateral_json, "lab")
-    verifier = Verifier(
-        _policy(measurements, "key"), collateral=collateral, lab_root_der=platform.root_der
+    verifier = verifier_for(
+        policy_for(measurements, "key"), platform=platform, collateral=collateral
     )
 
     emb = read_evidence(cert)
@@ -190,10 +167,10 @@ def test_gramine_legacy_certificate_for_another_key_is_refused(
     cert = _cert_with(
         ec.generate_private_key(ec.SECP256R1()), (ext.GRAMINE_LEGACY_QUOTE_OID, quote)
     )
-    verifier = Verifier(
-        _policy(measurements, "key"),
+    verifier = verifier_for(
+        policy_for(measurements, "key"),
+        platform=platform,
         collateral=Collateral(platform.collateral_json, "lab"),
-        lab_root_der=platform.root_der,
     )
 
     verdict = verify_certificate(cert, verifier)
@@ -209,10 +186,10 @@ def test_gramine_style_dice_certificate_binds_the_claims_hash(
     claims = ext.encode_claims(spki_hash(spki_der(key.public_key())))  # only pubkey-hash
     quote = provider.get_evidence(claims_binding(claims)).quote  # Gramine: SHA-256(claims) ‖ 0
     cert = _cert_with(key, (ext.DICE_EVIDENCE_OID, ext.encode_dice_extension(quote, claims)))
-    verifier = Verifier(
-        _policy(measurements, "key"),
+    verifier = verifier_for(
+        policy_for(measurements, "key"),
+        platform=platform,
         collateral=Collateral(platform.collateral_json, "lab"),
-        lab_root_der=platform.root_der,
     )
 
     emb = read_evidence(cert)
@@ -312,7 +289,7 @@ def test_mutated_extension_bytes_raise_only_lab_errors(
     platform: SimulatedPlatform,
     measurements: TdMeasurements,
 ) -> None:
-    value = bytearray(_dice_value(genuine))
+    value = bytearray(dice_value(genuine))
     for _ in range(data.draw(st.integers(1, 4))):
         op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
         at = data.draw(st.integers(0, len(value) - 1))
@@ -324,7 +301,7 @@ def test_mutated_extension_bytes_raise_only_lab_errors(
             value[at:at] = data.draw(st.binary(min_size=1, max_size=8))
         if not value:
             value = bytearray(b"\x00")
-    verifier = Verifier(_policy(measurements, "key"), lab_root_der=platform.root_der)
+    verifier = verifier_for(policy_for(measurements, "key"), platform=platform)
 
     _outcome(bytes(value), verifier)
 
@@ -334,7 +311,7 @@ def test_mutated_extension_bytes_raise_only_lab_errors(
 def test_arbitrary_extension_values_raise_only_lab_errors(
     raw: bytes, tree: object, platform: SimulatedPlatform, measurements: TdMeasurements
 ) -> None:
-    verifier = Verifier(_policy(measurements, "key"), lab_root_der=platform.root_der)
+    verifier = verifier_for(policy_for(measurements, "key"), platform=platform)
     shaped = cbor2.dumps(
         cbor2.CBORTag(
             60000,

@@ -15,14 +15,13 @@ from cryptography.hazmat.primitives import serialization
 from hfl_lab._exceptions import AttestationError
 from hfl_lab.ratls import RaTlsIdentity, fetch_server_certificate, read_evidence
 from hfl_lab.ratls.peer import _tls12_certificate
-from hfl_lab.tee import SimulatedPlatform, SimulatedTdProvider, measure_workload
+from tests.td_support import provider
 
 
 @pytest.fixture(scope="module")
 def identity() -> RaTlsIdentity:
-    provider = SimulatedTdProvider(SimulatedPlatform.generate(), measure_workload(role="ps0"))
     ident = RaTlsIdentity()
-    ident.make_certificate(provider, subject_cn="ps0", role="ps0")
+    ident.make_certificate(provider("ps0"), subject_cn="ps0", role="ps0")
     return ident
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from hfl_lab.tee import (
-    AttestationPolicy,
     SimulatedPlatform,
     SimulatedTdProvider,
     TdMeasurements,
@@ -19,25 +18,15 @@ from hfl_lab.tee import (
     parse_quote,
 )
 from hfl_lab.tee.sim.measure import WORKLOAD_PACKAGES
+from tests.td_support import policy_for, verifier_for
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def platform() -> SimulatedPlatform:
-    return SimulatedPlatform.generate()
-
-
-@pytest.fixture(scope="module")
 def measurements() -> TdMeasurements:
+    """worker0 with a run configuration (overrides the conftest fixture; platform is its)."""
     return measure_workload(role="worker0", config={"depth": 8})
-
-
-def _policy_from(m: TdMeasurements, **extra: object) -> AttestationPolicy:
-    raw = {k: v for k, v in m.summary().items()}
-    raw.update({"allow_simulated": True, "report_data_binding": "key+nonce"})
-    raw.update(extra)
-    return AttestationPolicy.from_dict(raw)
 
 
 def _binding() -> bytes:
@@ -61,7 +50,7 @@ def test_accepted_under_its_own_measurements_when_simulation_is_allowed(
     platform: SimulatedPlatform, measurements: TdMeasurements
 ) -> None:
     evidence = SimulatedTdProvider(platform, measurements).get_evidence(_binding())
-    verifier = Verifier(_policy_from(measurements), lab_root_der=platform.root_der)
+    verifier = verifier_for(policy_for(measurements), platform=platform)
 
     verdict = verifier.verify(evidence, binding=_binding(), issued_at=time.time())
 
@@ -74,9 +63,7 @@ def test_rejected_when_simulation_is_not_allowed(
     platform: SimulatedPlatform, measurements: TdMeasurements
 ) -> None:
     evidence = SimulatedTdProvider(platform, measurements).get_evidence(_binding())
-    verifier = Verifier(
-        _policy_from(measurements, allow_simulated=False), lab_root_der=platform.root_der
-    )
+    verifier = verifier_for(policy_for(measurements, allow_simulated=False), platform=platform)
 
     verdict = verifier.verify(evidence, binding=_binding())
 
@@ -89,7 +76,7 @@ def test_rejected_without_the_lab_root_even_if_simulation_is_allowed(
 ) -> None:
     evidence = SimulatedTdProvider(platform, measurements).get_evidence(_binding())
 
-    verdict = Verifier(_policy_from(measurements)).verify(evidence, binding=_binding())
+    verdict = Verifier(policy_for(measurements)).verify(evidence, binding=_binding())
 
     assert not verdict.accepted
     assert "trusted root" in verdict.check("dcap").reason
@@ -106,7 +93,7 @@ def test_rejected_when_the_trainer_code_changed_by_one_byte(
     target.write_bytes(bytes(data))
     tampered = measure_workload(role="worker0", config={"depth": 8}, root=tmp_path)
     evidence = SimulatedTdProvider(platform, tampered).get_evidence(_binding())
-    verifier = Verifier(_policy_from(measurements), lab_root_der=platform.root_der)
+    verifier = verifier_for(policy_for(measurements), platform=platform)
 
     verdict = verifier.verify(evidence, binding=_binding())
 
@@ -120,7 +107,7 @@ def test_rejected_when_debug_is_set(
     platform: SimulatedPlatform, measurements: TdMeasurements
 ) -> None:
     evidence = SimulatedTdProvider(platform, measurements, debug=True).get_evidence(_binding())
-    verifier = Verifier(_policy_from(measurements), lab_root_der=platform.root_der)
+    verifier = verifier_for(policy_for(measurements), platform=platform)
 
     verdict = verifier.verify(evidence, binding=_binding())
 
@@ -133,7 +120,7 @@ def test_rejected_when_report_data_does_not_match(
     platform: SimulatedPlatform, measurements: TdMeasurements
 ) -> None:
     evidence = SimulatedTdProvider(platform, measurements).get_evidence(_binding())
-    verifier = Verifier(_policy_from(measurements), lab_root_der=platform.root_der)
+    verifier = verifier_for(policy_for(measurements), platform=platform)
     other = hashlib.sha256(b"another key").digest() + hashlib.sha256(b"nonce").digest()
 
     verdict = verifier.verify(evidence, binding=other)
@@ -146,7 +133,7 @@ def test_rejected_when_evidence_is_stale(
     platform: SimulatedPlatform, measurements: TdMeasurements
 ) -> None:
     evidence = SimulatedTdProvider(platform, measurements).get_evidence(_binding())
-    verifier = Verifier(_policy_from(measurements), lab_root_der=platform.root_der)
+    verifier = verifier_for(policy_for(measurements), platform=platform)
 
     verdict = verifier.verify(evidence, binding=_binding(), issued_at=time.time() - 3600)
 
@@ -159,14 +146,14 @@ def test_chosen_tcb_status_is_reported_and_judged_by_the_policy(
 ) -> None:
     provider = SimulatedTdProvider(platform, measurements, tcb_status=status)
     evidence = provider.get_evidence(_binding())
-    strict = Verifier(_policy_from(measurements), lab_root_der=platform.root_der)
-    lenient = Verifier(
-        _policy_from(
+    strict = verifier_for(policy_for(measurements), platform=platform)
+    lenient = verifier_for(
+        policy_for(
             measurements,
             accepted_tcb_statuses=["UpToDate", status],
             accepted_advisory_ids=["HFL-LAB-SA-0001"],
         ),
-        lab_root_der=platform.root_der,
+        platform=platform,
     )
 
     refused = strict.verify(evidence, binding=_binding())
@@ -178,7 +165,7 @@ def test_chosen_tcb_status_is_reported_and_judged_by_the_policy(
 
 def test_revoked_tcb_fails_dcap(platform: SimulatedPlatform, measurements: TdMeasurements) -> None:
     evidence = SimulatedTdProvider(platform, measurements, tcb_status="Revoked").get_evidence(b"")
-    verdict = Verifier(_policy_from(measurements), lab_root_der=platform.root_der).verify(evidence)
+    verdict = verifier_for(policy_for(measurements), platform=platform).verify(evidence)
 
     assert "revoked" in verdict.check("dcap").reason.lower()
 
@@ -189,7 +176,7 @@ def test_platform_survives_export_to_a_child_process(
     clone = SimulatedPlatform.from_secret(platform.export_secret())
     evidence = SimulatedTdProvider(clone, measurements).get_evidence(_binding())
 
-    verdict = Verifier(_policy_from(measurements), lab_root_der=platform.root_der).verify(
+    verdict = verifier_for(policy_for(measurements), platform=platform).verify(
         evidence, binding=_binding()
     )
 
@@ -203,6 +190,6 @@ def test_evidence_after_the_platform_collateral_window_is_rejected(
     old = SimulatedPlatform.generate(now=int(time.time()) - 90 * 86400, validity_days=30)
     evidence = SimulatedTdProvider(old, measurements).get_evidence(_binding())
 
-    verdict = Verifier(_policy_from(measurements), lab_root_der=old.root_der).verify(evidence)
+    verdict = verifier_for(policy_for(measurements), platform=old).verify(evidence)
 
     assert "collateral expired" in verdict.check("dcap").reason

@@ -12,42 +12,15 @@ import pytest
 
 from hfl_lab import AttestationError, PolicyViolation
 from hfl_lab.ratls import RaTlsIdentity, verify_certificate
-from hfl_lab.tee import (
-    AttestationPolicy,
-    Collateral,
-    SimulatedPlatform,
-    SimulatedTdProvider,
-    TdMeasurements,
-    Verifier,
-    measure_workload,
-)
+from hfl_lab.tee import AttestationPolicy, measure_workload
 from hfl_lab.trust.broker import DEFAULT_APP_ID
 from hfl_lab.trust.client import TrustClient
 from hfl_lab.trust.service import TrustService, serve
+from tests.td_support import LAB_ROLES, PLATFORM, lab_policy, lab_verifier, measured, provider
 from trainer.proto import trust_pb2 as pb
 from trainer.proto import trust_pb2_grpc as rpc
 
-PLATFORM = SimulatedPlatform.generate()
-MEASURED = {role: measure_workload(role=role) for role in ("trust", "ps0", "worker0")}
-
-
-def lab_policy(**extra: object) -> AttestationPolicy:
-    m = MEASURED["ps0"]
-    roles = {r: {"mr_config_id": MEASURED[r].mr_config_id.hex()} for r in MEASURED}
-    return AttestationPolicy.from_dict(
-        {"mr_td": m.mr_td.hex(), "allow_simulated": True, "report_data_binding": "key+nonce",
-         "roles": roles, **extra}
-    )
-
-
-def lab_verifier(name: str = "lab", policy: AttestationPolicy | None = None) -> Verifier:
-    """How participants verify each other: the lab root and the lab's collateral."""
-    return Verifier(policy or lab_policy(), lab_root_der=PLATFORM.root_der, name=name,
-                    lab_collateral=Collateral(PLATFORM.collateral_json, "lab platform"))
-
-
-def provider(role: str, m: TdMeasurements | None = None, **kw: object) -> SimulatedTdProvider:
-    return SimulatedTdProvider(PLATFORM, m or MEASURED[role], **kw)  # type: ignore[arg-type]
+MEASURED = {role: measured(role) for role in LAB_ROLES}
 
 
 @dataclass
