@@ -271,6 +271,7 @@ def test_policy_from_evidence_accepts_that_evidence_and_rejects_another_on_mr_td
     assert loaded.mr_td == (td.mr_td.hex(),)
     assert loaded.rtmr3 == (td.rtmr3.hex(),) and loaded.xfam == (td.xfam.hex(),)
     assert loaded.mr_seam == (td.mr_seam.hex(),)
+    assert loaded.td_attributes == (f"0x{td.td_attributes_int:016x}",)
     assert same == 0 and same_doc["accepted"]
     assert {"mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_seam", "xfam"} <= {
         c["name"] for c in same_doc["checks"]

@@ -43,7 +43,6 @@ from hfl_lab.tee.verdict import Verdict
 from hfl_lab.tee.verifier import Verifier
 
 VERIFIER_NAME = "hfl-lab attest"
-_ALL_BITS = (1 << 64) - 1
 _TABLE_WIDTH = 40  # Verdict.to_table cuts expected/actual here; failures are repeated in full
 
 EvidenceInput = LoadedEvidence | Evidence | x509.Certificate | bytes | str | Path
@@ -165,9 +164,8 @@ def verify_endpoint(
 def policy_from_evidence(evidence: EvidenceInput) -> AttestationPolicy:
     """A policy whose reference values are this evidence's measurements.
 
-    MR_TD, RTMR0-3, MR_SEAM and XFAM must equal this TD's. The policy has no exact TD
-    attributes field, so they are pinned as "no bit this TD does not have": every other bit
-    is forbidden. DEBUG stays refused. Simulated evidence yields ``allow_simulated: true``.
+    MR_TD, RTMR0-3, MR_SEAM, XFAM and the TD attributes must equal this TD's. DEBUG stays
+    refused (``allow_debug: false``). Simulated evidence yields ``allow_simulated: true``.
     """
     loaded = load(evidence)
     td = loaded.quote.body
@@ -181,7 +179,11 @@ def policy_from_evidence(evidence: EvidenceInput) -> AttestationPolicy:
         name: [getattr(td, name).hex()]
         for name in ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_seam", "xfam")
     }
-    raw["forbidden_td_attributes"] = ~td.td_attributes_int & _ALL_BITS
+    attrs = td.td_attributes_int
+    raw["td_attributes"] = [f"0x{attrs:016x}"]
+    # the default forbidden bits, less any other than DEBUG this TD has: never at odds with
+    # td_attributes (DEBUG has its own check)
+    raw["forbidden_td_attributes"] = AttestationPolicy.forbidden_td_attributes & ~(attrs & ~1)
     raw["allow_simulated"] = loaded.quote.header.user_data == SIMULATED_MARKER
     return AttestationPolicy.from_dict(raw)
 
@@ -194,8 +196,8 @@ def policy_text(policy: AttestationPolicy, *, fmt: str = "yaml", origin: str = "
     if origin:
         head += f"\n# reference values taken from {origin}"
     head += (
-        "\n# forbidden_td_attributes: every TD attribute bit this evidence does not have"
-        "\n# (the policy pins TD attributes this way; DEBUG is refused by allow_debug: false)\n"
+        "\n# td_attributes: exactly this evidence's, as `hfl-lab attest show` prints them"
+        "\n# (DEBUG is refused all the same: allow_debug: false)\n"
     )
     return head + yaml.safe_dump(policy.to_dict(), sort_keys=False)
 

@@ -9,22 +9,8 @@ from cryptography import x509
 
 from hfl_lab._exceptions import HflLabError
 from hfl_lab.cli.evidence_input import LoadedEvidence
-from hfl_lab.tee.reports import TdReport10
+from hfl_lab.tee.reports import TdReport10, td_attribute_flags
 from hfl_lab.tee.sim.platform import SIMULATED_MARKER
-
-# Intel TDX Module ABI spec, "TDATTRIBUTES": the bits with a name (7:0 are TUD: debug/trust)
-TD_ATTRIBUTE_NAMES: dict[int, str] = {
-    0: "DEBUG",
-    28: "SEPT_VE_DISABLE",
-    30: "PKS",
-    31: "KL",
-    63: "PERFMON",
-}
-
-
-def td_attribute_flags(value: int) -> list[str]:
-    """The names of the set TD attribute bits (``bit N`` for unnamed ones)."""
-    return [TD_ATTRIBUTE_NAMES.get(b, f"bit {b}") for b in range(64) if value >> b & 1]
 
 
 def _cert_summary(cert: x509.Certificate) -> dict[str, str]:

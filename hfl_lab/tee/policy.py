@@ -24,6 +24,8 @@ TCB_STATUSES = (
 )
 _HEX_SIZES = {"mr_td": 48, "mr_seam": 48, "mr_config_id": 48, "xfam": 8}
 _HEX_SIZES.update({f"rtmr{i}": 48 for i in range(4)})
+#: the fields that hold reference values ("any" or a list), also settable per role
+_REFERENCE_FIELDS = (*_HEX_SIZES, "td_attributes")
 BINDINGS = ("none", "key", "key+nonce")
 
 
@@ -52,6 +54,35 @@ def _values(name: str, raw: Any) -> tuple[str, ...] | None:
     return tuple(out)
 
 
+def _attribute_values(raw: Any) -> tuple[str, ...] | None:
+    """``td_attributes``: "any" or one or more 64-bit values, as hex strings (or integers, as
+    YAML reads an unquoted 0x…), kept as ``0x`` and 16 digits: the form verdicts show."""
+    if raw is None or raw == ANY:
+        return None
+    items = raw if isinstance(raw, list | tuple) else [raw]
+    if not items:
+        raise ConfigError("policy field 'td_attributes' must be \"any\", a hex value or a list")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            try:
+                value = int(item.lower().removeprefix("0x"), 16)
+            except ValueError:
+                raise ConfigError(f"policy field 'td_attributes': '{item}' is not hex") from None
+        elif isinstance(item, int) and not isinstance(item, bool):
+            value = item
+        else:
+            raise ConfigError(f"policy field 'td_attributes' holds {item!r}, not a hex value")
+        if not 0 <= value < 1 << 64:
+            raise ConfigError(f"policy field 'td_attributes': '{item}' does not fit in 64 bits")
+        out.append(f"0x{value:016x}")
+    return tuple(out)
+
+
+def _reference(name: str, raw: Any) -> tuple[str, ...] | None:
+    return _attribute_values(raw) if name == "td_attributes" else _values(name, raw)
+
+
 @dataclass(frozen=True)
 class AttestationPolicy:
     """Reference values and rules a TD's evidence must satisfy. ``None`` means "any"."""
@@ -65,6 +96,9 @@ class AttestationPolicy:
     mr_seam: tuple[str, ...] | None = None
     mr_config_id: tuple[str, ...] | None = None
     xfam: tuple[str, ...] | None = None
+    #: the exact TD attributes (one of these 64-bit values, as ``attest show`` and verdicts
+    #: print them: 0x0000000010000000 is SEPT_VE_DISABLE alone); the forbidden bits apply too
+    td_attributes: tuple[str, ...] | None = None
     #: TD attribute bits that must be clear; default: DEBUG and every other bit of 7:0
     forbidden_td_attributes: int = 0xFF
     allow_debug: bool = False
@@ -93,8 +127,8 @@ class AttestationPolicy:
             )
         kw: dict[str, Any] = {}
         for name, value in raw.items():
-            if name in _HEX_SIZES:
-                kw[name] = _values(name, value)
+            if name in _REFERENCE_FIELDS:
+                kw[name] = _reference(name, value)
             elif name == "roles":
                 kw[name] = cls._roles(value)
             else:
@@ -109,11 +143,11 @@ class AttestationPolicy:
             raise ConfigError("policy field 'roles' must map role names to reference values")
         out = {}
         for role, fields in raw.items():
-            if not isinstance(fields, dict) or set(fields) - set(_HEX_SIZES):
+            if not isinstance(fields, dict) or set(fields) - set(_REFERENCE_FIELDS):
                 raise ConfigError(
-                    f"policy roles.{role} may only set {', '.join(sorted(_HEX_SIZES))}"
+                    f"policy roles.{role} may only set {', '.join(sorted(_REFERENCE_FIELDS))}"
                 )
-            out[str(role)] = {k: _values(k, v) for k, v in fields.items()}
+            out[str(role)] = {k: _reference(k, v) for k, v in fields.items()}
         return out
 
     def _validate(self) -> None:
@@ -158,7 +192,7 @@ class AttestationPolicy:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in _HEX_SIZES:
+            if f.name in _REFERENCE_FIELDS:
                 out[f.name] = ANY if value is None else list(value)
             elif f.name == "roles":
                 out[f.name] = {

@@ -212,3 +212,18 @@ class TdReportStruct(_Layout):
     def is_tdx_type(self) -> bool:
         """REPORTTYPE.TYPE is 0x81 for a TDX report (its MAC is checked by the TDX module)."""
         return self.report_type[0] == 0x81
+
+
+# Intel TDX Module ABI spec, "TDATTRIBUTES": the bits with a name (7:0 are TUD: debug/trust)
+TD_ATTRIBUTE_NAMES: dict[int, str] = {
+    0: "DEBUG",
+    28: "SEPT_VE_DISABLE",
+    30: "PKS",
+    31: "KL",
+    63: "PERFMON",
+}
+
+
+def td_attribute_flags(value: int) -> list[str]:
+    """The names of the set TD attribute bits (``bit N`` for unnamed ones)."""
+    return [TD_ATTRIBUTE_NAMES.get(b, f"bit {b}") for b in range(64) if value >> b & 1]

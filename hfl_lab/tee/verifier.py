@@ -20,7 +20,7 @@ from hfl_lab.tee.collateral import Collateral, fetch_collateral
 from hfl_lab.tee.evidence import Evidence
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.quote import Quote
-from hfl_lab.tee.reports import TdReport10
+from hfl_lab.tee.reports import TdReport10, td_attribute_flags
 from hfl_lab.tee.sim.platform import SIMULATED_MARKER
 from hfl_lab.tee.verdict import Verdict
 
@@ -55,6 +55,26 @@ def dcap_reason(message: str) -> str:
         if any(n in message for n in needles):
             return f"{reason} ({message.splitlines()[0].removeprefix('Verification failed: ')})"
     return message.replace("\n", " ").removeprefix("Verification failed: ")
+
+
+def _attributes_mismatch(attrs: int, exact: tuple[str, ...], role: str | None) -> str:
+    """Why the TD attributes are not the policy's: the bits that differ from its (first) value."""
+    reference = int(exact[0], 16)
+    extra, missing = attrs & ~reference, reference & ~attrs
+    differences = [
+        f"{' '.join(td_attribute_flags(bits))} {state}"
+        for bits, state in (
+            (extra, "set, which the reference value does not have"),
+            (missing, "clear, which the reference value has set"),
+        )
+        if bits
+    ]
+    which = "" if len(exact) == 1 else f" (none of {len(exact)}; compared with {exact[0]})"
+    return (
+        "TD attributes differ from the policy's reference value"
+        + (f" for role {role}" if role else "")
+        + f"{which}: {'; '.join(differences)}"
+    )
 
 
 class Verifier:
@@ -115,7 +135,7 @@ class Verifier:
         if isinstance(quote.body, TdReport10):
             td = quote.body
             verdict.measurements = {n: getattr(td, n).hex() for n in _REFERENCE_FIELDS}
-            self._check_attributes(verdict, td)
+            self._check_attributes(verdict, td, role)
             self._check_references(verdict, td, role)
             self._check_binding(verdict, td, evidence, binding)
         self._check_freshness(verdict, issued_at, now_s)
@@ -228,7 +248,7 @@ class Verifier:
             "" if not extra else f"unaccepted advisories {', '.join(extra)}",
         )
 
-    def _check_attributes(self, v: Verdict, td: TdReport10) -> None:
+    def _check_attributes(self, v: Verdict, td: TdReport10, role: str | None) -> None:
         attrs = td.td_attributes_int
         debug = bool(attrs & 1)
         debug_ok = not debug or self.policy.allow_debug
@@ -241,13 +261,14 @@ class Verifier:
         )
         mask = self.policy.forbidden_td_attributes & ~(1 if self.policy.allow_debug else 0)
         bad = attrs & mask & ~1  # DEBUG has its own check above
-        v.add(
-            "td_attributes",
-            bad == 0,
-            f"bits 0x{mask:02x} clear",
-            f"0x{attrs:016x}",
-            "" if bad == 0 else f"forbidden TD attribute bits 0x{bad:02x} set",
-        )
+        expected = f"bits 0x{mask:02x} clear"
+        reasons = [f"forbidden TD attribute bits 0x{bad:02x} set"] if bad else []
+        exact = self.policy.reference_for(role, "td_attributes")
+        if exact is not None:
+            expected = f"{' | '.join(exact)}; {expected}"
+            if f"0x{attrs:016x}" not in exact:
+                reasons.append(_attributes_mismatch(attrs, exact, role))
+        v.add("td_attributes", not reasons, expected, f"0x{attrs:016x}", "; ".join(reasons))
 
     def _check_references(self, v: Verdict, td: TdReport10, role: str | None) -> None:
         for name in _REFERENCE_FIELDS:
