@@ -19,43 +19,50 @@ into the volume, signed. The trust service seals its state (the passphrase inclu
 (:mod:`hfl_lab.owner`), so the owner's trusted node can open the volume after the run. The
 public parts the trusted node needs to check provenance offline (the lab platform's root and
 collateral, the volume's release policy) are in ``<run_dir>/trust/``.
+
+This module prepares a run (its config, policy and reference measurements), starts it, turns the
+participants' events into a :class:`TrainingResult` and tears it down. :mod:`.processes` launches
+and watches the participant processes, :mod:`.owner_side` does the owner's part of the vault,
+and :mod:`.preflight` checks the machine.
 """
 
 from __future__ import annotations
 
 import atexit
-import collections
 import contextlib
-import importlib.util
 import json
 import os
 import queue
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from hfl_lab import owner
-from hfl_lab._exceptions import BackendError, ConfigError, HflLabError
+from hfl_lab._exceptions import BackendError, ConfigError
 from hfl_lab.backends.base import PreflightCheck, ProgressCallback
+from hfl_lab.backends.local.owner_side import OwnerSide
+from hfl_lab.backends.local.preflight import run_preflight
+from hfl_lab.backends.local.processes import (
+    END_OF_EVENTS,
+    Participant,
+    ParticipantProcesses,
+    free_port,
+)
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.sim.measure import TdMeasurements, measure_workload
 from hfl_lab.tee.sim.platform import SimulatedPlatform
 
-__all__ = ["LocalBackend", "Participant", "TrainingResult"]
+__all__ = ["LocalBackend", "Participant", "TrainingResult", "free_port"]
 
 WORKLOAD_ROOT = Path(__file__).resolve().parents[3]
-TAIL_LINES = 40
-_END = object()
 
 
 @dataclass(frozen=True)
@@ -75,46 +82,7 @@ class TrainingResult:
         return float(value) if value is not None else None
 
 
-@dataclass
-class Participant:
-    """One launched participant process."""
-
-    role: str
-    module_args: list[str]
-    env: dict[str, str]
-    process: subprocess.Popen[str] | None = None
-    log_path: Path | None = None
-    tail: collections.deque[str] = field(
-        default_factory=lambda: collections.deque(maxlen=TAIL_LINES)
-    )
-    state: str = "new"
-    ready: threading.Event = field(default_factory=threading.Event)
-    ended: threading.Event = field(default_factory=threading.Event)
-    port: int | None = None
-    threads: list[threading.Thread] = field(default_factory=list)
-    starts: int = 0
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    @property
-    def returncode(self) -> int | None:
-        return self.process.poll() if self.process is not None else None
-
-    def last_lines(self, n: int = 12) -> str:
-        lines = list(self.tail)[-n:]
-        return "\n".join(f"    {line}" for line in lines) if lines else "    (no output)"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class LocalBackend:
+class LocalBackend(ParticipantProcesses, OwnerSide):
     """Runs a lab on this machine; the notebooks and ``hfl-lab run`` drive it."""
 
     name = "local"
@@ -180,65 +148,11 @@ class LocalBackend:
     def __exit__(self, *exc: object) -> None:
         self.teardown()
 
-    @property
-    def roles(self) -> list[str]:
-        return ["trust", "ps0", *(f"worker{i}" for i in range(self.config.workers))]
-
-    @property
-    def training_roles(self) -> list[str]:
-        return [r for r in self.roles if r != "trust"]
-
     # ------------------------------------------------------------------ preflight
 
     def preflight(self) -> list[PreflightCheck]:
-        checks = [
-            PreflightCheck(
-                "python", sys.version_info >= (3, 11),
-                f"{sys.version.split()[0]} at {self.python}", "use Python 3.11 or newer"),
-        ]
-        missing = [m for m in ("grpc", "torch", "keras", "cryptography", "dcap_qvl")
-                   if importlib.util.find_spec(m) is None]
-        checks.append(PreflightCheck(
-            "packages", not missing,
-            "all installed" if not missing else f"missing: {', '.join(missing)}",
-            "run `make install` (it installs requirements.txt into .venv)"))
-        checks.append(self._data_check())
-        try:
-            free_port()
-            checks.append(PreflightCheck("loopback", True, "127.0.0.1 accepts listeners"))
-        except OSError as e:
-            checks.append(PreflightCheck("loopback", False, f"cannot listen on 127.0.0.1: {e}",
-                                         "allow loopback TCP in this container"))
-        writable = _writable(self.run_dir)
-        checks.append(PreflightCheck(
-            "run folder", writable, str(self.run_dir),
-            "choose a writable run_dir (parameter run_dir)"))
-        cpus = os.cpu_count() or 1
-        processes = len(self.roles)
-        checks.append(PreflightCheck(
-            "cpu", True,
-            f"{cpus} cores for {processes} participant processes"
-            + (" (they will share cores; training is slower)" if cpus < processes else "")))
-        checks.append(PreflightCheck(
-            "evidence", self.config.allow_simulated,
-            "SIMULATED TDs (no TDX on this backend): real quote format, lab-local keys, "
-            "NOT secure" if self.config.allow_simulated else "simulated TDs are not allowed",
-            "set allow_simulated=True for the local backend, or use the kubernetes backend"))
-        return checks
-
-    def _data_check(self) -> PreflightCheck:
-        try:
-            from trainer.data import BATCHES_DIR, TEST_FILE, TRAIN_FILES
-
-            root = self.config.require_data_path()
-            folder = root if root.name == BATCHES_DIR else root / BATCHES_DIR
-            absent = [n for n in (*TRAIN_FILES, TEST_FILE) if not (folder / n).is_file()]
-        except HflLabError as e:
-            return PreflightCheck("data", False, e.message, e.fix or "")
-        if absent:
-            return PreflightCheck("data", False, f"{folder} lacks {', '.join(absent)}",
-                                  "point data_path at the CIFAR-10 python version")
-        return PreflightCheck("data", True, f"CIFAR-10 at {folder}")
+        return run_preflight(self.config, python=self.python, run_dir=self.run_dir,
+                             processes=len(self.roles))
 
     # ------------------------------------------------------------------ preparation
 
@@ -316,44 +230,6 @@ class LocalBackend:
         if self.vault_path is not None:
             self.volume_release_policy().save(self.volume_policy_path)
 
-    def _owner_salt(self) -> bytes:
-        """This run's public salt (kept, so a resumed run keeps its admin credential)."""
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            return bytes.fromhex(json.loads(self.owner_salt_path.read_text())["salt"])
-        salt = owner.new_salt()
-        self.owner_salt_path.write_text(json.dumps({"salt": salt.hex()}) + "\n")
-        return salt
-
-    def volume_release_policy(self) -> AttestationPolicy:
-        """Who may receive the volume passphrase by attested release: ps0's TD (this code, its
-        configuration), nobody else. The owner's node uses the sealed state instead."""
-        from hfl_lab.vault.keyrelease import volume_release_policy
-
-        assert self.policy is not None
-        return volume_release_policy(self.measurements["ps0"], base=self.policy)
-
-    def owner_credential(self) -> Any:
-        """The owner's authorized way to the volume passphrase after the run (sealed state)."""
-        from hfl_lab.vault.keyrelease import SealedBrokerState
-
-        return SealedBrokerState(self.trust_state_path, owner.sealing_key(self.admin_token))
-
-    @contextlib.contextmanager
-    def model_store(self) -> Iterator[Any]:
-        """The run's checkpoints, read-only, as the owner sees them: the volume opened with the
-        owner's credential, or the plain checkpoint folder of a run without the vault. Both
-        have ``load_latest()``; the volume also ``list_checkpoints()`` and
-        ``verify_provenance(...)``. Nothing is written."""
-        from hfl_lab.vault import DirectoryCheckpointStore
-        from hfl_lab.vault.keyrelease import open_as_owner
-
-        if self.vault_path is None:
-            yield DirectoryCheckpointStore(self.checkpoint_dir, durable=False)
-            return
-        with open_as_owner(self.owner_credential(), self.vault_path) as vault:
-            yield vault
-
-
     def reference_policy(self) -> AttestationPolicy:
         """The owner's policy for this run: this code (MR_TD), each role's configuration."""
         mr_td = {m.mr_td.hex() for m in self.measurements.values()}
@@ -382,182 +258,10 @@ class LocalBackend:
         for role in self.training_roles:
             self._launch(self.participants[role])
 
-    def _provision_vault(self, path: Path) -> None:
-        """As the owner: create the volume and register its passphrase (or keep the volume a
-        resumed run made: the restarted trust service unsealed its passphrase)."""
-        from hfl_lab.vault.keyrelease import provision_vault
-
-        self._wait_roles(["trust"], self.connect_timeout_s, None)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self.trust_client() as client:
-            self.vault_info = provision_vault(
-                client, self.admin_token, path, size_mb=self.config.vault_size_mb,
-                release_policy=self.volume_release_policy(), reuse=path.exists(),
-            )
-        info = self.vault_info
-        self._put(LabEvent("log", "owner", {
-            "level": "info",
-            "message": f"model volume {path.name}: LUKS{info.luks_version}, {info.size_mb} MB, "
-            f"{info.data_path_kind} data path, "
-            + ("created; its passphrase is registered in the key broker for ps0 only"
-               if info.created else "kept from the earlier start of this run"),
-        }))
-
-    def _launch(self, p: Participant) -> None:
-        assert self.platform is not None
-        env = dict(os.environ)
-        env.update(self.extra_env)
-        env.pop(owner.OWNER_SECRET_ENV, None)  # the owner's credential stays with the owner
-        env.pop("HFL_LAB_BOOTSTRAP_FILE", None)  # the pod way; here the bootstrap is the pipe
-        env.update(p.env)
-        pythonpath = [str(self.workload_root), env.get("PYTHONPATH", "")]
-        env["PYTHONPATH"] = os.pathsep.join(x for x in pythonpath if x)
-        env.setdefault("KERAS_BACKEND", "torch")
-        env["PYTHONUNBUFFERED"] = "1"
-        threads = str(self.config.threads) if self.config.threads else ""
-        if threads:
-            env["OMP_NUM_THREADS"] = threads
-        p.log_path = self.log_dir / f"{p.role}.log"
-        p.ready.clear()
-        p.ended.clear()
-        p.state = "starting"
-        p.starts += 1
-        log = p.log_path.open("a", encoding="utf-8")
-        log.write(f"--- start {p.starts}: python -m {' '.join(p.module_args)}\n")
-        log.flush()
-        process = subprocess.Popen(
-            [self.python, "-m", *p.module_args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=self.workload_root, env=env, text=True, bufsize=1,
-            start_new_session=True,  # own process group: teardown stops it and its children
-        )
-        p.process = process
-        bootstrap = {"platform": self.platform.export_secret().hex()}
-        if p.role == "trust":
-            bootstrap["admin_token"] = self.admin_token.hex()
-        assert process.stdin is not None
-        try:
-            process.stdin.write(json.dumps(bootstrap) + "\n")
-            process.stdin.flush()
-        except OSError:
-            pass  # it died at once; the watcher reports it with its output
-        del bootstrap
-        self._put(LabEvent("lifecycle", p.role,
-                           {"state": "starting", "pid": process.pid, "detail": "launched"}))
-        lock = threading.Lock()
-        assert process.stdout is not None and process.stderr is not None
-        readers = [
-            threading.Thread(target=self._read_stdout, args=(p, process.stdout, log, lock),
-                             daemon=True, name=f"{p.role}-stdout"),
-            threading.Thread(target=self._read_stderr, args=(p, process.stderr, log, lock),
-                             daemon=True, name=f"{p.role}-stderr"),
-        ]
-        for t in readers:
-            t.start()
-        watcher = threading.Thread(target=self._watch, args=(p, process, readers, log),
-                                   daemon=True, name=f"{p.role}-watch")
-        watcher.start()
-        p.threads = [*readers, watcher]
-
-    def _read_stdout(self, p: Participant, stream: IO[str], log: IO[str],
-                     lock: threading.Lock) -> None:
-        for line in stream:
-            text = line.rstrip("\n")
-            with lock:
-                log.write(text + "\n")
-                log.flush()
-            event = _parse_event(text)
-            if event is None:
-                p.tail.append(text)
-                if text.strip():
-                    self._put(LabEvent("log", p.role, {"level": "info", "message": text}))
-                continue
-            if event.kind == "lifecycle":
-                self._on_lifecycle(p, event)
-            self._put(event)
-
-    def _read_stderr(self, p: Participant, stream: IO[str], log: IO[str],
-                     lock: threading.Lock) -> None:
-        for line in stream:
-            text = line.rstrip("\n")
-            p.tail.append(text)
-            with lock:
-                log.write(text + "\n")
-                log.flush()
-
-    def _on_lifecycle(self, p: Participant, event: LabEvent) -> None:
-        state = str(event.data.get("state", ""))
-        p.state = state
-        if state == "ready":
-            port = event.data.get("port")
-            p.port = int(port) if isinstance(port, int) else p.port
-            p.ready.set()
-        if state == "done" and p.role == "ps0":
-            self._done_event = event
-
-    def _watch(self, p: Participant, process: subprocess.Popen[str],
-               readers: Sequence[threading.Thread], log: IO[str]) -> None:
-        code = process.wait()
-        for t in readers:
-            t.join(timeout=5)
-        with contextlib.suppress(OSError, ValueError):
-            log.write(f"--- exited with code {code}\n")
-            log.close()
-        if code != 0 and not self._torn_down and p.state not in ("stopping",):
-            detail = (f"{p.role} exited with code {code}. Last lines of {p.log_path}:\n"
-                      f"{p.last_lines()}")
-            p.state = "failed"
-            self._put(LabEvent("lifecycle", p.role,
-                               {"state": "failed", "pid": process.pid, "exit_code": code,
-                                "detail": detail}))
-        elif p.state not in ("exited", "failed"):
-            p.state = "exited"
-            self._put(LabEvent("lifecycle", p.role,
-                               {"state": "exited", "pid": process.pid, "exit_code": code,
-                                "detail": f"exit code {code}"}))
-        p.ended.set()
-        if all(self.participants[r].ended.is_set() for r in self.training_roles):
-            self._training_ended.set()
-            self._queue.put(_END)
-
-    def _put(self, event: LabEvent) -> None:
-        self._queue.put(event)
-
     # ------------------------------------------------------------------ waiting and events
 
     def wait_ready(self, timeout_s: float, progress: ProgressCallback | None = None) -> None:
         self._wait_roles(self.roles, timeout_s, progress)
-
-    def _wait_roles(self, roles: Sequence[str], timeout_s: float,
-                    progress: ProgressCallback | None) -> None:
-        deadline = time.monotonic() + timeout_s
-        reported = -1
-        while True:
-            ready = [r for r in roles if self.participants[r].ready.is_set()]
-            if len(ready) != reported:
-                reported = len(ready)
-                if progress is not None:
-                    progress(len(ready), len(roles), "participants ready")
-            if len(ready) == len(roles):
-                return
-            for role in roles:
-                p = self.participants[role]
-                code = p.returncode
-                if code is not None and not p.ready.is_set():
-                    raise BackendError(
-                        f"{role} exited with code {code} before it was ready. Last lines of "
-                        f"{p.log_path}:\n{p.last_lines()}",
-                        fix=f"read {p.log_path}; the line above names the cause.",
-                    )
-            if time.monotonic() > deadline:
-                waiting = [r for r in roles if r not in ready]
-                lines = "\n".join(f"  {r}:\n{self.participants[r].last_lines(5)}"
-                                  for r in waiting)
-                raise BackendError(
-                    f"not ready after {timeout_s:.0f} s: {', '.join(waiting)}.\n{lines}",
-                    fix="read their logs in the run folder; raise the timeout on a busy machine.",
-                )
-            time.sleep(0.05)
 
     def events(self, idle_timeout_s: float | None = None) -> Iterator[LabEvent]:
         """Events until ps0 and every worker have exited (the trust service keeps running)."""
@@ -566,7 +270,7 @@ class LocalBackend:
                 item = self._queue.get(timeout=idle_timeout_s)
             except queue.Empty:
                 return
-            if item is _END:
+            if item is END_OF_EVENTS:
                 self._finish_result()
                 # what the readers still had
                 while True:
@@ -574,7 +278,7 @@ class LocalBackend:
                         rest = self._queue.get_nowait()
                     except queue.Empty:
                         return
-                    if rest is not _END:
+                    if rest is not END_OF_EVENTS:
                         yield rest
             yield item
 
@@ -628,55 +332,6 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ control
 
-    def kill(self, role: str, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to one participant (fault injection in tests and notebook 06)."""
-        p = self._participant(role)
-        if p.process is not None and p.process.poll() is None:
-            p.state = "stopping" if sig != signal.SIGKILL else "killed"
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.process.pid, sig)
-            p.process.wait(timeout=30)
-
-    def restart(self, role: str) -> None:
-        """Start a participant again with the same command (after it died or was killed)."""
-        p = self._participant(role)
-        if p.process is not None and p.process.poll() is None:
-            raise BackendError(f"{role} is still running.", fix=f"kill('{role}') first.")
-        for t in p.threads:
-            t.join(timeout=5)
-        self._training_ended.clear()
-        self._launch(p)
-
-    def _participant(self, role: str) -> Participant:
-        if role not in self.participants:
-            raise ConfigError(f"no participant {role!r} in this run.",
-                              fix=f"use one of {', '.join(self.participants) or '(none yet)'}.")
-        return self.participants[role]
-
-    def trust_client(self) -> Any:
-        """A client of this run's trust service, after its attestation was verified."""
-        from hfl_lab.trust.client import TrustClient
-
-        if self.policy is None or self.platform is None:
-            raise BackendError("the run is not started.", fix="call start() first.")
-        return TrustClient.connect(self.trust_address, self.policy,
-                                   lab_root_der=self.platform.root_der, role="trust",
-                                   verifier_name="owner")
-
-    def fetch_vault(self, dest: Path) -> Path:
-        """Copy the run's model store out of ps0's reach to ``dest``."""
-        source = self.vault_path or self.run_dir / "vault" / "model.luks"
-        if not source.exists():
-            raise BackendError(
-                f"this run has no model volume at {source}; its checkpoints are in "
-                f"{self.checkpoint_dir}.",
-                fix="run with vault=True so ps0 writes into the LUKS volume.",
-            )
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, dest)
-        return dest
-
     def teardown(self) -> None:
         """Stop every participant (SIGTERM, then SIGKILL after a grace period); idempotent."""
         with self._lock:
@@ -710,23 +365,5 @@ class LocalBackend:
                             stream.close()
             for t in p.threads:
                 t.join(timeout=5)
-        self._queue.put(_END)
+        self._queue.put(END_OF_EVENTS)
         atexit.unregister(self.teardown)
-
-
-def _parse_event(text: str) -> LabEvent | None:
-    if not text.startswith("{"):
-        return None
-    try:
-        event = LabEvent.from_json(text)
-    except (ValueError, KeyError, TypeError):
-        return None
-    return event if isinstance(event.data, dict) else None
-
-
-def _writable(folder: Path) -> bool:
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return os.access(probe, os.W_OK)
-

@@ -1,0 +1,135 @@
+"""The lab owner's side of the local backend: the sealed model vault and the owner's credential.
+
+With ``vault=True`` the backend acts as the lab owner. Once the trust service is up it creates
+the LUKS volume ``<run_dir>/vault/model.luks`` and registers its random passphrase in the key
+broker under a release policy naming ps0's measurements (:meth:`OwnerSide.volume_release_policy`),
+so only ps0's TD obtains it, by attested key release. The owner's admin credential for the trust
+service is derived from the session's owner secret and this run's public salt
+(``<run_dir>/trust/owner.json``, see :mod:`hfl_lab.owner`); the trust service seals its state
+(the passphrase included) under a key derived from that credential, so after the run the owner
+opens the volume from the sealed state (:meth:`OwnerSide.owner_credential`,
+:meth:`OwnerSide.model_store`). :class:`OwnerSide` is that part of
+:class:`~hfl_lab.backends.local.LocalBackend`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from hfl_lab import owner
+from hfl_lab._exceptions import BackendError
+from hfl_lab.backends.base import ProgressCallback
+from hfl_lab.config import LabConfig
+from hfl_lab.events import LabEvent
+from hfl_lab.tee.policy import AttestationPolicy
+from hfl_lab.tee.sim.measure import TdMeasurements
+from hfl_lab.tee.sim.platform import SimulatedPlatform
+
+
+class OwnerSide:
+    """What the lab owner does on a local run: provision the vault, reach the sealed model."""
+
+    # set by LocalBackend
+    config: LabConfig
+    run_dir: Path
+    checkpoint_dir: Path
+    connect_timeout_s: float
+    platform: SimulatedPlatform | None
+    admin_token: bytes
+    policy: AttestationPolicy | None
+    measurements: dict[str, TdMeasurements]
+    trust_address: str
+    vault_path: Path | None
+    trust_state_path: Path
+    owner_salt_path: Path
+    vault_info: Any
+    # provided by ParticipantProcesses
+    _put: Callable[[LabEvent], None]
+    _wait_roles: Callable[[Sequence[str], float, ProgressCallback | None], None]
+
+    def _owner_salt(self) -> bytes:
+        """This run's public salt (kept, so a resumed run keeps its admin credential)."""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return bytes.fromhex(json.loads(self.owner_salt_path.read_text())["salt"])
+        salt = owner.new_salt()
+        self.owner_salt_path.write_text(json.dumps({"salt": salt.hex()}) + "\n")
+        return salt
+
+    def volume_release_policy(self) -> AttestationPolicy:
+        """Who may receive the volume passphrase by attested release: ps0's TD (this code, its
+        configuration), nobody else. The owner's node uses the sealed state instead."""
+        from hfl_lab.vault.keyrelease import volume_release_policy
+
+        assert self.policy is not None
+        return volume_release_policy(self.measurements["ps0"], base=self.policy)
+
+    def _provision_vault(self, path: Path) -> None:
+        """As the owner: create the volume and register its passphrase (or keep the volume a
+        resumed run made: the restarted trust service unsealed its passphrase)."""
+        from hfl_lab.vault.keyrelease import provision_vault
+
+        self._wait_roles(["trust"], self.connect_timeout_s, None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self.trust_client() as client:
+            self.vault_info = provision_vault(
+                client, self.admin_token, path, size_mb=self.config.vault_size_mb,
+                release_policy=self.volume_release_policy(), reuse=path.exists(),
+            )
+        info = self.vault_info
+        self._put(LabEvent("log", "owner", {
+            "level": "info",
+            "message": f"model volume {path.name}: LUKS{info.luks_version}, {info.size_mb} MB, "
+            f"{info.data_path_kind} data path, "
+            + ("created; its passphrase is registered in the key broker for ps0 only"
+               if info.created else "kept from the earlier start of this run"),
+        }))
+
+    def trust_client(self) -> Any:
+        """A client of this run's trust service, after its attestation was verified."""
+        from hfl_lab.trust.client import TrustClient
+
+        if self.policy is None or self.platform is None:
+            raise BackendError("the run is not started.", fix="call start() first.")
+        return TrustClient.connect(self.trust_address, self.policy,
+                                   lab_root_der=self.platform.root_der, role="trust",
+                                   verifier_name="owner")
+
+    def owner_credential(self) -> Any:
+        """The owner's authorized way to the volume passphrase after the run (sealed state)."""
+        from hfl_lab.vault.keyrelease import SealedBrokerState
+
+        return SealedBrokerState(self.trust_state_path, owner.sealing_key(self.admin_token))
+
+    @contextlib.contextmanager
+    def model_store(self) -> Iterator[Any]:
+        """The run's checkpoints, read-only, as the owner sees them: the volume opened with the
+        owner's credential, or the plain checkpoint folder of a run without the vault. Both
+        have ``load_latest()``; the volume also ``list_checkpoints()`` and
+        ``verify_provenance(...)``. Nothing is written."""
+        from hfl_lab.vault import DirectoryCheckpointStore
+        from hfl_lab.vault.keyrelease import open_as_owner
+
+        if self.vault_path is None:
+            yield DirectoryCheckpointStore(self.checkpoint_dir, durable=False)
+            return
+        with open_as_owner(self.owner_credential(), self.vault_path) as vault:
+            yield vault
+
+    def fetch_vault(self, dest: Path) -> Path:
+        """Copy the run's model store out of ps0's reach to ``dest``."""
+        source = self.vault_path or self.run_dir / "vault" / "model.luks"
+        if not source.exists():
+            raise BackendError(
+                f"this run has no model volume at {source}; its checkpoints are in "
+                f"{self.checkpoint_dir}.",
+                fix="run with vault=True so ps0 writes into the LUKS volume.",
+            )
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest)
+        return dest

@@ -1,0 +1,295 @@
+"""The local backend's participant processes: launch, output, exit, signals.
+
+Each participant (trust service, ps0, workers) is a ``python -m`` process in its own process
+group. It receives its bootstrap secrets (the lab platform's attestation key; for the trust
+service also the owner's admin credential) as one JSON line on stdin, never in its environment
+or on its command line. Reader threads copy its stdout and stderr to ``<run_dir>/logs/<role>.log``,
+turn the lab events it prints into the backend's event queue and keep the last lines for error
+messages; a watcher thread reports how it exited. :class:`ParticipantProcesses` is the part of
+:class:`~hfl_lab.backends.local.LocalBackend` that does this.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from hfl_lab import owner
+from hfl_lab._exceptions import BackendError, ConfigError
+from hfl_lab.backends.base import ProgressCallback
+from hfl_lab.config import LabConfig
+from hfl_lab.events import LabEvent
+from hfl_lab.tee.sim.platform import SimulatedPlatform
+
+TAIL_LINES = 40
+#: put on the event queue when ps0 and every worker have exited, and at teardown
+END_OF_EVENTS = object()
+
+
+@dataclass
+class Participant:
+    """One launched participant process."""
+
+    role: str
+    module_args: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen[str] | None = None
+    log_path: Path | None = None
+    tail: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=TAIL_LINES)
+    )
+    state: str = "new"
+    ready: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)
+    port: int | None = None
+    threads: list[threading.Thread] = field(default_factory=list)
+    starts: int = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll() if self.process is not None else None
+
+    def last_lines(self, n: int = 12) -> str:
+        lines = list(self.tail)[-n:]
+        return "\n".join(f"    {line}" for line in lines) if lines else "    (no output)"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class ParticipantProcesses:
+    """Launches, watches, signals and restarts the participant processes of a local run."""
+
+    # set by LocalBackend
+    config: LabConfig
+    python: str
+    workload_root: Path
+    extra_env: dict[str, str]
+    log_dir: Path
+    platform: SimulatedPlatform | None
+    admin_token: bytes
+    participants: dict[str, Participant]
+    _queue: queue.Queue[Any]
+    _torn_down: bool
+    _done_event: LabEvent | None
+    _training_ended: threading.Event
+
+    @property
+    def roles(self) -> list[str]:
+        return ["trust", "ps0", *(f"worker{i}" for i in range(self.config.workers))]
+
+    @property
+    def training_roles(self) -> list[str]:
+        return [r for r in self.roles if r != "trust"]
+
+    # ------------------------------------------------------------------ processes
+
+    def _launch(self, p: Participant) -> None:
+        assert self.platform is not None
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env.pop(owner.OWNER_SECRET_ENV, None)  # the owner's credential stays with the owner
+        env.pop("HFL_LAB_BOOTSTRAP_FILE", None)  # the pod way; here the bootstrap is the pipe
+        env.update(p.env)
+        pythonpath = [str(self.workload_root), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(x for x in pythonpath if x)
+        env.setdefault("KERAS_BACKEND", "torch")
+        env["PYTHONUNBUFFERED"] = "1"
+        threads = str(self.config.threads) if self.config.threads else ""
+        if threads:
+            env["OMP_NUM_THREADS"] = threads
+        p.log_path = self.log_dir / f"{p.role}.log"
+        p.ready.clear()
+        p.ended.clear()
+        p.state = "starting"
+        p.starts += 1
+        log = p.log_path.open("a", encoding="utf-8")
+        log.write(f"--- start {p.starts}: python -m {' '.join(p.module_args)}\n")
+        log.flush()
+        process = subprocess.Popen(
+            [self.python, "-m", *p.module_args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=self.workload_root, env=env, text=True, bufsize=1,
+            start_new_session=True,  # own process group: teardown stops it and its children
+        )
+        p.process = process
+        bootstrap = {"platform": self.platform.export_secret().hex()}
+        if p.role == "trust":
+            bootstrap["admin_token"] = self.admin_token.hex()
+        assert process.stdin is not None
+        try:
+            process.stdin.write(json.dumps(bootstrap) + "\n")
+            process.stdin.flush()
+        except OSError:
+            pass  # it died at once; the watcher reports it with its output
+        del bootstrap
+        self._put(LabEvent("lifecycle", p.role,
+                           {"state": "starting", "pid": process.pid, "detail": "launched"}))
+        lock = threading.Lock()
+        assert process.stdout is not None and process.stderr is not None
+        readers = [
+            threading.Thread(target=self._read_stdout, args=(p, process.stdout, log, lock),
+                             daemon=True, name=f"{p.role}-stdout"),
+            threading.Thread(target=self._read_stderr, args=(p, process.stderr, log, lock),
+                             daemon=True, name=f"{p.role}-stderr"),
+        ]
+        for t in readers:
+            t.start()
+        watcher = threading.Thread(target=self._watch, args=(p, process, readers, log),
+                                   daemon=True, name=f"{p.role}-watch")
+        watcher.start()
+        p.threads = [*readers, watcher]
+
+    def _read_stdout(self, p: Participant, stream: IO[str], log: IO[str],
+                     lock: threading.Lock) -> None:
+        for line in stream:
+            text = line.rstrip("\n")
+            with lock:
+                log.write(text + "\n")
+                log.flush()
+            event = _parse_event(text)
+            if event is None:
+                p.tail.append(text)
+                if text.strip():
+                    self._put(LabEvent("log", p.role, {"level": "info", "message": text}))
+                continue
+            if event.kind == "lifecycle":
+                self._on_lifecycle(p, event)
+            self._put(event)
+
+    def _read_stderr(self, p: Participant, stream: IO[str], log: IO[str],
+                     lock: threading.Lock) -> None:
+        for line in stream:
+            text = line.rstrip("\n")
+            p.tail.append(text)
+            with lock:
+                log.write(text + "\n")
+                log.flush()
+
+    def _on_lifecycle(self, p: Participant, event: LabEvent) -> None:
+        state = str(event.data.get("state", ""))
+        p.state = state
+        if state == "ready":
+            port = event.data.get("port")
+            p.port = int(port) if isinstance(port, int) else p.port
+            p.ready.set()
+        if state == "done" and p.role == "ps0":
+            self._done_event = event
+
+    def _watch(self, p: Participant, process: subprocess.Popen[str],
+               readers: Sequence[threading.Thread], log: IO[str]) -> None:
+        code = process.wait()
+        for t in readers:
+            t.join(timeout=5)
+        with contextlib.suppress(OSError, ValueError):
+            log.write(f"--- exited with code {code}\n")
+            log.close()
+        if code != 0 and not self._torn_down and p.state not in ("stopping",):
+            detail = (f"{p.role} exited with code {code}. Last lines of {p.log_path}:\n"
+                      f"{p.last_lines()}")
+            p.state = "failed"
+            self._put(LabEvent("lifecycle", p.role,
+                               {"state": "failed", "pid": process.pid, "exit_code": code,
+                                "detail": detail}))
+        elif p.state not in ("exited", "failed"):
+            p.state = "exited"
+            self._put(LabEvent("lifecycle", p.role,
+                               {"state": "exited", "pid": process.pid, "exit_code": code,
+                                "detail": f"exit code {code}"}))
+        p.ended.set()
+        if all(self.participants[r].ended.is_set() for r in self.training_roles):
+            self._training_ended.set()
+            self._queue.put(END_OF_EVENTS)
+
+    def _put(self, event: LabEvent) -> None:
+        self._queue.put(event)
+
+    # ------------------------------------------------------------------ waiting
+
+    def _wait_roles(self, roles: Sequence[str], timeout_s: float,
+                    progress: ProgressCallback | None) -> None:
+        deadline = time.monotonic() + timeout_s
+        reported = -1
+        while True:
+            ready = [r for r in roles if self.participants[r].ready.is_set()]
+            if len(ready) != reported:
+                reported = len(ready)
+                if progress is not None:
+                    progress(len(ready), len(roles), "participants ready")
+            if len(ready) == len(roles):
+                return
+            for role in roles:
+                p = self.participants[role]
+                code = p.returncode
+                if code is not None and not p.ready.is_set():
+                    raise BackendError(
+                        f"{role} exited with code {code} before it was ready. Last lines of "
+                        f"{p.log_path}:\n{p.last_lines()}",
+                        fix=f"read {p.log_path}; the line above names the cause.",
+                    )
+            if time.monotonic() > deadline:
+                waiting = [r for r in roles if r not in ready]
+                lines = "\n".join(f"  {r}:\n{self.participants[r].last_lines(5)}"
+                                  for r in waiting)
+                raise BackendError(
+                    f"not ready after {timeout_s:.0f} s: {', '.join(waiting)}.\n{lines}",
+                    fix="read their logs in the run folder; raise the timeout on a busy machine.",
+                )
+            time.sleep(0.05)
+
+    # ------------------------------------------------------------------ control
+
+    def kill(self, role: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one participant (fault injection in tests and notebook 06)."""
+        p = self._participant(role)
+        if p.process is not None and p.process.poll() is None:
+            p.state = "stopping" if sig != signal.SIGKILL else "killed"
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.process.pid, sig)
+            p.process.wait(timeout=30)
+
+    def restart(self, role: str) -> None:
+        """Start a participant again with the same command (after it died or was killed)."""
+        p = self._participant(role)
+        if p.process is not None and p.process.poll() is None:
+            raise BackendError(f"{role} is still running.", fix=f"kill('{role}') first.")
+        for t in p.threads:
+            t.join(timeout=5)
+        self._training_ended.clear()
+        self._launch(p)
+
+    def _participant(self, role: str) -> Participant:
+        if role not in self.participants:
+            raise ConfigError(f"no participant {role!r} in this run.",
+                              fix=f"use one of {', '.join(self.participants) or '(none yet)'}.")
+        return self.participants[role]
+
+
+def _parse_event(text: str) -> LabEvent | None:
+    if not text.startswith("{"):
+        return None
+    try:
+        event = LabEvent.from_json(text)
+    except (ValueError, KeyError, TypeError):
+        return None
+    return event if isinstance(event.data, dict) else None
