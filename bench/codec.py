@@ -9,7 +9,8 @@ import numpy.typing as npt
 
 from bench.registry import BenchContext, Measurement, benchmark
 from bench.timing import interleaved_medians
-from trainer.tensors import TensorSpec, decode_tensors, encode_tensors
+from trainer.tensor_decode import decode_tensors
+from trainer.tensors import TensorSpec, encode_tensors
 
 Arrays = dict[str, npt.NDArray[Any]]
 

@@ -42,8 +42,7 @@ def _ps(args: dict[str, Any], emitter: Any) -> None:
 
     import trainer.run  # noqa: F401 - the PS TD's own modules
     from trainer.data import load_cifar10
-    from trainer.proto import parameter_server_pb2_grpc as rpc
-    from trainer.ps import MAX_MESSAGE_BYTES
+    from trainer.ps import MAX_MESSAGE_BYTES, add_parameter_server
     from trainer.run import open_checkpoint_store
     from trainer.serving import parameter_server
     from trainer.settings import ParticipantConfig
@@ -60,7 +59,7 @@ def _ps(args: dict[str, Any], emitter: Any) -> None:
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
     )
-    rpc.add_ParameterServerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    add_parameter_server(servicer, server)
     credentials = grpc.ssl_server_credentials(
         [(args["key"].encode(), args["cert"].encode())],
         root_certificates=args["ca"].encode(), require_client_auth=True,

@@ -31,7 +31,8 @@ from trainer.proto import parameter_server_pb2 as pb
 from trainer.ps import ParameterServer, PsOptions, serve_ps, worker_peers
 from trainer.reference import train_reference
 from trainer.serving import channel_factory, parameter_server, schedule_for
-from trainer.tensors import DEFAULT_CHUNK_BYTES, StreamAssembler, TensorSpec, encode_tensors
+from trainer.tensor_decode import StreamAssembler
+from trainer.tensors import DEFAULT_CHUNK_BYTES, TensorSpec, encode_tensors
 from trainer.worker import PsConnection, Worker, WorkerSummary, worker_batches
 
 Arrays = dict[str, npt.NDArray[Any]]

@@ -14,14 +14,12 @@ from hypothesis.extra import numpy as hnp
 
 from hfl_lab._exceptions import ConfigError, HflLabError
 from trainer.proto import parameter_server_pb2 as pb
+from trainer.tensor_decode import DecodedStream, StreamAssembler, decode_tensors
 from trainer.tensors import (
-    DecodedStream,
-    StreamAssembler,
     TensorSpec,
     TensorValidationError,
     bfloat16_bits_to_float32,
     check_model_version,
-    decode_tensors,
     encode_tensors,
     float32_to_bfloat16_bits,
     specs_for,

@@ -40,16 +40,16 @@ from trainer.checkpoint import TrainingState, encode_state
 from trainer.optim import MomentumSGD
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.proto import parameter_server_pb2_grpc as rpc
+from trainer.tensor_decode import StreamAssembler
+from trainer.tensor_wire import SerializedChunk, WireChunk, parse_chunk, serialize_tensors
 from trainer.tensors import (
     DEFAULT_CHUNK_BYTES,
-    StreamAssembler,
     TensorSpec,
     TensorValidationError,
     check_model_version,
-    encode_tensors,
 )
 
-__all__ = ["ParameterServer", "PsOptions", "serve_ps"]
+__all__ = ["ParameterServer", "PsOptions", "add_parameter_server", "serve_ps"]
 
 log = logging.getLogger("trainer.ps")
 
@@ -223,7 +223,7 @@ class ParameterServer(rpc.ParameterServerServicer):
         self.started = time.time()
         self._workers: dict[str, _WorkerRecord] = {}
         self._lock = threading.Lock()
-        self._encoded: tuple[int, int, list[pb.TensorChunk]] | None = None
+        self._encoded: tuple[int, int, list[SerializedChunk]] | None = None
         self._encode_lock = threading.Lock()
         self.refusals: collections.Counter[str] = collections.Counter()
         self.session_lease_s = session_lease_s
@@ -545,13 +545,14 @@ class ParameterServer(rpc.ParameterServerServicer):
 
     def PullParameters(
         self, request: pb.PullRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.TensorChunk]:
+    ) -> Iterator[bytes]:
+        """The parameters as serialized ``TensorChunk`` messages (see add_parameter_server)."""
         with self._session_call(context) as who:
             yield from self._pull(who, request, context)
 
     def _pull(
         self, who: str, request: pb.PullRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.TensorChunk]:
+    ) -> Iterator[bytes]:
         wanted = request.min_version
         while self.version < wanted:
             if self.state == "done" or self.finished.is_set():
@@ -566,14 +567,13 @@ class ParameterServer(rpc.ParameterServerServicer):
         if wire not in _WIRE_NAMES:
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                          f"wire dtype {wire} is not float32, float16 or bfloat16", who)
-        chunks = self._chunks(wire)
-        if chunks and chunks[0].header.model_version >= self.options.total_steps:
+        version, chunks = self._chunks(wire)
+        if version >= self.options.total_steps:
             self._release(who)
         for chunk in chunks:
-            started = sum(1 for piece in chunk.pieces if piece.offset == 0)
             with self._lock:
-                self.tensors_sent += started
-            yield chunk
+                self.tensors_sent += chunk.tensors_started
+            yield chunk.data
 
     def _release(self, who: str) -> None:
         with self._lock:
@@ -591,19 +591,20 @@ class ParameterServer(rpc.ParameterServerServicer):
             time.sleep(0.1)
         return False
 
-    def _chunks(self, wire: int) -> list[pb.TensorChunk]:
-        """The current parameters as chunks, encoded once per version and wire dtype."""
+    def _chunks(self, wire: int) -> tuple[int, list[SerializedChunk]]:
+        """The current parameters as serialized chunks, made once per version and wire dtype:
+        every worker's pull of a version is sent the same bytes objects."""
         version, weights = self._snapshot
         cached = self._encoded
         if cached is not None and cached[0] == version and cached[1] == wire:
-            return cached[2]
+            return version, cached[2]
         with self._encode_lock:
             cached = self._encoded
             if cached is not None and cached[0] == version and cached[1] == wire:
-                return cached[2]
+                return version, cached[2]
             started = time.perf_counter()
             chunks = list(
-                encode_tensors(
+                serialize_tensors(
                     weights,
                     header=pb.StreamHeader(kind=pb.UPDATE_KIND_WEIGHTS, model_version=version),
                     wire_dtype=_WIRE_NAMES[wire],
@@ -612,16 +613,17 @@ class ParameterServer(rpc.ParameterServerServicer):
             )
             self.timings["encode_s"] += time.perf_counter() - started
             self._encoded = (version, wire, chunks)
-            return chunks
+            return version, chunks
 
     def PushUpdate(
-        self, request_iterator: Iterator[pb.TensorChunk], context: grpc.ServicerContext
+        self, request_iterator: Iterator[pb.TensorChunk | WireChunk],
+        context: grpc.ServicerContext,
     ) -> Any:
         with self._session_call(context) as who:
             return self._push(who, request_iterator, context)
 
     def _push(
-        self, who: str, request_iterator: Iterator[pb.TensorChunk],
+        self, who: str, request_iterator: Iterator[pb.TensorChunk | WireChunk],
         context: grpc.ServicerContext,
     ) -> Any:
         started = time.perf_counter()
@@ -807,7 +809,7 @@ def serve_ps(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    rpc.add_ParameterServerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    add_parameter_server(servicer, server)
     current = creds if callable(creds) else (lambda: creds)
     bound = server.add_secure_port(f"{host}:{port}", dynamic_server_credentials(current))
     if bound == 0:
@@ -817,6 +819,46 @@ def serve_ps(
         )
     server.start()
     return server, bound
+
+
+def add_parameter_server(servicer: ParameterServer, server: grpc.Server) -> None:
+    """Register ``servicer`` on ``server``: the generated handlers, but the tensor streams go
+    through ``trainer.tensor_wire``. PullParameters yields chunks already serialized (cached
+    per version), and PushUpdate's chunks are parsed without copying the tensor data. The
+    bytes on the wire are the same protobuf messages; any client may use the generated stub.
+    """
+    captured = _CapturedHandlers()
+    rpc.add_ParameterServerServicer_to_server(servicer, captured)  # type: ignore[no-untyped-call]
+    handlers = dict(captured.handlers)
+    handlers["PullParameters"] = grpc.unary_stream_rpc_method_handler(
+        servicer.PullParameters,
+        request_deserializer=pb.PullRequest.FromString,
+        response_serializer=None,  # the servicer yields bytes
+    )
+    handlers["PushUpdate"] = grpc.stream_unary_rpc_method_handler(
+        servicer.PushUpdate,
+        request_deserializer=parse_chunk,
+        response_serializer=pb.PushReply.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(captured.service, handlers),)
+    )
+
+
+class _CapturedHandlers:
+    """Stands in for a server to take the generated method handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.service, self.handlers = service, handlers
 
 
 def worker_peers(num_workers: int) -> Callable[[str], bool]:

@@ -1,10 +1,13 @@
-"""Tensor codec: numpy arrays to chunked raw-byte protobuf streams and back, with validation."""
+"""Tensor codec: model tensor specs, and numpy arrays to chunked raw-byte protobuf streams.
+
+The way back (reassembly and validation) is :mod:`trainer.tensor_decode`.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
@@ -23,7 +26,7 @@ DEFAULT_SIZE_MARGIN: Final = 1.1
 _PIECE_FRAMING_BYTES: Final = 48
 
 # dtype name (numpy spelling) <-> wire enum. bfloat16 exists only on the wire.
-_DTYPE_TO_ENUM: Final[dict[str, int]] = {
+DTYPE_TO_ENUM: Final[dict[str, int]] = {
     "float32": pb.DTYPE_FLOAT32,
     "float16": pb.DTYPE_FLOAT16,
     "bfloat16": pb.DTYPE_BFLOAT16,
@@ -35,8 +38,8 @@ _DTYPE_TO_ENUM: Final[dict[str, int]] = {
     "uint8": pb.DTYPE_UINT8,
     "bool": pb.DTYPE_BOOL,
 }
-_ENUM_TO_DTYPE: Final = {value: name for name, value in _DTYPE_TO_ENUM.items()}
-TENSOR_DTYPES: Final = frozenset(_DTYPE_TO_ENUM) - {"bfloat16"}
+_ENUM_TO_DTYPE: Final = {value: name for name, value in DTYPE_TO_ENUM.items()}
+TENSOR_DTYPES: Final = frozenset(DTYPE_TO_ENUM) - {"bfloat16"}
 WIRE_DTYPES: Final = ("float32", "float16", "bfloat16")
 _WIRE_ITEMSIZE: Final = {"bfloat16": 2}
 
@@ -51,7 +54,7 @@ def _dtype_of(array: Array) -> str:
     return _NAME_OF_DTYPE.get(array.dtype) or array.dtype.name
 
 
-def _dtype_name(value: int) -> str:
+def dtype_name(value: int) -> str:
     return _ENUM_TO_DTYPE.get(value, f"unknown dtype enum {value}")
 
 
@@ -78,21 +81,6 @@ class TensorValidationError(HflLabError):
         self.tensor = tensor
         self.expected = expected
         self.actual = actual
-
-
-def _invalid(
-    tensor: str | None, what: str, expected: object, actual: object
-) -> TensorValidationError:
-    where = f"tensor '{tensor}'" if tensor else "tensor stream"
-    return TensorValidationError(
-        f"{where}: {what}: expected {expected}, got {actual}.",
-        code=grpc.StatusCode.INVALID_ARGUMENT,
-        tensor=tensor,
-        expected=expected,
-        actual=actual,
-        fix="send tensors encoded by trainer.tensors.encode_tensors from the model the "
-        "parameter server announced at Register.",
-    )
 
 
 @dataclass(frozen=True)
@@ -130,14 +118,14 @@ class TensorSpec:
     def to_proto(self) -> pb.TensorSpec:
         return pb.TensorSpec(
             name=self.name,
-            dtype=_DTYPE_TO_ENUM[self.dtype],  # type: ignore[arg-type]
+            dtype=DTYPE_TO_ENUM[self.dtype],  # type: ignore[arg-type]
             shape=self.shape,
             trainable=self.trainable,
         )
 
     @classmethod
     def from_proto(cls, message: pb.TensorSpec) -> TensorSpec:
-        dtype = _dtype_name(message.dtype)
+        dtype = dtype_name(message.dtype)
         return cls(message.name, dtype, tuple(message.shape), message.trainable)
 
 
@@ -234,6 +222,29 @@ def _to_wire(name: str, array: Array, wire_dtype: str) -> Array:
 # --------------------------------------------------------------------------------- encoding
 
 
+@dataclass(frozen=True)
+class PlannedPiece:
+    """One run of a tensor's wire bytes, as a view of the array: not copied yet."""
+
+    name: str
+    wire_enum: int
+    offset: int
+    total_bytes: int
+    data: npt.NDArray[np.uint8]
+    #: the tensor's dtype enum and shape, carried by its first piece only (offset 0)
+    dtype_enum: int = 0
+    shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PlannedChunk:
+    """The pieces of one ``TensorChunk``; the first chunk has the header, the last is final."""
+
+    header: pb.StreamHeader | None
+    pieces: list[PlannedPiece]
+    final: bool
+
+
 def encode_tensors(
     tensors: Mapping[str, Array],
     *,
@@ -247,7 +258,35 @@ def encode_tensors(
     message carries ``header`` (kind, version, worker, ...) completed with the tensor count
     and total wire bytes; the last one has ``final`` set. float32 tensors are sent as
     ``wire_dtype``; tensors of any other dtype travel as they are.
+    (:func:`trainer.tensor_wire.serialize_tensors` makes the same messages as bytes.)
     """
+    for planned in plan_chunks(tensors, header=header, wire_dtype=wire_dtype,
+                               chunk_bytes=chunk_bytes):
+        chunk = pb.TensorChunk(final=planned.final)
+        if planned.header is not None:
+            chunk.header.CopyFrom(planned.header)
+        for p in planned.pieces:
+            piece = chunk.pieces.add(
+                name=p.name,
+                wire_dtype=p.wire_enum,
+                offset=p.offset,
+                total_bytes=p.total_bytes,
+                data=p.data.tobytes(),
+            )
+            if p.offset == 0:
+                piece.dtype = p.dtype_enum  # type: ignore[assignment]
+                piece.shape.extend(p.shape)
+        yield chunk
+
+
+def plan_chunks(
+    tensors: Mapping[str, Array],
+    *,
+    header: pb.StreamHeader | None = None,
+    wire_dtype: str = "float32",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[PlannedChunk]:
+    """The chunk layout of :func:`encode_tensors`, with each piece's data as an array view."""
     if wire_dtype not in WIRE_DTYPES:
         raise ConfigError(
             f"wire dtype {wire_dtype!r} is unknown.", fix=f"use one of {WIRE_DTYPES}."
@@ -263,39 +302,36 @@ def encode_tensors(
         stream_header.CopyFrom(header)
     stream_header.tensor_count = len(tensors)
     stream_header.total_bytes = sum(
-        array.size * _wire_itemsize(wire_names[name]) for name, array in tensors.items()
+        array.size * wire_itemsize(wire_names[name]) for name, array in tensors.items()
     )
-    chunk = pb.TensorChunk(header=stream_header)
+    first: pb.StreamHeader | None = stream_header
+    pieces: list[PlannedPiece] = []
     room = chunk_bytes
     for name, array in tensors.items():
-        wire_enum = _DTYPE_TO_ENUM[wire_names[name]]
+        wire_enum = DTYPE_TO_ENUM[wire_names[name]]
         data = _to_wire(name, array, wire_names[name]).reshape(-1).view(np.uint8)
         total = len(data)
         offset = 0
         while True:
             size = min(max(room, 0), total - offset)
             if size == 0 and offset < total:  # this chunk is full: send it, start the next
-                yield chunk
-                chunk, room = pb.TensorChunk(), chunk_bytes
+                yield PlannedChunk(first, pieces, final=False)
+                first, pieces, room = None, [], chunk_bytes
                 continue
-            piece = chunk.pieces.add(
-                name=name,
-                wire_dtype=wire_enum,
-                offset=offset,
-                total_bytes=total,
-                data=data[offset : offset + size].tobytes(),
-            )
             if offset == 0:
-                piece.dtype = _DTYPE_TO_ENUM[_dtype_of(array)]  # type: ignore[assignment]
-                piece.shape.extend(array.shape)
+                pieces.append(PlannedPiece(name, wire_enum, 0, total, data[:size],
+                                           DTYPE_TO_ENUM[_dtype_of(array)], array.shape))
+            else:
+                pieces.append(
+                    PlannedPiece(name, wire_enum, offset, total, data[offset : offset + size])
+                )
             # names and framing count against the chunk, so a message of many small tensors
             # stays near chunk_bytes too
             room -= size + len(name) + _PIECE_FRAMING_BYTES
             offset += size
             if offset >= total:
                 break
-    chunk.final = True
-    yield chunk
+    yield PlannedChunk(first, pieces, final=True)
 
 
 def _wire_dtype_of(name: str, array: Array, wire_dtype: str) -> str:
@@ -304,271 +340,10 @@ def _wire_dtype_of(name: str, array: Array, wire_dtype: str) -> str:
     return wire_dtype if array.dtype == np.float32 else _dtype_of(array)
 
 
-def _wire_itemsize(wire_dtype: str) -> int:
+def wire_itemsize(wire_dtype: str) -> int:
     return 2 if wire_dtype == "bfloat16" else np.dtype(wire_dtype).itemsize
 
 
-def _wire_numpy_dtype(wire_dtype: str) -> np.dtype[Any]:
+def wire_numpy_dtype(wire_dtype: str) -> np.dtype[Any]:
     # bfloat16 arrives as its raw 16-bit patterns; widened to float32 after reassembly.
     return np.dtype("<u2") if wire_dtype == "bfloat16" else np.dtype(wire_dtype).newbyteorder("<")
-
-
-# --------------------------------------------------------------------------------- decoding
-
-
-@dataclass(frozen=True)
-class DecodedStream:
-    """A validated tensor stream: its header and the tensors, in spec order."""
-
-    header: pb.StreamHeader
-    tensors: dict[str, Array] = field(default_factory=dict)
-
-
-def decode_tensors(
-    chunks: Iterable[pb.TensorChunk],
-    specs: Sequence[TensorSpec],
-    *,
-    size_margin: float = DEFAULT_SIZE_MARGIN,
-    wire_dtypes: Iterable[str] = WIRE_DTYPES,
-) -> DecodedStream:
-    """Reassemble and validate a stream against ``specs``: every spec exactly once, nothing else.
-
-    float32 tensors come back as float32 whatever their wire dtype (limited to
-    ``wire_dtypes``); others as their own dtype. Any deviation raises
-    ``TensorValidationError`` whose ``code`` is the gRPC status to answer with.
-    """
-    assembler = StreamAssembler(specs, size_margin=size_margin, wire_dtypes=wire_dtypes)
-    for chunk in chunks:
-        assembler.add(chunk)
-    return assembler.finish()
-
-
-@dataclass
-class _Partial:
-    spec: TensorSpec
-    wire_dtype: str
-    buffer: bytearray
-    filled: int = 0
-
-
-class StreamAssembler:
-    """Incremental form of ``decode_tensors``, for servicers that consume a request iterator."""
-
-    def __init__(
-        self,
-        specs: Sequence[TensorSpec],
-        *,
-        size_margin: float = DEFAULT_SIZE_MARGIN,
-        wire_dtypes: Iterable[str] = WIRE_DTYPES,
-    ) -> None:
-        self._specs = {spec.name: spec for spec in specs}
-        if len(self._specs) != len(specs):
-            raise ConfigError("the expected tensor specs name a tensor twice.")
-        self._limit = int(sum(spec.nbytes for spec in specs) * size_margin)
-        self._wire_dtypes = frozenset(wire_dtypes)
-        self._header: pb.StreamHeader | None = None
-        self._current: _Partial | None = None
-        self._done: dict[str, Array] = {}
-        self._received = 0
-        self._final = False
-
-    def add(self, chunk: pb.TensorChunk) -> None:
-        if self._final:
-            raise _invalid(None, "chunk after the final one", "end of stream", "another chunk")
-        if self._header is None:
-            self._take_header(chunk)
-        elif chunk.HasField("header"):
-            raise _invalid(None, "stream header repeated", "a header on the first chunk", "two")
-        if not chunk.pieces and not chunk.final:
-            raise _invalid(None, "chunk without tensor data", "at least one piece", "none")
-        for piece in chunk.pieces:
-            self._add_piece(piece)
-        self._final = chunk.final
-
-    def _add_piece(self, piece: pb.TensorPiece) -> None:
-        name = piece.name
-        current = self._current
-        if current is None or current.spec.name != name:
-            if current is not None:
-                raise _invalid(
-                    name,
-                    f"started before tensor '{current.spec.name}' was complete",
-                    f"{len(current.buffer)} bytes of '{current.spec.name}'",
-                    f"{current.filled} bytes",
-                )
-            current = self._start(piece)
-        elif (
-            piece.offset != current.filled or piece.wire_dtype != _DTYPE_TO_ENUM[current.wire_dtype]
-        ):
-            raise _invalid(
-                name,
-                "piece out of order, overlapping or re-encoded",
-                f"offset {current.filled} in {current.wire_dtype}",
-                f"offset {piece.offset} in {_dtype_name(piece.wire_dtype)}",
-            )
-        self._append(current, piece)
-        self._current = current
-        if current.filled == len(current.buffer):
-            self._done[name] = _finish_tensor(current)
-            self._current = None
-
-    def finish(self) -> DecodedStream:
-        """Check that the stream was complete; return its header and tensors in spec order."""
-        if self._header is None:
-            raise _truncated("the stream ended before its first chunk")
-        if not self._final:
-            partial = self._current
-            detail = (
-                f" inside tensor '{partial.spec.name}' ({partial.filled} of "
-                f"{len(partial.buffer)} bytes)"
-                if partial
-                else ""
-            )
-            raise _truncated(
-                f"the stream ended without its final chunk{detail}, after {len(self._done)} "
-                f"of {len(self._specs)} tensors"
-            )
-        if self._current is not None:
-            partial = self._current
-            raise _truncated(
-                f"the final chunk arrived inside tensor '{partial.spec.name}' "
-                f"({partial.filled} of {len(partial.buffer)} bytes)"
-            )
-        missing = [name for name in self._specs if name not in self._done]
-        if missing:
-            shown = ", ".join(f"'{name}'" for name in missing[:5])
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise _invalid(
-                missing[0],
-                f"missing from the stream ({shown}{more})",
-                len(self._specs),
-                len(self._done),
-            )
-        header = self._header
-        if header.tensor_count != len(self._done) or header.total_bytes != self._received:
-            raise _invalid(
-                None,
-                "header disagrees with the stream",
-                f"{header.tensor_count} tensors / {header.total_bytes} bytes",
-                f"{len(self._done)} tensors / {self._received} bytes",
-            )
-        return DecodedStream(header, {name: self._done[name] for name in self._specs})
-
-    def _take_header(self, chunk: pb.TensorChunk) -> None:
-        if not chunk.HasField("header"):
-            raise _invalid(None, "first chunk has no stream header", "a StreamHeader", "none")
-        header = chunk.header
-        if header.total_bytes > self._limit:
-            raise _oversized(
-                None,
-                "announces more bytes than the model holds",
-                self._limit,
-                header.total_bytes,
-            )
-        self._header = header
-
-    def _start(self, piece: pb.TensorPiece) -> _Partial:
-        name = piece.name
-        spec = self._specs.get(name)
-        if spec is None:
-            raise _invalid(
-                name,
-                "not a tensor of this model",
-                f"one of {len(self._specs)} model tensors",
-                repr(name),
-            )
-        if name in self._done:
-            raise _invalid(name, "sent twice", "each tensor once", "a duplicate")
-        dtype = _dtype_name(piece.dtype)
-        if dtype != spec.dtype:
-            raise _invalid(name, "wrong dtype", spec.dtype, dtype)
-        if tuple(piece.shape) != spec.shape:
-            raise _invalid(name, "wrong shape", spec.shape, tuple(piece.shape))
-        wire = _dtype_name(piece.wire_dtype)
-        allowed = self._wire_dtypes & set(WIRE_DTYPES) if spec.dtype == "float32" else {spec.dtype}
-        if wire not in allowed:
-            raise _invalid(name, "wire dtype not accepted", " | ".join(sorted(allowed)), wire)
-        expected = spec.size * _wire_itemsize(wire)
-        if piece.total_bytes > expected:
-            raise _oversized(
-                name, "more bytes announced than its shape holds", expected, piece.total_bytes
-            )
-        if piece.total_bytes != expected or piece.offset != 0:
-            raise _invalid(
-                name,
-                "first piece does not match the shape",
-                f"{expected} bytes from offset 0",
-                f"{piece.total_bytes} bytes from offset {piece.offset}",
-            )
-        # Sized from the spec, never from the sender's claim, so a hostile header cannot
-        # make us allocate more than the model.
-        return _Partial(spec, wire, bytearray(expected))
-
-    def _append(self, partial: _Partial, piece: pb.TensorPiece) -> None:
-        name = partial.spec.name
-        if piece.total_bytes != len(partial.buffer):
-            raise _invalid(
-                name, "total bytes changed mid-tensor", len(partial.buffer), piece.total_bytes
-            )
-        data = piece.data  # each access copies out of the message: read it once
-        end = partial.filled + len(data)
-        if end > len(partial.buffer):
-            raise _oversized(
-                name, "piece runs past the end of the tensor", len(partial.buffer), end
-            )
-        if not data and partial.buffer:
-            raise _invalid(name, "empty piece", "at least one byte", "0 bytes")
-        partial.buffer[partial.filled : end] = data
-        partial.filled = end
-        self._received += len(data)
-        if self._received > self._limit:  # unreachable with exact specs; kept as a backstop
-            raise _oversized(name, "stream exceeds the model's size", self._limit, self._received)
-
-
-def _finish_tensor(partial: _Partial) -> Array:
-    spec, wire = partial.spec, partial.wire_dtype
-    raw = np.frombuffer(partial.buffer, dtype=_wire_numpy_dtype(wire))
-    if wire == "bfloat16":
-        array: Array = bfloat16_bits_to_float32(raw)
-    elif wire != spec.dtype:
-        array = raw.astype(np.float32)
-    else:
-        array = raw.astype(np.dtype(spec.dtype), copy=False)
-    array = array.reshape(spec.shape)
-    if array.dtype.kind == "f":
-        bad = _count_nonfinite(array)
-        if bad:
-            raise _invalid(
-                spec.name, "non-finite values", "finite values", f"{bad} NaN/Inf of {array.size}"
-            )
-    return array
-
-
-def _count_nonfinite(array: Array) -> int:
-    # A sum is one fast pass without a temporary; NaN/Inf always make it non-finite, and only
-    # then (or on overflow of a huge but finite tensor) is the exact, slower count needed.
-    with np.errstate(all="ignore"):
-        total = np.add.reduce(array, axis=None, dtype=np.float64 if array.itemsize < 4 else None)
-    if np.isfinite(total):
-        return 0
-    return int(array.size - np.count_nonzero(np.isfinite(array)))
-
-
-def _truncated(what: str) -> TensorValidationError:
-    return TensorValidationError(
-        f"tensor stream truncated: {what}.",
-        code=grpc.StatusCode.DATA_LOSS,
-        fix="the sender died or the connection dropped; send the whole update again.",
-    )
-
-
-def _oversized(tensor: str | None, what: str, limit: int, actual: int) -> TensorValidationError:
-    where = f"tensor '{tensor}'" if tensor else "tensor stream"
-    return TensorValidationError(
-        f"{where}: {what}: limit {limit} bytes, got {actual}.",
-        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
-        tensor=tensor,
-        expected=limit,
-        actual=actual,
-        fix="send only the model announced at Register, in its own shapes.",
-    )

@@ -24,7 +24,9 @@ from trainer.model import ResNet
 from trainer.optim import MomentumSGD, PiecewiseConstantSchedule
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.proto import parameter_server_pb2_grpc as rpc
-from trainer.tensors import StreamAssembler, TensorSpec, encode_tensors
+from trainer.tensor_decode import StreamAssembler
+from trainer.tensor_wire import PULL_METHOD, PUSH_METHOD, parse_chunk, serialize_tensors
+from trainer.tensors import TensorSpec
 
 __all__ = ["PsConnection", "StepRecord", "Worker", "WorkerSummary", "worker_batches"]
 
@@ -84,12 +86,25 @@ class Pulled:
 
 
 class PsConnection:
-    """The PS stub with chunked transfers, timing and byte counts."""
+    """The PS stub with chunked transfers, timing and byte counts.
+
+    Tensor streams bypass the stub's protobuf (de)serialization: pushes are sent as chunks
+    serialized by ``trainer.tensor_wire`` and pulls are read by its parser, the same bytes on
+    the wire with fewer copies of the tensor data.
+    """
 
     def __init__(self, channel: grpc.Channel, *, timeout_s: float = 600.0) -> None:
         self.channel = channel
         self.stub = rpc.ParameterServerStub(channel)  # type: ignore[no-untyped-call]
         self.timeout_s = timeout_s
+        self._pull = channel.unary_stream(
+            PULL_METHOD, request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=parse_chunk,
+        )
+        self._push = channel.stream_unary(
+            PUSH_METHOD, request_serializer=None,  # already bytes
+            response_deserializer=pb.PushReply.FromString,
+        )
 
     def close(self) -> None:
         self.channel.close()
@@ -106,9 +121,8 @@ class PsConnection:
     ) -> Pulled:
         started = time.perf_counter()
         first: float | None = None
-        nbytes = 0
         assembler = StreamAssembler(specs)
-        stream = self.stub.PullParameters(
+        stream = self._pull(
             pb.PullRequest(worker_id=worker_id, min_version=min_version,
                            wire_dtype=wire),  # type: ignore[arg-type]
             timeout=self.timeout_s,
@@ -116,13 +130,12 @@ class PsConnection:
         for chunk in stream:
             if first is None:
                 first = time.perf_counter()
-            nbytes += sum(len(piece.data) for piece in chunk.pieces)
             assembler.add(chunk)
         decoded = assembler.finish()
         end = time.perf_counter()
         first = first or end
         return Pulled(decoded.header.model_version, decoded.tensors, first - started,
-                      end - first, nbytes)
+                      end - first, assembler.received_bytes)
 
     def push(
         self,
@@ -134,14 +147,14 @@ class PsConnection:
     ) -> tuple[pb.PushReply, float, int]:
         sent = [0]
 
-        def counted() -> Iterator[pb.TensorChunk]:
-            for chunk in encode_tensors(tensors, header=header, wire_dtype=wire_dtype,
-                                        chunk_bytes=chunk_bytes):
-                sent[0] += sum(len(piece.data) for piece in chunk.pieces)
-                yield chunk
+        def counted() -> Iterator[bytes]:
+            for chunk in serialize_tensors(tensors, header=header, wire_dtype=wire_dtype,
+                                           chunk_bytes=chunk_bytes):
+                sent[0] += chunk.tensor_bytes
+                yield chunk.data
 
         started = time.perf_counter()
-        reply: pb.PushReply = self.stub.PushUpdate(counted(), timeout=self.timeout_s)
+        reply: pb.PushReply = self._push(counted(), timeout=self.timeout_s)
         return reply, time.perf_counter() - started, sent[0]
 
 
