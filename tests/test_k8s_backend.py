@@ -23,10 +23,19 @@ from hfl_lab.events import LabEvent
 NS = "lab-test"
 
 
+#: backends a test made: their log/pod monitor threads stop when the test's double goes away
+_MADE: list[KubernetesBackend] = []
+
+
 @pytest.fixture()
 def double():
     with ApiDouble() as d:
         yield d
+        while _MADE:  # a started backend polls until teardown; not past its test
+            backend = _MADE.pop()
+            backend._stop.set()
+            if backend._monitor is not None:
+                backend._monitor.join(timeout=5)
 
 
 def make_backend(double: ApiDouble, tmp_path: Path, **kw) -> KubernetesBackend:
@@ -41,7 +50,9 @@ def make_backend(double: ApiDouble, tmp_path: Path, **kw) -> KubernetesBackend:
         **kw,
     )
     api = ClusterApi(k8s_client.ApiClient(k8s_client.Configuration(host=double.url)))
-    return KubernetesBackend(settings, api=api)
+    backend = KubernetesBackend(settings, api=api)
+    _MADE.append(backend)
+    return backend
 
 
 def tdx_cluster(double: ApiDouble) -> None:

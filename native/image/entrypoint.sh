@@ -66,8 +66,9 @@ set -e
 if [[ $status -ne 0 || $stopping -eq 1 ]]; then
   exit "$status"
 fi
-echo "entrypoint: ${HFL_LAB_ROLE:-the participant} finished; idle until the pod is stopped" >&2
+# the idle trap first: a stop that arrives while the line below is written must still exit
 trap 'exit 0' TERM INT
+echo "entrypoint: ${HFL_LAB_ROLE:-the participant} finished; idle until the pod is stopped" >&2
 while :; do
   sleep 3600 &
   wait $! || true
