@@ -20,7 +20,9 @@ backends remove it from their environment. A kernel started some other way (plai
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -33,6 +35,8 @@ __all__ = [
     "ensure_owner_secret",
     "new_salt",
     "owner_secret",
+    "read_run_salt",
+    "run_salt",
     "sealing_key",
     "unsealing_failed",
 ]
@@ -72,6 +76,29 @@ def owner_secret() -> bytes:
 def new_salt() -> bytes:
     """A run's public salt: what makes its admin token its own."""
     return os.urandom(16)
+
+
+def read_run_salt(path: Path) -> bytes:
+    """The public salt a run keeps in ``trust/owner.json``; ``VaultError`` when unreadable."""
+    try:
+        return bytes.fromhex(json.loads(Path(path).read_text())["salt"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise VaultError(
+            f"cannot read the run's owner salt {path}.",
+            fix="keep the run folder's trust/ directory with the volume.",
+        ) from None
+
+
+def run_salt(path: Path) -> bytes:
+    """The run's public salt from ``path``, or a new one written there (a resumed run keeps its
+    admin credential)."""
+    try:
+        return read_run_salt(path)
+    except VaultError:
+        salt = new_salt()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"salt": salt.hex()}) + "\n")
+        return salt
 
 
 def _derive(key: bytes, info: bytes) -> bytes:

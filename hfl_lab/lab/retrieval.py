@@ -113,13 +113,7 @@ def owner_credential(vault: dict[str, Any]) -> Any:
             fix="re-run notebook 04 with a backend that keeps the trust service's sealed state "
             "for the owner, then run this notebook again.",
         )
-    try:
-        salt = bytes.fromhex(json.loads(Path(salt_file).read_text())["salt"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise VaultError(
-            f"cannot read the run's owner salt {salt_file}.",
-            fix="keep the run folder's trust/ directory with the volume.",
-        ) from None
+    salt = owner.read_run_salt(Path(salt_file))
     return SealedBrokerState(Path(state), owner.sealing_key(owner.admin_token(salt)))
 
 

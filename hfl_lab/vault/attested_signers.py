@@ -43,6 +43,15 @@ class AttestedSigners:
     def __repr__(self) -> str:
         return f"AttestedSigners(role={self.role!r})"
 
+    @staticmethod
+    def write_platform(folder: str | Path, root_der: bytes, collateral_json: str) -> Path:
+        """Write ``platform.json`` (the simulated platform's public root and collateral), what
+        :meth:`from_folder` reads to verify simulated signers offline."""
+        path = Path(folder) / "platform.json"
+        path.write_text(json.dumps({"root_der": root_der.hex(),
+                                    "collateral_json": collateral_json}) + "\n")
+        return path
+
     @classmethod
     def from_folder(cls, folder: str | Path, role: str = "ps0") -> AttestedSigners:
         """From a run's ``trust/`` folder: ``volume_policy.yaml`` (whom the owner trusts for

@@ -15,8 +15,6 @@ owner's run folder (``vault/``, ``trust/``), where notebook 05 opens them exactl
 
 from __future__ import annotations
 
-import contextlib
-import json
 import queue
 import tempfile
 import threading
@@ -189,14 +187,7 @@ class KubernetesBackend:
         owner secret and the run's public salt (so notebook 05, in another kernel, derives the
         same key to unseal the service's state): in memory and the trust pod's Secret only."""
         if self._admin_token is None:
-            salt = None
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                salt = bytes.fromhex(json.loads(self.owner_salt_path.read_text())["salt"])
-            if salt is None:
-                salt = owner.new_salt()
-                self.trust_dir.mkdir(parents=True, exist_ok=True)
-                self.owner_salt_path.write_text(json.dumps({"salt": salt.hex()}) + "\n")
-            self._admin_token = owner.admin_token(salt)
+            self._admin_token = owner.admin_token(owner.run_salt(self.owner_salt_path))
         return self._admin_token
 
     def owner_credential(self) -> Any:
@@ -212,10 +203,10 @@ class KubernetesBackend:
         if rendered is not None and rendered.volume_policy is not None:
             rendered.volume_policy.save(self.trust_dir / "volume_policy.yaml")
         if self.platform is not None:
-            (self.trust_dir / "platform.json").write_text(json.dumps({
-                "root_der": self.platform.root_der.hex(),
-                "collateral_json": self.platform.collateral_json,
-            }) + "\n")
+            from hfl_lab.vault.attested_signers import AttestedSigners
+
+            AttestedSigners.write_platform(self.trust_dir, self.platform.root_der,
+                                           self.platform.collateral_json)
 
     # -- plumbing -----------------------------------------------------------------------
 

@@ -187,6 +187,7 @@ def _pod_spec(objects: list[Manifest], name: str) -> dict[str, Any]:
 
 def run_kustomization(settings: KubernetesSettings, k8s_dir: Path, out_dir: Path) -> dict[str, Any]:
     """The generated kustomization for ``settings`` (written by :func:`write_run`)."""
+    vault = lab_for_pods(settings).vault
     base = kustomize.build(overlay_dir(settings, k8s_dir))
     image = settings.image_ref
     image_name = _pod_spec(base, "trust")["containers"][0]["image"]
@@ -234,7 +235,7 @@ def run_kustomization(settings: KubernetesSettings, k8s_dir: Path, out_dir: Path
                     ],
                 )
             )
-    if lab_for_pods(settings).vault:
+    if vault:
         # the trust service generates the volume's passphrase in its TD, for ps0 only
         patches.append(_patch("trust", [
             {"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": v}
@@ -268,7 +269,7 @@ def run_kustomization(settings: KubernetesSettings, k8s_dir: Path, out_dir: Path
                                "path": f"/spec/template/metadata/annotations/{escaped}"}])
             )
     policy_files = ["policy.yaml"]
-    if lab_for_pods(settings).vault:
+    if vault:
         policy_files.append("volume_policy.yaml")
     return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
 import queue
 import signal
@@ -181,12 +180,12 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
         self.log_dir.mkdir(exist_ok=True)
         self.trust_dir.mkdir(exist_ok=True)
         self.platform = self.platform or SimulatedPlatform.generate()
-        self.admin_token = owner.admin_token(self._owner_salt())
+        self.admin_token = owner.admin_token(owner.run_salt(self.owner_salt_path))
         # public: what the owner's trusted node needs to verify ps0's evidence offline
-        self.platform_path.write_text(json.dumps({
-            "root_der": self.platform.root_der.hex(),
-            "collateral_json": self.platform.collateral_json,
-        }) + "\n")
+        from hfl_lab.vault.attested_signers import AttestedSigners
+
+        AttestedSigners.write_platform(self.trust_dir, self.platform.root_der,
+                                       self.platform.collateral_json)
         trust_port, ps_port = free_port(), free_port()
         while ps_port == trust_port:
             ps_port = free_port()

@@ -15,7 +15,6 @@ opens the volume from the sealed state (:meth:`OwnerSide.owner_credential`,
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -51,14 +50,6 @@ class OwnerSide:
     # provided by ParticipantProcesses
     _put: Callable[[LabEvent], None]
     _wait_roles: Callable[[Sequence[str], float, ProgressCallback | None], None]
-
-    def _owner_salt(self) -> bytes:
-        """This run's public salt (kept, so a resumed run keeps its admin credential)."""
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            return bytes.fromhex(json.loads(self.owner_salt_path.read_text())["salt"])
-        salt = owner.new_salt()
-        self.owner_salt_path.write_text(json.dumps({"salt": salt.hex()}) + "\n")
-        return salt
 
     def volume_release_policy(self) -> AttestationPolicy:
         """Who may receive the volume passphrase by attested release: ps0's TD (this code, its
