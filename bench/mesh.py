@@ -222,7 +222,7 @@ def _participant_env(threads: int, root: Path) -> dict[str, str]:
     """The environment LocalBackend gives its participants."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(root), env.get("PYTHONPATH", "")) if x)
-    env.setdefault("KERAS_BACKEND", "torch")
+    env.setdefault("KERAS_BACKEND", "tensorflow")
     env["PYTHONUNBUFFERED"] = "1"
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -340,7 +340,7 @@ def attested_startup(lab: LabConfig, root: Path, timeout_s: float = 300.0) -> St
     "worker registration with ordinary mTLS certificates and no evidence or attestation "
     "(bench/plain_participant.py). Each run counts its launch (incl. the backend's "
     "prepare()) plus the time from the last participant past its imports to the last ready "
-    "event: the concurrent torch/keras import phase, identical code in both and the noisiest "
+    "event: the concurrent TensorFlow/Keras import phase, identical code in both and the noisiest "
     "part on a shared machine, is left out; medians over alternating runs, s; baseline: the "
     "plain run's figure",
     unit="s",

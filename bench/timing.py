@@ -14,7 +14,7 @@ def _frozen_heap() -> Iterator[None]:
     """Move what exists now out of the collector's reach for the duration of a measurement.
 
     The collection before each timed call then scans only what the benchmark made since,
-    instead of every object of torch and keras (about 0.15 s a call once they are imported).
+    instead of every object of TensorFlow and Keras (about 0.15 s a call once they are imported).
     """
     gc.collect()
     gc.freeze()

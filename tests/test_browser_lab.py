@@ -82,7 +82,7 @@ def jupyter_lab(tmp_path: Path) -> Iterator[Lab]:
         path.write_text(values)
     port, token = _free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # a front end is watching
-    env.update(HFL_LAB_FRONTEND="1", KERAS_BACKEND="torch",
+    env.update(HFL_LAB_FRONTEND="1", KERAS_BACKEND="tensorflow",
                JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"),
                JUPYTERLAB_SETTINGS_DIR=str(settings),
                JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "workspaces"))

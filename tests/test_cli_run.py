@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "KERAS_BACKEND": "torch", "MPLBACKEND": "agg"}
+    return {**os.environ, "KERAS_BACKEND": "tensorflow", "MPLBACKEND": "agg"}
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ def test_lab_registers_the_kernel_of_this_environment(capsys: pytest.CaptureFixt
 
     spec = KernelSpecManager().get_kernel_spec("hfl-lab")
     assert Path(spec.argv[0]) == Path(sys.executable)
-    assert spec.env.get("KERAS_BACKEND") == "torch"
+    assert spec.env.get("KERAS_BACKEND") == "tensorflow"
     assert "registered" in capsys.readouterr().out
 
 

@@ -178,7 +178,7 @@ def test_rendered_runc_pods_train_with_every_participant_attested(
     venv_bin = str(Path(sys.executable).parent)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("HFL_LAB_")}
     base_env.update(PATH=f"{venv_bin}:{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO),
-                    KERAS_BACKEND="torch", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+                    KERAS_BACKEND="tensorflow", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     events: queue.Queue[tuple[str, LabEvent | None]] = queue.Queue()
     procs: dict[str, subprocess.Popen[str]] = {}
     logs: dict[str, Path] = {}

@@ -9,14 +9,14 @@ import sys
 from pathlib import Path
 
 # Same backend choice as trainer.model; needed here because keras is imported before it.
-os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras
 import numpy as np
 import pytest
 
 from hfl_lab._exceptions import ConfigError
-from trainer.model import ResNet, build_resnet, valid_depths
+from trainer.model import FusedBatchNormalization, ResNet, build_resnet, valid_depths
 
 
 def _batch(n: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -99,9 +99,9 @@ def test_init_is_deterministic_per_seed() -> None:
 
 
 def test_init_is_identical_in_another_process() -> None:
-    # Arrange: a different global torch seed must not matter, only the model seed.
+    # Arrange: a different global TensorFlow seed must not matter, only the model seed.
     script = (
-        "import hashlib, torch; torch.manual_seed(99)\n"
+        "import hashlib, tensorflow as tf; tf.random.set_seed(99)\n"
         "from trainer.model import build_resnet\n"
         "w = build_resnet(8, seed=3).get_weights()\n"
         "print(hashlib.sha256(b''.join(w[k].tobytes() for k in w)).hexdigest())\n"
@@ -157,11 +157,14 @@ def test_set_weights_rejects_missing_unknown_and_misshaped() -> None:
 
 
 def test_gradients_match_keras_own_sgd_step_including_bn_stats() -> None:
-    # Arrange: keras' own training loop, plain SGD with lr=1, moves each weight by -grad.
+    # Arrange: keras' own training loop, plain SGD with lr=1, moves each weight by -grad, on the
+    # same model built with Keras' own BatchNormalization (ours runs TF's fused kernel).
     model = build_resnet(8, seed=0)
     x, y = _batch(8)
     before = model.get_weights()
-    keras_model = model.keras_model
+    keras_twin = ResNet(8, seed=0, fused_batch_norm=False)
+    assert not any(type(la) is FusedBatchNormalization for la in keras_twin.keras_model.layers)
+    keras_model = keras_twin.keras_model
     keras_model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=1.0),
         loss=keras.losses.SparseCategoricalCrossentropy(),
@@ -171,7 +174,7 @@ def test_gradients_match_keras_own_sgd_step_including_bn_stats() -> None:
     ours = model.compute_gradients(x, y)
     untouched = model.get_weights()
     keras_loss = keras_model.train_on_batch(x, y)
-    after = model.get_weights()
+    after = keras_twin.get_weights()
 
     # Assert
     assert all(np.array_equal(before[k], untouched[k]) for k in before)
@@ -212,7 +215,7 @@ def test_evaluate_reports_loss_accuracy_and_predictions() -> None:
     model = build_resnet(8, seed=0)
     x, y = _batch(10)
     result = model.evaluate(x, y, batch_size=3)
-    probs = np.asarray(model.keras_model(x, training=False).detach())
+    probs = np.asarray(model.keras_model(x, training=False))
     assert result.predictions.shape == (10,)
     np.testing.assert_array_equal(result.predictions, probs.argmax(axis=1))
     assert result.accuracy == pytest.approx(float(np.mean(probs.argmax(axis=1) == y)))
@@ -226,3 +229,112 @@ def test_bad_batch_raises_config_error() -> None:
         model.compute_gradients(np.zeros((2, 3, 32, 32), np.float32), [0, 1])
     with pytest.raises(ConfigError, match="labels"):
         model.compute_gradients(np.zeros((2, 32, 32, 3), np.float32), [0, 10])
+
+
+def test_the_compiled_step_is_traced_once_over_20_steps_of_changing_data() -> None:
+    # Arrange: new images and labels every step, and batches of three sizes (a shard's last
+    # batch is often short).
+    model = build_resnet(8, seed=0)
+    sizes = [8, 8, 5, 8, 3]
+
+    # Act
+    losses = []
+    for step in range(20):
+        x, y = _batch(sizes[step % len(sizes)], seed=100 + step)
+        losses.append(model.compute_gradients(x, y).loss)
+
+    # Assert: one trace for the whole run, and the steps really saw different data.
+    assert model.trace_count == 1
+    assert len(set(losses)) == 20
+
+
+def test_the_step_leaves_the_variables_untouched_and_returns_independent_arrays() -> None:
+    model = build_resnet(8, seed=0)
+    x, y = _batch(8)
+    before = model.get_weights()
+
+    first = model.compute_gradients(x, y)
+    first.gradients["stem_conv/kernel"][...] = 7.0  # the caller owns what it got
+    second = model.compute_gradients(x, y)
+
+    after = model.get_weights()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert not np.any(second.gradients["stem_conv/kernel"] == 7.0)
+    np.testing.assert_array_equal(first.non_trainable["stem_bn/moving_mean"],
+                                  second.non_trainable["stem_bn/moving_mean"])
+
+
+def test_fused_batch_norm_trains_as_keras_own_layer() -> None:
+    # Arrange: the same ResNet-8 twice, one with Keras' BatchNormalization, one with the fused
+    # TensorFlow kernel the lab trains with; three steps of the lab's optimizer on each.
+    from trainer.optim import MomentumSGD
+
+    fused, plain = build_resnet(8, seed=2), ResNet(8, seed=2, fused_batch_norm=False)
+    runs = []
+    for model in (fused, plain):
+        optimizer = MomentumSGD(model.variable_specs, 0.1)
+        weights = model.get_weights()
+        losses = []
+        for step in range(3):
+            result = model.compute_gradients(*_batch(16, seed=step))
+            weights = optimizer.apply(weights, result.gradients)
+            weights.update(result.non_trainable)
+            model.set_weights(weights)
+            losses.append(result.loss)
+        runs.append((weights, losses))
+
+    # Assert: the same losses and weights within float32 rounding, BN statistics included.
+    (w_fused, l_fused), (w_plain, l_plain) = runs
+    np.testing.assert_allclose(l_fused, l_plain, rtol=1e-4)
+    for name in w_plain:
+        np.testing.assert_allclose(w_fused[name], w_plain[name], atol=1e-4, err_msg=name)
+
+
+def test_thread_count_is_set_before_tensorflow_starts_and_kept_after() -> None:
+    # A fresh process: the first model fixes TensorFlow's pools, a later request cannot.
+    script = (
+        "import logging, tensorflow as tf\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from trainer.model import build_resnet, set_threads\n"
+        "build_resnet(8, num_threads=1)\n"
+        "print(tf.config.threading.get_intra_op_parallelism_threads(),\n"
+        "      tf.config.threading.get_inter_op_parallelism_threads(), set_threads(2))\n"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+
+    assert result.stdout.split() == ["1", "1", "1"]
+    assert "2 asked for now is ignored" in result.stderr
+
+
+def test_a_non_tensorflow_keras_backend_is_refused_with_the_fix() -> None:
+    env = {**os.environ, "KERAS_BACKEND": "numpy"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import trainer.model"], cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode != 0
+    assert "KERAS_BACKEND=tensorflow" in result.stderr and "'numpy'" in result.stderr
+
+
+def test_the_owner_model_takes_raw_images_and_matches_the_trained_model() -> None:
+    from trainer.data import standardize
+
+    model = build_resnet(8, seed=1)
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    raw[0] = 77  # a uniform image: the standardization's floor, not a division by zero
+
+    owner = model.serving_model()
+    probs = np.asarray(owner.predict(raw, verbose=0))
+
+    assert owner.input.dtype == "uint8" and owner.input.shape == (None, 32, 32, 3)
+    assert not any(type(la) is FusedBatchNormalization for la in owner.layers[-1].layers)
+    expected = model.predict_logits(standardize(raw))
+    np.testing.assert_array_equal(probs.argmax(axis=1), expected.argmax(axis=1))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    shifted = np.exp(expected - expected.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(probs, shifted / shifted.sum(axis=1, keepdims=True), atol=1e-5)

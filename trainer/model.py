@@ -1,34 +1,52 @@
-"""ResNet v1 for CIFAR-10 (He et al. 2015, depth 6n+2) in Keras 3, with weights as numpy dicts."""
+"""ResNet v1 for CIFAR-10 (He et al. 2015, depth 6n+2) in Keras 3 on TensorFlow, with weights as
+numpy dicts and one compiled gradient step per model."""
 
 from __future__ import annotations
 
 import os
 
-# Keras 3 picks its backend once, at first import, and defaults to TensorFlow, which the lab does
-# not ship: the TD image carries torch (CPU) only. setdefault keeps an explicit user choice.
-os.environ.setdefault("KERAS_BACKEND", "torch")
-
-from collections.abc import Mapping
-from dataclasses import dataclass
-
-import keras
-import numpy as np
-import numpy.typing as npt
-import torch
-
 from hfl_lab._exceptions import ConfigError
+
+
+def _check_backend(name: str) -> None:
+    if name != "tensorflow":
+        raise ConfigError(
+            f"Keras is set to run on the {name!r} backend; the trainer needs TensorFlow "
+            "(compiled steps, SavedModel export).",
+            fix="unset KERAS_BACKEND or set KERAS_BACKEND=tensorflow before starting Python.",
+        )
+
+
+# Keras 3 picks its backend once, at first import; the lab's engine is TensorFlow (also Keras'
+# default). Another explicit choice is refused before Keras loads it.
+_check_backend(os.environ.setdefault("KERAS_BACKEND", "tensorflow"))
+# TensorFlow's C++ start-up notes (oneDNN, CPU features) would fill every participant's log.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import logging  # noqa: E402 - after the backend choice above
+from collections.abc import Callable, Mapping  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 __all__ = [
     "DEFAULT_DEPTH",
     "NUM_CLASSES",
     "Evaluation",
+    "FusedBatchNormalization",
     "GradientResult",
     "ResNet",
     "VariableSpec",
     "build_resnet",
-    "set_torch_threads",
+    "set_threads",
     "valid_depths",
 ]
+
+log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 Weights = dict[str, FloatArray]
@@ -56,20 +74,77 @@ def _check_depth(depth: int) -> int:
     return (depth - 2) // 6
 
 
-def set_torch_threads(num_threads: int | None) -> int:
-    """Set torch's intra-op CPU threads (``None`` keeps torch's default); returns the count used.
+# Keras was imported before this module with another backend (the environment variable alone
+# does not say so then).
+_check_backend(keras.backend.backend())
 
-    A TD usually has few vCPUs shared with gRPC threads, so workers pass their vCPU budget here
-    instead of letting torch size its pool from the host.
+
+def set_threads(num_threads: int | None) -> int:
+    """Size TensorFlow's CPU thread pools (``None`` keeps its default); returns the count used.
+
+    A TD usually has few vCPUs shared with gRPC threads, so participants pass their vCPU budget
+    here instead of letting TensorFlow size its pools from the host: ``num_threads`` threads
+    inside each operation and one operation at a time (a ResNet's graph is a chain, so a second
+    inter-op thread would only compete for the same cores). TensorFlow fixes its pools when it
+    runs its first operation; asking for another size after that keeps the pools and says so.
     """
     if num_threads is not None:
         if num_threads < 1:
             raise ConfigError(
                 f"num_threads must be >= 1, got {num_threads}.",
-                fix="pass a positive thread count or None for torch's default.",
+                fix="pass a positive thread count or None for TensorFlow's default.",
             )
-        torch.set_num_threads(num_threads)
-    return int(torch.get_num_threads())
+        threading = tf.config.threading
+        if threading.get_intra_op_parallelism_threads() != num_threads:
+            try:
+                threading.set_intra_op_parallelism_threads(num_threads)
+                threading.set_inter_op_parallelism_threads(1)
+            except RuntimeError:
+                log.warning(
+                    "TensorFlow already started with %s intra-op threads; %d asked for now is "
+                    "ignored in this process (set the thread count before building a model).",
+                    threading.get_intra_op_parallelism_threads() or "its default",
+                    num_threads,
+                )
+    configured = int(tf.config.threading.get_intra_op_parallelism_threads())
+    return configured or (os.cpu_count() or 1)
+
+
+@keras.saving.register_keras_serializable(package="hfl_lab")
+class FusedBatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
+    """Keras' batch normalization with TensorFlow's fused kernel in training mode.
+
+    Keras 3 normalizes with separate moments and arithmetic ops; TensorFlow's FusedBatchNormV3
+    does the same in one pass and a third of a ResNet-56 step is batch norm on these CPUs. Same
+    variables, same moving-average rule and the same biased batch variance as the parent (the
+    kernel returns the Bessel-corrected one, undone here); inference mode is the parent's.
+    """
+
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        if (
+            not (training and self.trainable)
+            or mask is not None
+            or self.renorm
+            or self.axis not in (-1, 3)
+            or len(inputs.shape) != 4
+            or inputs.dtype != tf.float32
+            or not (self.scale and self.center)
+        ):
+            return super().call(inputs, training=training, mask=mask)
+        empty = tf.constant([], tf.float32)
+        outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs, scale=self.gamma.value, offset=self.beta.value, mean=empty,
+            variance=empty, epsilon=self.epsilon, exponential_avg_factor=1.0,
+            data_format="NHWC", is_training=True,
+        )
+        count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], tf.float32)
+        variance = variance * tf.where(count > 1, (count - 1) / tf.maximum(count, 1), 1.0)
+        momentum = self.momentum
+        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(
+            self.moving_variance * momentum + variance * (1.0 - momentum)
+        )
+        return outputs
 
 
 @dataclass(frozen=True)
@@ -118,6 +193,8 @@ class ResNet:
         seed: int = 0,
         num_classes: int = NUM_CLASSES,
         bn_momentum: float = BN_MOMENTUM,
+        jit_compile: bool = False,
+        fused_batch_norm: bool = True,
     ) -> None:
         self.depth = depth
         self.blocks_per_stage = _check_depth(depth)
@@ -125,6 +202,8 @@ class ResNet:
         self.seed = seed
         self.num_classes = num_classes
         self._bn_momentum = bn_momentum
+        #: TensorFlow's fused batch-norm kernel in training (the exported model has Keras' own)
+        self.fused_batch_norm = fused_batch_norm
         self._layer_seed = seed * 1000
         inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
         logits = self._backbone(inputs)
@@ -142,6 +221,17 @@ class ResNet:
         self._non_trainable = list(self._logits_model.non_trainable_variables)
         self._trainable_order = [name_of[id(v)] for v in self._trainable]
         self._non_trainable_order = [name_of[id(v)] for v in self._non_trainable]
+        #: compile the gradient step with XLA (off by default: slower on these CPUs, see bench/)
+        self.jit_compile = jit_compile
+        #: how often the gradient step was traced (once per model, whatever the data)
+        self.trace_count = 0
+        self._step_layout = self._layout(
+            [*self._trainable_order, *self._non_trainable_order],
+            [*self._trainable, *self._non_trainable],
+        )
+        self._step_fn = self._compile_step()
+        self._predict_fn = self._compile_predict()
+        self._assign_fn = self._compile_assign()
 
     # ----------------------------------------------------------------- architecture
 
@@ -163,9 +253,8 @@ class ResNet:
     def _norm(self, x: object, name: str) -> object:
         if not self.batch_norm:
             return x
-        return keras.layers.BatchNormalization(
-            momentum=self._bn_momentum, epsilon=BN_EPSILON, name=name
-        )(x)
+        norm = FusedBatchNormalization if self.fused_batch_norm else keras.layers.BatchNormalization
+        return norm(momentum=self._bn_momentum, epsilon=BN_EPSILON, name=name)(x)
 
     def _block(self, x: object, filters: int, strides: int, prefix: str) -> object:
         shortcut = x
@@ -255,12 +344,13 @@ class ResNet:
                 f"weights for unknown variables {unknown[:3]} (model {self.keras_model.name}).",
                 fix="load weights saved from a model of the same depth and batch_norm setting.",
             )
-        missing = [name for name in known if name not in weights]
+        missing = [name for name, _ in named if name not in weights]
         if missing and not partial:
             raise ConfigError(
                 f"{len(missing)} variables missing from the weights, e.g. {missing[0]!r}.",
                 fix="pass a complete weights dict (ResNet.get_weights()) or partial=True.",
             )
+        values: list[tuple[keras.Variable, FloatArray]] = []
         for name, var in named:
             if name not in weights:
                 continue
@@ -271,7 +361,98 @@ class ResNet:
                     f"the model expects {tuple(var.shape)}.",
                     fix="load weights saved from a model of the same depth.",
                 )
-            var.assign(value)
+            values.append((var, value))
+        if missing:
+            for var, value in values:
+                var.assign(value)
+        else:  # every variable: one flat vector, one call into TensorFlow
+            self._assign_fn(np.concatenate([value.reshape(-1) for _, value in values]))
+
+    # ----------------------------------------------------------------- compiled functions
+
+    def _compile_step(self) -> Callable[..., Any]:
+        """Forward, loss, gradients and new BN statistics as one ``tf.function``.
+
+        The variables' current values are read inside the graph and passed to Keras' stateless
+        call, so the pass writes no variable (the new BN statistics are returned); reading them
+        there instead of passing ~300 tensors in saves the per-call argument handling. The
+        signature fixes every shape but the batch, so the step is traced once per model.
+        Gradients and statistics leave as one flat float32 vector: one copy out of TensorFlow
+        instead of one per variable.
+        """
+        model = self._logits_model
+        trainable_vars, non_trainable_vars = self._trainable, self._non_trainable
+        signature = [
+            tf.TensorSpec((None, *IMAGE_SHAPE), tf.float32),
+            tf.TensorSpec((None,), tf.int32),
+        ]
+
+        def step(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            self.trace_count += 1  # Python runs only while tracing
+            trainable = [tf.identity(v.value) for v in trainable_vars]
+            non_trainable = [tf.identity(v.value) for v in non_trainable_vars]
+            with tf.GradientTape() as tape:
+                tape.watch(trainable)
+                logits, new_stats = model.stateless_call(
+                    trainable, non_trainable, images, training=True
+                )
+                loss = tf.reduce_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+                )
+            grads = tape.gradient(loss, trainable)
+            grads = [
+                tf.zeros_like(t) if g is None else g for g, t in zip(grads, trainable, strict=True)
+            ]
+            hits = tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels)
+            correct = tf.reduce_sum(tf.cast(hits, tf.int32))
+            flat = tf.concat([tf.reshape(t, (-1,)) for t in [*grads, *new_stats]], axis=0)
+            return loss, correct, flat
+
+        compiled: Callable[..., Any] = tf.function(
+            step, input_signature=signature, jit_compile=self.jit_compile
+        )
+        return compiled
+
+    def _compile_predict(self) -> Callable[..., Any]:
+        model = self._logits_model
+
+        def predict(images: tf.Tensor) -> tf.Tensor:
+            return model(images, training=False)
+
+        compiled: Callable[..., Any] = tf.function(
+            predict, input_signature=[tf.TensorSpec((None, *IMAGE_SHAPE), tf.float32)]
+        )
+        return compiled
+
+    def _compile_assign(self) -> Callable[..., Any]:
+        """Assign every variable from one flat float32 vector in a single call."""
+        variables = [var for _, var in self._named]
+        sizes = self._flat_sizes(variables)
+
+        def assign(flat: tf.Tensor) -> None:
+            for var, piece in zip(variables, tf.split(flat, sizes), strict=True):
+                var.assign(tf.reshape(piece, var.shape))
+
+        compiled: Callable[..., Any] = tf.function(
+            assign, input_signature=[tf.TensorSpec((int(sum(sizes)),), tf.float32)]
+        )
+        return compiled
+
+    @classmethod
+    def _layout(
+        cls, names: list[str], variables: list[Any]
+    ) -> list[tuple[str, int, int, tuple[int, ...]]]:
+        """(name, start, end, shape) of each variable in a flat vector of them, in order."""
+        ends = np.cumsum(cls._flat_sizes(variables), dtype=np.int64)
+        starts = [0, *ends[:-1].tolist()]
+        return [
+            (name, int(start), int(end), tuple(int(d) for d in var.shape))
+            for name, var, start, end in zip(names, variables, starts, ends, strict=True)
+        ]
+
+    @staticmethod
+    def _flat_sizes(variables: list[Any]) -> list[int]:
+        return [int(np.prod(tuple(v.shape), dtype=np.int64)) for v in variables]
 
     # ----------------------------------------------------------------- training & inference
 
@@ -282,37 +463,19 @@ class ResNet:
         the BN moving statistics that the pass would have produced are returned instead.
         """
         images, labels = _as_batch(x, y, self.num_classes)
-        # Fresh leaf tensors (sharing storage with the variables) collect this batch's grads
-        # without touching the variables' own .grad fields.
-        trainable = [v.value.detach().requires_grad_(True) for v in self._trainable]
-        non_trainable = [v.value.detach() for v in self._non_trainable]
-        logits, new_non_trainable = self._logits_model.stateless_call(
-            trainable, non_trainable, torch.from_numpy(images), training=True
-        )
-        target = torch.from_numpy(labels)
-        loss = torch.nn.functional.cross_entropy(logits, target)
-        loss.backward()  # type: ignore[no-untyped-call]
-        with torch.no_grad():
-            correct = (logits.argmax(dim=1) == target).sum().item()
-        grads: Weights = {}
-        for name, tensor in zip(self._trainable_order, trainable, strict=True):
-            grad = tensor.grad
-            grads[name] = (
-                np.zeros(tuple(tensor.shape), np.float32) if grad is None else _to_numpy(grad)
-            )
-        updated = {
-            name: _to_numpy(value)
-            for name, value in zip(self._non_trainable_order, new_non_trainable, strict=True)
+        loss, correct, flat = self._step_fn(images, labels.astype(np.int32))
+        # One writable float32 copy; every gradient and statistic is a view into it.
+        values = np.array(flat.numpy(), dtype=np.float32, copy=True)
+        pieces = {
+            name: values[start:end].reshape(shape) for name, start, end, shape in self._step_layout
         }
         # Hand both back in variable_specs order.
-        grads = {name: grads[name] for name in self.trainable_names}
-        updated = {name: updated[name] for name in self.non_trainable_names}
         return GradientResult(
-            loss=float(loss.item()),
+            loss=float(loss),
             accuracy=float(correct) / len(labels),
             num_samples=len(labels),
-            gradients=grads,
-            non_trainable=updated,
+            gradients={name: pieces[name] for name in self.trainable_names},
+            non_trainable={name: pieces[name] for name in self.non_trainable_names},
         )
 
     def predict_logits(self, x: npt.ArrayLike, batch_size: int = 256) -> FloatArray:
@@ -320,11 +483,9 @@ class ResNet:
         images = np.ascontiguousarray(x, dtype=np.float32)
         _check_images(images)
         out: list[FloatArray] = []
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                chunk = torch.from_numpy(images[start : start + batch_size])
-                logits = self._logits_model(chunk, training=False)
-                out.append(logits.detach().cpu().numpy().astype(np.float32))
+        for start in range(0, len(images), batch_size):
+            logits = self._predict_fn(images[start : start + batch_size])
+            out.append(logits.numpy().astype(np.float32, copy=False))
         if not out:
             return np.zeros((0, self.num_classes), np.float32)
         return np.concatenate(out)
@@ -332,18 +493,41 @@ class ResNet:
     def evaluate(self, x: npt.ArrayLike, y: npt.ArrayLike, batch_size: int = 256) -> Evaluation:
         """Mean cross-entropy, accuracy and predicted classes over ``x`` in inference mode."""
         images, labels = _as_batch(x, y, self.num_classes)
-        logits = self.predict_logits(images, batch_size)
-        with torch.no_grad():
-            loss = torch.nn.functional.cross_entropy(
-                torch.from_numpy(logits), torch.from_numpy(labels)
-            )
+        logits = self.predict_logits(images, batch_size).astype(np.float64)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         predictions = logits.argmax(axis=1).astype(np.int64)
         return Evaluation(
-            loss=float(loss.item()),
+            loss=float(-log_probs[np.arange(len(labels)), labels].mean()),
             accuracy=float(np.mean(predictions == labels)),
             predictions=predictions,
             num_samples=len(labels),
         )
+
+    # ----------------------------------------------------------------- the owner's model
+
+    def serving_model(self) -> keras.Model:
+        """The published model for raw CIFAR images: uint8 NHWC 32x32x3 in, class probabilities
+        out, with the training preprocessing (per-image standardization) inside.
+
+        Built only from Keras' own layers and ``keras.ops`` (batch norm included), so
+        ``keras.models.load_model`` of its ``.keras`` file needs nothing but TensorFlow and
+        Keras. It holds a copy of this model's current weights.
+        """
+        twin = ResNet(
+            self.depth, batch_norm=self.batch_norm, seed=self.seed,
+            num_classes=self.num_classes, bn_momentum=self._bn_momentum,
+            fused_batch_norm=False,
+        )
+        twin.set_weights(self.get_weights())
+        raw = keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name="image")
+        x = keras.ops.cast(raw, "float32")
+        mean = keras.ops.mean(x, axis=(1, 2, 3), keepdims=True)
+        std = keras.ops.std(x, axis=(1, 2, 3), keepdims=True)
+        # tf.image.per_image_standardization's floor keeps uniform images from dividing by 0.
+        std = keras.ops.maximum(std, float(1.0 / np.sqrt(np.prod(IMAGE_SHAPE))))
+        probs = twin.keras_model(keras.ops.divide(keras.ops.subtract(x, mean), std))
+        return keras.Model(raw, probs, name=f"resnet{self.depth}_v1_cifar10")
 
 
 def build_resnet(
@@ -353,16 +537,18 @@ def build_resnet(
     seed: int = 0,
     num_threads: int | None = None,
     bn_momentum: float = BN_MOMENTUM,
+    jit_compile: bool = False,
 ) -> ResNet:
     """Build ResNet-``depth`` v1 for CIFAR-10, initialised deterministically from ``seed``."""
-    set_torch_threads(num_threads)
-    return ResNet(depth, batch_norm=batch_norm, seed=seed, bn_momentum=bn_momentum)
+    set_threads(num_threads)
+    return ResNet(
+        depth, batch_norm=batch_norm, seed=seed, bn_momentum=bn_momentum, jit_compile=jit_compile
+    )
 
 
-def _to_numpy(tensor: torch.Tensor) -> FloatArray:
-    # A float32 copy that no later in-place update of the variable can alter.
-    array: FloatArray = tensor.detach().cpu().numpy().astype(np.float32, copy=True)
-    return array
+def _to_numpy(value: Any) -> FloatArray:
+    # A float32 copy that no later update of the variable can alter.
+    return np.array(value.numpy(), dtype=np.float32, copy=True)
 
 
 def _check_images(images: npt.NDArray[np.float32]) -> None:

@@ -64,7 +64,7 @@ def parameter_server(
 ) -> ParameterServer:
     """The PS of a LabConfig: model, optimizer, schedule; resumed from ``store`` if it holds one."""
     model = model or build_resnet(lab.depth, seed=lab.seed, num_threads=lab.threads or None,
-                                  bn_momentum=lab.bn_momentum)
+                                  bn_momentum=lab.bn_momentum, jit_compile=lab.jit_compile)
     specs = model_specs(model)
     optimizer = MomentumSGD(model.variable_specs, schedule_for(lab, num_train),
                             momentum=lab.momentum, weight_decay=lab.weight_decay)
@@ -165,7 +165,7 @@ def build_worker(
     lab = config.lab
     stream, num_train = worker_batches(lab, index)
     model = build_resnet(lab.depth, seed=lab.seed, num_threads=lab.threads or None,
-                                  bn_momentum=lab.bn_momentum)
+                         bn_momentum=lab.bn_momentum, jit_compile=lab.jit_compile)
     return Worker(
         index, model, stream,
         channel_factory(config.deployment.ps_address, creds, participant.verifier),

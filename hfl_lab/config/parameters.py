@@ -84,7 +84,9 @@ class LabParameters:
         "local", "where the TDs run: processes here, or pods", choices=("local", "kubernetes")
     )
     workers: int = _param(2, "number of worker TDs", ge=1, le=64)
-    threads: int = _param(1, "CPU threads per participant's torch (0 = torch default)", ge=0)
+    threads: int = _param(
+        1, "CPU threads per participant's TensorFlow (0 = TensorFlow default)", ge=0
+    )
     # -- model and training
     depth: int = _param(8, "ResNet-v1 depth, 6n+2 (56 is the reference)", choices=DEPTHS)
     batch_size: int = _param(32, "images per worker per local step", ge=1, le=4096)
@@ -121,6 +123,9 @@ class LabParameters:
         ge=0, lt=1,
     )
     augment: bool = _param(True, "random crop and flip of training images, as the reference")
+    jit_compile: bool = _param(
+        False, "compile each training step with XLA (off: slower on CPUs here, see bench P0)"
+    )
     # -- data
     partition: str = _param(
         "iid", "how the training set is split over workers", choices=("iid", "dirichlet")

@@ -42,7 +42,7 @@ def ensure_kernel(*, force: bool = False) -> str:
         kernel_name=KERNEL_NAME,
         display_name=KERNEL_DISPLAY_NAME,
         prefix=sys.prefix,
-        env={"KERAS_BACKEND": "torch", "PYTHONHASHSEED": "0"},
+        env={"KERAS_BACKEND": "tensorflow", "PYTHONHASHSEED": "0"},
     )
     return folder
 

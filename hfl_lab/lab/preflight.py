@@ -18,7 +18,9 @@ from hfl_lab.lab.notebook import Table
 __all__ = ["PreflightReport", "run_preflight"]
 
 #: packages whose versions the report shows (what a bug report needs)
-PACKAGES = ("torch", "keras", "numpy", "grpcio", "dcap-qvl", "cryptography", "papermill")
+PACKAGES = (
+    "tensorflow", "keras", "numpy", "grpcio", "dcap-qvl", "cryptography", "papermill",
+)
 _OK, _FAIL, _INFO = "#dafbe1", "#ffebe9", ""
 
 

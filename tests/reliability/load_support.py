@@ -7,7 +7,7 @@ and the measurements the backend derived for role ``workerN`` (the same as the p
 present), it attests to the run's real trust service for its mesh certificate, and its own
 mutual-TLS channel to ps0 checks ps0's evidence first. Only the model is a stand-in: it replays
 one real ResNet gradient per worker (computed on a batch of the worker's own shard) instead of
-running torch every step, so that the load on 2 cores is the PS's, not 32 workers' compute.
+running TensorFlow every step, so that the load on 2 cores is the PS's, not 32 workers' compute.
 """
 
 from __future__ import annotations

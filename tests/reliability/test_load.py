@@ -5,7 +5,7 @@ Every TD in this test is a SIMULATED TD (lab-local attestation keys; never secur
 trust service are the real processes, launched by the local backend exactly as in a lab run
 (``python -m trainer ps --config ... --exit-when-done`` and ``python -m hfl_lab.trust serve``).
 The 32 workers are simulated worker TDs in this test process, one thread each (32 processes
-that each import torch would not fit on 2 cores): each has its own evidence for its role
+that each import TensorFlow would not fit on 2 cores): each has its own evidence for its role
 ``workerN``, attests to the trust service for its own mesh certificate, opens its own
 mutual-TLS channel to ps0 (checking ps0's evidence first) and runs the real
 ``trainer.worker.Worker`` loop: register, pull the parameters, push a real ResNet-8 gradient

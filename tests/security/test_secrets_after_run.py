@@ -60,7 +60,7 @@ def test_no_secret_anywhere_in_the_run_folder_after_a_full_run(tmp_path: Path) -
     argv = [sys.executable, "-m", "hfl_lab.cli", "run", "--profile", "quick", "-q"]
     for name, value in {**SMALL, "run_dir": run_dir}.items():
         argv += ["-p", f"{name}={value}"]
-    env = {**os.environ, "KERAS_BACKEND": "torch", "MPLBACKEND": "agg"}
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "MPLBACKEND": "agg"}
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

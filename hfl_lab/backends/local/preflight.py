@@ -22,7 +22,7 @@ def run_preflight(
             "python", sys.version_info >= (3, 11),
             f"{sys.version.split()[0]} at {python}", "use Python 3.11 or newer"),
     ]
-    missing = [m for m in ("grpc", "torch", "keras", "cryptography", "dcap_qvl")
+    missing = [m for m in ("grpc", "tensorflow", "keras", "cryptography", "dcap_qvl")
                if importlib.util.find_spec(m) is None]
     checks.append(PreflightCheck(
         "packages", not missing,

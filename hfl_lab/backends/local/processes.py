@@ -113,7 +113,7 @@ class ParticipantProcesses:
         env.update(p.env)
         pythonpath = [str(self.workload_root), env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join(x for x in pythonpath if x)
-        env.setdefault("KERAS_BACKEND", "torch")
+        env.setdefault("KERAS_BACKEND", "tensorflow")
         env["PYTHONUNBUFFERED"] = "1"
         threads = str(self.config.threads) if self.config.threads else ""
         if threads:
