@@ -9,6 +9,11 @@ parameter server's attested key.
 
 A run without a volume (``vault=False``, or a backend that keeps checkpoints in a folder) is
 retrieved from its checkpoint folder and reported as NOT sealed.
+
+What the owner gets is a model plain Keras loads: ``trusted-node/model.keras`` and the TensorFlow
+SavedModel ``trusted-node/saved_model/`` take raw CIFAR images (uint8 NHWC 32x32x3) and standardize
+them inside; the accuracy in ``retrieval.json`` is that model's. Both exist only in the trusted
+node's folder: in the cluster the weights never leave the sealed volume.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from hfl_lab.lab.notebook import Table, TableReport
 __all__ = [
     "RetrievalReport",
     "evaluate_checkpoint",
+    "export_owner_model",
     "move_to_trusted_node",
     "owner_credential",
     "retrieve_and_evaluate",
@@ -35,6 +41,10 @@ __all__ = [
 
 TRUSTED_NODE = "trusted-node"
 VOLUME_NAME = "model.luks"
+#: the owner's model files, written only on the trusted node
+MODEL_FILE = "model.keras"
+SAVED_MODEL_DIR = "saved_model"
+SAMPLE_IMAGES = "sample_images.npy"
 CLASS_NAMES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
@@ -56,6 +66,8 @@ class RetrievalReport(TableReport):
     figures: dict[str, str] = field(default_factory=dict)
     #: the attestation of each key that signed the provenance (ps0's mesh keys)
     signed_by: list[dict[str, Any]] = field(default_factory=list)
+    #: the owner's model files: "keras" (model.keras) and "saved_model" (a SavedModel folder)
+    model_files: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> Table:
         table = Table(("", "value"), title="model retrieval on the owner's trusted node")
@@ -75,6 +87,9 @@ class RetrievalReport(TableReport):
         table.add("test loss", f"{self.loss:.4f}")
         if self.training_accuracy is not None:
             table.add("ps0's own evaluation", f"{self.training_accuracy:.1%}")
+        if self.model_files:
+            table.add("Keras model (raw uint8 images in)", self.model_files.get("keras", ""))
+            table.add("TensorFlow SavedModel", self.model_files.get("saved_model", ""))
         if not self.sealed:
             table.note = "NOT SEALED: this run kept its checkpoints in a plain folder."
         return table
@@ -92,6 +107,7 @@ class RetrievalReport(TableReport):
             "training_accuracy": self.training_accuracy,
             "figures": self.figures,
             "signed_by": self.signed_by,
+            "model_files": self.model_files,
         }
 
 
@@ -189,21 +205,68 @@ def _open(
     return checkpoint, "not signed (plain checkpoint folder)", False, []
 
 
-def evaluate_checkpoint(config: LabConfig, payload: bytes) -> tuple[Any, Any]:
-    """Load the weights into a fresh ResNet and evaluate on the test set: (evaluation, data)."""
+def evaluate_checkpoint(config: LabConfig, payload: bytes) -> tuple[Any, Any, Any]:
+    """Load the weights into the owner's model and evaluate it on the raw test images.
+
+    Returns (evaluation, data, model): ``model`` is the Keras model the owner receives (raw uint8
+    CIFAR images in, per-image standardization inside, class probabilities out), and the
+    evaluation is that very model's, so the files exported from it give the same accuracy.
+    """
     from trainer.checkpoint import decode_state
-    from trainer.data import load_cifar10, standardize
-    from trainer.model import build_resnet
+    from trainer.data import load_cifar10
+    from trainer.model import Evaluation, build_resnet
 
     state = decode_state(payload)
+    # The owner's node uses its own cores: ``threads`` is the participants' budget in their TDs.
     model = build_resnet(
-        config.depth, seed=config.seed, num_threads=config.threads or None,
-        bn_momentum=getattr(config, "bn_momentum", 0.9),
+        config.depth, seed=config.seed, bn_momentum=getattr(config, "bn_momentum", 0.9)
     )
     model.set_weights(state.weights)
+    owner_model = model.serving_model()
     data = load_cifar10(config.require_data_path())
-    evaluation = model.evaluate(standardize(data.test_images), data.test_labels)
-    return evaluation, data
+    probs = np.asarray(owner_model.predict(data.test_images, batch_size=256, verbose=0),
+                       dtype=np.float64)
+    labels = np.asarray(data.test_labels, dtype=np.int64)
+    predictions = probs.argmax(axis=1).astype(np.int64)
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    evaluation = Evaluation(
+        loss=float(-np.log(picked).mean()) if len(labels) else 0.0,
+        accuracy=float(np.mean(predictions == labels)) if len(labels) else 0.0,
+        predictions=predictions,
+        num_samples=len(labels),
+    )
+    return evaluation, data, owner_model
+
+
+def export_owner_model(
+    owner_model: Any, folder: Path, sample_images: np.ndarray | None = None
+) -> dict[str, str]:
+    """Write the owner's model as ``model.keras`` (Keras) and ``saved_model/`` (TensorFlow
+    SavedModel with a ``serve`` endpoint, for TF Serving) into the trusted node's folder, and
+    ``sample_images.npy`` (raw uint8 test images, what a client sends) when given.
+
+    Each is written beside its final name first and then renamed, so an interrupted export
+    leaves the previous files or none, never half a model.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    keras_file = folder / MODEL_FILE
+    staging = folder / f".{MODEL_FILE}.partial.keras"
+    owner_model.save(staging)
+    staging.replace(keras_file)
+    saved_model = folder / SAVED_MODEL_DIR
+    staging_dir = folder / f".{SAVED_MODEL_DIR}.partial"
+    if staging_dir.exists():
+        shutil.rmtree(staging_dir)
+    owner_model.export(str(staging_dir), format="tf_saved_model", verbose=False)
+    if saved_model.exists():
+        shutil.rmtree(saved_model)
+    staging_dir.replace(saved_model)
+    files = {"keras": str(keras_file), "saved_model": str(saved_model)}
+    if sample_images is not None:
+        samples = folder / SAMPLE_IMAGES
+        np.save(samples, np.asarray(sample_images, dtype=np.uint8))
+        files["sample_images"] = str(samples)
+    return files
 
 
 def retrieve_and_evaluate(config: LabConfig, *, backend: Any = None) -> RetrievalReport:
@@ -216,8 +279,10 @@ def retrieve_and_evaluate(config: LabConfig, *, backend: Any = None) -> Retrieva
     location, sealed = move_to_trusted_node(config, backend, vault.get("vault_path"))
     checkpoint, provenance, opened, signed_by = _open(location, sealed, vault)
     trained = LabConfig.from_dict(training.config) if training and training.config else config
-    evaluation, data = evaluate_checkpoint(trained, checkpoint.payload)
+    evaluation, data, owner_model = evaluate_checkpoint(trained, checkpoint.payload)
     out = Path(config.run_dir)
+    picks = np.arange(min(16, len(data.test_labels)))
+    exported = export_owner_model(owner_model, _trusted_dir(config), data.test_images[picks])
     figures = {
         "confusion_matrix": str(out / "confusion_matrix.png"),
         "sample_predictions": str(out / "sample_predictions.png"),
@@ -226,7 +291,6 @@ def retrieve_and_evaluate(config: LabConfig, *, backend: Any = None) -> Retrieva
         data.test_labels, evaluation.predictions, CLASS_NAMES, figures["confusion_matrix"],
         title=f"global model, step {checkpoint.step}",
     )
-    picks = np.arange(min(16, len(data.test_labels)))
     render_sample_predictions(
         data.test_images[picks], data.test_labels[picks], evaluation.predictions[picks],
         CLASS_NAMES, figures["sample_predictions"],
@@ -235,6 +299,7 @@ def retrieve_and_evaluate(config: LabConfig, *, backend: Any = None) -> Retrieva
         location, sealed, opened, checkpoint.step, provenance, evaluation.loss,
         evaluation.accuracy, evaluation.num_samples,
         training.test_accuracy if training is not None else None, figures, signed_by,
+        exported,
     )
     (out / "retrieval.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
