@@ -3,6 +3,7 @@ simulated TDs, every tensor over the attested mesh."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -96,7 +97,17 @@ def test_sync_with_a_backup_worker_survives_a_killed_worker_that_rejoins(
         read_until(events, seen,
                    lambda e: e.kind == "metrics" and e.data["step"] >= killed_at + 10)
         assert backend.participants["worker1"].returncode is not None
-        backend.restart("worker1")
+        # worker0 waits (SIGSTOP) while worker1 starts again: alone it would train the rest of
+        # the run in less time than worker1's start (TensorFlow's import) takes.
+        worker0 = backend.participants["worker0"].pid
+        assert worker0 is not None
+        os.kill(worker0, signal.SIGSTOP)
+        try:
+            backend.restart("worker1")
+            read_until(events, seen, lambda e: e.kind == "lifecycle" and e.source == "worker1"
+                       and e.data.get("state") == "ready")
+        finally:
+            os.kill(worker0, signal.SIGCONT)
         for event in events:
             seen.append(event)
         result = backend.result

@@ -53,8 +53,10 @@ def test_auto_picks_userspace_and_says_why(
     ) as vault:
         kind = vault.data_path_kind
 
+    # The reason as of now: cryptsetup's first run as root may create /dev/mapper/control, which
+    # changes the reason (not its outcome) after this module was imported.
     assert kind == "userspace"
-    assert f"vault data path: userspace ({REASON})" in caplog.text
+    assert f"vault data path: userspace ({kernel_path_status()[1]})" in caplog.text
 
 
 @pytest.mark.skipif(AVAILABLE, reason="dm-crypt is available here")

@@ -134,6 +134,18 @@ def steps_lost(events: list[LabEvent], killed_at: float, resumed: int) -> int:
     return len({s for s in metric_steps(events, before=killed_at) if s >= resumed})
 
 
+def steps_during_write(events: list[LabEvent], killed_at: float, resumed: int,
+                       every: int) -> int:
+    """Of those, the steps trained while the next checkpoint (``resumed + every``) was being
+    written: ps0 writes checkpoints in the background and trains on meanwhile, so a kill
+    during that write loses them too. Zero when that checkpoint's write had not begun."""
+    pending = resumed + every
+    if pending in written_steps(e for e in events if e.time < killed_at):
+        raise AssertionError(f"checkpoint {pending} was written before the kill, yet ps0 "
+                             f"resumed from {resumed}")
+    return len({s for s in metric_steps(events, before=killed_at) if s >= pending})
+
+
 # --------------------------------------------------------------------------- processes
 
 
