@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 
@@ -41,9 +42,9 @@ def _ps(args: dict[str, Any], emitter: Any) -> None:
     import grpc
 
     import trainer.run  # noqa: F401 - the PS TD's own modules
+    from hfl_lab.vault.directory_store import DirectoryCheckpointStore
     from trainer.data import load_cifar10
     from trainer.ps import MAX_MESSAGE_BYTES, add_parameter_server
-    from trainer.run import open_checkpoint_store
     from trainer.serving import parameter_server
     from trainer.settings import ParticipantConfig
 
@@ -51,9 +52,12 @@ def _ps(args: dict[str, Any], emitter: Any) -> None:
     emitter.lifecycle("starting")
     lab = config.lab
     data = load_cifar10(lab.require_data_path())
+    # the plain run has no vault (no attested key release): a plain checkpoint folder or none
+    folder = config.deployment.checkpoint_dir
+    store = DirectoryCheckpointStore(Path(folder)) if folder else None
     servicer = parameter_server(lab, num_train=len(data.train_labels),
                                 test=(data.test_images, data.test_labels),
-                                store=open_checkpoint_store(config), emit=emitter.emit)
+                                store=store, emit=emitter.emit)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ps-rpc"),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
