@@ -28,6 +28,10 @@ from collections.abc import Callable, Mapping  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
+from trainer.tf_runtime import import_tensorflow  # noqa: E402
+
+import_tensorflow()  # quietly, before Keras and the import below find it loaded
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
