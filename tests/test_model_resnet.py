@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from hfl_lab._exceptions import ConfigError
-from trainer.model import FusedBatchNormalization, ResNet, build_resnet, valid_depths
+from trainer.layers import FusedBatchNormalization
+from trainer.model import ResNet, build_resnet, valid_depths
 
 
 def _batch(n: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -295,7 +296,7 @@ def test_thread_count_is_set_before_tensorflow_starts_and_kept_after() -> None:
     script = (
         "import logging, tensorflow as tf\n"
         "logging.basicConfig(level=logging.WARNING)\n"
-        "from trainer.model import build_resnet, set_threads\n"
+        "from trainer.model import build_resnet\nfrom trainer.tf_runtime import set_threads\n"
         "build_resnet(8, num_threads=1)\n"
         "print(tf.config.threading.get_intra_op_parallelism_threads(),\n"
         "      tf.config.threading.get_inter_op_parallelism_threads(), set_threads(2))\n"

@@ -3,54 +3,32 @@ numpy dicts and one compiled gradient step per model."""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from hfl_lab._exceptions import ConfigError
+from trainer.tf_runtime import import_tensorflow, set_threads
 
-
-def _check_backend(name: str) -> None:
-    if name != "tensorflow":
-        raise ConfigError(
-            f"Keras is set to run on the {name!r} backend; the trainer needs TensorFlow "
-            "(compiled steps, SavedModel export).",
-            fix="unset KERAS_BACKEND or set KERAS_BACKEND=tensorflow before starting Python.",
-        )
-
-
-# Keras 3 picks its backend once, at first import; the lab's engine is TensorFlow (also Keras'
-# default). Another explicit choice is refused before Keras loads it.
-_check_backend(os.environ.setdefault("KERAS_BACKEND", "tensorflow"))
-# TensorFlow's C++ start-up notes (oneDNN, CPU features) would fill every participant's log.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import logging  # noqa: E402 - after the backend choice above
-from collections.abc import Callable, Mapping  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-from trainer.tf_runtime import import_tensorflow  # noqa: E402
-
-import_tensorflow()  # quietly, before Keras and the import below find it loaded
+import_tensorflow()  # the backend checked, TensorFlow loaded quietly, before Keras loads it
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from trainer.layers import FusedBatchNormalization  # noqa: E402
+
 __all__ = [
     "DEFAULT_DEPTH",
     "NUM_CLASSES",
     "Evaluation",
-    "FusedBatchNormalization",
     "GradientResult",
     "ResNet",
     "VariableSpec",
     "build_resnet",
-    "set_threads",
     "valid_depths",
 ]
-
-log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 Weights = dict[str, FloatArray]
@@ -76,79 +54,6 @@ def _check_depth(depth: int) -> int:
             fix="use one of 8, 14, 20, 32, 44, 56, 110 (any 6n+2, n >= 1); 56 is the reference.",
         )
     return (depth - 2) // 6
-
-
-# Keras was imported before this module with another backend (the environment variable alone
-# does not say so then).
-_check_backend(keras.backend.backend())
-
-
-def set_threads(num_threads: int | None) -> int:
-    """Size TensorFlow's CPU thread pools (``None`` keeps its default); returns the count used.
-
-    A TD usually has few vCPUs shared with gRPC threads, so participants pass their vCPU budget
-    here instead of letting TensorFlow size its pools from the host: ``num_threads`` threads
-    inside each operation and one operation at a time (a ResNet's graph is a chain, so a second
-    inter-op thread would only compete for the same cores). TensorFlow fixes its pools when it
-    runs its first operation; asking for another size after that keeps the pools and says so.
-    """
-    if num_threads is not None:
-        if num_threads < 1:
-            raise ConfigError(
-                f"num_threads must be >= 1, got {num_threads}.",
-                fix="pass a positive thread count or None for TensorFlow's default.",
-            )
-        threading = tf.config.threading
-        if threading.get_intra_op_parallelism_threads() != num_threads:
-            try:
-                threading.set_intra_op_parallelism_threads(num_threads)
-                threading.set_inter_op_parallelism_threads(1)
-            except RuntimeError:
-                log.warning(
-                    "TensorFlow already started with %s intra-op threads; %d asked for now is "
-                    "ignored in this process (set the thread count before building a model).",
-                    threading.get_intra_op_parallelism_threads() or "its default",
-                    num_threads,
-                )
-    configured = int(tf.config.threading.get_intra_op_parallelism_threads())
-    return configured or (os.cpu_count() or 1)
-
-
-@keras.saving.register_keras_serializable(package="hfl_lab")
-class FusedBatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
-    """Keras' batch normalization with TensorFlow's fused kernel in training mode.
-
-    Keras 3 normalizes with separate moments and arithmetic ops; TensorFlow's FusedBatchNormV3
-    does the same in one pass and a third of a ResNet-56 step is batch norm on these CPUs. Same
-    variables, same moving-average rule and the same biased batch variance as the parent (the
-    kernel returns the Bessel-corrected one, undone here); inference mode is the parent's.
-    """
-
-    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
-        if (
-            not (training and self.trainable)
-            or mask is not None
-            or self.renorm
-            or self.axis not in (-1, 3)
-            or len(inputs.shape) != 4
-            or inputs.dtype != tf.float32
-            or not (self.scale and self.center)
-        ):
-            return super().call(inputs, training=training, mask=mask)
-        empty = tf.constant([], tf.float32)
-        outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
-            x=inputs, scale=self.gamma.value, offset=self.beta.value, mean=empty,
-            variance=empty, epsilon=self.epsilon, exponential_avg_factor=1.0,
-            data_format="NHWC", is_training=True,
-        )
-        count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], tf.float32)
-        variance = variance * tf.where(count > 1, (count - 1) / tf.maximum(count, 1), 1.0)
-        momentum = self.momentum
-        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
-        self.moving_variance.assign(
-            self.moving_variance * momentum + variance * (1.0 - momentum)
-        )
-        return outputs
 
 
 @dataclass(frozen=True)
