@@ -32,14 +32,17 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -m trainer.proto
+	$(PY) -m hfl_lab.trust.proto
 	$(VENV)/bin/hfl-lab lab --install-kernel
 	touch $(STAMP)
 
 install: system-deps $(STAMP)
 
-# Regenerate the gRPC stubs from trainer/proto/*.proto (also done at install and on import).
+# Regenerate the gRPC stubs from trainer/proto/*.proto and hfl_lab/trust/proto/*.proto (also
+# done at install and on import).
 proto: $(STAMP)
 	$(PY) -m trainer.proto
+	$(PY) -m hfl_lab.trust.proto
 
 lint: install
 	$(VENV)/bin/ruff check hfl_lab trainer tests bench notebooks

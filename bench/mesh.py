@@ -34,7 +34,7 @@ from hfl_lab.tee import AttestationPolicy
 from hfl_lab.trust.broker import DEFAULT_APP_ID
 from hfl_lab.trust.client import TrustClient
 from hfl_lab.trust.mesh import attested_channel, roles
-from trainer.proto import trust_pb2 as pb
+from hfl_lab.trust.proto import trust_pb2 as pb
 
 PLAIN_PARTICIPANT = Path(__file__).resolve().with_name("plain_participant.py")
 

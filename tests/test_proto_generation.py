@@ -14,10 +14,10 @@ import pytest
 from trainer.proto import parameter_server_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("parameter_server.proto", "trust.proto", "__init__.py", "__main__.py", "_generate.py")
+SOURCES = ("parameter_server.proto", "__init__.py", "__main__.py")
 GENERATED = tuple(
     f"{stem}{suffix}"
-    for stem in ("parameter_server", "trust")
+    for stem in ("parameter_server",)
     for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 )
 
@@ -138,6 +138,16 @@ def test_broken_proto_fails_with_a_clear_message(package_copy: Path) -> None:
     )
     assert "Traceback" not in result.stderr
     assert not any((package_copy / name).exists() for name in GENERATED)
+
+
+def test_the_trust_service_definition_lives_with_the_trust_service() -> None:
+    # The TD runtime's own protocol: generated beside hfl_lab/trust, not in the workload.
+    from hfl_lab.trust.proto import trust_pb2, trust_pb2_grpc
+
+    assert Path(trust_pb2.__file__).parent == REPO / "hfl_lab" / "trust" / "proto"
+    assert "TrustService" in trust_pb2.DESCRIPTOR.services_by_name
+    assert trust_pb2_grpc.TrustServiceStub
+    assert not (REPO / "trainer" / "proto" / "trust.proto").exists()
 
 
 def test_messages_serialize_in_this_checkout() -> None:

@@ -15,10 +15,10 @@ from hfl_lab.ratls import RaTlsIdentity, verify_certificate
 from hfl_lab.tee import AttestationPolicy, measure_workload
 from hfl_lab.trust.broker import DEFAULT_APP_ID
 from hfl_lab.trust.client import TrustClient
+from hfl_lab.trust.proto import trust_pb2 as pb
+from hfl_lab.trust.proto import trust_pb2_grpc as rpc
 from hfl_lab.trust.service import TrustService, serve
 from tests.td_support import LAB_ROLES, PLATFORM, lab_policy, lab_verifier, measured, provider
-from trainer.proto import trust_pb2 as pb
-from trainer.proto import trust_pb2_grpc as rpc
 
 MEASURED = {role: measured(role) for role in LAB_ROLES}
 

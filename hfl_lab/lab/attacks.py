@@ -275,7 +275,7 @@ def mitm_server(trust: LabTrustService) -> AttackOutcome:
 
 def unattested_key_request(trust: LabTrustService, role: str = "owner") -> AttackOutcome:
     """A client with no TD evidence at all asks the key broker for the volume key."""
-    from trainer.proto import trust_pb2 as pb
+    from hfl_lab.trust.proto import trust_pb2 as pb
 
     secret = f"{DEFAULT_APP_ID}/{VOLUME_SECRET_NAME}"
     attempt = f"a client without attestation asks for {secret} as {role}"

@@ -19,10 +19,10 @@ from hfl_lab.tee.evidence import Evidence, EvidenceProvider
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.verdict import Verdict
 from hfl_lab.tee.verifier import Verifier
+from hfl_lab.trust.proto import trust_pb2 as pb
+from hfl_lab.trust.proto import trust_pb2_grpc as rpc
 from hfl_lab.trust.service import admin_metadata
 from hfl_lab.trust.wrap import WrappedSecret, unwrap_secret
-from trainer.proto import trust_pb2 as pb
-from trainer.proto import trust_pb2_grpc as rpc
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ from hfl_lab.trust.audit import AuditLog
 from hfl_lab.trust.broker import KeyBroker
 from hfl_lab.trust.mesh_ca import MeshCA
 from hfl_lab.trust.nonces import NonceStore
+from hfl_lab.trust.proto import trust_pb2 as pb
+from hfl_lab.trust.proto import trust_pb2_grpc as rpc
 from hfl_lab.trust.sealed import seal_state, unseal_state
-from trainer.proto import trust_pb2 as pb
-from trainer.proto import trust_pb2_grpc as rpc
 
 ROLE_PATTERN = re.compile(r"^(ps\d+|worker\d+|owner)$")
 ADMIN_HEADER = "authorization"

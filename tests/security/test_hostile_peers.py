@@ -36,12 +36,12 @@ from hfl_lab.tee import AttestationPolicy, SimulatedPlatform, SimulatedTdProvide
 from hfl_lab.trust.broker import DEFAULT_APP_ID
 from hfl_lab.trust.client import MeshCredentials
 from hfl_lab.trust.mesh_ca import MeshCA
+from hfl_lab.trust.proto import trust_pb2 as tpb
 from tests.mesh_support import Mesh, start_mesh
 from tests.reliability_report import record
 from tests.test_trust_service import connect, provider
 from trainer.model import ResNet
 from trainer.proto import parameter_server_pb2 as pb
-from trainer.proto import trust_pb2 as tpb
 from trainer.ps import ParameterServer
 from trainer.serving import channel_factory, model_specs, parameter_server
 from trainer.worker import PsConnection

@@ -1,4 +1,5 @@
-"""gRPC service definitions; the generated modules are (re)built on first import when stale.
+"""gRPC service definitions of the parameter server; the generated modules are (re)built on
+first import when stale.
 
 Import the generated code as ``from trainer.proto import parameter_server_pb2`` (messages)
 and ``from trainer.proto import parameter_server_pb2_grpc`` (stubs and servicer).
@@ -6,7 +7,11 @@ and ``from trainer.proto import parameter_server_pb2_grpc`` (stubs and servicer)
 
 from __future__ import annotations
 
-from ._generate import ensure_generated, invoked_as_command
+from pathlib import Path
+
+from hfl_lab._protogen import ProtoPackage, invoked_as_command
+
+PROTOS = ProtoPackage(Path(__file__).resolve().parent, ("parameter_server",), __name__)
 
 if not invoked_as_command(__name__):  # `python -m trainer.proto` reports its own errors
-    ensure_generated()
+    PROTOS.ensure_generated()

@@ -1,0 +1,10 @@
+"""`python -m hfl_lab.trust.proto`: regenerate the protobuf and gRPC modules from the .proto."""
+
+from __future__ import annotations
+
+import sys
+
+from hfl_lab.trust.proto import PROTOS
+
+if __name__ == "__main__":
+    sys.exit(PROTOS.main())
