@@ -47,6 +47,7 @@ proto: $(STAMP)
 lint: install
 	$(VENV)/bin/ruff check hfl_lab trainer tests bench notebooks
 	$(VENV)/bin/mypy hfl_lab trainer
+	$(VENV)/bin/lint-imports --no-cache
 
 test: lint
 	$(PY) -m pytest

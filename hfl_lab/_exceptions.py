@@ -32,6 +32,15 @@ class HflLabError(Exception):
             return f"{self.message} Fix: {self.fix}"
         return self.message
 
+    def one_line(self) -> str:
+        """The message, then the fix, on one line: what the CLI and the notebooks print."""
+        message = " ".join(self.message.split())
+        if self.fix:
+            if not message.endswith((".", "!", "?")):
+                message += "."
+            message += f" Fix: {' '.join(self.fix.split())}"
+        return message
+
 
 class ConfigError(HflLabError):
     """A configuration value is missing, unknown, or has the wrong type or range."""

@@ -13,8 +13,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from hfl_lab.attestation import policy_from_evidence, render_verdict, verify_evidence
 from hfl_lab.cli import ExitCode, main
-from hfl_lab.cli.attest import policy_from_evidence, render_verdict, verify_evidence
 from hfl_lab.ratls import evidence_ext as ext
 from hfl_lab.tee import AttestationPolicy, parse_quote
 from tests.cert_support import self_signed

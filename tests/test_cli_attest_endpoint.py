@@ -15,8 +15,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from hfl_lab.attestation import verify_endpoint
 from hfl_lab.cli import ExitCode, main
-from hfl_lab.cli.attest import verify_endpoint
 from hfl_lab.ratls import RaTlsIdentity
 from hfl_lab.tee import SimulatedPlatform, SimulatedTdProvider
 from tests.cert_support import self_signed

@@ -65,12 +65,7 @@ def _one_line(text: str) -> str:
 
 def error_message(error: HflLabError) -> str:
     """``HflLabError`` as the one line the CLI prints: the message, then the fix."""
-    message = _one_line(error.message)
-    if error.fix:
-        if not message.endswith((".", "!", "?")):
-            message += "."
-        message += f" Fix: {_one_line(error.fix)}"
-    return message
+    return error.one_line()
 
 
 def _grpc_message(error: BaseException) -> str:

@@ -7,7 +7,7 @@
 - a client without attestation asking for the volume key: the key broker refuses it.
 
 Genuine participants are attested first (the control), so the matrix shows that the defenses
-refuse the attacks and only the attacks. Verdict tables come from :mod:`hfl_lab.cli.attest`.
+refuse the attacks and only the attacks. Verdict tables come from :mod:`hfl_lab.attestation`.
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def _mitm_certificate(genuine: x509.Certificate) -> tuple[bytes, bytes]:
 
 def mitm_server(trust: LabTrustService) -> AttackOutcome:
     """A server in the middle presents the trust service's genuine evidence with its own key."""
-    from hfl_lab.cli.attest import verify_endpoint
+    from hfl_lab.attestation import verify_endpoint
     from hfl_lab.ratls.peer import fetch_server_certificate
     from hfl_lab.trust.service import TrustService, serve
 

@@ -138,7 +138,7 @@ def _tool_steps(config: LabConfig) -> list[ImageStep]:
 
 def measure_image(config: LabConfig, *, folder: str | Path | None = None) -> ImageReport:
     """Measure every role, derive the reference policy from the evidence, check it accepts."""
-    from hfl_lab.cli.attest import policy_from_evidence, policy_text, verify_evidence
+    from hfl_lab.attestation import policy_from_evidence, policy_text, verify_evidence
     from hfl_lab.tee.providers.simulated import SimulatedTdProvider
     from hfl_lab.tee.sim.platform import SimulatedPlatform
 

@@ -16,9 +16,7 @@ __all__ = ["Table", "brief_errors", "error_sentence", "show", "show_image"]
 
 def error_sentence(error: HflLabError) -> str:
     """``HflLabError`` as one line: what is wrong, then ``Fix: ...`` (the CLI prints the same)."""
-    from hfl_lab.cli import error_message
-
-    return error_message(error)
+    return error.one_line()
 
 
 def _error_html(error: HflLabError) -> str:

@@ -3,7 +3,7 @@ and the LUKS model volume whose key only the trust service releases.
 
 The service is the real one (:mod:`hfl_lab.trust.service` over gRPC/TLS with its RA-TLS
 certificate); here it runs in the notebook's process so that notebooks 02 and 06 can talk to it
-directly. Verdict tables come from :mod:`hfl_lab.cli.attest`, so the CLI and the lab agree.
+directly. Verdict tables come from :mod:`hfl_lab.attestation`, so the CLI and the lab agree.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class VerdictView:
         self.title = title
 
     def __repr__(self) -> str:
-        from hfl_lab.cli.attest import render_verdict
+        from hfl_lab.attestation import render_verdict
 
         head = f"{self.title}\n" if self.title else ""
         return head + render_verdict(self.verdict)
@@ -189,7 +189,7 @@ class LabTrustService:
 
     def verify(self) -> Verdict:
         """The trust service's own attestation, checked the way ``hfl-lab attest endpoint`` does."""
-        from hfl_lab.cli.attest import verify_endpoint
+        from hfl_lab.attestation import verify_endpoint
 
         verdict = verify_endpoint(
             self.address,

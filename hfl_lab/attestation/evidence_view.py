@@ -8,7 +8,7 @@ from typing import Any
 from cryptography import x509
 
 from hfl_lab._exceptions import HflLabError
-from hfl_lab.cli.evidence_input import LoadedEvidence
+from hfl_lab.attestation.evidence_input import LoadedEvidence
 from hfl_lab.tee.reports import TdReport10, td_attribute_flags
 from hfl_lab.tee.sim.platform import SIMULATED_MARKER
 
