@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from hfl_lab import BackendError
-from hfl_lab.backends.kubernetes.api import ApiError
+from hfl_lab._exceptions import ApiError
 from hfl_lab.config import LabConfig
 from hfl_lab.lab.coco import coco_stack, plan_coco_stack
 from hfl_lab.lab.sequence import LabRun, NotebookRun

@@ -12,12 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from hfl_lab._exceptions import ConfigError, HflLabError
+from hfl_lab._exceptions import ConfigError, HflLabError, TensorValidationError
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.tensor_decode import DecodedStream, StreamAssembler, decode_tensors
 from trainer.tensors import (
     TensorSpec,
-    TensorValidationError,
     bfloat16_bits_to_float32,
     check_model_version,
     encode_tensors,

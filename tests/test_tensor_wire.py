@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
 
+from hfl_lab._exceptions import TensorValidationError, WireFormatError
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.tensor_decode import decode_tensors
-from trainer.tensor_wire import WireFormatError, WirePiece, parse_chunk, serialize_tensors
-from trainer.tensors import TensorSpec, TensorValidationError, encode_tensors
+from trainer.tensor_wire import WirePiece, parse_chunk, serialize_tensors
+from trainer.tensors import TensorSpec, encode_tensors
 
 KIB = 1024
 

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography import x509
 
-from hfl_lab._exceptions import ConfigError, HflLabError
+from hfl_lab._exceptions import ConfigError, HflLabError, TensorValidationError
 from hfl_lab.events import LabEvent
 from hfl_lab.trust.client import MeshCredentials
 from hfl_lab.trust.mesh import (
@@ -42,12 +42,7 @@ from trainer.proto import parameter_server_pb2 as pb
 from trainer.proto import parameter_server_pb2_grpc as rpc
 from trainer.tensor_decode import StreamAssembler
 from trainer.tensor_wire import SerializedChunk, WireChunk, parse_chunk, serialize_tensors
-from trainer.tensors import (
-    DEFAULT_CHUNK_BYTES,
-    TensorSpec,
-    TensorValidationError,
-    check_model_version,
-)
+from trainer.tensors import DEFAULT_CHUNK_BYTES, TensorSpec, check_model_version
 
 __all__ = ["ParameterServer", "PsOptions", "add_parameter_server", "serve_ps"]
 

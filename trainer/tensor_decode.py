@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from hfl_lab._exceptions import ConfigError
+from hfl_lab._exceptions import ConfigError, TensorValidationError
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.tensor_wire import WireChunk, WirePiece
 from trainer.tensors import (
@@ -19,7 +19,6 @@ from trainer.tensors import (
     WIRE_DTYPES,
     Array,
     TensorSpec,
-    TensorValidationError,
     bfloat16_bits_to_float32,
     dtype_name,
     wire_itemsize,

@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 
+from hfl_lab._exceptions import WireFormatError
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.tensors import DEFAULT_CHUNK_BYTES, Array, PlannedPiece, plan_chunks
 
@@ -52,10 +53,6 @@ _MAX_VARINT_BYTES = 10
 #: pieces up to this size are parsed by protobuf whole: copying a few kB costs less than
 #: walking their fields in Python
 _SMALL_PIECE_BYTES = 16 << 10
-
-
-class WireFormatError(ValueError):
-    """The bytes are not a well-formed TensorChunk (gRPC answers such a message INTERNAL)."""
 
 
 # --------------------------------------------------------------------------------- writing

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from hfl_lab._exceptions import ConfigError, HflLabError
+from hfl_lab._exceptions import ConfigError, TensorValidationError
 from trainer.proto import parameter_server_pb2 as pb
 
 DEFAULT_CHUNK_BYTES: Final = 1 << 20
@@ -56,31 +56,6 @@ def _dtype_of(array: Array) -> str:
 
 def dtype_name(value: int) -> str:
     return _ENUM_TO_DTYPE.get(value, f"unknown dtype enum {value}")
-
-
-class TensorValidationError(HflLabError):
-    """A tensor stream or a tensor in it is not what the model expects.
-
-    ``code`` is the gRPC status the receiving side should answer with; ``tensor`` names the
-    offending tensor (None for stream-level problems); ``expected``/``actual`` are the values
-    compared.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: grpc.StatusCode,
-        tensor: str | None = None,
-        expected: object = None,
-        actual: object = None,
-        fix: str | None = None,
-    ) -> None:
-        super().__init__(message, fix=fix)
-        self.code = code
-        self.tensor = tensor
-        self.expected = expected
-        self.actual = actual
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from hfl_lab._exceptions import HflLabError
+from hfl_lab._exceptions import HflLabError, WorkerError
 from hfl_lab.events import LabEvent
 from trainer.data import BatchStream, load_cifar10, partition
 from trainer.model import ResNet
@@ -41,10 +41,6 @@ _MODE_NAMES = {pb.AGGREGATION_MODE_SYNC: "sync", pb.AGGREGATION_MODE_ASYNC: "asy
 RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                              grpc.StatusCode.CANCELLED})
 MAX_MESSAGE_BYTES = 8 << 20
-
-
-class WorkerError(HflLabError):
-    """The worker cannot go on (refused by the PS, misconfigured, PS gone for good)."""
 
 
 @dataclass(frozen=True)

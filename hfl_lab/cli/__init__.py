@@ -7,23 +7,11 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import NoReturn
 
-from hfl_lab._exceptions import AttestationError, ConfigError, HflLabError, PolicyViolation
+from hfl_lab._exceptions import ExitCode, HflLabError
 
 PROG = "hfl-lab"
-
-
-class ExitCode(IntEnum):
-    """What ``hfl-lab`` returns; ``EXIT_CODE_HELP`` says what each one means."""
-
-    SUCCESS = 0
-    REJECTED = 1
-    INVALID_INPUT = 2
-    UNAVAILABLE = 3
-    FAILED = 4
-
 
 EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.SUCCESS: "success; for `attest verify/endpoint`: the evidence is accepted",
@@ -45,17 +33,10 @@ class _Exit(Exception):
 
 
 def exit_code_for(error: BaseException) -> ExitCode:
-    """The exit code of an error the lab raised on purpose (or a gRPC failure)."""
-    if isinstance(error, PolicyViolation):
-        return ExitCode.REJECTED
-    if isinstance(error, AttestationError) and error.check == "connection":
-        return ExitCode.UNAVAILABLE
-    if isinstance(error, AttestationError):
-        return ExitCode.INVALID_INPUT
-    if isinstance(error, ConfigError):
-        return ExitCode.INVALID_INPUT
+    """The exit code of an error the lab raised on purpose (its class says), or of a gRPC
+    failure."""
     if isinstance(error, HflLabError):
-        return ExitCode.FAILED
+        return error.exit_code
     return ExitCode.UNAVAILABLE  # grpc.RpcError
 
 

@@ -139,7 +139,7 @@ class CocoPlan(TableReport):
 
 
 def _get(api: Any, path: str) -> Any:
-    from hfl_lab.backends.kubernetes.api import ApiError
+    from hfl_lab._exceptions import ApiError
 
     try:
         return api.get(path)

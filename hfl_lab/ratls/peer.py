@@ -9,7 +9,7 @@ import time
 
 from cryptography import x509
 
-from hfl_lab._exceptions import AttestationError
+from hfl_lab._exceptions import AttestationError, PeerUnreachable
 
 _HANDSHAKE = 22
 _CERTIFICATE = 11
@@ -34,9 +34,8 @@ def fetch_server_certificate(host: str, port: int, timeout: float = 5.0) -> x509
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
-        raise AttestationError(
+        raise PeerUnreachable(
             f"cannot connect to {where} to fetch its certificate ({e.strerror or e})",
-            check="connection",
             fix="check that the peer is running and listening on that address",
         ) from None
     deadline = time.monotonic() + timeout
@@ -57,9 +56,8 @@ def fetch_server_certificate(host: str, port: int, timeout: float = 5.0) -> x509
                 sock.settimeout(max(0.01, deadline - time.monotonic()))
                 data = sock.recv(65536)
             except TimeoutError:
-                raise AttestationError(
+                raise PeerUnreachable(
                     f"{where} did not complete a TLS handshake within {timeout:.1f} s",
-                    check="connection",
                     fix="check that the port serves TLS (gRPC with TLS), or raise the timeout",
                 ) from None
             except OSError as e:
@@ -80,9 +78,8 @@ def fetch_server_certificate(host: str, port: int, timeout: float = 5.0) -> x509
         der = _tls12_certificate(bytes(received))
     if not der:
         reason = f" ({failure.reason or failure})" if failure is not None else ""
-        raise AttestationError(
+        raise PeerUnreachable(
             f"{where} did not present a TLS server certificate{reason}",
-            check="connection",
             fix="check that the port serves TLS (gRPC with TLS), not plain text",
         )
     try:

@@ -18,7 +18,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as _k8s_config
 from kubernetes.stream import stream as k8s_stream
 
-from hfl_lab._exceptions import BackendError
+from hfl_lab._exceptions import ApiError, BackendError
 
 # the config loaders carry no annotations; treat them as the dynamic API they are
 k8s_config: Any = _k8s_config
@@ -39,16 +39,6 @@ RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
     ),
     ("networking.k8s.io/v1", "Ingress"): ("/apis/networking.k8s.io/v1", "ingresses", True),
 }
-
-
-class ApiError(Exception):
-    """A non-2xx answer of the API server (status, reason and the Status message)."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(f"{status} {reason}: {message}")
-        self.status = status
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True)

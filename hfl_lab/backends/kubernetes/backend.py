@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from hfl_lab import owner
-from hfl_lab._exceptions import BackendError
+from hfl_lab._exceptions import ApiError, BackendError
 from hfl_lab.backends.base import PreflightCheck, ProgressCallback
 from hfl_lab.backends.kubernetes import bootstrap, vault_copy
 from hfl_lab.backends.kubernetes import render as rendering
-from hfl_lab.backends.kubernetes.api import ApiError, ClusterApi, object_path
+from hfl_lab.backends.kubernetes.api import ClusterApi, object_path
 from hfl_lab.backends.kubernetes.kustomize import Manifest
 from hfl_lab.backends.kubernetes.preflight import check_vault, run_preflight
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings

@@ -6,8 +6,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from hfl_lab._exceptions import ApiError
 from hfl_lab.backends.base import PreflightCheck
-from hfl_lab.backends.kubernetes.api import ApiError, ClusterApi
+from hfl_lab.backends.kubernetes.api import ClusterApi
 from hfl_lab.backends.kubernetes.render import RenderedRun
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 
