@@ -44,7 +44,7 @@ def _ps(args: dict[str, Any], emitter: Any) -> None:
     import trainer.run  # noqa: F401 - the PS TD's own modules
     from hfl_lab.vault.directory_store import DirectoryCheckpointStore
     from trainer.data import load_cifar10
-    from trainer.ps import MAX_MESSAGE_BYTES, add_parameter_server
+    from trainer.ps_server import MAX_MESSAGE_BYTES, add_parameter_server
     from trainer.serving import parameter_server
     from trainer.settings import ParticipantConfig
 

@@ -28,7 +28,8 @@ from trainer.aggregation import Mode
 from trainer.model import ResNet, VariableSpec, build_resnet
 from trainer.optim import MomentumSGD
 from trainer.proto import parameter_server_pb2 as pb
-from trainer.ps import ParameterServer, PsOptions, serve_ps, worker_peers
+from trainer.ps import ParameterServer, PsOptions
+from trainer.ps_server import serve_ps, worker_peers
 from trainer.reference import train_reference
 from trainer.serving import channel_factory, parameter_server, schedule_for
 from trainer.tensor_decode import StreamAssembler

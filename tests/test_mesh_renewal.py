@@ -19,7 +19,7 @@ from tests.td_support import provider
 from tests.test_trust_service import connect
 from trainer.model import ResNet
 from trainer.proto import parameter_server_pb2 as pb
-from trainer.ps import serve_ps, worker_peers
+from trainer.ps_server import serve_ps, worker_peers
 from trainer.serving import channel_factory, model_specs, parameter_server
 from trainer.worker import PsConnection
 

@@ -9,157 +9,44 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
+import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent import futures
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
 import numpy as np
 import numpy.typing as npt
-from cryptography import x509
 
-from hfl_lab._exceptions import ConfigError, HflLabError, TensorValidationError
+from hfl_lab._exceptions import ConfigError, TensorValidationError
 from hfl_lab.events import LabEvent
-from hfl_lab.trust.client import MeshCredentials
-from hfl_lab.trust.mesh import (
-    AttestedPeerInterceptor,
-    PeerCheck,
-    dynamic_server_credentials,
-    role_of,
-    roles,
-)
 from hfl_lab.vault.checkpoints import CheckpointStore
 from trainer.aggregation import Aggregator, Mode, Outcome, Status, Update
-from trainer.checkpoint import TrainingState, encode_state
 from trainer.optim import MomentumSGD
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.proto import parameter_server_pb2_grpc as rpc
+from trainer.ps_jobs import EventLog, Housekeeper, PullCache
+from trainer.ps_options import MODES, WIRE, WIRE_NAMES, PsOptions, PsState
+from trainer.ps_sessions import (
+    SESSION_LEASE_S,
+    Refusal,
+    SessionTable,
+    caller_identity,
+    caller_role,
+    refusal_for,
+)
 from trainer.tensor_decode import StreamAssembler
-from trainer.tensor_wire import SerializedChunk, WireChunk, parse_chunk, serialize_tensors
-from trainer.tensors import DEFAULT_CHUNK_BYTES, TensorSpec, check_model_version
+from trainer.tensor_wire import SerializedChunk, WireChunk, serialize_tensors
+from trainer.tensors import TensorSpec, check_model_version
 
-__all__ = ["ParameterServer", "PsOptions", "add_parameter_server", "serve_ps"]
+__all__ = ["ParameterServer", "PsOptions", "PsState"]
 
 log = logging.getLogger("trainer.ps")
 
 FloatArray = npt.NDArray[np.float32]
 Weights = dict[str, FloatArray]
-
-_MODES = {
-    Mode.SYNC: pb.AGGREGATION_MODE_SYNC,
-    Mode.ASYNC: pb.AGGREGATION_MODE_ASYNC,
-    Mode.FEDAVG: pb.AGGREGATION_MODE_FEDAVG,
-}
-_WIRE: dict[str, int] = {
-    "float32": pb.DTYPE_FLOAT32,
-    "float16": pb.DTYPE_FLOAT16,
-    "bfloat16": pb.DTYPE_BFLOAT16,
-}
-_WIRE_NAMES: dict[int, str] = {v: k for k, v in _WIRE.items()}
-#: gRPC message limit both ways: a chunk is at most 4 MiB of data plus framing
-MAX_MESSAGE_BYTES = 8 << 20
-#: One live session per role. A registered worker's session is its certificate on its
-#: connection; it stays live while that connection has a call in flight or made one less than
-#: this many seconds ago (longer than one step's compute). Meanwhile another connection with the
-#: same certificate (a second process holding the role's credentials) is refused. A certificate
-#: attested later (a restarted worker, a renewal) takes the role over at once.
-SESSION_LEASE_S = 30.0
-
-
-@dataclass(frozen=True)
-class PsOptions:
-    """What the PS does with updates; derived from a LabConfig by :meth:`from_lab`."""
-
-    mode: Mode
-    num_workers: int
-    total_steps: int
-    quorum: int | None = None
-    staleness_bound: int | None = None
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    wire_dtype: str = "float32"
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    batch_size: int = 32
-    local_steps: int = 1
-    seed: int = 0
-    model_name: str = "resnet56"
-    partition: str = "iid"
-    options: Mapping[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_lab(cls, lab: Any, total_steps: int) -> PsOptions:
-        return cls(
-            mode=Mode(lab.aggregation),
-            num_workers=lab.workers,
-            total_steps=total_steps,
-            quorum=lab.quorum if lab.aggregation != "async" else None,
-            staleness_bound=lab.staleness_bound,
-            chunk_bytes=lab.chunk_bytes,
-            wire_dtype=lab.wire_dtype,
-            eval_every=lab.eval_every,
-            checkpoint_every=lab.checkpoint_every,
-            batch_size=lab.batch_size,
-            local_steps=lab.local_steps,
-            seed=lab.seed,
-            model_name=f"resnet{lab.depth}",
-            partition=lab.partition,
-        )
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling: the role and certificate the interceptor verified, and the connection."""
-
-    role: str
-    fingerprint: str  # SHA-256 of the mesh certificate
-    attested_at: float  # the certificate's notBefore: when the trust service attested it
-    peer: str  # the connection (address and port) the call came on
-
-
-@dataclass
-class _Session:
-    """A registered worker's hold on its role: one certificate on one connection."""
-
-    caller: Caller
-    in_flight: int = 0
-    last_active: float = field(default_factory=time.monotonic)
-
-    def live(self, lease_s: float) -> bool:
-        return self.in_flight > 0 or time.monotonic() - self.last_active < lease_s
-
-
-@dataclass
-class _WorkerRecord:
-    worker_id: str
-    index: int
-    session: _Session
-    updates: int = 0
-    last_version: int = 0
-    last_seen: float = field(default_factory=time.time)
-    released: bool = False  # was told that training finished
-
-
-def caller_identity(context: grpc.ServicerContext) -> Caller:
-    """The caller's verified mesh identity (the interceptor has checked it already)."""
-    pems: Any = context.auth_context().get("x509_pem_cert") or []
-    if not pems:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate on this call")
-    pem = bytes(pems[0])
-    cert = x509.load_pem_x509_certificate(pem)
-    return Caller(role_of(cert), hashlib.sha256(pem).hexdigest(),
-                  cert.not_valid_before_utc.timestamp(), context.peer())
-
-
-def caller_role(context: grpc.ServicerContext) -> str:
-    """The role in the caller's mesh certificate (the interceptor has verified it already)."""
-    return caller_identity(context).role
-
 
 class ParameterServer(rpc.ParameterServerServicer):
     """The global model and its optimizer, fed by an :class:`Aggregator`.
@@ -187,11 +74,8 @@ class ParameterServer(rpc.ParameterServerServicer):
         self.specs = list(specs)
         self.options = options
         self.optimizer = optimizer
-        self.store = store
         self.name = name
-        self._evaluate = evaluate
         self._emit = emit
-        self._checkpoint_metadata = dict(checkpoint_metadata or {})
         missing = [s.name for s in self.specs if s.name not in weights]
         if missing:
             raise ConfigError(
@@ -214,38 +98,44 @@ class ParameterServer(rpc.ParameterServerServicer):
             start_version=start_version,
             shapes=shapes,
         )
-        self.state = "done" if start_version >= options.total_steps else "waiting"
+        self.state = PsState.DONE if start_version >= options.total_steps else PsState.WAITING
         self.started = time.time()
-        self._workers: dict[str, _WorkerRecord] = {}
+        self.sessions = SessionTable(session_lease_s)
         self._lock = threading.Lock()
-        self._encoded: tuple[int, int, list[SerializedChunk]] | None = None
-        self._encode_lock = threading.Lock()
+        self._pull_cache = PullCache()
         self.refusals: collections.Counter[str] = collections.Counter()
-        self.session_lease_s = session_lease_s
         #: tensors that crossed the wire with a peer: complete tensors decoded from pushes,
         #: tensors streamed (at least their first piece) to pulls
         self.tensors_received = 0
         self.tensors_sent = 0
         self.timings: dict[str, float] = collections.defaultdict(float)
-        self._events: collections.deque[tuple[int, LabEvent]] = collections.deque(maxlen=10_000)
-        self._event_seq = 0
-        self._event_cond = threading.Condition()
+        self.events = EventLog()
         self._last_progress = 0.0
-        self._jobs: queue.Queue[tuple[str, int, Any]] = queue.Queue()
-        self._housekeeper = threading.Thread(target=self._housekeeping, daemon=True,
-                                             name="ps-housekeeping")
-        self._housekeeper.start()
+        self.housekeeping = Housekeeper(
+            store=store, evaluate=evaluate, emit=self._event, start_version=start_version,
+            metadata={**(checkpoint_metadata or {}), "mode": str(options.mode),
+                      "model": options.model_name},
+        )
         self.finished = threading.Event()
         self.result: dict[str, Any] = {}
-        self._last_checkpoint = start_version  # the newest checkpoint queued
-        #: the newest checkpoint the store confirmed (a queued write can fail: a full volume)
-        self._last_written: int | None = start_version if start_version > 0 else None
-        self._checkpoint_failures = 0
         self._finishing = False
-        if self.state == "done":
+        if self.state is PsState.DONE:
             self._finish(start_version)
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def session_lease_s(self) -> float:
+        """Seconds a quiet connection keeps its worker's session (``ps_sessions``)."""
+        return self.sessions.lease_s
+
+    @session_lease_s.setter
+    def session_lease_s(self, value: float) -> None:
+        self.sessions.lease_s = value
+
+    @property
+    def store(self) -> CheckpointStore | None:
+        return self.housekeeping.store
 
     @property
     def version(self) -> int:
@@ -263,10 +153,7 @@ class ParameterServer(rpc.ParameterServerServicer):
 
     def _event(self, kind: str, *, to_stdout: bool = True, **data: Any) -> None:
         event = LabEvent(kind, self.name, data)
-        with self._event_cond:
-            self._event_seq += 1
-            self._events.append((self._event_seq, event))
-            self._event_cond.notify_all()
+        self.events.append(event)
         if to_stdout and self._emit is not None:
             self._emit(event)
 
@@ -288,9 +175,9 @@ class ParameterServer(rpc.ParameterServerServicer):
         version = update.version
         opts = self.options
         if opts.checkpoint_every and version % opts.checkpoint_every == 0:
-            self._queue_checkpoint(version, new)
+            self.housekeeping.checkpoint(version, new, self.optimizer.state())
         if opts.eval_every and version % opts.eval_every == 0 and version < opts.total_steps:
-            self._jobs.put(("eval", version, new))
+            self.housekeeping.evaluate_later(version, new)
         now = time.monotonic()
         if now - self._last_progress >= 0.2 or version >= opts.total_steps:
             self._last_progress = now
@@ -298,79 +185,22 @@ class ParameterServer(rpc.ParameterServerServicer):
                         label="training", contributors=list(update.contributors),
                         staleness=update.staleness)
 
-    def _queue_checkpoint(self, version: int, weights: Weights) -> None:
-        state = TrainingState(
-            version=version,
-            weights=weights,
-            optimizer=self.optimizer.state(),
-            metadata={**self._checkpoint_metadata, "mode": str(self.options.mode),
-                      "model": self.options.model_name},
-        )
-        self._last_checkpoint = version
-        self._jobs.put(("checkpoint", version, state))
-
-    def _housekeeping(self) -> None:
-        while True:
-            job, version, payload = self._jobs.get()
-            try:
-                if job == "stop":
-                    return
-                if job == "eval":
-                    if not self._jobs.empty() and any(
-                        j[0] == "eval" for j in list(self._jobs.queue)
-                    ):
-                        continue  # a newer evaluation is queued; the latest one wins
-                    self._run_evaluation(version, payload)
-                elif job == "checkpoint":
-                    self._write_checkpoint(payload)
-            except HflLabError as e:
-                self._checkpoint_failures += job == "checkpoint"
-                self._event("log", level="error", message=f"{job} at step {version} failed: {e}")
-            except Exception as e:  # keep serving; the failure is reported, not swallowed
-                self._checkpoint_failures += job == "checkpoint"
-                log.exception("%s at step %d failed", job, version)
-                self._event("log", level="error",
-                            message=f"{job} at step {version} failed: {type(e).__name__}: {e}")
-            finally:
-                self._jobs.task_done()
-
-    def _run_evaluation(self, version: int, weights: Weights) -> dict[str, float]:
-        if self._evaluate is None:
-            return {}
-        started = time.perf_counter()
-        figures = dict(self._evaluate(weights))
-        data: dict[str, Any] = {"step": version, "seconds": time.perf_counter() - started}
-        data.update(figures)
-        self._event("evaluation", **data)
-        return figures
-
-    def _write_checkpoint(self, state: TrainingState) -> None:
-        if self.store is None:
-            return
-        started = time.perf_counter()
-        payload = encode_state(state)
-        info = self.store.save(state.version, payload, dict(state.metadata))
-        self._last_written = state.version
-        self._event("log", level="info",
-                    message=f"checkpoint at step {state.version} written "
-                    f"({len(payload) / 1e6:.1f} MB, {time.perf_counter() - started:.2f} s)",
-                    checkpoint_step=state.version, checkpoint=info.name)
-
     def _finish(self, version: int) -> None:
         """Close aggregation, write the last checkpoint, evaluate, and announce ``done``."""
         with self._lock:
             if self._finishing:
                 return
             self._finishing = True
-            self.state = "done"
+            self.state = PsState.DONE
         self.aggregator.close()
         weights = self.weights()
-        if self.store is not None and self._last_checkpoint != version:
-            self._queue_checkpoint(version, weights)
-        self._jobs.join()  # every queued checkpoint is on disk before "done"
+        housekeeping = self.housekeeping
+        if self.store is not None and housekeeping.last_queued != version:
+            housekeeping.checkpoint(version, weights, self.optimizer.state())
+        housekeeping.join()  # every queued checkpoint is on disk before "done"
         evaluation: dict[str, float] = {}
         try:
-            evaluation = self._run_evaluation(version, weights)
+            evaluation = housekeeping.evaluate(version, weights)
         except Exception as e:  # noqa: BLE001 - the model is saved; report and still finish
             self._event("log", level="error", message=f"final evaluation failed: {e}")
         counters = self.aggregator.counters()
@@ -382,8 +212,8 @@ class ParameterServer(rpc.ParameterServerServicer):
             "rejected": counters.rejected,
             "refusals": dict(self.refusals),
             # what is on disk, not what was queued: a write may have failed (full volume)
-            "checkpoint_step": self._last_written if self.store is not None else None,
-            "checkpoint_failures": self._checkpoint_failures,
+            "checkpoint_step": housekeeping.last_written if self.store is not None else None,
+            "checkpoint_failures": housekeeping.failures,
         }
         self._event("lifecycle", state="done", detail=f"training finished at step {version}",
                     **self.result)
@@ -391,9 +221,8 @@ class ParameterServer(rpc.ParameterServerServicer):
 
     def close(self) -> None:
         self.aggregator.close()
-        self._jobs.put(("stop", 0, None))
-        with self._event_cond:
-            self._event_cond.notify_all()
+        self.housekeeping.stop()
+        self.events.wake()
 
     # ------------------------------------------------------------------ refusals
 
@@ -412,79 +241,13 @@ class ParameterServer(rpc.ParameterServerServicer):
     def _session_call(self, context: grpc.ServicerContext) -> Iterator[str]:
         """A call of a registered worker on the connection that holds its session."""
         caller = caller_identity(context)
-        who = caller.role
-        with self._lock:
-            record = self._workers.get(who)
-            problem = self._session_problem(record, caller)
-            if record is not None and not problem:
-                session = record.session
-                if session.caller.peer != caller.peer:
-                    # the holder's connection went quiet past the lease: it is gone
-                    session.caller = caller
-                session.in_flight += 1
-                session.last_active = time.monotonic()
-                record.last_seen = time.time()
-        if problem:
-            self._refuse(context, problem[0], problem[1], who)
-        assert record is not None
-        try:
-            yield who
-        finally:
-            with self._lock:
-                session.in_flight -= 1
-                session.last_active = time.monotonic()
+        with self.sessions.call(caller) as refusal:
+            if refusal is not None:
+                self._refuse_with(context, refusal, caller.role)
+            yield caller.role
 
-    def _session_problem(
-        self, record: _WorkerRecord | None, caller: Caller
-    ) -> tuple[grpc.StatusCode, str] | None:
-        who = caller.role
-        if record is None:
-            return (grpc.StatusCode.FAILED_PRECONDITION,
-                    f"{who} has not registered; call Register first")
-        held = record.session
-        if held.caller.fingerprint != caller.fingerprint:
-            if caller.attested_at > held.caller.attested_at:
-                return (grpc.StatusCode.FAILED_PRECONDITION,
-                        f"{who} has a newer mesh certificate than its session; call Register "
-                        "first")
-            return (grpc.StatusCode.PERMISSION_DENIED,
-                    f"this {who} session was superseded: another certificate for {who}, "
-                    "attested later, holds the role now. Fix: run each role once; this "
-                    "process should stop")
-        if held.caller.peer != caller.peer and held.live(self.session_lease_s):
-            return (grpc.StatusCode.FAILED_PRECONDITION,
-                    f"{who}'s session is held by another live connection with this same "
-                    "certificate (a second process using its credentials?); call Register "
-                    "on this connection once that one is gone")
-        return None
-
-    def _register_conflict(
-        self, record: _WorkerRecord | None, caller: Caller
-    ) -> tuple[grpc.StatusCode, str] | None:
-        """Why ``caller`` may not take ``record``'s role now; None when it may.
-
-        One live session per role. It moves to a certificate attested later at once (a
-        restarted worker re-attests; a renewed certificate), never to an older one, and to the
-        same certificate on another connection only once the session has lapsed.
-        """
-        if record is None:
-            return None
-        held = record.session.caller
-        who = caller.role
-        if held.fingerprint != caller.fingerprint:
-            if caller.attested_at > held.attested_at:
-                return None  # a fresher attestation of the role: the old session is superseded
-            return (grpc.StatusCode.PERMISSION_DENIED,
-                    f"{who} is held by a certificate attested as recently or later than this "
-                    f"one; refused. Fix: run each role once; a restarted {who} re-attests and "
-                    "its new certificate takes over at once")
-        if held.peer == caller.peer or not record.session.live(self.session_lease_s):
-            return None  # its own connection, or the old one has lapsed
-        return (grpc.StatusCode.ALREADY_EXISTS,
-                f"{who} already has a live session on another connection with this same "
-                "certificate (a second process using its credentials?); refused. Fix: run each "
-                f"role once; the session lapses {self.session_lease_s:.0f} s after its "
-                "connection's last call")
+    def _refuse_with(self, context: grpc.ServicerContext, refusal: Refusal, who: str) -> NoReturn:
+        self._refuse(context, refusal.code, refusal.message, who)
 
     # ------------------------------------------------------------------ RPCs
 
@@ -501,41 +264,25 @@ class ParameterServer(rpc.ParameterServerServicer):
                 f"{name} asked for partition {index}; this run has workers worker0.."
                 f"worker{self.options.num_workers - 1}, each with its own index", who)
         caller = caller_identity(context)
+        previous, refusal = self.sessions.register(name, index, caller)
+        if refusal is not None:
+            self._refuse_with(context, refusal, who)
         with self._lock:
-            previous = self._workers.get(name)
-            conflict = self._register_conflict(previous, caller)
-            if not conflict:
-                self._workers[name] = _WorkerRecord(name, index, _Session(caller))
-                if self.state == "waiting":
-                    self.state = "training"
-        if conflict:
-            self._refuse(context, conflict[0], conflict[1], who)
+            if self.state is PsState.WAITING:
+                self.state = PsState.TRAINING
         how = "registered"
         if previous is not None:
             superseded = previous.session.caller.fingerprint != caller.fingerprint
             how = "re-registered with a newer certificate" if superseded else "re-registered"
         self._event("log", level="info", message=f"{name} {how} at step {self.version}",
                     peer=name)
-        opts = self.options
         return pb.RegisterReply(
             worker_id=name,
-            aggregation=_MODES[opts.mode],
+            aggregation=MODES[self.options.mode],
             model=[spec.to_proto() for spec in self.specs],
             model_version=self.version,
-            config=pb.TrainingConfig(
-                chunk_bytes=opts.chunk_bytes,
-                wire_dtype=_WIRE[opts.wire_dtype],  # type: ignore[arg-type]
-                total_steps=opts.total_steps,
-                local_steps=opts.local_steps,
-                batch_size=opts.batch_size,
-                num_workers=opts.num_workers,
-                sync_quorum=self.aggregator.quorum,
-                max_staleness=self.aggregator.staleness_bound,
-                seed=opts.seed,
-                model=opts.model_name,
-                partition=opts.partition,
-                options=dict(opts.options),
-            ),
+            config=self.options.training_config(self.aggregator.quorum,
+                                                self.aggregator.staleness_bound),
         )
 
     def PullParameters(
@@ -550,39 +297,32 @@ class ParameterServer(rpc.ParameterServerServicer):
     ) -> Iterator[bytes]:
         wanted = request.min_version
         while self.version < wanted:
-            if self.state == "done" or self.finished.is_set():
-                self._release(who)
+            if self.state is PsState.DONE or self.finished.is_set():
+                self.sessions.release(who)
                 self._refuse(context, grpc.StatusCode.OUT_OF_RANGE,
                              f"training finished at step {self.version}; there is no step "
                              f"{wanted}", who)
             if not context.is_active():
                 return
             self.aggregator.wait_for_version(wanted, timeout=0.5)
-        wire = request.wire_dtype or _WIRE[self.options.wire_dtype]
-        if wire not in _WIRE_NAMES:
+        wire = request.wire_dtype or WIRE[self.options.wire_dtype]
+        if wire not in WIRE_NAMES:
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                          f"wire dtype {wire} is not float32, float16 or bfloat16", who)
         version, chunks = self._chunks(wire)
         if version >= self.options.total_steps:
-            self._release(who)
+            self.sessions.release(who)
         for chunk in chunks:
             with self._lock:
                 self.tensors_sent += chunk.tensors_started
             yield chunk.data
 
-    def _release(self, who: str) -> None:
-        with self._lock:
-            record = self._workers.get(who)
-            if record is not None:
-                record.released = True
-
     def wait_workers_released(self, timeout_s: float) -> bool:
         """After training: wait until every registered worker has been told it is over."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            with self._lock:
-                if all(r.released for r in self._workers.values()):
-                    return True
+            if self.sessions.all_released():
+                return True
             time.sleep(0.1)
         return False
 
@@ -590,25 +330,19 @@ class ParameterServer(rpc.ParameterServerServicer):
         """The current parameters as serialized chunks, made once per version and wire dtype:
         every worker's pull of a version is sent the same bytes objects."""
         version, weights = self._snapshot
-        cached = self._encoded
-        if cached is not None and cached[0] == version and cached[1] == wire:
-            return version, cached[2]
-        with self._encode_lock:
-            cached = self._encoded
-            if cached is not None and cached[0] == version and cached[1] == wire:
-                return version, cached[2]
+
+        def encode() -> list[SerializedChunk]:
             started = time.perf_counter()
-            chunks = list(
-                serialize_tensors(
-                    weights,
-                    header=pb.StreamHeader(kind=pb.UPDATE_KIND_WEIGHTS, model_version=version),
-                    wire_dtype=_WIRE_NAMES[wire],
-                    chunk_bytes=self.options.chunk_bytes,
-                )
-            )
+            chunks = list(serialize_tensors(
+                weights,
+                header=pb.StreamHeader(kind=pb.UPDATE_KIND_WEIGHTS, model_version=version),
+                wire_dtype=WIRE_NAMES[wire],
+                chunk_bytes=self.options.chunk_bytes,
+            ))
             self.timings["encode_s"] += time.perf_counter() - started
-            self._encoded = (version, wire, chunks)
-            return version, chunks
+            return chunks
+
+        return version, self._pull_cache.get(version, wire, encode)
 
     def PushUpdate(
         self, request_iterator: Iterator[pb.TensorChunk | WireChunk],
@@ -646,8 +380,8 @@ class ParameterServer(rpc.ParameterServerServicer):
                 context, grpc.StatusCode.INVALID_ARGUMENT,
                 f"this PS aggregates in {self.options.mode} mode and expects "
                 f"{_kind_name(expected)}, got {_kind_name(header.kind)}", who)
-        if self.finished.is_set() or self.state == "done":
-            self._release(who)
+        if self.finished.is_set() or self.state is PsState.DONE:
+            self.sessions.release(who)
             self._refuse(context, grpc.StatusCode.OUT_OF_RANGE,
                          f"training finished at step {self.version}", who)
         if self.options.mode is not Mode.ASYNC:
@@ -683,25 +417,11 @@ class ParameterServer(rpc.ParameterServerServicer):
         context: grpc.ServicerContext,
     ) -> None:
         status = outcome.status
-        if status is Status.REJECTED:
-            reason = outcome.reason
-            if "already contributed" in reason:
-                code = grpc.StatusCode.ALREADY_EXISTS
-            elif "ahead of" in reason:
-                code = grpc.StatusCode.FAILED_PRECONDITION
-            elif "closed" in reason:
-                code = grpc.StatusCode.OUT_OF_RANGE
-            else:
-                code = grpc.StatusCode.INVALID_ARGUMENT
-            self._refuse(context, code, f"update from {who} refused: {reason}", who)
-        if status is Status.STALE_REFUSED:
-            self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
-                         f"update from {who} refused: {outcome.reason}; pull and recompute", who)
-        with self._lock:
-            record = self._workers[who]
-            if outcome.accepted:
-                record.updates += 1
-            record.last_version = header.model_version
+        refusal = refusal_for(outcome, who)
+        if refusal is not None:
+            self._refuse_with(context, refusal, who)
+        self.sessions.record_update(who, accepted=outcome.accepted,
+                                    version=header.model_version)
         if header.HasField("metrics"):
             m = header.metrics
             self._event("metrics", to_stdout=False, role=who, step=m.step, loss=m.loss,
@@ -734,34 +454,23 @@ class ParameterServer(rpc.ParameterServerServicer):
     ) -> Iterator[pb.Event]:
         caller_role(context)
         kinds = set(request.kinds)
-        seq = request.since_seq
-        while context.is_active():
-            with self._event_cond:
-                pending = [(s, e) for s, e in self._events if s > seq]
-                if not pending:
-                    if self.finished.is_set():
-                        return
-                    self._event_cond.wait(0.5)
-                    continue
-            for s, event in pending:
-                seq = s
-                if kinds and event.kind not in kinds:
-                    continue
-                yield pb.Event(seq=s, kind=event.kind, timestamp=event.time,
+        for seq, event in self.events.follow(request.since_seq, context.is_active,
+                                             self.finished.is_set):
+            if not kinds or event.kind in kinds:
+                yield pb.Event(seq=seq, kind=event.kind, timestamp=event.time,
                                source=event.source, payload_json=_json(event.data))
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> Any:
         caller_role(context)
-        with self._lock:
-            workers = [
-                pb.WorkerStatus(worker_id=r.worker_id, name=r.worker_id, worker_index=r.index,
-                                updates=r.updates, last_version=r.last_version,
-                                last_seen=r.last_seen)
-                for r in self._workers.values()
-            ]
+        workers = [
+            pb.WorkerStatus(worker_id=r.worker_id, name=r.worker_id, worker_index=r.index,
+                            updates=r.updates, last_version=r.last_version,
+                            last_seen=r.last_seen)
+            for r in self.sessions.records()
+        ]
         return pb.StatusReply(
-            state=self.state,
-            aggregation=_MODES[self.options.mode],
+            state=str(self.state),
+            aggregation=MODES[self.options.mode],
             model_version=self.version,
             total_steps=self.options.total_steps,
             workers=workers,
@@ -778,85 +487,4 @@ def _kind_name(kind: int) -> str:
 
 
 def _json(data: Mapping[str, Any]) -> str:
-    import json
-
     return json.dumps(data, default=str)
-
-
-def serve_ps(
-    servicer: ParameterServer,
-    creds: MeshCredentials | Callable[[], MeshCredentials],
-    peer_check: PeerCheck,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    max_workers: int = 16,
-) -> tuple[grpc.Server, int]:
-    """Serve the PS on the attested mesh: mTLS with mesh certificates + the evidence re-check.
-
-    ``creds`` may be a callable returning the current (renewed) mesh credentials.
-    """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ps-rpc"),
-        interceptors=[AttestedPeerInterceptor(peer_check)],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
-    add_parameter_server(servicer, server)
-    current = creds if callable(creds) else (lambda: creds)
-    bound = server.add_secure_port(f"{host}:{port}", dynamic_server_credentials(current))
-    if bound == 0:
-        raise ConfigError(
-            f"the parameter server cannot listen on {host}:{port} (port in use?).",
-            fix="free the port or let the backend choose another one.",
-        )
-    server.start()
-    return server, bound
-
-
-def add_parameter_server(servicer: ParameterServer, server: grpc.Server) -> None:
-    """Register ``servicer`` on ``server``: the generated handlers, but the tensor streams go
-    through ``trainer.tensor_wire``. PullParameters yields chunks already serialized (cached
-    per version), and PushUpdate's chunks are parsed without copying the tensor data. The
-    bytes on the wire are the same protobuf messages; any client may use the generated stub.
-    """
-    captured = _CapturedHandlers()
-    rpc.add_ParameterServerServicer_to_server(servicer, captured)  # type: ignore[no-untyped-call]
-    handlers = dict(captured.handlers)
-    handlers["PullParameters"] = grpc.unary_stream_rpc_method_handler(
-        servicer.PullParameters,
-        request_deserializer=pb.PullRequest.FromString,
-        response_serializer=None,  # the servicer yields bytes
-    )
-    handlers["PushUpdate"] = grpc.stream_unary_rpc_method_handler(
-        servicer.PushUpdate,
-        request_deserializer=parse_chunk,
-        response_serializer=pb.PushReply.SerializeToString,
-    )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(captured.service, handlers),)
-    )
-
-
-class _CapturedHandlers:
-    """Stands in for a server to take the generated method handlers."""
-
-    def __init__(self) -> None:
-        self.service = ""
-        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-
-    def add_generic_rpc_handlers(self, handlers: object) -> None:
-        pass
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
-    ) -> None:
-        self.service, self.handlers = service, handlers
-
-
-def worker_peers(num_workers: int) -> Callable[[str], bool]:
-    """Roles allowed to call the PS: this run's workers (and the owner's dashboard)."""
-    allowed = {f"worker{i}" for i in range(num_workers)}
-    return roles(*allowed, "owner")

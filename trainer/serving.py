@@ -24,7 +24,8 @@ from trainer.data import load_cifar10, standardize
 from trainer.model import ResNet, build_resnet
 from trainer.optim import MomentumSGD, PiecewiseConstantSchedule
 from trainer.proto import parameter_server_pb2 as pb
-from trainer.ps import MAX_MESSAGE_BYTES, ParameterServer, PsOptions, serve_ps, worker_peers
+from trainer.ps import ParameterServer, PsOptions
+from trainer.ps_server import MAX_MESSAGE_BYTES, serve_ps, worker_peers
 from trainer.tensors import TensorSpec
 from trainer.worker import Worker, worker_batches
 

@@ -35,7 +35,8 @@ from tests.mesh_support import Mesh, start_mesh
 from tests.reliability_report import record
 from trainer.model import ResNet
 from trainer.proto import parameter_server_pb2 as pb
-from trainer.ps import MAX_MESSAGE_BYTES, ParameterServer
+from trainer.ps import ParameterServer
+from trainer.ps_server import MAX_MESSAGE_BYTES
 from trainer.serving import model_specs, parameter_server, schedule_for
 from trainer.tensors import TensorSpec, encode_tensors
 from trainer.worker import PsConnection, Worker, WorkerSummary, worker_batches

@@ -1,0 +1,228 @@
+"""The parameter server's state holders beside the servicer.
+
+- :class:`Housekeeper`: checkpoints and evaluations off the training path. One background
+  thread takes typed jobs in order: checkpoints are written in version order; of several
+  evaluations waiting, only the newest runs. A failed job is reported through ``on_failure``
+  and the thread goes on serving.
+- :class:`EventLog`: the numbered events ``WatchEvents`` streams.
+- :class:`PullCache`: one version's parameters, serialized once for every pull.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from hfl_lab._exceptions import HflLabError
+from hfl_lab.events import LabEvent
+from hfl_lab.vault.checkpoints import CheckpointStore
+from trainer.checkpoint import TrainingState, encode_state
+from trainer.tensor_wire import SerializedChunk
+
+__all__ = ["CheckpointJob", "EvaluationJob", "EventLog", "Housekeeper", "Job", "PullCache"]
+
+log = logging.getLogger("trainer.ps")
+
+Weights = Mapping[str, npt.NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class CheckpointJob:
+    """Write this state to the checkpoint store."""
+
+    state: TrainingState
+
+    @property
+    def version(self) -> int:
+        return self.state.version
+
+    name = "checkpoint"
+
+
+@dataclass(frozen=True)
+class EvaluationJob:
+    """Evaluate these weights (the global model at ``version``)."""
+
+    version: int
+    weights: Weights
+
+    name = "eval"
+
+
+@dataclass(frozen=True)
+class _Stop:
+    version = 0
+    name = "stop"
+
+
+Job = CheckpointJob | EvaluationJob
+
+
+class Housekeeper:
+    """Checkpoints and evaluations of the global model, on one daemon thread in the order they
+    were asked for, and what became of them.
+
+    ``emit(kind, **data)`` reports each written checkpoint, each evaluation and each failure
+    as the PS's event.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: CheckpointStore | None,
+        evaluate: Callable[[Weights], Mapping[str, float]] | None,
+        emit: Callable[..., None],
+        metadata: Mapping[str, Any],
+        start_version: int,
+    ) -> None:
+        self.store = store
+        self._evaluate = evaluate
+        self._emit = emit
+        self._metadata = dict(metadata)
+        #: the newest checkpoint queued
+        self.last_queued = start_version
+        #: the newest checkpoint the store confirmed (a queued write can fail: a full volume)
+        self.last_written: int | None = start_version if start_version > 0 else None
+        self.failures = 0
+        self._jobs: queue.Queue[Job | _Stop] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="ps-housekeeping")
+        self._thread.start()
+
+    def checkpoint(self, version: int, weights: Weights, optimizer: Mapping[str, Any]) -> None:
+        """Queue a checkpoint of ``weights`` and the optimizer state at ``version``."""
+        state = TrainingState(version=version, weights=dict(weights),
+                              optimizer=dict(optimizer), metadata=dict(self._metadata))
+        self.last_queued = version
+        self._jobs.put(CheckpointJob(state))
+
+    def evaluate_later(self, version: int, weights: Weights) -> None:
+        self._jobs.put(EvaluationJob(version, weights))
+
+    def evaluate(self, version: int, weights: Weights) -> dict[str, float]:
+        """Evaluate now, in the caller's thread; reported as an ``evaluation`` event."""
+        if self._evaluate is None:
+            return {}
+        started = time.perf_counter()
+        figures = dict(self._evaluate(weights))
+        data: dict[str, Any] = {"step": version, "seconds": time.perf_counter() - started}
+        data.update(figures)
+        self._emit("evaluation", **data)
+        return figures
+
+    def join(self) -> None:
+        """Wait until every job queued so far is done."""
+        self._jobs.join()
+
+    def stop(self) -> None:
+        self._jobs.put(_Stop())
+
+    def _write(self, state: TrainingState) -> None:
+        if self.store is None:
+            return
+        started = time.perf_counter()
+        payload = encode_state(state)
+        info = self.store.save(state.version, payload, dict(state.metadata))
+        self.last_written = state.version
+        self._emit("log", level="info",
+                   message=f"checkpoint at step {state.version} written "
+                   f"({len(payload) / 1e6:.1f} MB, {time.perf_counter() - started:.2f} s)",
+                   checkpoint_step=state.version, checkpoint=info.name)
+
+    def _failed(self, job: Job, error: BaseException) -> None:
+        self.failures += isinstance(job, CheckpointJob)
+        what = str(error) if isinstance(error, HflLabError) else f"{type(error).__name__}: {error}"
+        self._emit("log", level="error", message=f"{job.name} at step {job.version} failed: "
+                   f"{what}")
+
+    def _newer_evaluation_waits(self) -> bool:
+        return any(isinstance(j, EvaluationJob) for j in list(self._jobs.queue))
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if isinstance(job, _Stop):
+                    return
+                if isinstance(job, EvaluationJob):
+                    if self._newer_evaluation_waits():
+                        continue  # the latest evaluation wins
+                    self.evaluate(job.version, job.weights)
+                else:
+                    self._write(job.state)
+            except HflLabError as e:
+                self._failed(job, e)  # type: ignore[arg-type]
+            except Exception as e:  # keep serving; the failure is reported, not swallowed
+                log.exception("%s at step %d failed", job.name, job.version)
+                self._failed(job, e)  # type: ignore[arg-type]
+            finally:
+                self._jobs.task_done()
+
+
+class EventLog:
+    """The PS's recent events, numbered, for ``WatchEvents`` (the newest 10,000 are kept)."""
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self._events: collections.deque[tuple[int, LabEvent]] = collections.deque(maxlen=keep)
+        self._seq = 0
+        self._cond = threading.Condition()
+
+    def append(self, event: LabEvent) -> None:
+        with self._cond:
+            self._seq += 1
+            self._events.append((self._seq, event))
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Let every follower look again (the PS is closing)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def follow(
+        self, since: int, active: Callable[[], bool], finished: Callable[[], bool]
+    ) -> Iterator[tuple[int, LabEvent]]:
+        """Events after ``since`` as they come, while ``active()``; ends once ``finished()``
+        and every event has been given."""
+        seq = since
+        while active():
+            with self._cond:
+                pending = [(s, e) for s, e in self._events if s > seq]
+                if not pending:
+                    if finished():
+                        return
+                    self._cond.wait(0.5)
+                    continue
+            for s, event in pending:
+                seq = s
+                yield s, event
+
+
+class PullCache:
+    """The parameters of one version as serialized chunks, made once per version and wire
+    dtype, so every worker's pull of that version is sent the same bytes objects."""
+
+    def __init__(self) -> None:
+        self._cached: tuple[int, int, list[SerializedChunk]] | None = None
+        self._lock = threading.Lock()
+
+    def get(
+        self, version: int, wire: int, encode: Callable[[], list[SerializedChunk]]
+    ) -> list[SerializedChunk]:
+        cached = self._cached
+        if cached is not None and cached[0] == version and cached[1] == wire:
+            return cached[2]
+        with self._lock:
+            cached = self._cached
+            if cached is not None and cached[0] == version and cached[1] == wire:
+                return cached[2]
+            chunks = encode()
+            self._cached = (version, wire, chunks)
+            return chunks
