@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
+from hfl_lab.config import LabConfig
 from trainer.aggregation import Mode
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.tensors import DEFAULT_CHUNK_BYTES
@@ -56,7 +56,7 @@ class PsOptions:
     options: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_lab(cls, lab: Any, total_steps: int) -> PsOptions:
+    def from_lab(cls, lab: LabConfig, total_steps: int) -> PsOptions:
         return cls(
             mode=Mode(lab.aggregation),
             num_workers=lab.workers,

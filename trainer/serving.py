@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
+from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
 from hfl_lab.tee.verifier import Verifier
 from hfl_lab.trust.client import MeshCredentials
@@ -26,8 +27,12 @@ from trainer.optim import MomentumSGD, PiecewiseConstantSchedule
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.ps import ParameterServer, PsOptions
 from trainer.ps_server import MAX_MESSAGE_BYTES, serve_ps, worker_peers
+from trainer.settings import ParticipantConfig
 from trainer.tensors import TensorSpec
 from trainer.worker import Worker, worker_batches
+
+if TYPE_CHECKING:
+    from trainer.participant import Participant
 
 __all__ = [
     "RunningPs",
@@ -49,12 +54,12 @@ def model_specs(model: ResNet) -> list[TensorSpec]:
     return [TensorSpec(v.name, v.dtype, v.shape, v.trainable) for v in model.variable_specs]
 
 
-def schedule_for(lab: Any, num_train: int) -> PiecewiseConstantSchedule:
+def schedule_for(lab: LabConfig, num_train: int) -> PiecewiseConstantSchedule:
     return PiecewiseConstantSchedule(*lab.lr_schedule(num_train))
 
 
 def parameter_server(
-    lab: Any,
+    lab: LabConfig,
     *,
     num_train: int,
     test: tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]] | None = None,
@@ -113,8 +118,8 @@ class RunningPs:
 
 
 def build_parameter_server(
-    config: Any,
-    participant: Any,
+    config: ParticipantConfig,
+    participant: Participant,
     creds: MeshCredentials | Callable[[], MeshCredentials],
     *,
     emit: Callable[[LabEvent], None] | None = None,
@@ -154,8 +159,8 @@ def channel_factory(
 
 
 def build_worker(
-    config: Any,
-    participant: Any,
+    config: ParticipantConfig,
+    participant: Participant,
     creds: MeshCredentials | Callable[[], MeshCredentials],
     index: int,
     *,

@@ -11,13 +11,14 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
-from hfl_lab._exceptions import HflLabError, WorkerError
+from hfl_lab._exceptions import ConfigError, HflLabError, WorkerError
+from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
 from trainer.data import BatchStream, load_cifar10, partition
 from trainer.model import ResNet
@@ -154,10 +155,16 @@ class PsConnection:
         return reply, time.perf_counter() - started, sent[0]
 
 
-def worker_batches(lab: Any, index: int) -> tuple[BatchStream, int]:
+_PARTITIONS: dict[str, Literal["iid", "dirichlet"]] = {"iid": "iid", "dirichlet": "dirichlet"}
+
+
+def worker_batches(lab: LabConfig, index: int) -> tuple[BatchStream, int]:
     """This worker's private shard as a batch stream, and the size of the whole training set."""
     data = load_cifar10(lab.require_data_path())
-    parts = partition(data.train_labels, lab.workers, lab.partition,
+    scheme = _PARTITIONS.get(lab.partition)
+    if scheme is None:  # LabConfig has checked it already
+        raise ConfigError(f"unknown partition {lab.partition!r}.", fix="use 'iid' or 'dirichlet'.")
+    parts = partition(data.train_labels, lab.workers, scheme,
                       alpha=lab.dirichlet_alpha, seed=lab.seed)
     stream = BatchStream(data.train_images, data.train_labels, parts[index], lab.batch_size,
                          seed=lab.seed * 1_000 + index, augmented=lab.augment)

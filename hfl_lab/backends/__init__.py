@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from hfl_lab._exceptions import ConfigError
 from hfl_lab.backends.base import Backend, PreflightCheck, ProgressCallback
+from hfl_lab.config import LabConfig
 
 __all__ = ["Backend", "PreflightCheck", "ProgressCallback", "create_backend"]
 
 
-def create_backend(config: Any) -> Any:
+def create_backend(config: LabConfig) -> Backend:
     """The backend a :class:`hfl_lab.config.LabConfig` asks for, not yet started."""
     if config.backend == "local":
         from hfl_lab.backends.local import LocalBackend
 
-        return LocalBackend(config)
+        local: Backend = LocalBackend(config)
+        return local
     if config.backend == "kubernetes":
         from hfl_lab.backends.kubernetes.backend import KubernetesBackend
         from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 
-        return KubernetesBackend(KubernetesSettings.from_config(config))
+        cluster: Backend = KubernetesBackend(KubernetesSettings.from_config(config))
+        return cluster
     raise ConfigError(
         f"unknown backend {config.backend!r}.", fix="use backend='local' or 'kubernetes'."
     )

@@ -10,6 +10,7 @@
     hfl-lab run             run_lab(config)
 """
 
+from hfl_lab.backends import create_backend
 from hfl_lab.lab.attacks import ATTACKS, AttackOutcome, AttackReport, run_attacks
 from hfl_lab.lab.board import AttestationBoard
 from hfl_lab.lab.coco import CocoPlan, coco_stack
@@ -18,7 +19,7 @@ from hfl_lab.lab.notebook import Table, brief_errors, show, show_image
 from hfl_lab.lab.preflight import PreflightReport, run_preflight
 from hfl_lab.lab.retrieval import RetrievalReport, retrieve_and_evaluate
 from hfl_lab.lab.sequence import NOTEBOOKS, LabRun, run_lab
-from hfl_lab.lab.training import TrainingOutcome, create_backend, ensure_trained, run_training
+from hfl_lab.lab.training import TrainingOutcome, ensure_trained, run_training
 from hfl_lab.lab.trust import LabTrustService, VerdictView, VolumeReport, create_model_volume
 
 __all__ = [

@@ -222,7 +222,7 @@ def _backend_reason(config: LabConfig) -> str:
 
 
 def _backend_checks(report: PreflightReport, config: LabConfig) -> None:
-    from hfl_lab.lab.training import create_backend
+    from hfl_lab.backends import create_backend
 
     section = "cluster" if config.backend == "kubernetes" else "backend"
     try:

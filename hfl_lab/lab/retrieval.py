@@ -29,6 +29,7 @@ import numpy as np
 from hfl_lab._exceptions import VaultError
 from hfl_lab.config import LabConfig
 from hfl_lab.lab.notebook import Table, TableReport
+from hfl_lab.vault import SealedBrokerState
 
 __all__ = [
     "RetrievalReport",
@@ -115,11 +116,10 @@ def _trusted_dir(config: LabConfig) -> Path:
     return Path(config.run_dir) / TRUSTED_NODE
 
 
-def owner_credential(vault: dict[str, Any]) -> Any:
+def owner_credential(vault: dict[str, Any]) -> SealedBrokerState:
     """The owner's authorized credential: the trust service's sealed state and the key that
     unseals it, derived from this session's owner secret and the run's public salt."""
     from hfl_lab import owner
-    from hfl_lab.vault import SealedBrokerState
 
     state, salt_file = vault.get("trust_state_path"), vault.get("owner_salt_path")
     if not state or not salt_file:

@@ -17,25 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from hfl_lab._exceptions import BackendError, ConfigError, HflLabError
-from hfl_lab.backends.base import Backend
+from hfl_lab.backends import Backend, create_backend
 from hfl_lab.config import LabConfig
 from hfl_lab.dashboard import Dashboard
 from hfl_lab.dashboard._files import jsonable
 from hfl_lab.events import LabEvent
 from hfl_lab.lab.notebook import Table, TableReport
 
-__all__ = ["TrainingOutcome", "create_backend", "ensure_trained", "run_training", "total_steps"]
+__all__ = ["TrainingOutcome", "ensure_trained", "run_training", "total_steps"]
 
 TRAINING_RECORD = "training.json"
 READY_TIMEOUT_S = 300.0
-
-
-def create_backend(config: LabConfig) -> Backend:
-    """The backend ``config.backend`` names, not started (``hfl_lab.backends.create_backend``)."""
-    from hfl_lab.backends import create_backend as factory
-
-    backend: Backend = factory(config)
-    return backend
 
 
 def total_steps(config: LabConfig) -> int:

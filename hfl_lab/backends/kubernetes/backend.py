@@ -35,6 +35,7 @@ from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 from hfl_lab.events import KINDS, LabEvent
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.sim.platform import SimulatedPlatform
+from hfl_lab.vault.keyrelease import SealedBrokerState
 
 SELECTOR = "app.kubernetes.io/part-of=hfl-lab"
 PS_POD = "ps-0"
@@ -190,10 +191,8 @@ class KubernetesBackend:
             self._admin_token = owner.admin_token(owner.run_salt(self.owner_salt_path))
         return self._admin_token
 
-    def owner_credential(self) -> Any:
+    def owner_credential(self) -> SealedBrokerState:
         """The owner's authorized way to the volume passphrase: the collected sealed state."""
-        from hfl_lab.vault.keyrelease import SealedBrokerState
-
         return SealedBrokerState(self.trust_state_path, owner.sealing_key(self.admin_token))
 
     def _write_public_trust_files(self) -> None:

@@ -28,6 +28,7 @@ from hfl_lab.events import LabEvent
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.sim.measure import TdMeasurements
 from hfl_lab.tee.sim.platform import SimulatedPlatform
+from hfl_lab.vault.keyrelease import SealedBrokerState
 
 
 class OwnerSide:
@@ -90,10 +91,8 @@ class OwnerSide:
                                    lab_root_der=self.platform.root_der, role="trust",
                                    verifier_name="owner")
 
-    def owner_credential(self) -> Any:
+    def owner_credential(self) -> SealedBrokerState:
         """The owner's authorized way to the volume passphrase after the run (sealed state)."""
-        from hfl_lab.vault.keyrelease import SealedBrokerState
-
         return SealedBrokerState(self.trust_state_path, owner.sealing_key(self.admin_token))
 
     @contextlib.contextmanager
