@@ -67,29 +67,20 @@ __all__ = [
     "validate_notebook_parameters",
 ]
 
-_LAZY = {
-    "LabConfig": "hfl_lab.config",
-    "validate_notebook_parameters": "hfl_lab.config",
-    "Dashboard": "hfl_lab.dashboard",
-    "summarize_run": "hfl_lab.dashboard",
-    **{
-        name: "hfl_lab.lab"
-        for name in (
-            "ATTACKS", "AttestationBoard", "LabTrustService", "VerdictView", "brief_errors",
-            "coco_stack", "create_model_volume", "ensure_trained", "measure_image",
-            "retrieve_and_evaluate", "run_attacks", "run_lab", "run_preflight", "run_training",
-            "show", "show_image",
-        )
-    },
-}
+#: where the notebooks' API (the names in ``__all__`` not defined above) is found, in order
+_LAZY_SOURCES = ("hfl_lab.config", "hfl_lab.dashboard", "hfl_lab.lab")
 
 
 def __getattr__(name: str) -> object:
-    """The notebooks' API, imported when first used (PEP 562)."""
-    if name in _LAZY:
+    """The notebooks' API, imported when first used (PEP 562): a name of ``__all__`` from the
+    first of ``_LAZY_SOURCES`` that exports it."""
+    if name in __all__:
         import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
+        for source in _LAZY_SOURCES:
+            module = importlib.import_module(source)
+            if name in getattr(module, "__all__", ()):
+                value = getattr(module, name)
+                globals()[name] = value
+                return value
     raise AttributeError(f"module 'hfl_lab' has no attribute {name!r}")

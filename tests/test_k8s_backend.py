@@ -16,7 +16,7 @@ from kubernetes import client as k8s_client
 from hfl_lab import BackendError
 from hfl_lab.backends.base import Backend
 from hfl_lab.backends.kubernetes.api import ClusterApi
-from hfl_lab.backends.kubernetes.backend import KubernetesBackend, event_from_line, role_of
+from hfl_lab.backends.kubernetes.backend import KubernetesBackend, event_from_line, role_of_pod
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 from hfl_lab.events import LabEvent
 
@@ -442,7 +442,8 @@ def test_teardown_deletes_everything_and_ends_events(double, tmp_path):
 
 
 def test_role_and_line_mapping():
-    assert [role_of(p) for p in ("trust-0", "ps-0", "worker-11")] == ["trust", "ps0", "worker11"]
+    pods = ("trust-0", "ps-0", "worker-11")
+    assert [role_of_pod(p) for p in pods] == ["trust", "ps0", "worker11"]
     assert event_from_line("ps0", '{"not": "an event"}').kind == "log"
     assert event_from_line("ps0", "WARNING slow").data["level"] == "warning"
 

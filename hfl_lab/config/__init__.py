@@ -17,12 +17,12 @@ notebook's parameters cell.
 """
 
 from hfl_lab.config.lab_config import LabConfig, LearningRateSchedule
-from hfl_lab.config.notebooks import validate_notebook_parameters
 from hfl_lab.config.parameters import DEFAULT_STEPS as DEFAULT_STEPS
 from hfl_lab.config.parameters import DEPTHS as DEPTHS
 from hfl_lab.config.parameters import PARAMETER_NAMES, PROFILES, Parameter, default_data_path
 from hfl_lab.config.parameters import REFERENCE_BOUNDARY_EPOCHS as REFERENCE_BOUNDARY_EPOCHS
 from hfl_lab.config.parameters import REFERENCE_DECAY_RATES as REFERENCE_DECAY_RATES
+from hfl_lab.config.parameters_cell import validate_notebook_parameters
 
 __all__ = [
     "PARAMETER_NAMES",

@@ -18,8 +18,8 @@ from hfl_lab.vault.keyrelease import (
     volume_release_policy,
 )
 from hfl_lab.vault.model_vault import ModelVault, PathKind, choose_data_path, new_passphrase
+from hfl_lab.vault.owner_open import RetrievedModel, retrieve_model
 from hfl_lab.vault.provenance import ProvenanceEntry, ProvenanceReport, TrustedKey
-from hfl_lab.vault.retrieval import RetrievedModel, retrieve_model
 
 __all__ = [
     "VOLUME_SECRET_NAME",

@@ -30,8 +30,8 @@ from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.trust.broker import DEFAULT_APP_ID
 from hfl_lab.vault.luks_header import LuksHeader, read_header
 from hfl_lab.vault.model_vault import ModelVault, PathKind, choose_data_path, new_passphrase
+from hfl_lab.vault.owner_open import RetrievedModel, retrieve_model
 from hfl_lab.vault.provenance import Signers
-from hfl_lab.vault.retrieval import RetrievedModel, retrieve_model
 
 if TYPE_CHECKING:
     from hfl_lab.ratls.certificate import RaTlsIdentity

@@ -30,7 +30,7 @@ from hfl_lab.backends.kubernetes import bootstrap, vault_copy
 from hfl_lab.backends.kubernetes import render as rendering
 from hfl_lab.backends.kubernetes.api import ClusterApi, object_path
 from hfl_lab.backends.kubernetes.kustomize import Manifest
-from hfl_lab.backends.kubernetes.preflight import check_vault, run_preflight
+from hfl_lab.backends.kubernetes.preflight import check_vault, cluster_checks
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 from hfl_lab.events import KINDS, LabEvent
 from hfl_lab.tee.policy import AttestationPolicy
@@ -71,7 +71,7 @@ _APPLY_ORDER = [
 ]
 
 
-def role_of(pod_name: str) -> str:
+def role_of_pod(pod_name: str) -> str:
     """``trust-0`` → ``trust``, ``ps-0`` → ``ps0``, ``worker-3`` → ``worker3``."""
     base, _, ordinal = pod_name.rpartition("-")
     if base == "trust":
@@ -234,7 +234,7 @@ class KubernetesBackend:
             api = self.api
         except BackendError as exc:
             return [PreflightCheck("credentials", False, exc.message, exc.fix or "")]
-        checks = run_preflight(api, self.settings)
+        checks = cluster_checks(api, self.settings)
         self.render()
         assert self.rendered is not None
         return [*checks, check_vault(self.rendered)]
@@ -298,7 +298,7 @@ class KubernetesBackend:
                 name, detail = next(iter(failed.items()))
                 reason = detail.split(": ")[1] if ": " in detail else ""
                 raise BackendError(
-                    f"pod {name} ({role_of(name)}) failed to start: {detail}.",
+                    f"pod {name} ({role_of_pod(name)}) failed to start: {detail}.",
                     fix=FATAL_REASONS.get(reason, "read its log events and pod description."),
                 )
             done = sum(1 for s, _ in states.values() if s == "ready")
@@ -424,7 +424,7 @@ class KubernetesBackend:
                     self._emit(
                         LabEvent(
                             "lifecycle",
-                            role_of(name),
+                            role_of_pod(name),
                             {"state": state[0], "detail": state[1], "pod": name},
                         )
                     )
@@ -450,7 +450,7 @@ class KubernetesBackend:
             ).start()
 
     def _follow_log(self, pod: str, container: str) -> None:
-        source = role_of(pod)
+        source = role_of_pod(pod)
         path = f"/api/v1/namespaces/{self.settings.namespace}/pods/{pod}/log"
         try:
             for line in self.api.stream_lines(path, [("container", container), ("follow", "true")]):

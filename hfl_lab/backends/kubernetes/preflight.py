@@ -164,7 +164,7 @@ def check_vault(rendered: RenderedRun) -> PreflightCheck:
                           "off: ps0 keeps plain checkpoints in its pod (vault=false)")
 
 
-def run_preflight(api: ClusterApi, settings: KubernetesSettings) -> list[PreflightCheck]:
+def cluster_checks(api: ClusterApi, settings: KubernetesSettings) -> list[PreflightCheck]:
     checks = []
     api_check, _ = check_api(api)
     checks.append(api_check)

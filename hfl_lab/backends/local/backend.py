@@ -46,7 +46,7 @@ from hfl_lab import owner
 from hfl_lab._exceptions import BackendError, ConfigError
 from hfl_lab.backends.base import PreflightCheck, ProgressCallback
 from hfl_lab.backends.local.owner_side import OwnerSide
-from hfl_lab.backends.local.preflight import run_preflight
+from hfl_lab.backends.local.preflight import local_checks
 from hfl_lab.backends.local.processes import (
     END_OF_EVENTS,
     Participant,
@@ -150,7 +150,7 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
     # ------------------------------------------------------------------ preflight
 
     def preflight(self) -> list[PreflightCheck]:
-        return run_preflight(self.config, python=self.python, run_dir=self.run_dir,
+        return local_checks(self.config, python=self.python, run_dir=self.run_dir,
                              processes=len(self.roles))
 
     # ------------------------------------------------------------------ preparation

@@ -13,7 +13,7 @@ from hfl_lab.backends.local.processes import free_port
 from hfl_lab.config import LabConfig
 
 
-def run_preflight(
+def local_checks(
     config: LabConfig, *, python: str, run_dir: Path, processes: int
 ) -> list[PreflightCheck]:
     """Python, packages, data, loopback, run folder, cores and evidence for a local run."""

@@ -1,11 +1,13 @@
-"""One exception tree: every exception the lab defines is in hfl_lab._exceptions, and each class
-says what `hfl-lab` exits with."""
+"""The public surface: one exception tree (every exception the lab defines is in
+hfl_lab._exceptions, and each class says what `hfl-lab` exits with), and the package's public
+names listed once."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
 import pkgutil
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,8 @@ import trainer
 from hfl_lab import _exceptions
 from hfl_lab._exceptions import ExitCode, HflLabError, PeerUnreachable
 from hfl_lab.cli import exit_code_for
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _project_modules() -> list[str]:
@@ -54,3 +58,20 @@ def test_the_cli_reads_the_exit_code_from_the_class() -> None:
     assert exit_code_for(PeerUnreachable("nobody listens")) is ExitCode.UNAVAILABLE
     assert PeerUnreachable("x").check == "connection"
     assert exit_code_for(RuntimeError("a gRPC failure")) is ExitCode.UNAVAILABLE
+
+
+def test_the_package_lists_its_public_names_once_and_each_resolves() -> None:
+    import ast
+
+    source = (REPO_ROOT / "hfl_lab" / "__init__.py").read_text()
+    checked: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            checked = {a.asname or a.name for n in node.body if isinstance(n, ast.ImportFrom)
+                       for a in n.names}
+
+    eager = {n for n in hfl_lab.__all__ if n in vars(hfl_lab)}
+    assert checked == set(hfl_lab.__all__) - eager - {"__version__"}, (
+        "the names type checkers see are the lazily loaded ones of __all__")
+    for name in hfl_lab.__all__:
+        assert getattr(hfl_lab, name) is not None
