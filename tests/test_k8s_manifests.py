@@ -8,6 +8,7 @@ import hashlib
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -15,7 +16,7 @@ import yaml
 
 from hfl_lab import ConfigError
 from hfl_lab.backends.kubernetes import kustomize
-from hfl_lab.backends.kubernetes.jsonpatch import apply_patch
+from hfl_lab.backends.kubernetes.kustomize import apply_patch
 from hfl_lab.backends.kubernetes.render import K8S_DIR, config_document, render, render_run
 from hfl_lab.backends.kubernetes.settings import OVERLAYS, ContainerResources, KubernetesSettings
 from hfl_lab.tee.policy import AttestationPolicy
@@ -256,7 +257,7 @@ def test_committed_overlays_match_kubectl_kustomize_when_available(tmp_path):
 def test_renderer_refuses_kustomize_features_it_does_not_implement(tmp_path):
     (tmp_path / "kustomization.yaml").write_text("resources: [../x]\ncommonLabels: {a: b}\n")
     with pytest.raises(ConfigError, match="commonLabels"):
-        kustomize.build(tmp_path)
+        kustomize.build_builtin(tmp_path)
 
 
 def test_json_patch_test_op_guards_index_based_overlay_patches():
@@ -378,3 +379,25 @@ def test_on_real_tds_the_vault_needs_ps0_pinned_by_the_owner(tmp_path):
     assert owned.volume_policy_error == "" and owned.volume_policy is not None
     assert owned.volume_policy.reference_for("worker0", "mr_td") == ("ab" * 48,)
     assert not owned.volume_policy.allow_simulated
+
+
+@pytest.mark.parametrize("overlay", [*OVERLAYS, "run"])
+def test_the_lab_renderer_prints_what_kustomize_prints(overlay: str, tmp_path: Path) -> None:
+    # The lab renders with kustomize where it is installed and with its own renderer of the
+    # same subset elsewhere (a machine without kubectl): both must give the same objects.
+    from hfl_lab.backends.kubernetes import kustomize
+
+    command = kustomize.kustomize_command()
+    if command is None:
+        pytest.skip("kustomize is not used here (no kubectl or kustomize installed, or "
+                    "HFL_LAB_KUSTOMIZE=builtin): only the lab's renderer runs")
+    if overlay == "run":  # a run's own kustomization folder, as the backend writes it
+        directory = render_run(KubernetesSettings(run_dir=tmp_path / "k8s")).folder
+    else:
+        directory = K8S_DIR / "overlays" / overlay
+
+    def key(obj: dict[str, Any]) -> tuple[str, str]:
+        return obj["kind"], obj["metadata"]["name"]
+
+    assert sorted(kustomize.build_builtin(directory), key=key) == sorted(
+        kustomize.build(directory), key=key)

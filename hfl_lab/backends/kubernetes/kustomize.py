@@ -1,25 +1,32 @@
-"""A pure-Python ``kustomize build`` for the subset of kustomize that k8s/ uses.
+"""``kustomize build`` of k8s/ and the run folders: kustomize itself (``kubectl kustomize`` or
+the ``kustomize`` binary) where one is installed, else the lab's pure-Python renderer of the
+subset of kustomize that k8s/ uses (:func:`build_builtin`).
 
-Supported kustomization fields: ``resources`` (files and directories), ``namespace``,
+The renderer's supported kustomization fields: ``resources`` (files and directories), ``namespace``,
 ``images``, ``replicas``, ``configMapGenerator`` (files, literals; behavior create, replace,
 merge), ``generatorOptions.disableNameSuffixHash: true`` and ``patches`` whose patch is a
 JSON 6902 operation list (inline or a file), with ``target`` selectors (group, version, kind,
 name as an anchored regex, namespace). Transformers run in kustomize's order: patches,
 namespace, replicas, images. Anything else is refused with ``ConfigError``, so the layout can
-never silently mean something different to kustomize than to the lab. Tests compare this
-build with ``kubectl kustomize`` wherever one is installed.
+never silently mean something different to kustomize than to the lab. A test compares the
+two renderings wherever kustomize is installed. The JSON patches are applied by the
+``jsonpatch`` package.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
+import jsonpointer
 import yaml
 
 from hfl_lab._exceptions import ConfigError
-from hfl_lab.backends.kubernetes.jsonpatch import apply_patch
 
 Manifest = dict[str, Any]
 
@@ -49,8 +56,52 @@ _SCALABLE = {"Deployment", "StatefulSet", "ReplicaSet", "ReplicationController"}
 _IMAGE_SPLIT = re.compile(r"^(?P<name>[^@]+?)(?::(?P<tag>[\w][\w.-]*))?(?:@(?P<digest>.+))?$")
 
 
+#: how kustomize is run where one is installed (``kubectl kustomize`` or the binary)
+_KUSTOMIZE_COMMANDS = (("kubectl", "kustomize"), ("kustomize", "build"))
+
+
+def kustomize_command() -> list[str] | None:
+    """The installed kustomize (``kubectl kustomize``, else ``kustomize build``), or None.
+
+    ``HFL_LAB_KUSTOMIZE=builtin`` forces the lab's own renderer.
+    """
+    if os.environ.get("HFL_LAB_KUSTOMIZE") == "builtin":
+        return None
+    for program, verb in _KUSTOMIZE_COMMANDS:
+        found = shutil.which(program)
+        if found:
+            return [found, verb]
+    return None
+
+
 def build(directory: Path) -> list[Manifest]:
-    """The objects ``kustomize build directory`` prints, in the same order of resources."""
+    """The objects of the kustomization in ``directory``: rendered by kustomize itself where it
+    is installed, else by the lab's own renderer of the subset the lab uses (:func:`build_builtin`,
+    the same objects; a test compares the two)."""
+    command = kustomize_command()
+    if command is None:
+        return build_builtin(directory)
+    _kustomization_file(directory)  # the same error as the lab's renderer for a missing file
+    try:
+        result = subprocess.run([*command, str(directory)], capture_output=True, text=True,
+                                timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(f"{' '.join(command)} {directory} did not run ({exc}).",
+                          fix="set HFL_LAB_KUSTOMIZE=builtin to use the lab's renderer.") from None
+    if result.returncode != 0:
+        raise ConfigError(
+            f"{' '.join(command)} {directory} failed: {result.stderr.strip()[-500:]}",
+            fix="fix the kustomization it names.",
+        )
+    try:
+        return [obj for obj in yaml.safe_load_all(result.stdout) if obj]
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{' '.join(command)} printed no valid YAML ({exc}).") from None
+
+
+def build_builtin(directory: Path) -> list[Manifest]:
+    """The objects ``kustomize build directory`` prints, for the kustomize subset the lab uses;
+    without kustomize installed this is what :func:`build` runs."""
     path = _kustomization_file(directory)
     try:
         spec = yaml.safe_load(path.read_text()) or {}
@@ -68,7 +119,7 @@ def build(directory: Path) -> list[Manifest]:
     for entry in spec.get("resources", []) or []:
         target = (directory / str(entry)).resolve()
         if target.is_dir():
-            objects.extend(build(target))
+            objects.extend(build_builtin(target))
         elif target.is_file():
             objects.extend(_load_documents(target))
         else:
@@ -83,6 +134,25 @@ def build(directory: Path) -> list[Manifest]:
     for image in spec.get("images", []) or []:
         _set_image(objects, image)
     return objects
+
+
+def apply_patch(doc: dict[str, Any], operations: list[Any]) -> dict[str, Any]:
+    """``doc`` with the RFC 6902 ``operations`` applied (a new object; the ``jsonpatch``
+    package does the work); ``ConfigError`` naming the failed operation otherwise."""
+    try:
+        patched: dict[str, Any] = jsonpatch.apply_patch(doc, operations)
+    except jsonpatch.JsonPatchTestFailed as e:
+        raise ConfigError(
+            f"JSON patch test failed: {e}; the base changed, update the overlay."
+        ) from None
+    except jsonpatch.InvalidJsonPatch as e:
+        raise ConfigError(f"JSON patch {operations!r} is not valid: {e}.") from None
+    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as e:
+        raise ConfigError(
+            f"JSON patch failed: {e}; the path is out of range or missing in the base, "
+            "fix the overlay."
+        ) from None
+    return patched
 
 
 def _kustomization_file(directory: Path) -> Path:
