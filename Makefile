@@ -46,7 +46,7 @@ proto: $(STAMP)
 
 lint: install
 	$(VENV)/bin/ruff check hfl_lab trainer tests bench notebooks
-	$(VENV)/bin/mypy hfl_lab trainer
+	$(VENV)/bin/mypy hfl_lab trainer bench
 	$(VENV)/bin/lint-imports --no-cache
 
 test: lint

@@ -6,7 +6,7 @@ import contextlib
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 
 @contextlib.contextmanager
@@ -39,7 +39,7 @@ def median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -
 
 
 def interleaved_medians(
-    fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1
+    fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int = 1
 ) -> dict[str, float]:
     """Median wall time of each function, alternating them so that drift on a shared
     machine hits the measurement and its baseline alike."""
