@@ -113,7 +113,12 @@ def test_sync_two_workers_equals_single_process_gradient_averaging(
 def test_without_batch_norm_two_batches_of_b_equal_one_batch_of_2b(
     mesh: Mesh, cifar_dir: Path
 ) -> None:
-    config = lab(cifar_dir)
+    # Two batches of b and one of 2b round differently in float32 (~1e-6 per step). At the
+    # reference rate 0.1 the un-normalized ResNet's loss oscillates (3.9 -> 2.5 -> 3.1), ReLUs
+    # near zero flip, and that rounding grows past 1e-4 in 5 steps or stays at 1e-7 depending
+    # on TensorFlow's thread count; at 0.02 it trains smoothly and the comparison is about the
+    # averaging, not about chaos.
+    config = lab(cifar_dir).replace(learning_rate=0.02)
     distributed, _ = run_distributed(mesh, config, batch_norm=False)
     expected = reference(config, batch_norm=False, concatenate=True)
 
