@@ -27,6 +27,8 @@ import numpy as np
 import keras
 import tensorflow as tf
 
+if int(sys.argv[4]):  # the evaluating process's thread count: the same kernels, the same sums
+    tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[4]))
 folder, images, labels = sys.argv[1], np.load(sys.argv[2]), np.load(sys.argv[3])
 model = keras.models.load_model(f"{folder}/model.keras")
 probs = model.predict(images, batch_size=256, verbose=0)
@@ -83,9 +85,12 @@ def test_plain_keras_loads_the_owner_model_and_gets_the_reported_accuracy(
     data = load_cifar10(cifar_dir)
     np.save(tmp_path / "images.npy", data.test_images)
     np.save(tmp_path / "labels.npy", data.test_labels)
+    import tensorflow as tf
+
+    threads = tf.config.threading.get_intra_op_parallelism_threads()
     result = subprocess.run(
         [sys.executable, "-I", "-c", LOAD_SCRIPT, str(run / "trusted-node"),
-         str(tmp_path / "images.npy"), str(tmp_path / "labels.npy")],
+         str(tmp_path / "images.npy"), str(tmp_path / "labels.npy"), str(threads)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
     )
 
