@@ -87,6 +87,22 @@ class Evaluation:
     predictions: npt.NDArray[np.int64]
     num_samples: int
 
+    @classmethod
+    def of_log_probabilities(
+        cls, log_probs: npt.NDArray[np.float64], labels: npt.NDArray[np.int64]
+    ) -> Evaluation:
+        """Mean cross-entropy, accuracy and predicted classes from per-class log-probabilities
+        (the trainer's logits, or the owner's model's probabilities, in log space)."""
+        if len(labels) == 0:
+            return cls(0.0, 0.0, np.zeros(0, np.int64), 0)
+        predictions = log_probs.argmax(axis=1).astype(np.int64)
+        return cls(
+            loss=float(-log_probs[np.arange(len(labels)), labels].mean()),
+            accuracy=float(np.mean(predictions == labels)),
+            predictions=predictions,
+            num_samples=len(labels),
+        )
+
 
 class ResNet:
     """A built ResNet v1 for CIFAR with numpy-dict access to its weights and gradients.
@@ -405,13 +421,7 @@ class ResNet:
         logits = self.predict_logits(images, batch_size).astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        predictions = logits.argmax(axis=1).astype(np.int64)
-        return Evaluation(
-            loss=float(-log_probs[np.arange(len(labels)), labels].mean()),
-            accuracy=float(np.mean(predictions == labels)),
-            predictions=predictions,
-            num_samples=len(labels),
-        )
+        return Evaluation.of_log_probabilities(log_probs, labels)
 
     # ----------------------------------------------------------------- the owner's model
 

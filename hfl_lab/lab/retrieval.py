@@ -227,14 +227,7 @@ def evaluate_checkpoint(config: LabConfig, payload: bytes) -> tuple[Any, Any, An
     probs = np.asarray(owner_model.predict(data.test_images, batch_size=256, verbose=0),
                        dtype=np.float64)
     labels = np.asarray(data.test_labels, dtype=np.int64)
-    predictions = probs.argmax(axis=1).astype(np.int64)
-    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
-    evaluation = Evaluation(
-        loss=float(-np.log(picked).mean()) if len(labels) else 0.0,
-        accuracy=float(np.mean(predictions == labels)) if len(labels) else 0.0,
-        predictions=predictions,
-        num_samples=len(labels),
-    )
+    evaluation = Evaluation.of_log_probabilities(np.log(np.clip(probs, 1e-12, 1.0)), labels)
     return evaluation, data, owner_model
 
 
