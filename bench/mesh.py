@@ -358,7 +358,7 @@ def startup(ctx: BenchContext) -> Measurement:
                               fix="put it in ../shared/data/cifar-10-subset.")
         # warm the page cache: the first launch after a build reads every module from disk
         subprocess.run([sys.executable, "-c", "import trainer.run, trainer.serving, "
-                        "hfl_lab.trust.__main__"], cwd=root, check=True,
+                        "trainer.trust_td"], cwd=root, check=True,
                        env=_participant_env(lab.threads, root))
         runs: dict[str, list[Startup]] = {"plain": [], "attested": []}
         order = ("plain", "attested") if ctx.quick else ("plain", "attested", "attested",

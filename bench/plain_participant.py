@@ -21,7 +21,7 @@ from typing import Any
 
 
 def _trust(args: dict[str, Any], emitter: Any) -> None:
-    import hfl_lab.trust.__main__  # noqa: F401 - the trust TD's own modules
+    import trainer.trust_td  # noqa: F401 - the trust TD's own modules
     from hfl_lab.tee.policy import AttestationPolicy
     from hfl_lab.trust.service import TrustService, serve
     from trainer.settings import ParticipantConfig

@@ -1,4 +1,4 @@
-"""``python -m trainer ps|worker --config FILE``: one participant of a lab run."""
+"""``python -m trainer ps|worker|trust --config FILE``: one participant of a lab run."""
 
 import sys
 

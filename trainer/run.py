@@ -1,4 +1,4 @@
-"""Process entry points: ``python -m trainer ps|worker --config FILE``.
+"""Process entry points: ``python -m trainer ps|worker|trust --config FILE``.
 
 Each prints lab events as JSON lines on stdout, logs on stderr, and exits with 0 when its part of
 the training is done, 1 on an error it can name (one line, with the fix), 3 when its launcher went
@@ -29,6 +29,7 @@ from trainer.participant import (
     read_bootstrap,
 )
 from trainer.settings import ParticipantConfig
+from trainer.trust_td import add_trust_parser, run_trust
 
 if TYPE_CHECKING:
     from hfl_lab.trust.client import TrustClient
@@ -41,7 +42,8 @@ log = logging.getLogger("trainer")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer",
-        description="A participant of an HFL-TDX Lab run (parameter server or worker).",
+        description="A participant of an HFL-TDX Lab run (parameter server, worker or the "
+        "trust service).",
     )
     sub = parser.add_subparsers(dest="role", required=True)
     ps = sub.add_parser("ps", help="the parameter server (ps0)")
@@ -53,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="a worker (worker<N>)")
     worker.add_argument("--index", type=int, required=True, help="worker index N (0-based)")
     worker.add_argument("--config", required=True, help="the run's participant config file")
+    add_trust_parser(sub)
     return parser
 
 
@@ -60,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(args_list)
     configure_logging()
-    role = "ps0" if args.role == "ps" else f"worker{args.index}"
+    role = {"ps": "ps0", "trust": "trust"}.get(args.role) or f"worker{args.index}"
     emitter = Emitter(role)
     stop = threading.Event()
 
@@ -72,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.role == "ps":
             return run_ps(args, args_list, emitter, stop)
+        if args.role == "trust":
+            return run_trust(args, args_list, emitter, stop)
         if args.index < 0:
             raise ConfigError(f"--index must be >= 0, got {args.index}.", fix="use 0..workers-1.")
         return run_worker(args, args_list, emitter)

@@ -8,7 +8,7 @@ attested TD that asked for it: the PS, to write checkpoints, and the owner's tru
 retrieve the model.
 
 On a cluster the owner's machine cannot reach the trust service, so the passphrase is born in
-the trust service's own TD instead (``python -m hfl_lab.trust serve --volume-policy``, see
+the trust service's own TD instead (``python -m trainer trust --volume-policy``, see
 :func:`release_policy_from`), and ps0 creates the volume in its pod at its first start with the
 passphrase released to it (``open_vault_for_ps(create_size_mb=...)``). Either way nobody outside
 the key broker and an attested TD ever holds it; the owner reaches it afterwards through the

@@ -3,7 +3,7 @@ descriptors or threads in ps0, and ps0's step throughput.
 
 Every TD in this test is a SIMULATED TD (lab-local attestation keys; never secure). ps0 and the
 trust service are the real processes, launched by the local backend exactly as in a lab run
-(``python -m trainer ps --config ... --exit-when-done`` and ``python -m hfl_lab.trust serve``).
+(``python -m trainer ps --config ... --exit-when-done`` and ``python -m trainer trust``).
 The 32 workers are simulated worker TDs in this test process, one thread each (32 processes
 that each import TensorFlow would not fit on 2 cores): each has its own evidence for its role
 ``workerN``, attests to the trust service for its own mesh certificate, opens its own

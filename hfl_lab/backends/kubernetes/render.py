@@ -14,7 +14,7 @@ is derived from that same document and from the command lines the rendered pods 
 (:mod:`.measure`), as the local backend derives its own.
 
 Container contract (what the image must provide; see native/image/):
-  trust service  ``python -m hfl_lab.trust serve --config C --policy P --port 50060``
+  trust service  ``python -m trainer trust --config C --policy P --port 50060``
   ps0            ``python -m trainer ps --config /etc/hfl-lab/config.yaml``
   worker i       ``python -m trainer worker --index i --config /etc/hfl-lab/config.yaml``
   all through /opt/hfl-lab/entrypoint.sh; policy at /etc/hfl-lab/policy/policy.yaml; env

@@ -207,7 +207,7 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
         document = ParticipantConfig.load(self.config_path).measured()
         config = str(self.config_path)
         commands = {
-            "trust": ["hfl_lab.trust", "serve", "--config", config, "--policy",
+            "trust": ["trainer", "trust", "--config", config, "--policy",
                       str(self.policy_path), "--port", str(trust_port),
                       "--state", str(self.trust_state_path)],
             "ps0": ["trainer", "ps", "--config", config, "--exit-when-done"],

@@ -1,0 +1,105 @@
+"""``python -m trainer trust --config FILE --policy FILE --port N``: the trust service's TD.
+
+The trust service (:mod:`hfl_lab.trust`) is TD runtime; this is the process around it, as the
+workload image runs it, next to ``python -m trainer ps|worker``. Its own RA-TLS certificate binds
+its in-memory key to its TD evidence, so clients verify it before handing it anything. The admin
+credential (and, for a simulated TD, the lab platform's keys) arrive on stdin from the launcher,
+or in a pod from the tmpfs Secret volume that ``$HFL_LAB_BOOTSTRAP_FILE`` names (see
+:func:`trainer.participant.read_bootstrap`). Events (verdicts, audit records, lifecycle) go to
+stdout as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from hfl_lab._exceptions import ConfigError
+from hfl_lab.owner import sealing_key
+from hfl_lab.tee.policy import AttestationPolicy
+from hfl_lab.trust.broker import DEFAULT_APP_ID
+from hfl_lab.trust.service import TrustService, serve
+from hfl_lab.vault.keyrelease import VOLUME_SECRET_NAME, check_release_policy
+from hfl_lab.vault.model_vault import new_passphrase
+from trainer.participant import Emitter, Participant, measured_argv, read_bootstrap
+from trainer.settings import ParticipantConfig
+
+__all__ = ["add_trust_parser", "run_trust"]
+
+
+def add_trust_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = sub.add_parser("trust", help="the trust service: attest participants, issue mesh "
+                         "certificates, release secrets")
+    run.add_argument("--config", required=True, help="the run's participant config file")
+    run.add_argument("--policy", required=True, help="the owner's attestation policy (YAML)")
+    run.add_argument("--port", type=int, default=50060, help="TLS port (0 = any free port)")
+    run.add_argument("--host", default=None,
+                     help="listen address (default: from trust_address in the config)")
+    run.add_argument("--state", default=None,
+                     help="seal the policy and the registered secrets into this file (sealed "
+                     "under a key derived from the admin credential), and resume from it when "
+                     "it exists: a restarted service still releases the volume passphrase")
+    run.add_argument("--volume-policy", default=None,
+                     help="generate the model volume's passphrase here, in this TD, and "
+                     "register it under this release policy (YAML) for ps0, which creates the "
+                     "volume (the cluster way; needs --state, the owner's way to it later)")
+
+
+def run_trust(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
+              stop: threading.Event) -> int:
+    config = ParticipantConfig.load(args.config)
+    policy = AttestationPolicy.load(args.policy)
+    boot = read_bootstrap()
+    emitter.lifecycle("starting")
+    if boot.admin_token is None:
+        raise ConfigError(
+            "no admin credential came on stdin (or in $HFL_LAB_BOOTSTRAP_FILE).",
+            fix="start the trust service through a backend, which hands it the owner's "
+            "credential over a pipe (local) or a Secret volume (kubernetes).",
+        )
+    me = Participant("trust", config, measured_argv("trainer", args_list), boot, emitter,
+                     policy=policy)
+    service = TrustService(
+        policy=policy,
+        admin_token=boot.admin_token,
+        lab_root_der=boot.platform.root_der if boot.platform else None,
+        on_event=emitter.emit,
+        cert_lifetime_s=config.lab.cert_lifetime_s,
+        state_path=Path(args.state) if args.state else None,
+        owner_key=sealing_key(boot.admin_token) if args.state else None,
+    )
+    if args.volume_policy:
+        _generate_volume_passphrase(service, Path(args.volume_policy), emitter)
+    me.identity.make_certificate(me.provider, subject_cn="trust", role="trust")
+    address_host = config.deployment.trust_address.rpartition(":")[0]
+    # A pod listens on every interface behind its Service; a local run on its loopback address.
+    local = address_host[:1].isdigit() or address_host == "localhost"
+    host = args.host or (address_host if local else "0.0.0.0")  # noqa: S104
+    server, port = serve(service, me.identity.certificate_pem, me.identity.private_key_pem(),
+                         host=host, port=args.port)
+    emitter.lifecycle("ready", detail=f"serving on {host}:{port}", port=port)
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop(1).wait()
+    emitter.lifecycle("exited", detail=f"issued {service.issued} mesh certificates")
+    return 0
+
+
+def _generate_volume_passphrase(service: TrustService, policy_file: Path,
+                                emitter: Emitter) -> None:
+    """The model volume's passphrase, born in this TD (unless the sealed state has it)."""
+    release = AttestationPolicy.load(policy_file)
+    check_release_policy(release)
+    made = service.generate_secret(DEFAULT_APP_ID, VOLUME_SECRET_NAME, release, new_passphrase)
+    emitter.log(
+        "model volume passphrase "
+        + ("generated in this TD and registered for "
+           f"{', '.join(sorted(release.roles)) or 'the PS'} only; sealed for the owner"
+           if made else "kept from the sealed state (a volume may already use it)")
+    )
