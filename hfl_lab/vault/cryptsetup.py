@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -82,6 +83,35 @@ def format_volume(
     else:
         args += ["--iter-time", str(iter_time_ms)]
     _run([*args, str(path)], passphrase, f"format {path.name} as LUKS{luks_version}")
+
+
+def create_volume_file(
+    path: Path,
+    passphrase: bytes,
+    size_mb: int,
+    *,
+    luks_version: int,
+    kdf_iterations: int | None,
+    iter_time_ms: int,
+) -> int:
+    """Create ``path`` (never an existing file), ``size_mb`` long and owner-only, and LUKS-format
+    it; returns its open read-write descriptor. On any failure nothing is left behind."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise VaultError(
+            f"{path} already exists; a vault is never overwritten.",
+            fix="choose a new path or delete the old volume first.",
+        ) from None
+    try:
+        os.ftruncate(fd, size_mb * 1024 * 1024)
+        format_volume(path, passphrase, luks_version=luks_version,
+                      kdf_iterations=kdf_iterations, iter_time_ms=iter_time_ms)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    return fd
 
 
 def passphrase_opens(path: Path, passphrase: bytes) -> bool:

@@ -18,8 +18,8 @@ from pathlib import Path
 from hfl_lab._exceptions import VaultError
 from hfl_lab.vault.cryptsetup import (
     close_mapping,
+    create_volume_file,
     dump_volume_key,
-    format_volume,
     open_mapping,
 )
 from hfl_lab.vault.files import DirectoryFiles, Write
@@ -102,25 +102,9 @@ class KernelVolume:
         iter_time_ms: int = 500,
         durable: bool = True,
     ) -> KernelVolume:
+        os.close(create_volume_file(path, passphrase, size_mb, luks_version=luks_version,
+                                    kdf_iterations=kdf_iterations, iter_time_ms=iter_time_ms))
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            raise VaultError(
-                f"{path} already exists; a vault is never overwritten.",
-                fix="choose a new path or delete the old volume first.",
-            ) from None
-        try:
-            os.ftruncate(fd, size_mb * 1024 * 1024)
-        finally:
-            os.close(fd)
-        try:
-            format_volume(
-                path,
-                passphrase,
-                luks_version=luks_version,
-                kdf_iterations=kdf_iterations,
-                iter_time_ms=iter_time_ms,
-            )
             return cls._attach(path, passphrase, writable=True, durable=durable, make_fs=True)
         except BaseException:
             path.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from hfl_lab._exceptions import VaultError
 from hfl_lab.vault import journal
-from hfl_lab.vault.cryptsetup import format_volume
+from hfl_lab.vault.cryptsetup import create_volume_file
 from hfl_lab.vault.ext4_image import Ext4Image, check_path, memfd_with
 from hfl_lab.vault.files import Data, Write, materialize
 from hfl_lab.vault.luks_header import LuksHeader, read_header
@@ -116,22 +116,9 @@ class UserspaceVolume:
         durable: bool = True,
     ) -> UserspaceVolume:
         """Format ``path`` (which must not exist) and put an empty ext4 file system in it."""
+        fd = create_volume_file(path, passphrase, size_mb, luks_version=luks_version,
+                                kdf_iterations=kdf_iterations, iter_time_ms=iter_time_ms)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            raise VaultError(
-                f"{path} already exists; a vault is never overwritten.",
-                fix="choose a new path or delete the old volume first.",
-            ) from None
-        try:
-            os.ftruncate(fd, size_mb * 1024 * 1024)
-            format_volume(
-                path,
-                passphrase,
-                luks_version=luks_version,
-                kdf_iterations=kdf_iterations,
-                iter_time_ms=iter_time_ms,
-            )
             volume = cls._unlock(path, fd, passphrase, writable=True, durable=durable)
         except BaseException:
             os.close(fd)
