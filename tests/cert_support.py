@@ -6,10 +6,9 @@ import datetime as dt
 from collections.abc import Sequence
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from hfl_lab import _x509 as x509_steps
 from hfl_lab.ratls import evidence_ext as ext
 
 
@@ -23,20 +22,8 @@ def self_signed(
 ) -> x509.Certificate:
     """A self-signed certificate for ``key`` (a fresh P-256 key by default), no CA involved."""
     key = key or ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - valid_since)
-        .not_valid_after(now + valid_for)
-    )
-    for extension in extensions:
-        builder = builder.add_extension(extension, critical=False)
-    return builder.sign(key, hashes.SHA256())
+    return x509_steps.self_signed(key, x509_steps.common_name(cn), valid_since=valid_since,
+                                  valid_for=valid_for, extensions=extensions)
 
 
 def dice_value(cert: x509.Certificate) -> bytes:

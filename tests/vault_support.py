@@ -9,11 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from hfl_lab._x509 import common_name, self_signed
 from hfl_lab.vault import ModelVault, ProvenanceEntry, new_passphrase
 
 # PBKDF2 at the LUKS minimum keeps each open at milliseconds; the passphrase is random anyway.
@@ -40,18 +39,8 @@ def make_vault(path: Path, passphrase: bytes | None = None, **options: object) -
 def ps_identity(name: str = "ps0") -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     """A P-384 key and a self-signed certificate PEM standing in for the PS's attested key."""
     key = ec.generate_private_key(ec.SECP384R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA384())
-    )
+    cert = self_signed(key, common_name(name), valid_since=dt.timedelta(0),
+                       algorithm=hashes.SHA384())
     return key, cert.public_bytes(serialization.Encoding.PEM)
 
 

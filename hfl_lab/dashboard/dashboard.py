@@ -8,9 +8,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TextIO
 
+from hfl_lab._resources import ClosingContext
 from hfl_lab.dashboard import frontend
 from hfl_lab.dashboard._files import event_line, write_json_atomic
 from hfl_lab.dashboard.figures import (
@@ -27,7 +27,7 @@ from hfl_lab.events import LabEvent
 __all__ = ["Dashboard"]
 
 
-class Dashboard:
+class Dashboard(ClosingContext):
     """Live loss, step time and attestation matrix of one run, also written to ``run_dir``.
 
     ``feed`` each event of the backend's stream; the view refreshes at most every
@@ -188,17 +188,6 @@ class Dashboard:
             self._progress.close(ok=not failed)
             if not self.interactive:
                 print(self.summary(), file=self._stream, flush=True)
-
-    def __enter__(self) -> Dashboard:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ internals
 

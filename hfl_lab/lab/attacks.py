@@ -23,20 +23,24 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from hfl_lab._exceptions import AttestationError, ConfigError, PolicyViolation
+from hfl_lab._x509 import self_signed
+from hfl_lab.attestation import verify_endpoint
 from hfl_lab.events import LabEvent
 from hfl_lab.lab.notebook import Table, TableReport
 from hfl_lab.lab.trust import LabTrustService, VerdictView
 from hfl_lab.ratls import evidence_ext
 from hfl_lab.ratls.binding import spki_der
+from hfl_lab.ratls.peer import fetch_server_certificate
 from hfl_lab.tee.sim.measure import measure_workload, source_files
-from hfl_lab.tee.verdict import Verdict
+from hfl_lab.tee.verdict import Check, Verdict
 from hfl_lab.trust.broker import DEFAULT_APP_ID
 from hfl_lab.trust.client import TrustClient
-from hfl_lab.trust.service import event_for
+from hfl_lab.trust.proto import trust_pb2 as pb
+from hfl_lab.trust.service import TrustService, event_for, serve
 from hfl_lab.vault.keyrelease import VOLUME_SECRET_NAME
 
 __all__ = [
@@ -144,7 +148,6 @@ def _refused_by_trust(
 
 def _last_verdict(trust: LabTrustService, since: int) -> Verdict | None:
     """The trust service's verdict event after ``since``, as a Verdict (for the table)."""
-    from hfl_lab.tee.verdict import Check
 
     for event in reversed(trust.events[since:]):
         if event.kind == "attestation":
@@ -208,24 +211,10 @@ def _mitm_certificate(genuine: x509.Certificate) -> tuple[bytes, bytes]:
     """The attacker's own key, in a certificate that copies the genuine RA-TLS evidence."""
     key = ec.generate_private_key(ec.SECP256R1())
     evidence = genuine.extensions.get_extension_for_oid(evidence_ext.DICE_EVIDENCE_OID).value
-    name = genuine.subject
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("trust"), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(evidence, critical=False)
-        .sign(key, hashes.SHA256())
+    cert = self_signed(
+        key, genuine.subject, valid_for=dt.timedelta(hours=1),
+        extensions=[x509.SubjectAlternativeName([x509.DNSName("trust"), x509.DNSName("localhost")]),
+                    evidence],
     )
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -236,9 +225,6 @@ def _mitm_certificate(genuine: x509.Certificate) -> tuple[bytes, bytes]:
 
 def mitm_server(trust: LabTrustService) -> AttackOutcome:
     """A server in the middle presents the trust service's genuine evidence with its own key."""
-    from hfl_lab.attestation import verify_endpoint
-    from hfl_lab.ratls.peer import fetch_server_certificate
-    from hfl_lab.trust.service import TrustService, serve
 
     host, _, port = trust.address.rpartition(":")
     genuine = fetch_server_certificate(host, int(port))
@@ -275,7 +261,6 @@ def mitm_server(trust: LabTrustService) -> AttackOutcome:
 
 def unattested_key_request(trust: LabTrustService, role: str = "owner") -> AttackOutcome:
     """A client with no TD evidence at all asks the key broker for the volume key."""
-    from hfl_lab.trust.proto import trust_pb2 as pb
 
     secret = f"{DEFAULT_APP_ID}/{VOLUME_SECRET_NAME}"
     attempt = f"a client without attestation asks for {secret} as {role}"

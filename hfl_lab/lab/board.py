@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from hfl_lab._resources import ClosingContext
 from hfl_lab.dashboard import frontend
 from hfl_lab.dashboard._files import event_line, write_json_atomic
 from hfl_lab.dashboard.figures import AttestationFigure, save_png
 from hfl_lab.dashboard.state import RunState
-from hfl_lab.dashboard.text import attestation_line, event_text
+from hfl_lab.dashboard.text import attestation_line, event_text, matrix_text
 from hfl_lab.events import LabEvent
 from hfl_lab.lab.notebook import show
 
 __all__ = ["AttestationBoard"]
 
 
-class AttestationBoard:
+class AttestationBoard(ClosingContext):
     """Live attestation matrix of a set of verifications, also written to ``folder``."""
 
     def __init__(self, folder: str | Path, *, interactive: bool | None = None) -> None:
@@ -91,21 +91,8 @@ class AttestationBoard:
             self.save()
             self._events.close()
 
-    def __enter__(self) -> AttestationBoard:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def show_matrix(self) -> None:
         """Show the final matrix as text (headless) — the figure is already in the output."""
-        from hfl_lab.dashboard.text import matrix_text
-
         if not self.interactive:
             show(_Text(matrix_text(self.state.to_metrics()["attestation_matrix"])))
 

@@ -14,10 +14,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+import grpc
+
 from hfl_lab._exceptions import AttestationError
+from hfl_lab._resources import ClosingContext
+from hfl_lab.attestation import render_verdict, verify_endpoint
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
 from hfl_lab.lab.notebook import Table, TableReport
@@ -29,7 +32,14 @@ from hfl_lab.tee.sim.platform import SimulatedPlatform
 from hfl_lab.tee.verdict import Verdict
 from hfl_lab.trust.broker import DEFAULT_APP_ID
 from hfl_lab.trust.client import TrustClient
-from hfl_lab.vault.keyrelease import OWNER_ROLE, VOLUME_SECRET_NAME
+from hfl_lab.trust.service import TrustService, event_for, serve
+from hfl_lab.vault.keyrelease import (
+    OWNER_ROLE,
+    VOLUME_SECRET_NAME,
+    open_vault_for_ps,
+    provision_vault,
+    volume_release_policy,
+)
 
 __all__ = [
     "OWNER_ROLE",
@@ -56,8 +66,6 @@ class VerdictView:
         self.title = title
 
     def __repr__(self) -> str:
-        from hfl_lab.attestation import render_verdict
-
         head = f"{self.title}\n" if self.title else ""
         return head + render_verdict(self.verdict)
 
@@ -69,7 +77,7 @@ class VerdictView:
 
 
 @dataclass
-class LabTrustService:
+class LabTrustService(ClosingContext):
     """The trust service running in a simulated TD of this process, and what the owner holds."""
 
     config: LabConfig
@@ -78,8 +86,8 @@ class LabTrustService:
     policy: AttestationPolicy
     admin_token: bytes
     address: str
-    service: Any
-    server: Any
+    service: TrustService
+    server: grpc.Server
     events: list[LabEvent] = field(default_factory=list)
     listeners: list[Callable[[LabEvent], None]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -103,7 +111,6 @@ class LabTrustService:
         With ``state_path`` and ``owner_key`` the service seals its policy and secrets there
         (what lets the owner's trusted node retrieve the model after the service stopped).
         """
-        from hfl_lab.trust.service import TrustService, serve
 
         platform = platform or SimulatedPlatform.generate()
         run = {"run_dir": str(Path(config.run_dir).resolve()), "workers": config.workers}
@@ -144,16 +151,7 @@ class LabTrustService:
     def stop(self) -> None:
         self.server.stop(0)
 
-    def __enter__(self) -> LabTrustService:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+    close = stop
 
     # -- events ----------------------------------------------------------------------------
 
@@ -189,8 +187,6 @@ class LabTrustService:
 
     def verify(self) -> Verdict:
         """The trust service's own attestation, checked the way ``hfl-lab attest endpoint`` does."""
-        from hfl_lab.attestation import verify_endpoint
-
         verdict = verify_endpoint(
             self.address,
             self.policy.replace(report_data_binding="key"),
@@ -199,7 +195,6 @@ class LabTrustService:
         )
         verdict.verifier = "lab"
         verdict.subject = TRUST_ROLE
-        from hfl_lab.trust.service import event_for
 
         self._publish(event_for(verdict))
         return verdict
@@ -218,8 +213,6 @@ class LabTrustService:
 
     def volume_release_policy(self) -> AttestationPolicy:
         """Who may receive the volume key: ps0's TD and the owner's trusted node, nobody else."""
-        from hfl_lab.vault.keyrelease import volume_release_policy
-
         return volume_release_policy(
             self.measurements["ps0"], self.measurements[OWNER_ROLE], base=self.policy
         )
@@ -303,8 +296,6 @@ def create_model_volume(trust: LabTrustService, folder: str | Path | None = None
     """Provision the LUKS volume (its passphrase goes to the key broker only), then open it as
     ps0 does: with the key the trust service releases to ps0's attested TD.
     """
-    from hfl_lab.vault.keyrelease import open_vault_for_ps, provision_vault
-
     where = Path(folder) if folder is not None else Path(trust.config.run_dir) / "trust"
     where.mkdir(parents=True, exist_ok=True)
     path = where / "model.luks"

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hfl_lab._exceptions import AttestationError, ConfigError
+from hfl_lab._x509 import certificate_builder, common_name
 from hfl_lab.ratls import evidence_ext as ext
 from hfl_lab.ratls.binding import claims_binding, key_binding, spki_der, spki_hash
 from hfl_lab.tee.evidence import Evidence, EvidenceProvider
@@ -96,15 +97,10 @@ class RaTlsIdentity:
             spki_hash(spki), nonce=challenge, lab=ext.lab_claims(evidence, role)
         )
         now = dt.datetime.now(dt.UTC)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
+        name = common_name(subject_cn)
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(seconds=60))
-            .not_valid_after(now + dt.timedelta(seconds=validity_s))
+            certificate_builder(name, name, self.public_key, now - dt.timedelta(seconds=60),
+                                now + dt.timedelta(seconds=validity_s))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from hfl_lab._exceptions import AttestationError, PolicyViolation
+from hfl_lab._resources import ClosingContext
 from hfl_lab.ratls.binding import key_binding
 from hfl_lab.ratls.certificate import RaTlsIdentity, verify_certificate
 from hfl_lab.ratls.peer import fetch_server_certificate
@@ -19,6 +20,7 @@ from hfl_lab.tee.evidence import Evidence, EvidenceProvider
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.verdict import Verdict
 from hfl_lab.tee.verifier import Verifier
+from hfl_lab.trust.broker import release_context
 from hfl_lab.trust.proto import trust_pb2 as pb
 from hfl_lab.trust.proto import trust_pb2_grpc as rpc
 from hfl_lab.trust.service import admin_metadata
@@ -53,7 +55,7 @@ def _pinned_channel(address: str, cert: x509.Certificate) -> grpc.Channel:
     )
 
 
-class TrustClient:
+class TrustClient(ClosingContext):
     """Talks to a trust service only after its RA-TLS evidence satisfied ``policy``."""
 
     def __init__(self, address: str, channel: grpc.Channel, verdict: Verdict) -> None:
@@ -71,7 +73,7 @@ class TrustClient:
         lab_root_der: bytes | None = None,
         role: str | None = None,
         verifier_name: str = "lab",
-        on_verdict: Any = None,
+        on_verdict: Callable[[Verdict], None] | None = None,
     ) -> TrustClient:
         host, _, port = address.rpartition(":")
         cert = fetch_server_certificate(host, int(port))
@@ -93,12 +95,6 @@ class TrustClient:
 
     def close(self) -> None:
         self.channel.close()
-
-    def __enter__(self) -> TrustClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- participants ------------------------------------------------------------------------
 
@@ -124,8 +120,6 @@ class TrustClient:
         identity: RaTlsIdentity | None = None,
     ) -> bytes:
         """Obtain a secret through attested key release; it is unwrapped in this process only."""
-        from hfl_lab.trust.broker import release_context
-
         identity = identity or RaTlsIdentity()
         nonce, evidence = self._bound_evidence(role, provider, identity)
         reply = self._call(

@@ -9,8 +9,9 @@ import ipaddress
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from hfl_lab._x509 import certificate_builder, common_name
 from hfl_lab.ratls import evidence_ext as ext
 from hfl_lab.ratls.binding import spki_hash
 from hfl_lab.tee.evidence import Evidence
@@ -24,20 +25,10 @@ class MeshCA:
     def __init__(self, lab_name: str = "hfl-lab") -> None:
         self._key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
-        name = x509.Name(
-            [
-                x509.NameAttribute(NameOID.COMMON_NAME, f"{lab_name} mesh CA"),
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
-            ]
-        )
+        name = common_name(f"{lab_name} mesh CA", ORG)
         self.certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=7))
+            certificate_builder(name, name, self._key.public_key(),
+                                now - dt.timedelta(minutes=5), now + dt.timedelta(days=7))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -85,20 +76,9 @@ class MeshCA:
         claims = ext.encode_claims(spki_hash(spki), nonce=nonce, lab=ext.lab_claims(lean, role))
         now = dt.datetime.now(dt.UTC)
         return (
-            x509.CertificateBuilder()
-            .subject_name(
-                x509.Name(
-                    [
-                        x509.NameAttribute(NameOID.COMMON_NAME, role),
-                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
-                    ]
-                )
-            )
-            .issuer_name(self.certificate.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(seconds=30))
-            .not_valid_after(now + dt.timedelta(seconds=lifetime_s))
+            certificate_builder(common_name(role, ORG), self.certificate.subject, public_key,
+                                now - dt.timedelta(seconds=30),
+                                now + dt.timedelta(seconds=lifetime_s))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage(

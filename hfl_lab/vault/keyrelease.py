@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from hfl_lab._exceptions import AttestationError, HflLabError, PolicyViolation, VaultError
+from hfl_lab.owner import unsealing_failed
 from hfl_lab.tee.evidence import EvidenceProvider
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.trust.broker import DEFAULT_APP_ID
+from hfl_lab.trust.sealed import unseal_state
 from hfl_lab.vault.luks_header import LuksHeader, read_header
 from hfl_lab.vault.model_vault import ModelVault, PathKind, choose_data_path, new_passphrase
 from hfl_lab.vault.owner_open import RetrievedModel, retrieve_model
@@ -398,9 +400,6 @@ def _attested_release(
 
 
 def _from_sealed_state(credential: SealedBrokerState, secret_name: str) -> bytes:
-    from hfl_lab.owner import unsealing_failed
-    from hfl_lab.trust.sealed import unseal_state
-
     try:
         state = unseal_state(credential.state_path, credential.owner_key)
     except AttestationError:

@@ -15,10 +15,10 @@ import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 from hfl_lab._exceptions import VaultError
+from hfl_lab._resources import ClosingContext
 from hfl_lab.vault.archive import CheckpointArchive
 from hfl_lab.vault.checkpoints import Checkpoint, CheckpointInfo
 from hfl_lab.vault.files import VolumeFiles
@@ -64,7 +64,7 @@ def choose_data_path(path_kind: PathKind) -> Literal["kernel", "userspace"]:
     return path_kind
 
 
-class ModelVault:
+class ModelVault(ClosingContext):
     """A LUKS volume holding checkpoints (MAC-protected) and their signed provenance log."""
 
     def __init__(
@@ -159,17 +159,6 @@ class ModelVault:
     def close(self) -> None:
         with self._lock:
             self._volume.close()
-
-    def __enter__(self) -> ModelVault:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- properties ------------------------------------------------------------------------
 

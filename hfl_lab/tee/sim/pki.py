@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from hfl_lab._x509 import certificate_builder
 from hfl_lab.tee.sgx_extension import SGX_EXTENSION_OID, PckExtension
 
 # Every name says "SIMULATED" so that no report, log or certificate viewer can mistake it
@@ -32,15 +33,8 @@ def _builder(
     not_before: dt.datetime,
     not_after: dt.datetime,
 ) -> x509.CertificateBuilder:
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    return certificate_builder(subject, issuer, public_key, not_before, not_after).add_extension(
+        x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False
     )
 
 
