@@ -46,7 +46,7 @@ proto: $(STAMP)
 
 lint: install
 	$(VENV)/bin/ruff check hfl_lab trainer tests bench notebooks
-	$(VENV)/bin/mypy hfl_lab trainer bench
+	$(VENV)/bin/mypy hfl_lab trainer bench tests
 	$(VENV)/bin/lint-imports --no-cache
 
 test: lint
@@ -61,7 +61,7 @@ run: install
 bench: install
 	$(PY) -m bench
 
-# The reliability and security suite; its figures (R1-R7, shared/docs/BENCH.md) go to
+# The reliability and security suite; its figures (R1-R8, shared/docs/BENCH.md) go to
 # bench/reliability.json. `make test` runs the same tests without writing the report.
 reliability: install
 	rm -f bench/reliability.json

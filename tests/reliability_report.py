@@ -1,4 +1,4 @@
-"""The reliability suite's figures: ``bench/reliability.json``, ids R1–R7 (shared/docs/BENCH.md).
+"""The reliability suite's figures: ``bench/reliability.json``, ids R1–R8 (shared/docs/BENCH.md).
 
 Each test of the suite records its cases here with :func:`record`. When
 ``HFL_LAB_RELIABILITY_REPORT`` names a file (``make reliability`` sets it to
@@ -23,6 +23,7 @@ REPORT_ENV = "HFL_LAB_RELIABILITY_REPORT"
 SUMMED = (
     "accepted_mutated", "certificates_issued", "checkpoints_verified", "corrupt_checkpoints",
     "crashes", "hangs", "secrets_released", "steps_lost", "tensors_exchanged",
+    "certificates_wrongly_issued", "poisoned_commits", "code_executed",
 )
 
 WHAT = {
@@ -33,6 +34,8 @@ WHAT = {
     "R5": "disk full and read-only run folder",
     "R6": "secrets found in the run folder, logs and notebook outputs",
     "R7": "load: simulated workers against one PS",
+    "R8": "attacks by a host or cluster admin, a storage admin, an attested worker and an "
+    "unauthenticated client",
 }
 
 

@@ -24,9 +24,12 @@ from hfl_lab.trust.mesh import (
 )
 from hfl_lab.trust.service import TrustService, serve
 from tests.td_support import lab_policy, lab_verifier, provider
-from tests.test_trust_service import connect, start
+from tests.test_trust_service import Running, connect, start
 
 calls: list[str] = []
+
+#: the `mesh` fixture: trust service, ps0's credentials, its server, port and peer check
+Mesh = tuple[Running, MeshCredentials, grpc.Server, int, PeerCheck]
 
 
 def _echo(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -49,13 +52,13 @@ def ps_server(creds: MeshCredentials, verifier: Verifier) -> tuple[grpc.Server, 
 
 
 def call(channel: grpc.Channel) -> bytes:
-    method = channel.unary_unary("/test.Echo/Echo")
+    method = channel.unary_unary("/test.Echo/Echo", None, None)
     result: bytes = method(b"gradient", timeout=5)
     return result
 
 
 @pytest.fixture()
-def mesh(tmp_path: Path) -> Iterator[tuple[object, MeshCredentials, grpc.Server, int, PeerCheck]]:
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
     trust = start(tmp_path)
     with connect(trust) as client:
         ps = client.attest("ps0", provider("ps0"))
@@ -64,7 +67,7 @@ def mesh(tmp_path: Path) -> Iterator[tuple[object, MeshCredentials, grpc.Server,
     calls.clear()
     yield trust, ps, server, port, check
     server.stop(0)
-    trust.server.stop(0)  # type: ignore[attr-defined]
+    trust.server.stop(0)
 
 
 def _creds_channel(port: int, ca_pem: bytes, key_pem: bytes | None,
@@ -74,7 +77,7 @@ def _creds_channel(port: int, ca_pem: bytes, key_pem: bytes | None,
                                options=[("grpc.ssl_target_name_override", "ps0")])
 
 
-def test_attested_worker_reaches_the_handler(mesh: tuple) -> None:  # type: ignore[type-arg]
+def test_attested_worker_reaches_the_handler(mesh: Mesh) -> None:
     trust, _ps, _server, port, _check = mesh
     with connect(trust) as client:
         worker = client.attest("worker0", provider("worker0"))
@@ -89,7 +92,7 @@ def test_attested_worker_reaches_the_handler(mesh: tuple) -> None:  # type: igno
 
 @pytest.mark.parametrize("case", ["no_certificate", "self_signed_ratls", "foreign_ca"])
 def test_clients_without_a_mesh_certificate_fail_the_handshake(
-    mesh: tuple, tmp_path: Path, case: str  # type: ignore[type-arg]
+    mesh: Mesh, tmp_path: Path, case: str
 ) -> None:
     _trust, ps, _server, port, _check = mesh
     if case == "no_certificate":
@@ -114,7 +117,7 @@ def test_clients_without_a_mesh_certificate_fail_the_handshake(
 
 
 def test_wrong_role_and_wrong_measurements_are_denied_before_the_handler(
-    mesh: tuple,  # type: ignore[type-arg]
+    mesh: Mesh,
 ) -> None:
     trust, ps, _server, port, check = mesh
     service: TrustService = trust.service
@@ -168,13 +171,13 @@ def test_expired_mesh_certificate_fails_the_handshake(tmp_path: Path) -> None:
     assert calls == ["echo"]
 
 
-def test_client_refuses_a_mitm_server_before_sending(mesh: tuple) -> None:  # type: ignore[type-arg]
+def test_client_refuses_a_mitm_server_before_sending(mesh: Mesh) -> None:
     trust, _ps, _server, _port, _check = mesh
     with connect(trust) as client:
         worker = client.attest("worker0", provider("worker0"))
     impostor = RaTlsIdentity()
     impostor.make_certificate(provider("worker0"), subject_cn="ps0", role="ps0")
-    rogue, rogue_port = serve(trust.service, impostor.certificate_pem,  # type: ignore[attr-defined]
+    rogue, rogue_port = serve(trust.service, impostor.certificate_pem,
                               impostor.private_key_pem())
     verifier = lab_verifier()
     try:

@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
-from k8s_api_double import ApiDouble
 from kubernetes import client as k8s_client
 
 from hfl_lab import BackendError
 from hfl_lab.backends.base import Backend
-from hfl_lab.backends.kubernetes.api import ClusterApi
 from hfl_lab.backends.kubernetes.backend import KubernetesBackend, event_from_line, role_of_pod
+from hfl_lab.backends.kubernetes.cluster_api import ClusterApi
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 from hfl_lab.events import LabEvent
+from tests.k8s_api_double import ApiDouble
 
 NS = "lab-test"
 

@@ -14,14 +14,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from hfl_lab import ConfigError
+from hfl_lab import ConfigError, LabConfig
 from hfl_lab.backends.kubernetes import kustomize
 from hfl_lab.backends.kubernetes.kustomize import apply_patch
 from hfl_lab.backends.kubernetes.render import K8S_DIR, config_document, render, render_run
 from hfl_lab.backends.kubernetes.settings import OVERLAYS, ContainerResources, KubernetesSettings
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.sim.measure import measure_workload
-from trainer.settings import ParticipantConfig
+from trainer.participant_config import ParticipantConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -230,10 +230,10 @@ def test_ingress_passes_tls_through_and_network_policy_denies_by_default(tmp_pat
 
 def test_committed_overlays_match_kubectl_kustomize_when_available(tmp_path):
     """The sync guarantee: the Python build equals kustomize's for overlays and a run folder."""
-    if shutil.which("kustomize"):
-        cmd = [shutil.which("kustomize"), "build"]
-    elif shutil.which("kubectl"):
-        cmd = [shutil.which("kubectl"), "kustomize"]
+    if kustomize_bin := shutil.which("kustomize"):
+        cmd = [kustomize_bin, "build"]
+    elif kubectl_bin := shutil.which("kubectl"):
+        cmd = [kubectl_bin, "kustomize"]
     else:
         pytest.skip("neither kustomize nor kubectl is installed")
     key = lambda o: (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])  # noqa: E731
@@ -294,32 +294,24 @@ def test_settings_reject_bad_values(kw, match):
         KubernetesSettings(**kw)
 
 
-def test_settings_from_config_reads_attributes_by_name(tmp_path):
+def test_settings_from_lab_config(tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text("tee_type: TDX\nallow_simulated: false\n")
+    config = LabConfig(workers=4, namespace="lab-b", image="r.example.com/hfl:2",
+                       k8s_overlay="kata-qemu-tdx", kubeconfig="/tmp/kc", data_path="/srv/cifar",
+                       policy_path=str(policy), run_dir=str(tmp_path / "run"))
 
-    class FakeLabConfig:  # what LabConfig exposes, by name
-        workers = 4
-        namespace = "lab-b"
-        image = "r.example.com/hfl:2"
-        k8s_overlay = "kata-qemu-tdx"
-        kubeconfig = Path("/tmp/kc")
-        data_path = "/srv/cifar"
-        policy_path = policy
-        run_dir = tmp_path / "run"
-
-        def to_dict(self):
-            return {"workers": 4, "run_dir": self.run_dir}
-
-    s = KubernetesSettings.from_config(FakeLabConfig())
+    s = KubernetesSettings.from_config(config)
     assert (s.workers, s.namespace, s.overlay, s.kubeconfig) == (
         4,
         "lab-b",
         "kata-qemu-tdx",
         "/tmp/kc",
     )
+    assert s.policy_yaml is not None
     assert s.data_source == "hostpath:/srv/cifar" and "allow_simulated: false" in s.policy_yaml
     assert s.run_dir == tmp_path / "run" / "k8s" and s.lab_config == {
+        **config.to_dict(),
         "workers": 4,
         "run_dir": str(tmp_path / "run"),
     }

@@ -38,15 +38,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k8s_api_double import ApiDouble
 from kubernetes import client as k8s_client
 
 from hfl_lab._exceptions import VaultError
 from hfl_lab.backends.kubernetes import render as rendering
-from hfl_lab.backends.kubernetes.api import ClusterApi
 from hfl_lab.backends.kubernetes.backend import KubernetesBackend
+from hfl_lab.backends.kubernetes.cluster_api import ClusterApi
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 from hfl_lab.events import LabEvent
+from tests.k8s_api_double import ApiDouble
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +82,11 @@ def kubelet_env(container: dict[str, Any], pod_index: int) -> dict[str, str]:
             )
             env[item["name"]] = str(pod_index)
     return env
+
+
+def kubelet_args(container: dict[str, Any], env: dict[str, str]) -> list[str]:
+    """args as the kubelet passes them: $(VAR) expanded from the container's env."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in container["args"]]
 
 
 def materialize(
@@ -196,7 +201,7 @@ def test_rendered_runc_pods_train_with_every_participant_attested(
             materialize(pod, objects, tmpfs, cifar_dir)
             (container,) = pod["containers"]
             env = kubelet_env(container, index)
-            args = [re.sub(r"\$\((\w+)\)", lambda m, e=env: e[m[1]], a) for a in container["args"]]
+            args = kubelet_args(container, env)
             assert container["command"] == [ENTRYPOINT_IN_IMAGE]
             argv = ["bash", str(REPO / "native/image/entrypoint.sh"), *args]
             logs[role] = tmp_path / f"{role}.log"

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from vault_support import make_vault, needs_cryptsetup, weights
 
 from hfl_lab.vault import new_passphrase
 from hfl_lab.vault.cryptsetup import cryptsetup_binary, dump_volume_key, passphrase_opens
 from hfl_lab.vault.ext4_image import memfd_with
 from hfl_lab.vault.userspace import UserspaceVolume
+from tests.vault_support import make_vault, needs_cryptsetup, weights
 
 pytestmark = needs_cryptsetup
 

@@ -4,6 +4,7 @@ certificate's expiry; a participant whose fresh evidence fails is cut off when i
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -46,7 +47,8 @@ def test_renewed_participants_outlive_their_first_certificate_and_failed_ones_ar
         conns = {}
         for i in range(2):
             role = f"worker{i}"
-            connect_fn = channel_factory(address, lambda r=role: current[r], mesh.verifier(role))
+            creds = partial(current.__getitem__, role)  # this role's current credentials
+            connect_fn = channel_factory(address, creds, mesh.verifier(role))
             conns[role] = PsConnection(connect_fn())
             conns[role].register(role, i)
         for i, conn in enumerate(conns.values()):

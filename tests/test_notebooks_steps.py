@@ -9,16 +9,17 @@ import pytest
 
 from hfl_lab import BackendError
 from hfl_lab._exceptions import ApiError
+from hfl_lab.backends.kubernetes.cluster_api import ClusterApi
 from hfl_lab.config import LabConfig
 from hfl_lab.lab.coco import coco_stack, plan_coco_stack
 from hfl_lab.lab.sequence import LabRun, NotebookRun
 from hfl_lab.lab.summary import write_summary
 
 
-class FakeCluster:
+class FakeCluster(ClusterApi):
     """Answers GETs from a dict of path → object; anything else is a 404."""
 
-    def __init__(self, objects: dict[str, Any]) -> None:
+    def __init__(self, objects: dict[str, Any]) -> None:  # no API client: only get() is used
         self.objects = objects
 
     def get(self, path: str, query: Any = None) -> Any:

@@ -146,7 +146,7 @@ def test_the_trust_service_definition_lives_with_the_trust_service() -> None:
 
     assert Path(trust_pb2.__file__).parent == REPO / "hfl_lab" / "trust" / "proto"
     assert "TrustService" in trust_pb2.DESCRIPTOR.services_by_name
-    assert trust_pb2_grpc.TrustServiceStub
+    assert trust_pb2_grpc.TrustServiceStub is not None
     assert not (REPO / "trainer" / "proto" / "trust.proto").exists()
 
 

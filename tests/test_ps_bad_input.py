@@ -44,8 +44,8 @@ def good_update(model: ResNet, scale: float = 0.01) -> dict[str, np.ndarray]:
             for s in model_specs(model)}
 
 
-def header(version: int = 0, worker: str = "worker0", kind: int = pb.UPDATE_KIND_GRADIENTS,
-           **extra: Any) -> pb.StreamHeader:
+def header(version: int = 0, worker: str = "worker0",
+           kind: pb.UpdateKind = pb.UPDATE_KIND_GRADIENTS, **extra: Any) -> pb.StreamHeader:
     return pb.StreamHeader(kind=kind, model_version=version, worker_id=worker, num_samples=8,
                            **extra)
 

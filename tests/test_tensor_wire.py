@@ -153,7 +153,7 @@ def test_validation_still_applies_to_parsed_chunks() -> None:
     wire = [c.data for c in serialize_tensors(arrays, chunk_bytes=16 * KIB)]
 
     with pytest.raises(TensorValidationError, match="1 NaN/Inf"):
-        decode_tensors([parse_chunk(b) for b in wire], specs_of(arrays))
+            decode_tensors([parse_chunk(b) for b in wire], specs_of(arrays))
 
 
 def _varint(value: int) -> bytes:

@@ -133,7 +133,7 @@ def test_admin_api_refuses_unauthenticated_calls(trust: Running) -> None:
     with connect(trust) as client:
         with pytest.raises(PolicyViolation, match="credential"):
             client.install_policy(lab_policy(), os.urandom(32))
-        stub = rpc.TrustServiceStub(client.channel)  # type: ignore[no-untyped-call]
+        stub = rpc.TrustServiceStub(client.channel)
         with pytest.raises(grpc.RpcError) as err:
             stub.RegisterSecret(pb.RegisterSecretRequest(app_id="a", name="n", secret=b"x" * 32))
 

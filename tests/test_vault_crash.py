@@ -10,9 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from vault_support import make_vault, needs_cryptsetup, weights
 
 from hfl_lab.vault import ModelVault, new_passphrase
+from tests.vault_support import make_vault, needs_cryptsetup, weights
 
 pytestmark = needs_cryptsetup
 

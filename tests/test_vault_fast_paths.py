@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from vault_support import make_vault, needs_cryptsetup, weights
 
 from hfl_lab._exceptions import VaultError
 from hfl_lab.vault import DirectoryCheckpointStore, ModelVault, new_passphrase
@@ -18,6 +17,7 @@ from hfl_lab.vault.ext4_image import memfd_with
 from hfl_lab.vault.files import DirectoryFiles
 from hfl_lab.vault.userspace import UserspaceVolume
 from hfl_lab.vault.xts import _PARALLEL_MIN_SECTORS, SECTOR_SIZE, XtsCipher
+from tests.vault_support import make_vault, needs_cryptsetup, weights
 
 
 def test_threaded_xts_matches_the_reference_in_place_too() -> None:

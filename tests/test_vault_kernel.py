@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 
 import pytest
-from vault_support import FAST_KDF, needs_cryptsetup, weights
 
 from hfl_lab._exceptions import VaultError
 from hfl_lab.vault import ModelVault, kernel_path_status, new_passphrase
+from tests.vault_support import FAST_KDF, needs_cryptsetup, weights
 
 AVAILABLE, REASON = kernel_path_status()
 needs_dm_crypt = pytest.mark.skipif(not AVAILABLE, reason=REASON)

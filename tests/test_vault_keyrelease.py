@@ -5,12 +5,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_trust_service import MEASURED, Running, connect, lab_policy, provider, start
-from vault_support import FAST_KDF, entry, needs_cryptsetup, ps_identity, weights
 
 from hfl_lab import HflLabError, PolicyViolation, VaultError
 from hfl_lab.tee import AttestationPolicy, measure_workload
@@ -26,6 +24,9 @@ from hfl_lab.vault import (
     retrieve_as_owner,
     volume_release_policy,
 )
+from tests.td_support import lab_policy, provider
+from tests.test_trust_service import MEASURED, Running, connect, start
+from tests.vault_support import FAST_KDF, entry, needs_cryptsetup, ps_identity, weights
 
 pytestmark = needs_cryptsetup
 
@@ -224,14 +225,15 @@ def test_missing_or_truncated_volume_is_reported_before_any_release(
     ],
 )
 def test_a_release_policy_that_would_leak_the_passphrase_is_refused(
-    trust: tuple[Running, bytes], tmp_path: Path, policy: object, problem: str
+    trust: tuple[Running, bytes], tmp_path: Path, policy: Callable[[], AttestationPolicy],
+    problem: str,
 ) -> None:
     running, _ = trust
     path = tmp_path / "model.luks"
 
     with connect(running) as client, pytest.raises(VaultError, match=problem):
         provision_vault(client, running.admin, path, size_mb=SIZE_MB,
-                        release_policy=policy())  # type: ignore[operator]
+                        release_policy=policy())
 
     assert not path.exists() and running.service.broker.names() == []
 

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from vault_support import entry, make_vault, needs_cryptsetup, ps_identity, weights
 
 from hfl_lab._exceptions import VaultError
 from hfl_lab.vault import ModelVault, new_passphrase, retrieve_model
+from tests.vault_support import entry, make_vault, needs_cryptsetup, ps_identity, weights
 
 pytestmark = needs_cryptsetup
 

@@ -6,10 +6,10 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from vault_support import FAST_KDF, make_vault, needs_cryptsetup, weights
 
 from hfl_lab._exceptions import VaultError
 from hfl_lab.vault import DirectoryCheckpointStore, ModelVault, new_passphrase
+from tests.vault_support import FAST_KDF, make_vault, needs_cryptsetup, weights
 
 pytestmark = needs_cryptsetup
 

@@ -8,10 +8,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from vault_support import make_vault, needs_cryptsetup, weights
 
 from hfl_lab.vault import ModelVault, new_passphrase, retrieve_model
 from hfl_lab.vault.userspace import UserspaceVolume
+from tests.vault_support import make_vault, needs_cryptsetup, weights
 
 pytestmark = needs_cryptsetup
 

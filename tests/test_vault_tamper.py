@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-from vault_support import make_vault, needs_cryptsetup, weights
 
 from hfl_lab._exceptions import VaultError
 from hfl_lab.vault import ModelVault, new_passphrase
 from hfl_lab.vault.userspace import UserspaceVolume
+from tests.vault_support import make_vault, needs_cryptsetup, weights
 
 pytestmark = needs_cryptsetup
 

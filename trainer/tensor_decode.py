@@ -40,7 +40,7 @@ class DecodedStream:
 
 
 def decode_tensors(
-    chunks: Iterable[pb.TensorChunk],
+    chunks: Iterable[pb.TensorChunk | WireChunk],
     specs: Sequence[TensorSpec],
     *,
     size_margin: float = DEFAULT_SIZE_MARGIN,

@@ -82,9 +82,9 @@ def replayed_models(lab: Any) -> list[ReplayedGradients]:
 
 
 class RpcTally(
-    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
-    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
-    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
 ):
     """Counts the status of every RPC the workers make, by method and code (thread-safe)."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,7 +54,7 @@ def fault_config(tmp_path: Path, cifar_dir: Path, **overrides: object) -> LabCon
     return quick_config(tmp_path, cifar_dir, **values)
 
 
-def is_step(at_least: int, source: str | None = None) -> object:
+def is_step(at_least: int, source: str | None = None) -> Callable[[LabEvent], bool]:
     return lambda e: (e.kind == "metrics" and e.data["step"] >= at_least
                       and (source is None or e.source == source))
 

@@ -37,7 +37,7 @@ def main() -> int:
         job["ca_pem"].encode(), job["key_pem"].encode(), job["cert_pem"].encode())
     channel = grpc.secure_channel(job["address"], credentials,
                                   options=[("grpc.ssl_target_name_override", "ps0")])
-    stub = rpc.ParameterServerStub(channel)  # type: ignore[no-untyped-call]
+    stub = rpc.ParameterServerStub(channel)
     tensors = {name: np.full(shape, 1e-3, np.float32) for name, shape in job["shapes"]}
     header = pb.StreamHeader(kind=pb.UPDATE_KIND_GRADIENTS, model_version=job["version"],
                              worker_id=role, num_samples=8)

@@ -461,7 +461,7 @@ def hostile_certificate(rng: random.Random) -> CertInput:
         return CertInput(bytes(der[: rng.randint(len(der) // 2, len(der))]), (op,))
     own = ext.decode_dice_extension(_dice_value(identity))  # its evidence binds its key
     spki_hash = hashlib.sha256(identity.spki_der).digest()
-    oid = ext.DICE_EVIDENCE_OID
+    oid: x509.ObjectIdentifier | None = ext.DICE_EVIDENCE_OID
     if op == "quote":
         value = ext.encode_dice_extension(mutate_quote(rng, max_ops=2).data or b"\0",
                                           own.claims_buffer)
