@@ -246,7 +246,7 @@ def workload_snapshot(dest: Path) -> Path:
 def plain_startup(lab: LabConfig, folder: Path, root: Path, timeout_s: float = 300.0) -> Startup:
     """trust + ps0 + the workers with ordinary mTLS certificates and no attestation."""
     from hfl_lab.backends.local.backend import free_port
-    from trainer.settings import Deployment, ParticipantConfig
+    from trainer.participant_config import Deployment, ParticipantConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     trust_port, ps_port = free_port(), free_port()
@@ -357,7 +357,7 @@ def startup(ctx: BenchContext) -> Measurement:
             raise ConfigError("P3-startup needs CIFAR-10 (data_path).",
                               fix="put it in ../shared/data/cifar-10-subset.")
         # warm the page cache: the first launch after a build reads every module from disk
-        subprocess.run([sys.executable, "-c", "import trainer.run, trainer.serving, "
+        subprocess.run([sys.executable, "-c", "import trainer.entrypoint, trainer.serving, "
                         "trainer.trust_td"], cwd=root, check=True,
                        env=_participant_env(lab.threads, root))
         runs: dict[str, list[Startup]] = {"plain": [], "attested": []}

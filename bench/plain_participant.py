@@ -24,7 +24,7 @@ def _trust(args: dict[str, Any], emitter: Any) -> None:
     import trainer.trust_td  # noqa: F401 - the trust TD's own modules
     from hfl_lab.tee.policy import AttestationPolicy
     from hfl_lab.trust.service import TrustService, serve
-    from trainer.settings import ParticipantConfig
+    from trainer.participant_config import ParticipantConfig
 
     config = ParticipantConfig.load(args["config"])
     policy = AttestationPolicy.load(args["policy"])
@@ -41,12 +41,12 @@ def _trust(args: dict[str, Any], emitter: Any) -> None:
 def _ps(args: dict[str, Any], emitter: Any) -> None:
     import grpc
 
-    import trainer.run  # noqa: F401 - the PS TD's own modules
+    import trainer.entrypoint  # noqa: F401 - the PS TD's own modules
     from hfl_lab.vault.directory_store import DirectoryCheckpointStore
     from trainer.data import load_cifar10
+    from trainer.participant_config import ParticipantConfig
     from trainer.ps_server import MAX_MESSAGE_BYTES, add_parameter_server
     from trainer.serving import parameter_server
-    from trainer.settings import ParticipantConfig
 
     config = ParticipantConfig.load(args["config"])
     emitter.lifecycle("starting")
@@ -78,10 +78,10 @@ def _ps(args: dict[str, Any], emitter: Any) -> None:
 def _worker(args: dict[str, Any], emitter: Any, index: int) -> None:
     import grpc
 
-    import trainer.run  # noqa: F401 - the worker TD's own modules
+    import trainer.entrypoint  # noqa: F401 - the worker TD's own modules
     from trainer.model import build_resnet
+    from trainer.participant_config import ParticipantConfig
     from trainer.serving import CHANNEL_OPTIONS, schedule_for
-    from trainer.settings import ParticipantConfig
     from trainer.worker import Worker, worker_batches
 
     config = ParticipantConfig.load(args["config"])

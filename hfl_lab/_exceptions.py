@@ -16,9 +16,10 @@
 
 Each class carries the exit code ``hfl-lab`` returns for it (:class:`ExitCode`). Foreign
 errors are mapped into the tree where they enter: gRPC failures at the CLI's handler and the
-trainer's channels, the kubernetes client's answers in ``backends/kubernetes/api.py``, OSError
-at the vault. Catch ``HflLabError`` at a boundary (notebook cell, CLI command) and show
-``str(e)``; every other exception is a bug in the lab.
+trainer's channels, the kubernetes client's answers in
+``backends/kubernetes/cluster_api.py``, OSError at the vault. Catch ``HflLabError`` at a
+boundary (notebook cell, CLI command) and show ``str(e)``; every other exception is a bug in the
+lab.
 """
 
 from __future__ import annotations

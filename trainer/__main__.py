@@ -2,6 +2,6 @@
 
 import sys
 
-from trainer.run import main
+from trainer.entrypoint import main
 
 sys.exit(main())

@@ -28,9 +28,13 @@ from trainer.participant import (
     measured_argv,
     read_bootstrap,
 )
-from trainer.settings import ParticipantConfig
+from trainer.participant_config import ParticipantConfig
 from trainer.trust_td import add_trust_parser, run_trust
+from trainer.vault_store import open_vault_store
 
+# trainer.serving (the PS and worker servers) imports trainer.model, i.e. TensorFlow and Keras:
+# run_ps and run_worker import it themselves ("lazy: TensorFlow"), so that `python -m trainer
+# --help` and the trust role (`python -m trainer trust`) start without loading TensorFlow.
 if TYPE_CHECKING:
     from hfl_lab.trust.client import TrustClient
 
@@ -108,8 +112,6 @@ def open_checkpoint_store(
     a plain ``checkpoint_dir`` (a run without the vault), else nowhere."""
     deployment = config.deployment
     if deployment.vault_path:
-        from trainer.vault_store import open_vault_store
-
         return open_vault_store(participant, trust, lambda: session.creds,
                                 deployment.vault_path, data_path=deployment.vault_data_path,
                                 create_size_mb=deployment.vault_size_mb)
@@ -120,7 +122,7 @@ def open_checkpoint_store(
 
 def run_ps(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
            stop: threading.Event) -> int:
-    from trainer.serving import build_parameter_server
+    from trainer.serving import build_parameter_server  # lazy: TensorFlow
 
     config = ParticipantConfig.load(args.config)
     participant = _participant("ps0", args_list, config, emitter)
@@ -160,7 +162,7 @@ def run_ps(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
 
 
 def run_worker(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter) -> int:
-    from trainer.serving import build_worker
+    from trainer.serving import build_worker  # lazy: TensorFlow
 
     config = ParticipantConfig.load(args.config)
     if args.index >= config.lab.workers:

@@ -45,7 +45,7 @@ from hfl_lab.tee.verdict import Verdict
 from hfl_lab.tee.verifier import Verifier
 from hfl_lab.trust.client import MeshCredentials, TrustClient
 from hfl_lab.trust.service import event_for
-from trainer.settings import ParticipantConfig
+from trainer.participant_config import ParticipantConfig
 
 __all__ = [
     "BOOTSTRAP_FILE_ENV",

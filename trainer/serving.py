@@ -1,6 +1,6 @@
 """Assemble a parameter server or a worker from a run's configuration and mesh identity.
 
-Used by the participant processes (``trainer.run``), and by tests and benchmarks that run the
+Used by the participant processes (``trainer.entrypoint``), and by tests and benchmarks that run the
 same components in one process (always over the attested mesh).
 """
 
@@ -24,10 +24,10 @@ from trainer.checkpoint import decode_state
 from trainer.data import load_cifar10, standardize
 from trainer.model import ResNet, build_resnet
 from trainer.optim import MomentumSGD, PiecewiseConstantSchedule
+from trainer.participant_config import ParticipantConfig
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.ps import ParameterServer, PsOptions
 from trainer.ps_server import MAX_MESSAGE_BYTES, serve_ps, worker_peers
-from trainer.settings import ParticipantConfig
 from trainer.tensors import TensorSpec
 from trainer.worker import Worker, worker_batches
 

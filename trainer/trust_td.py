@@ -24,7 +24,7 @@ from hfl_lab.trust.service import TrustService, serve
 from hfl_lab.vault.keyrelease import VOLUME_SECRET_NAME, check_release_policy
 from hfl_lab.vault.model_vault import new_passphrase
 from trainer.participant import Emitter, Participant, measured_argv, read_bootstrap
-from trainer.settings import ParticipantConfig
+from trainer.participant_config import ParticipantConfig
 
 __all__ = ["add_trust_parser", "run_trust"]
 

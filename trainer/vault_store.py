@@ -22,6 +22,7 @@ from hfl_lab.ratls.certificate import decode_certificate
 from hfl_lab.tee.quote import parse_quote
 from hfl_lab.tee.verdict import Verdict
 from hfl_lab.vault.checkpoints import Checkpoint, CheckpointInfo
+from hfl_lab.vault.keyrelease import open_vault_for_ps
 from hfl_lab.vault.model_vault import ModelVault, PathKind
 from hfl_lab.vault.provenance import ProvenanceEntry
 
@@ -114,8 +115,6 @@ def open_vault_store(
     Also hooks ps0's verifier so each record names the workers' accepted evidence. With
     ``create_size_mb`` a missing volume is created first (see ``Deployment.vault_size_mb``).
     """
-    from hfl_lab.vault.keyrelease import open_vault_for_ps
-
     contributors = Contributors()
     verifier = participant.verifier
     report = verifier.on_verdict

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NoReturn
 
+from hfl_lab import __version__
 from hfl_lab._exceptions import ExitCode, HflLabError
 
 PROG = "hfl-lab"
@@ -85,6 +86,11 @@ def cli_error_handler() -> Iterator[None]:
 
 
 # -- the subcommand registry ----------------------------------------------------------------
+#
+# Each subcommand's module is imported inside its ``_register_*`` function, on purpose:
+# ``import hfl_lab.cli`` stays free of cryptography, YAML and the attestation stack (attest), and
+# the subcommand modules import ``ExitCode``/``PROG`` from this package, so importing them here
+# at the top would also be an import cycle.
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -103,25 +109,25 @@ class Subcommand:
 
 
 def _register_attest(parser: argparse.ArgumentParser) -> None:
-    from hfl_lab.cli.attest import register
+    from hfl_lab.cli.attest import register  # lazy, and a cycle: see above
 
     register(parser)
 
 
 def _register_run(parser: argparse.ArgumentParser) -> None:
-    from hfl_lab.cli.run import register
+    from hfl_lab.cli.run import register  # lazy, and a cycle: see above
 
     register(parser)
 
 
 def _register_check(parser: argparse.ArgumentParser) -> None:
-    from hfl_lab.cli.check import register
+    from hfl_lab.cli.check import register  # lazy, and a cycle: see above
 
     register(parser)
 
 
 def _register_lab(parser: argparse.ArgumentParser) -> None:
-    from hfl_lab.cli.lab import register
+    from hfl_lab.cli.lab import register  # lazy, and a cycle: see above
 
     register(parser)
 
@@ -161,8 +167,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hfl_lab import __version__
-
     epilog = "exit codes:\n" + "\n".join(f"  {int(c)}  {h}" for c, h in EXIT_CODE_HELP.items())
     parser = _Parser(
         prog=PROG,

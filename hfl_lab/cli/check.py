@@ -7,12 +7,13 @@ import json
 
 from hfl_lab.cli import ExitCode
 from hfl_lab.cli.run import add_config_options, config_from_args
+from hfl_lab.config import LabConfig
 
 __all__ = ["register"]
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from hfl_lab.config import LabConfig
+    # lazy: hfl_lab.lab loads matplotlib, gRPC and the vault; `hfl-lab --help` registers this module
     from hfl_lab.lab.preflight import run_preflight
 
     if args.list_parameters:

@@ -7,19 +7,19 @@ import subprocess
 import sys
 
 from hfl_lab.cli import PROG, ExitCode
+from hfl_lab.owner import ensure_owner_secret
 
 __all__ = ["register"]
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
+    # lazy: hfl_lab.lab loads matplotlib, gRPC and the vault; `hfl-lab --help` registers this module
     from hfl_lab.lab.jupyter import KERNEL_NAME, NOTEBOOK_DIR, ensure_kernel, jupyter_lab_command
 
     where = ensure_kernel(force=args.install_kernel)
     if args.install_kernel:
         print(f"{PROG} lab: kernel {KERNEL_NAME!r} ({sys.executable}) registered in {where}")
         return ExitCode.SUCCESS
-    from hfl_lab.owner import ensure_owner_secret
-
     ensure_owner_secret()  # every kernel of this JupyterLab shares the session's owner secret
     argv = jupyter_lab_command(port=args.port, ip=args.ip, open_browser=args.browser)
     print(f"{PROG} lab: JupyterLab on {NOTEBOOK_DIR} at http://{args.ip}:{args.port}/lab "

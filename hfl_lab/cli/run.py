@@ -64,6 +64,7 @@ def _list_parameters() -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # lazy: hfl_lab.lab loads matplotlib, gRPC and the vault; `hfl-lab --help` registers this module
     from hfl_lab.lab.sequence import run_lab
 
     if args.list_parameters:

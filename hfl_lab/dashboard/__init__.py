@@ -5,12 +5,12 @@ step_time.png, attestation_matrix.png, metrics.json and events.jsonl into the ru
 """
 
 from hfl_lab.dashboard.dashboard import Dashboard
-from hfl_lab.dashboard.frontend import has_front_end
-from hfl_lab.dashboard.reports import (
+from hfl_lab.dashboard.evaluation_figures import (
     confusion_matrix,
     render_confusion_matrix,
     render_sample_predictions,
 )
+from hfl_lab.dashboard.frontend import has_front_end
 from hfl_lab.dashboard.state import AttestationRecord, RunState
 from hfl_lab.dashboard.text import summarize_run, text_summary
 

@@ -108,7 +108,8 @@ def summarize_run(run_dir: str | Path) -> str:
     return text_summary(metrics)
 
 
-def event_text(kind: str, source: str, data: Mapping[str, Any], record: Any = None) -> str | None:
+def event_text(kind: str, source: str, data: Mapping[str, Any],
+               record: AttestationRecord | None = None) -> str | None:
     """The line a headless run prints for a notable event, or None for routine ones."""
     if kind == "attestation" and isinstance(record, AttestationRecord):
         return attestation_line(record)

@@ -13,11 +13,18 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hfl_lab._exceptions import BackendError, HflLabError
+from hfl_lab._exceptions import ApiError, BackendError, HflLabError
+from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 from hfl_lab.config import LabConfig
 from hfl_lab.lab.notebook import Table, TableReport
+
+# hfl_lab.backends.kubernetes.cluster_api and .preflight load the kubernetes client (~2 s): they are
+# imported inside the checks that talk to a cluster ("lazy: loads kubernetes"), so a notebook's
+# `from hfl_lab import ...` and the local backend never load it.
+if TYPE_CHECKING:
+    from hfl_lab.backends.kubernetes.cluster_api import ClusterApi
 
 __all__ = [
     "COCO_STEPS",
@@ -138,16 +145,14 @@ class CocoPlan(TableReport):
 # ---------------------------------------------------------------------- checks
 
 
-def _get(api: Any, path: str) -> Any:
-    from hfl_lab._exceptions import ApiError
-
+def _get(api: ClusterApi, path: str) -> Any:
     try:
         return api.get(path)
     except ApiError as e:
         return e
 
 
-def _exists(api: Any, path: str, what: str) -> Probe:
+def _exists(api: ClusterApi, path: str, what: str) -> Probe:
     found = _get(api, path)
     if isinstance(found, Exception):
         status = getattr(found, "status", 0)
@@ -155,8 +160,11 @@ def _exists(api: Any, path: str, what: str) -> Probe:
     return Probe(DONE, f"{what} present")
 
 
-def _check_operator(config: LabConfig, api: Any) -> Probe:
-    from hfl_lab.backends.kubernetes.preflight import check_coco_operator, check_runtime_class
+def _check_operator(config: LabConfig, api: ClusterApi) -> Probe:
+    from hfl_lab.backends.kubernetes.preflight import (  # lazy: loads kubernetes
+        check_coco_operator,
+        check_runtime_class,
+    )
 
     operator = check_coco_operator(api)
     runtime = check_runtime_class(api, config.runtime_class)
@@ -165,7 +173,7 @@ def _check_operator(config: LabConfig, api: Any) -> Probe:
     return Probe(NEEDED, operator.detail if not operator.ok else runtime.detail)
 
 
-def _check_network(config: LabConfig, api: Any) -> Probe:
+def _check_network(config: LabConfig, api: ClusterApi) -> Probe:
     flannel = _exists(api, "/apis/apps/v1/namespaces/kube-flannel/daemonsets/kube-flannel-ds",
                       "flannel DaemonSet")
     ingress = _exists(api, "/apis/networking.k8s.io/v1/ingressclasses/nginx", "IngressClass nginx")
@@ -175,15 +183,14 @@ def _check_network(config: LabConfig, api: Any) -> Probe:
     return Probe(NEEDED, "; ".join(missing))
 
 
-def _check_registry(config: LabConfig, api: Any) -> Probe:
-    from hfl_lab.backends.kubernetes.preflight import check_registry
-    from hfl_lab.backends.kubernetes.settings import KubernetesSettings
+def _check_registry(config: LabConfig, api: ClusterApi) -> Probe:
+    from hfl_lab.backends.kubernetes.preflight import check_registry  # lazy: loads kubernetes
 
     found = check_registry(KubernetesSettings.from_config(config))
     return Probe(DONE if found.ok else NEEDED, found.detail)
 
 
-def _check_coredns(config: LabConfig, api: Any) -> Probe:
+def _check_coredns(config: LabConfig, api: ClusterApi) -> Probe:
     found = _get(api, "/api/v1/namespaces/kube-system/configmaps/coredns")
     if isinstance(found, Exception):
         return Probe(UNKNOWN, f"cannot read the CoreDNS ConfigMap: {found}")
@@ -193,11 +200,9 @@ def _check_coredns(config: LabConfig, api: Any) -> Probe:
     return Probe(NEEDED, "the Corefile has no hfl-lab hosts block")
 
 
-def _check_kbs(config: LabConfig, api: Any) -> Probe:
+def _check_kbs(config: LabConfig, api: ClusterApi) -> Probe:
     import urllib.error
     import urllib.request
-
-    from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 
     url = KubernetesSettings.from_config(config).kbs_url
     try:
@@ -211,7 +216,7 @@ def _check_kbs(config: LabConfig, api: Any) -> Probe:
 
 
 def _check_tool(name: str) -> Callable[[LabConfig, Any], Probe]:
-    def check(config: LabConfig, api: Any) -> Probe:
+    def check(config: LabConfig, api: ClusterApi) -> Probe:
         where = shutil.which(name)
         return Probe(DONE, where) if where else Probe(NEEDED, f"{name} is not installed here")
 
@@ -219,7 +224,7 @@ def _check_tool(name: str) -> Callable[[LabConfig, Any], Probe]:
 
 
 def _check_kata(key: str) -> Callable[[LabConfig, Any], Probe]:
-    def check(config: LabConfig, api: Any) -> Probe:
+    def check(config: LabConfig, api: ClusterApi) -> Probe:
         if not KATA_TDX_CONFIG.is_file():
             return Probe(UNKNOWN, f"{KATA_TDX_CONFIG} is not on this machine (check each host)")
         text = KATA_TDX_CONFIG.read_text(errors="replace")
@@ -296,7 +301,7 @@ COCO_STEPS: tuple[CocoStep, ...] = (
 )
 
 
-def plan_coco_stack(config: LabConfig, *, api: Any = None) -> CocoPlan:
+def plan_coco_stack(config: LabConfig, *, api: ClusterApi | None = None) -> CocoPlan:
     """Check every step and plan what is missing; changes nothing."""
     if config.backend == "local":
         return CocoPlan(
@@ -304,7 +309,7 @@ def plan_coco_stack(config: LabConfig, *, api: Any = None) -> CocoPlan:
             [StepResult(s, SKIPPED, LOCAL_REASON, s.plan(config)) for s in COCO_STEPS],
         )
     if api is None:
-        from hfl_lab.backends.kubernetes.api import ClusterApi
+        from hfl_lab.backends.kubernetes.cluster_api import ClusterApi  # lazy: loads kubernetes
 
         try:
             api = ClusterApi.connect(config.kubeconfig, config.kube_context)
@@ -371,7 +376,9 @@ def apply_coco_plan(plan: CocoPlan, *, apply: bool = False, timeout_s: float = 6
     return plan
 
 
-def coco_stack(config: LabConfig, *, apply: bool = False, api: Any = None) -> CocoPlan:
+def coco_stack(
+    config: LabConfig, *, apply: bool = False, api: ClusterApi | None = None
+) -> CocoPlan:
     """Check → plan → (apply): the whole step of notebook 01; coco_plan.json is always written."""
     plan = plan_coco_stack(config, api=api)
     try:

@@ -16,11 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hfl_lab.attestation import policy_from_evidence, policy_text, verify_evidence
+from hfl_lab.backends.kubernetes import image as tools
 from hfl_lab.config import LabConfig
 from hfl_lab.lab.notebook import Table
 from hfl_lab.lab.trust import OWNER_ROLE, VerdictView, lab_roles
 from hfl_lab.tee.policy import AttestationPolicy
+from hfl_lab.tee.providers.simulated import SimulatedTdProvider
 from hfl_lab.tee.sim.measure import TdMeasurements, measure_workload, source_files
+from hfl_lab.tee.sim.platform import SimulatedPlatform
 from hfl_lab.tee.verdict import Verdict
 
 __all__ = ["ImageReport", "ImageStep", "measure_image"]
@@ -111,8 +115,6 @@ def _tree_step() -> ImageStep:
 
 
 def _tool_steps(config: LabConfig) -> list[ImageStep]:
-    from hfl_lab.backends.kubernetes import image as tools
-
     tag = config.image
     name = tag.rsplit(":", 1)[0] if ":" in tag.rsplit("/", 1)[-1] else tag
     planned = [
@@ -138,10 +140,6 @@ def _tool_steps(config: LabConfig) -> list[ImageStep]:
 
 def measure_image(config: LabConfig, *, folder: str | Path | None = None) -> ImageReport:
     """Measure every role, derive the reference policy from the evidence, check it accepts."""
-    from hfl_lab.attestation import policy_from_evidence, policy_text, verify_evidence
-    from hfl_lab.tee.providers.simulated import SimulatedTdProvider
-    from hfl_lab.tee.sim.platform import SimulatedPlatform
-
     out = Path(folder) if folder is not None else Path(config.run_dir) / "image"
     out.mkdir(parents=True, exist_ok=True)
     run = {"run_dir": str(Path(config.run_dir).resolve()), "workers": config.workers}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hfl_lab._exceptions import HflLabError
+from hfl_lab.dashboard.frontend import display
 
 __all__ = ["Table", "brief_errors", "error_sentence", "show", "show_image"]
 
@@ -83,8 +84,6 @@ def show(obj: object) -> None:
     if not _in_kernel():
         print(obj, file=sys.stdout)
         return
-    from hfl_lab.dashboard.frontend import display
-
     display(obj)
 
 
@@ -95,8 +94,6 @@ def show_image(path: str | Path) -> None:
         print(file)
         return
     from IPython import display as ipython
-
-    from hfl_lab.dashboard.frontend import display
 
     image: Any = ipython.Image
     display(image(filename=str(file)))

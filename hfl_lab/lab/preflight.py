@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from hfl_lab._exceptions import BackendError, HflLabError
+from hfl_lab.backends import create_backend
 from hfl_lab.backends.base import PreflightCheck
 from hfl_lab.config import LabConfig
 from hfl_lab.lab.notebook import Table
+from hfl_lab.tee.providers.detect import detect
+from hfl_lab.vault.cryptsetup import cryptsetup_binary
+from hfl_lab.vault.ext4_image import e2fs_tool
 
 __all__ = ["PreflightReport", "run_preflight"]
 
@@ -157,9 +161,6 @@ def _environment(report: PreflightReport, config: LabConfig) -> None:
 
 
 def _vault_tools(report: PreflightReport) -> None:
-    from hfl_lab.vault.cryptsetup import cryptsetup_binary
-    from hfl_lab.vault.ext4_image import e2fs_tool
-
     for name, find in (
         ("cryptsetup", cryptsetup_binary),
         ("mke2fs", lambda: e2fs_tool("mke2fs")),
@@ -174,8 +175,6 @@ def _vault_tools(report: PreflightReport) -> None:
 
 
 def _tdx(report: PreflightReport, config: LabConfig) -> str:
-    from hfl_lab.tee.providers.detect import detect
-
     found = detect(allow_simulated=config.allow_simulated)
     report.add(
         "TDX",
@@ -222,8 +221,6 @@ def _backend_reason(config: LabConfig) -> str:
 
 
 def _backend_checks(report: PreflightReport, config: LabConfig) -> None:
-    from hfl_lab.backends import create_backend
-
     section = "cluster" if config.backend == "kubernetes" else "backend"
     try:
         backend = create_backend(config)

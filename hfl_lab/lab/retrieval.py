@@ -22,14 +22,27 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hfl_lab._exceptions import VaultError
+from hfl_lab import owner
+from hfl_lab._exceptions import BackendError, VaultError
 from hfl_lab.config import LabConfig
+from hfl_lab.dashboard import render_confusion_matrix, render_sample_predictions
 from hfl_lab.lab.notebook import Table, TableReport
-from hfl_lab.vault import SealedBrokerState
+from hfl_lab.lab.training import TrainingOutcome
+from hfl_lab.vault import (
+    AttestedSigners,
+    DirectoryCheckpointStore,
+    SealedBrokerState,
+    retrieve_as_owner,
+)
+from trainer.checkpoint import decode_state
+from trainer.data import load_cifar10
+
+if TYPE_CHECKING:
+    from hfl_lab.backends import Backend
 
 __all__ = [
     "RetrievalReport",
@@ -119,8 +132,6 @@ def _trusted_dir(config: LabConfig) -> Path:
 def owner_credential(vault: dict[str, Any]) -> SealedBrokerState:
     """The owner's authorized credential: the trust service's sealed state and the key that
     unseals it, derived from this session's owner secret and the run's public salt."""
-    from hfl_lab import owner
-
     state, salt_file = vault.get("trust_state_path"), vault.get("owner_salt_path")
     if not state or not salt_file:
         raise VaultError(
@@ -136,8 +147,6 @@ def owner_credential(vault: dict[str, Any]) -> SealedBrokerState:
 def _signers(vault: dict[str, Any]) -> Any:
     """Whom the trusted node trusts as provenance signers: ps0's attested keys (verified from
     the evidence in each signer certificate), or nobody when the run left no policy."""
-    from hfl_lab.vault import AttestedSigners
-
     folder = vault.get("trust_dir")
     if folder and (Path(folder) / "volume_policy.yaml").is_file():
         return AttestedSigners.from_folder(folder)
@@ -145,7 +154,7 @@ def _signers(vault: dict[str, Any]) -> Any:
 
 
 def move_to_trusted_node(
-    config: LabConfig, backend: Any = None, volume: str | None = None
+    config: LabConfig, backend: Backend | None = None, volume: str | None = None
 ) -> tuple[Path, bool]:
     """Copy the sealed volume (or, without one, the checkpoint folder) to the trusted node.
 
@@ -155,8 +164,6 @@ def move_to_trusted_node(
     dest.mkdir(parents=True, exist_ok=True)
     source = Path(volume) if volume else Path(config.run_dir) / "vault" / VOLUME_NAME
     if backend is not None:
-        from hfl_lab._exceptions import BackendError
-
         try:
             return Path(backend.fetch_vault(dest / VOLUME_NAME)), True
         except BackendError:
@@ -183,8 +190,6 @@ def _open(
     """The newest checkpoint, a provenance summary, whether a volume was opened, and the
     attestation of each provenance signer."""
     if sealed:
-        from hfl_lab.vault import retrieve_as_owner
-
         signers = _signers(vault)
         retrieved = retrieve_as_owner(
             None, owner_credential(vault), location, signers if signers is not None else [],
@@ -194,8 +199,6 @@ def _open(
         if signers is None:
             summary = f"not verified (the run named no policy for the PS's key): {summary}"
         return retrieved.checkpoint, summary, True, retrieved.provenance.signer_evidence
-    from hfl_lab.vault import DirectoryCheckpointStore
-
     checkpoint = DirectoryCheckpointStore(location, durable=False).load_latest()
     if checkpoint is None:
         raise VaultError(
@@ -212,8 +215,7 @@ def evaluate_checkpoint(config: LabConfig, payload: bytes) -> tuple[Any, Any, An
     CIFAR images in, per-image standardization inside, class probabilities out), and the
     evaluation is that very model's, so the files exported from it give the same accuracy.
     """
-    from trainer.checkpoint import decode_state
-    from trainer.data import load_cifar10
+    # lazy: TensorFlow/Keras load only when the model is rebuilt, not with `from hfl_lab import`
     from trainer.model import Evaluation, build_resnet
 
     state = decode_state(payload)
@@ -262,11 +264,8 @@ def export_owner_model(
     return files
 
 
-def retrieve_and_evaluate(config: LabConfig, *, backend: Any = None) -> RetrievalReport:
+def retrieve_and_evaluate(config: LabConfig, *, backend: Backend | None = None) -> RetrievalReport:
     """Move, open, evaluate; write retrieval.json, confusion_matrix.png, sample_predictions.png."""
-    from hfl_lab.dashboard import render_confusion_matrix, render_sample_predictions
-    from hfl_lab.lab.training import TrainingOutcome
-
     training = TrainingOutcome.load(config.run_dir)
     vault = training.vault if training is not None else {}
     location, sealed = move_to_trusted_node(config, backend, vault.get("vault_path"))

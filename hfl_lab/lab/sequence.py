@@ -20,6 +20,8 @@ from typing import Any
 from hfl_lab._exceptions import ConfigError
 from hfl_lab.config import LabConfig
 from hfl_lab.lab.jupyter import KERNEL_NAME, NOTEBOOK_DIR, ensure_kernel
+from hfl_lab.lab.summary import write_summary
+from hfl_lab.owner import ensure_owner_secret
 
 __all__ = [
     "NOTEBOOKS",
@@ -169,8 +171,6 @@ def run_lab(
     """Execute the notebooks in order into ``config.run_dir``; stop at the first failure."""
     import papermill
 
-    from hfl_lab.owner import ensure_owner_secret
-
     ensure_owner_secret()  # the kernels of notebooks 04 and 05 share the owner's credential
     config = _absolute(config)
     run_dir = Path(config.run_dir)
@@ -222,7 +222,5 @@ def run_lab(
 
 
 def _save(run: LabRun) -> None:
-    from hfl_lab.lab.summary import write_summary
-
     (run.run_dir / RECORD).write_text(json.dumps(run.to_dict(), indent=2) + "\n")
     write_summary(run)

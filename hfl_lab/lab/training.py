@@ -23,6 +23,7 @@ from hfl_lab.dashboard import Dashboard
 from hfl_lab.dashboard._files import jsonable
 from hfl_lab.events import LabEvent
 from hfl_lab.lab.notebook import Table, TableReport
+from trainer.data import load_cifar10
 
 __all__ = ["TrainingOutcome", "ensure_trained", "run_training", "total_steps"]
 
@@ -34,8 +35,6 @@ def total_steps(config: LabConfig) -> int:
     """Parameter-server steps of this run (``epochs`` converted with the training-set size)."""
     if config.steps is not None:
         return config.steps
-    from trainer.data import load_cifar10
-
     data = load_cifar10(config.require_data_path())
     return config.total_steps(len(data.train_labels))
 

@@ -12,6 +12,7 @@ from cryptography import x509
 from hfl_lab._exceptions import QuoteFormatError
 from hfl_lab.tee._binary import Reader, u16, u32
 from hfl_lab.tee.reports import EnclaveReport, TdReport10, TdReport15
+from hfl_lab.tee.sgx_extension import read_pck_extension
 
 TEE_TYPE_SGX = 0x00000000
 TEE_TYPE_TDX = 0x00000081
@@ -320,8 +321,6 @@ class Quote:
 
     def fmspc(self) -> str | None:
         """The FMSPC from the PCK leaf's Intel SGX extension, when the chain is present."""
-        from hfl_lab.tee.sgx_extension import read_pck_extension
-
         certs = self.signature_data.pck_certificates()
         if not certs:
             return None

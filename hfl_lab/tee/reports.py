@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
+from hfl_lab._exceptions import QuoteFormatError
 from hfl_lab.tee._binary import Reader
 
 # Intel TDX DCAP Quoting Library API, appendix A.3.2 "TD Quote Body" (TDX 1.0, 584 bytes)
@@ -198,8 +199,6 @@ class TdReportStruct(_Layout):
 
     @classmethod
     def parse(cls, data: bytes) -> TdReportStruct:
-        from hfl_lab._exceptions import QuoteFormatError
-
         if len(data) != 1024:
             raise QuoteFormatError(
                 f"a TDREPORT is exactly 1024 bytes, this one has {len(data)}",

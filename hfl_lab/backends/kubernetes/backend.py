@@ -28,13 +28,14 @@ from hfl_lab._exceptions import ApiError, BackendError
 from hfl_lab.backends.base import PreflightCheck, ProgressCallback
 from hfl_lab.backends.kubernetes import bootstrap, vault_copy
 from hfl_lab.backends.kubernetes import render as rendering
-from hfl_lab.backends.kubernetes.api import ClusterApi, object_path
+from hfl_lab.backends.kubernetes.cluster_api import ClusterApi, object_path
 from hfl_lab.backends.kubernetes.kustomize import Manifest
 from hfl_lab.backends.kubernetes.preflight import check_vault, cluster_checks
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 from hfl_lab.events import KINDS, LabEvent
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.sim.platform import SimulatedPlatform
+from hfl_lab.vault.attested_signers import AttestedSigners
 from hfl_lab.vault.keyrelease import SealedBrokerState
 
 SELECTOR = "app.kubernetes.io/part-of=hfl-lab"
@@ -202,8 +203,6 @@ class KubernetesBackend:
         if rendered is not None and rendered.volume_policy is not None:
             rendered.volume_policy.save(self.trust_dir / "volume_policy.yaml")
         if self.platform is not None:
-            from hfl_lab.vault.attested_signers import AttestedSigners
-
             AttestedSigners.write_platform(self.trust_dir, self.platform.root_der,
                                            self.platform.collateral_json)
 

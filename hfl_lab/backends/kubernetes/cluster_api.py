@@ -54,7 +54,7 @@ def object_path(obj: dict[str, Any], *, with_name: bool = True) -> str:
     if key not in RESOURCES:
         raise BackendError(
             f"the Kubernetes backend does not know how to apply a {key[1]} ({key[0]}); "
-            "add it to hfl_lab/backends/kubernetes/api.py RESOURCES."
+            "add it to hfl_lab/backends/kubernetes/cluster_api.py RESOURCES."
         )
     prefix, plural, namespaced = RESOURCES[key]
     path = prefix

@@ -8,7 +8,7 @@ from typing import Any
 
 from hfl_lab._exceptions import ApiError
 from hfl_lab.backends.base import PreflightCheck
-from hfl_lab.backends.kubernetes.api import ClusterApi
+from hfl_lab.backends.kubernetes.cluster_api import ClusterApi
 from hfl_lab.backends.kubernetes.render import RenderedRun
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 

@@ -6,12 +6,13 @@ and which sets the namespace, worker count, image, configuration, policy, data s
 resources and KBS address. ``kubectl apply -k <run_dir>`` deploys exactly what the backend
 applies, because the backend builds that same folder with :mod:`.kustomize`.
 
-``config.yaml`` is the participant config document (``trainer.settings.ParticipantConfig``):
-the Services' DNS names and ports, the evidence source (simulated under runc, configfs-tsm in a
-TD), where ps0 keeps the vault and where CIFAR-10 is, plus the run's LabConfig. Its whole content
-is what each participant's MR_CONFIG_ID measures. Unless the owner gives a policy, ``policy.yaml``
-is derived from that same document and from the command lines the rendered pods run
-(:mod:`.measure`), as the local backend derives its own.
+``config.yaml`` is the participant config document
+(``trainer.participant_config.ParticipantConfig``): the Services' DNS names and ports, the
+evidence source (simulated under runc, configfs-tsm in a TD), where ps0 keeps the vault and where
+CIFAR-10 is, plus the run's LabConfig. Its whole content is what each participant's MR_CONFIG_ID
+measures. Unless the owner gives a policy, ``policy.yaml`` is derived from that same document and
+from the command lines the rendered pods run (:mod:`.measurements`), as the local backend
+derives its own.
 
 Container contract (what the image must provide; see native/image/):
   trust service  ``python -m trainer trust --config C --policy P --port 50060``
@@ -41,13 +42,14 @@ from typing import Any
 
 import yaml
 
-from hfl_lab._exceptions import ConfigError
-from hfl_lab.backends.kubernetes import kustomize, measure
+from hfl_lab._exceptions import ConfigError, VaultError
+from hfl_lab.backends.kubernetes import kustomize, measurements
 from hfl_lab.backends.kubernetes.kustomize import Manifest
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 from hfl_lab.config import LabConfig
 from hfl_lab.tee.policy import AttestationPolicy
-from trainer.settings import Deployment, ParticipantConfig
+from hfl_lab.vault.keyrelease import release_policy_from
+from trainer.participant_config import Deployment, ParticipantConfig
 
 #: the repository's k8s/ folder
 K8S_DIR = Path(__file__).resolve().parents[3] / "k8s"
@@ -259,7 +261,7 @@ def run_kustomization(settings: KubernetesSettings, k8s_dir: Path, out_dir: Path
                     ],
                 )
             )
-    initdata = measure.initdata_for(settings)
+    initdata = measurements.initdata_for(settings)
     if initdata is not None:
         escaped = INITDATA_ANNOTATION.replace("~", "~0").replace("/", "~1")
         value = base64.b64encode(gzip.compress(initdata.encode(), mtime=0)).decode()
@@ -399,15 +401,12 @@ def render_run(settings: KubernetesSettings, k8s_dir: Path = K8S_DIR) -> Rendere
         volume_file.write_text("tee_type: TDX\n")  # replaced below, once the policy is known
     commands = container_commands(kustomize.build(out), settings.workers)
     if derived:
-        policy = measure.reference_policy(settings, document, commands)
+        policy = measurements.reference_policy(settings, document, commands)
         policy.save(policy_file)
     else:
         policy = AttestationPolicy.from_dict(settings.policy_document())
     volume_policy, volume_error, volume_fix = None, "", ""
     if volume_file.exists():
-        from hfl_lab._exceptions import VaultError
-        from hfl_lab.vault.keyrelease import release_policy_from
-
         try:
             volume_policy = release_policy_from(policy)
         except VaultError as error:

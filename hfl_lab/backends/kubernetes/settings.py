@@ -1,8 +1,7 @@
-"""What the Kubernetes backend needs to know, taken from LabConfig by attribute name."""
+"""What the Kubernetes backend needs to know: its own settings, or taken from a LabConfig."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from typing import Any
 import yaml
 
 from hfl_lab._exceptions import ConfigError
+from hfl_lab.config import LabConfig
 
 #: overlays under k8s/overlays/, in order of increasing protection
 OVERLAYS = ("runc", "kata-qemu-tdx", "kata-qemu-tdx-encrypted-signed")
@@ -216,68 +216,36 @@ class KubernetesSettings:
     # -- from LabConfig -----------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: Any) -> KubernetesSettings:
-        """Settings from a LabConfig (or any object) by attribute name; missing ones default.
-
-        Read: ``namespace``, ``workers``, ``image``, ``k8s_overlay``, ``runtime_class``,
-        ``kubeconfig``, ``kube_context``, ``registry``, ``registry_insecure``,
-        ``data_source`` (else ``data_path``: "pvc:…", "hostpath:…", or an absolute path taken
-        as a host path), ``policy_path`` (a YAML file) or ``policy`` (a mapping or
-        an object with ``to_dict()``), ``kbs_url``, ``run_dir``; the whole config, as a
-        mapping, becomes ``lab_config``.
-        """
-        kw: dict[str, Any] = {}
-        names = {
-            "namespace": "namespace",
-            "workers": "workers",
-            "image": "image",
-            "k8s_overlay": "overlay",
-            "runtime_class": "runtime_class",
-            "kubeconfig": "kubeconfig",
-            "kube_context": "context",
-            "registry": "registry",
-            "registry_insecure": "registry_insecure",
-            "kbs_url": "kbs_url",
+    def from_config(cls, config: LabConfig) -> KubernetesSettings:
+        """Settings from the lab's parameters: ``namespace``, ``workers``, ``image``,
+        ``k8s_overlay``, ``runtime_class``, ``kubeconfig``, ``kube_context``, ``data_path`` (an
+        absolute path is a host path), ``policy_path`` (a YAML file, read now) and ``run_dir``;
+        the rest keep their defaults. All of ``config`` becomes ``lab_config``."""
+        kw: dict[str, Any] = {
+            "namespace": config.namespace,
+            "workers": config.workers,
+            "image": config.image,
+            "overlay": config.k8s_overlay,
+            "runtime_class": config.runtime_class,
+            "run_dir": Path(config.run_dir) / "k8s",
+            "lab_config": {str(k): _plain(v) for k, v in config.to_dict().items()},
         }
-        for attr, key in names.items():
-            value = getattr(config, attr, None)
-            if value is not None:
-                kw[key] = str(value) if isinstance(value, Path) else value
-        data = getattr(config, "data_source", None) or getattr(config, "data_path", None)
-        if data is not None:
-            text = str(data)
+        if config.kubeconfig is not None:
+            kw["kubeconfig"] = config.kubeconfig
+        if config.kube_context is not None:
+            kw["context"] = config.kube_context
+        if config.data_path:
+            text = config.data_path
             kw["data_source"] = f"hostpath:{text}" if text.startswith("/") else text
-        policy_path = getattr(config, "policy_path", None)
-        policy = getattr(config, "policy", None)
-        if policy_path is not None:
+        if config.policy_path is not None:
             try:
-                kw["policy_yaml"] = Path(policy_path).read_text()
+                kw["policy_yaml"] = Path(config.policy_path).read_text()
             except OSError as exc:
                 raise ConfigError(
-                    f"cannot read the attestation policy {policy_path} ({exc.strerror}); "
-                    "fix policy_path."
+                    f"cannot read the attestation policy {config.policy_path} "
+                    f"({exc.strerror}); fix policy_path."
                 ) from None
-        elif policy is not None:
-            raw = policy.to_dict() if hasattr(policy, "to_dict") else policy
-            kw["policy_yaml"] = yaml.safe_dump(dict(raw), sort_keys=False)
-        run_dir = getattr(config, "run_dir", None)
-        if run_dir is not None:
-            kw["run_dir"] = Path(run_dir) / "k8s"
-        kw["lab_config"] = _as_mapping(config)
         return cls(**kw)
-
-
-def _as_mapping(config: Any) -> dict[str, Any]:
-    """A plain, YAML-safe mapping of a config object (``to_dict()``, a dataclass, a mapping)."""
-    if hasattr(config, "to_dict"):
-        raw = config.to_dict()
-    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
-        raw = dataclasses.asdict(config)
-    elif isinstance(config, Mapping):
-        raw = dict(config)
-    else:
-        return {}
-    return {str(k): _plain(v) for k, v in raw.items()}
 
 
 def _plain(value: Any) -> Any:

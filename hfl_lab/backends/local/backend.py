@@ -37,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from hfl_lab.backends.local.owner_side import OwnerSide
 from hfl_lab.backends.local.preflight import local_checks
 from hfl_lab.backends.local.processes import (
     END_OF_EVENTS,
-    Participant,
+    ParticipantProcess,
     ParticipantProcesses,
     free_port,
 )
@@ -58,8 +58,10 @@ from hfl_lab.events import LabEvent
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.sim.measure import TdMeasurements, measure_workload
 from hfl_lab.tee.sim.platform import SimulatedPlatform
+from hfl_lab.vault.attested_signers import AttestedSigners
+from trainer.participant_config import Deployment, ParticipantConfig
 
-__all__ = ["LocalBackend", "Participant", "TrainingResult", "free_port"]
+__all__ = ["LocalBackend", "ParticipantProcess", "TrainingResult", "free_port"]
 
 WORKLOAD_ROOT = Path(__file__).resolve().parents[3]
 
@@ -128,7 +130,7 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
         self.platform_path = self.trust_dir / "platform.json"
         self.volume_policy_path = self.trust_dir / "volume_policy.yaml"
         self.vault_info: Any = None
-        self.participants: dict[str, Participant] = {}
+        self.participants: dict[str, ParticipantProcess] = {}
         self.result: TrainingResult | None = None
         self._queue: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
@@ -168,8 +170,6 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
             ) from None
 
     def _prepare(self) -> None:
-        from trainer.settings import Deployment, ParticipantConfig
-
         if not self.config.allow_simulated:
             raise ConfigError(
                 "the local backend runs simulated TDs, and allow_simulated is False.",
@@ -182,8 +182,6 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
         self.platform = self.platform or SimulatedPlatform.generate()
         self.admin_token = owner.admin_token(owner.run_salt(self.owner_salt_path))
         # public: what the owner's trusted node needs to verify ps0's evidence offline
-        from hfl_lab.vault.attested_signers import AttestedSigners
-
         AttestedSigners.write_platform(self.trust_dir, self.platform.root_der,
                                        self.platform.collateral_json)
         trust_port, ps_port = free_port(), free_port()
@@ -220,7 +218,7 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
                 root=self.workload_root,
             )
             env = {"HFL_LAB_ROLE": role, "HFL_LAB_EVIDENCE": "simulated"}
-            self.participants[role] = Participant(role, args, env)
+            self.participants[role] = ParticipantProcess(role, args, env)
         if self.config.policy_path:
             self.policy = AttestationPolicy.load(self.config.policy_path)
         else:
@@ -283,7 +281,7 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
 
     def run_training(
         self,
-        on_event: Any = None,
+        on_event: Callable[[LabEvent], None] | None = None,
         *,
         ready_timeout_s: float = 300.0,
         progress: ProgressCallback | None = None,

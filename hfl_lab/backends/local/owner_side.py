@@ -18,7 +18,6 @@ import contextlib
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from hfl_lab import owner
 from hfl_lab._exceptions import BackendError
@@ -28,7 +27,16 @@ from hfl_lab.events import LabEvent
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.sim.measure import TdMeasurements
 from hfl_lab.tee.sim.platform import SimulatedPlatform
-from hfl_lab.vault.keyrelease import SealedBrokerState
+from hfl_lab.trust.client import TrustClient
+from hfl_lab.vault.checkpoints import CheckpointStore
+from hfl_lab.vault.directory_store import DirectoryCheckpointStore
+from hfl_lab.vault.keyrelease import (
+    SealedBrokerState,
+    VaultInfo,
+    open_as_owner,
+    provision_vault,
+    volume_release_policy,
+)
 
 
 class OwnerSide:
@@ -47,7 +55,7 @@ class OwnerSide:
     vault_path: Path | None
     trust_state_path: Path
     owner_salt_path: Path
-    vault_info: Any
+    vault_info: VaultInfo
     # provided by ParticipantProcesses
     _put: Callable[[LabEvent], None]
     _wait_roles: Callable[[Sequence[str], float, ProgressCallback | None], None]
@@ -55,16 +63,12 @@ class OwnerSide:
     def volume_release_policy(self) -> AttestationPolicy:
         """Who may receive the volume passphrase by attested release: ps0's TD (this code, its
         configuration), nobody else. The owner's node uses the sealed state instead."""
-        from hfl_lab.vault.keyrelease import volume_release_policy
-
         assert self.policy is not None
         return volume_release_policy(self.measurements["ps0"], base=self.policy)
 
     def _provision_vault(self, path: Path) -> None:
         """As the owner: create the volume and register its passphrase (or keep the volume a
         resumed run made: the restarted trust service unsealed its passphrase)."""
-        from hfl_lab.vault.keyrelease import provision_vault
-
         self._wait_roles(["trust"], self.connect_timeout_s, None)
         path.parent.mkdir(parents=True, exist_ok=True)
         with self.trust_client() as client:
@@ -81,10 +85,8 @@ class OwnerSide:
                if info.created else "kept from the earlier start of this run"),
         }))
 
-    def trust_client(self) -> Any:
+    def trust_client(self) -> TrustClient:
         """A client of this run's trust service, after its attestation was verified."""
-        from hfl_lab.trust.client import TrustClient
-
         if self.policy is None or self.platform is None:
             raise BackendError("the run is not started.", fix="call start() first.")
         return TrustClient.connect(self.trust_address, self.policy,
@@ -96,14 +98,11 @@ class OwnerSide:
         return SealedBrokerState(self.trust_state_path, owner.sealing_key(self.admin_token))
 
     @contextlib.contextmanager
-    def model_store(self) -> Iterator[Any]:
+    def model_store(self) -> Iterator[CheckpointStore]:
         """The run's checkpoints, read-only, as the owner sees them: the volume opened with the
         owner's credential, or the plain checkpoint folder of a run without the vault. Both
         have ``load_latest()``; the volume also ``list_checkpoints()`` and
         ``verify_provenance(...)``. Nothing is written."""
-        from hfl_lab.vault import DirectoryCheckpointStore
-        from hfl_lab.vault.keyrelease import open_as_owner
-
         if self.vault_path is None:
             yield DirectoryCheckpointStore(self.checkpoint_dir, durable=False)
             return

@@ -11,6 +11,7 @@ from hfl_lab._exceptions import HflLabError
 from hfl_lab.backends.base import PreflightCheck
 from hfl_lab.backends.local.processes import free_port
 from hfl_lab.config import LabConfig
+from trainer.data import BATCHES_DIR, TEST_FILE, TRAIN_FILES
 
 
 def local_checks(
@@ -54,8 +55,6 @@ def local_checks(
 
 def _data_check(config: LabConfig) -> PreflightCheck:
     try:
-        from trainer.data import BATCHES_DIR, TEST_FILE, TRAIN_FILES
-
         root = config.require_data_path()
         folder = root if root.name == BATCHES_DIR else root / BATCHES_DIR
         absent = [n for n in (*TRAIN_FILES, TEST_FILE) if not (folder / n).is_file()]

@@ -39,7 +39,7 @@ END_OF_EVENTS = object()
 
 
 @dataclass
-class Participant:
+class ParticipantProcess:
     """One launched participant process."""
 
     role: str
@@ -88,7 +88,7 @@ class ParticipantProcesses:
     log_dir: Path
     platform: SimulatedPlatform | None
     admin_token: bytes
-    participants: dict[str, Participant]
+    participants: dict[str, ParticipantProcess]
     _queue: queue.Queue[Any]
     _torn_down: bool
     _done_event: LabEvent | None
@@ -104,7 +104,7 @@ class ParticipantProcesses:
 
     # ------------------------------------------------------------------ processes
 
-    def _launch(self, p: Participant) -> None:
+    def _launch(self, p: ParticipantProcess) -> None:
         assert self.platform is not None
         env = dict(os.environ)
         env.update(self.extra_env)
@@ -160,7 +160,7 @@ class ParticipantProcesses:
         watcher.start()
         p.threads = [*readers, watcher]
 
-    def _read_stdout(self, p: Participant, stream: IO[str], log: IO[str],
+    def _read_stdout(self, p: ParticipantProcess, stream: IO[str], log: IO[str],
                      lock: threading.Lock) -> None:
         for line in stream:
             text = line.rstrip("\n")
@@ -177,7 +177,7 @@ class ParticipantProcesses:
                 self._on_lifecycle(p, event)
             self._put(event)
 
-    def _read_stderr(self, p: Participant, stream: IO[str], log: IO[str],
+    def _read_stderr(self, p: ParticipantProcess, stream: IO[str], log: IO[str],
                      lock: threading.Lock) -> None:
         for line in stream:
             text = line.rstrip("\n")
@@ -186,7 +186,7 @@ class ParticipantProcesses:
                 log.write(text + "\n")
                 log.flush()
 
-    def _on_lifecycle(self, p: Participant, event: LabEvent) -> None:
+    def _on_lifecycle(self, p: ParticipantProcess, event: LabEvent) -> None:
         state = str(event.data.get("state", ""))
         p.state = state
         if state == "ready":
@@ -196,7 +196,7 @@ class ParticipantProcesses:
         if state == "done" and p.role == "ps0":
             self._done_event = event
 
-    def _watch(self, p: Participant, process: subprocess.Popen[str],
+    def _watch(self, p: ParticipantProcess, process: subprocess.Popen[str],
                readers: Sequence[threading.Thread], log: IO[str]) -> None:
         code = process.wait()
         for t in readers:
@@ -278,7 +278,7 @@ class ParticipantProcesses:
         self._training_ended.clear()
         self._launch(p)
 
-    def _participant(self, role: str) -> Participant:
+    def _participant(self, role: str) -> ParticipantProcess:
         if role not in self.participants:
             raise ConfigError(f"no participant {role!r} in this run.",
                               fix=f"use one of {', '.join(self.participants) or '(none yet)'}.")

@@ -26,7 +26,8 @@ def extend(register: bytes, digest: bytes) -> bytes:
     return sha384(register + digest)
 
 
-def canonical_json(value: Any) -> bytes:
+def measured_json(value: Any) -> bytes:
+    """The bytes a configuration document is measured as: sorted keys, no spaces, ASCII."""
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -101,13 +102,13 @@ def measure_workload(
       RTMR2: the command line; RTMR3: the role configuration again, as a runtime event.
     """
     image = workload_digest(root)
-    initdata = canonical_json({"role": role, "config": config or {}})
+    initdata = measured_json({"role": role, "config": config or {}})
     m = TdMeasurements(
         mr_td=sha384(b"hfl-lab/simulated-td/mr_td/v1" + image), mr_config_id=sha384(initdata)
     )
     m.events.append(MeasuredEvent("mr_td", image.hex(), "workload image (trainer + hfl_lab)"))
     hw = virtual_hardware or {"vcpus": 1, "memory": "host", "tdx_module": "simulated"}
-    m.extend_rtmr(0, canonical_json(hw), "TD virtual hardware configuration")
+    m.extend_rtmr(0, measured_json(hw), "TD virtual hardware configuration")
     runtime = f"{platform.python_implementation()} {sys.version.split()[0]}".encode()
     m.extend_rtmr(1, runtime, f"runtime {runtime.decode()}")
     cmdline = "\0".join(argv if argv is not None else ["python", "-m", "trainer", role]).encode()
