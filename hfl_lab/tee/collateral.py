@@ -1,9 +1,18 @@
-"""DCAP collateral (TCB info, QE identity, CRLs): from a file, a PCCS, or given directly."""
+"""DCAP collateral (TCB info, QE identity, CRLs): from a file, a PCCS, or given directly.
+
+Collateral is always the verifier's own: a file it was given, or what its PCCS answers (kept in a
+:class:`CollateralCache` until the TCB info's ``nextUpdate``). Collateral that arrives with
+evidence is never used for real evidence: it is validly signed, but the attester chose it, and
+old TCB info or CRLs hide a TCB recovery or a revocation for as long as they are valid.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -57,6 +66,20 @@ class Collateral:
                 f"collateral from {self.source} is malformed: {e}", check="collateral"
             ) from None
 
+    def tcb_evaluation_data_number(self) -> int | None:
+        """The lower ``tcbEvaluationDataNumber`` of the TCB info and the QE identity (Intel raises
+        it with every TCB recovery), or None when neither document states it."""
+        doc = json.loads(self.json_text)
+        numbers = []
+        for name in ("tcb_info", "qe_identity"):
+            try:
+                value = json.loads(doc[name]).get("tcbEvaluationDataNumber")
+            except (ValueError, TypeError, AttributeError, KeyError):
+                continue
+            if isinstance(value, int) and not isinstance(value, bool):
+                numbers.append(value)
+        return min(numbers) if numbers else None
+
     def window(self) -> tuple[int, int] | None:
         """(issue date, next update) of the TCB info, as UNIX seconds, when readable."""
         try:
@@ -91,3 +114,48 @@ def fetch_collateral(pccs_url: str, quote: bytes, timeout_s: float = 30.0) -> Co
             fix="check the PCCS URL and network, or pass --collateral FILE",
         ) from None
     return Collateral(result.to_json(), f"PCCS {pccs_url}")
+
+
+#: how a cache gets collateral it does not hold: (PCCS URL, raw quote) → collateral
+CollateralFetch = Callable[[str, bytes], Collateral]
+
+
+class CollateralCache:
+    """The verifier's own collateral per (PCCS, FMSPC), fetched once and kept until the TCB
+    info's ``nextUpdate``; at most ``max_entries`` platforms (the least recently used go)."""
+
+    def __init__(self, fetch: CollateralFetch = fetch_collateral, *,
+                 max_entries: int = 64) -> None:
+        self._fetch = fetch
+        self._max = max_entries
+        self._entries: OrderedDict[tuple[str, str], Collateral] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, key: tuple[str, str], collateral: Collateral) -> None:
+        with self._lock:
+            self._entries[key] = collateral
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+
+    def get(self, pccs_url: str, quote: bytes, fmspc: str, now: int) -> Collateral:
+        """The collateral for ``fmspc`` from ``pccs_url``: cached while current, else fetched."""
+        key = (pccs_url, fmspc)
+        with self._lock:
+            held = self._entries.get(key)
+            if held is not None:
+                window = held.window()
+                if window is not None and now < window[1]:
+                    self._entries.move_to_end(key)
+                    return held
+        # fetched outside the lock: a slow PCCS must not hold up verifications of other platforms
+        fresh = self._fetch(pccs_url, quote)
+        self.put(key, fresh)
+        return fresh
+
+
+#: the process's cache, shared by every verifier that names a PCCS
+COLLATERAL_CACHE = CollateralCache()

@@ -104,6 +104,12 @@ class AttestationPolicy:
     allow_debug: bool = False
     accepted_tcb_statuses: tuple[str, ...] = ("UpToDate",)
     accepted_advisory_ids: tuple[str, ...] = ()
+    #: the lowest ``tcbEvaluationDataNumber`` the collateral may carry (Intel raises it with every
+    #: TCB recovery): older, still validly signed collateral is refused; None: any
+    min_tcb_evaluation_data_number: int | None = None
+    #: where verifiers fetch their own collateral for real evidence (a PCCS or Intel's PCS);
+    #: None: they need a collateral file. Collateral that comes with evidence is never used.
+    pccs_url: str | None = None
     #: seconds; applies when the evidence is bound to a challenge whose issue time is known
     max_evidence_age_s: float = 300.0
     #: what REPORTDATA must bind: nothing, the TLS key, or the key and the verifier's nonce
@@ -170,6 +176,21 @@ class AttestationPolicy:
             raise ConfigError("forbidden_td_attributes must be an integer bit mask")
         if not isinstance(self.max_evidence_age_s, int | float) or self.max_evidence_age_s <= 0:
             raise ConfigError("max_evidence_age_s must be a positive number of seconds")
+        minimum = self.min_tcb_evaluation_data_number
+        if minimum is not None and (isinstance(minimum, bool) or not isinstance(minimum, int)
+                                    or minimum < 0):
+            raise ConfigError(
+                f"min_tcb_evaluation_data_number must be a whole number ≥ 0, got {minimum!r}",
+                fix="use the tcbEvaluationDataNumber of Intel's current TCB info (e.g. 17)",
+            )
+        if self.pccs_url is not None and (
+            not isinstance(self.pccs_url, str) or not self.pccs_url.startswith("https://")
+        ):
+            raise ConfigError(
+                f"pccs_url must be an https:// URL, got {self.pccs_url!r}",
+                fix="use your PCCS (e.g. https://pccs.example:8081) or Intel's "
+                "https://api.trustedservices.intel.com",
+            )
         object.__setattr__(self, "accepted_tcb_statuses", tuple(self.accepted_tcb_statuses))
         object.__setattr__(self, "accepted_advisory_ids", tuple(self.accepted_advisory_ids))
 

@@ -1,9 +1,12 @@
 """One verification path for all TDX evidence: DCAP (dcap-qvl) first, then the policy's checks.
 
-Real evidence is verified against Intel's root. Simulated evidence goes through the very same
-``dcap_qvl`` call with the lab's root (``verify_with_root_ca``) and its lab-signed collateral,
-and only when the policy says ``allow_simulated: true``. Whether evidence is simulated is
-decided by the root its PCK chain ends in, never by what the evidence claims.
+Real evidence is verified against Intel's root, with collateral of the verifier's own (a file it
+was given, or the policy's PCCS through :class:`~hfl_lab.tee.collateral.CollateralCache`), never
+with collateral that came with the evidence: the attester would choose it. Simulated evidence
+goes through the very same ``dcap_qvl`` call with the lab's root (``verify_with_root_ca``) and
+its lab-signed collateral, and only when the policy says ``allow_simulated: true``. Whether
+evidence is simulated is decided by the root its PCK chain ends in, never by what the evidence
+claims.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import dcap_qvl
 from cryptography.hazmat.primitives import serialization
 
 from hfl_lab._exceptions import AttestationError, QuoteFormatError
-from hfl_lab.tee.collateral import Collateral, fetch_collateral
+from hfl_lab.tee.collateral import COLLATERAL_CACHE, Collateral, CollateralCache
 from hfl_lab.tee.evidence import Evidence
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.quote import Quote
@@ -88,13 +91,15 @@ class Verifier:
         pccs_url: str | None = None,
         lab_root_der: bytes | None = None,
         lab_collateral: Collateral | None = None,
+        collateral_cache: CollateralCache | None = None,
         clock: Callable[[], float] = time.time,
         name: str = "lab",
         on_verdict: Callable[[Verdict], None] | None = None,
     ) -> None:
         self.policy = policy
         self.collateral = collateral
-        self.pccs_url = pccs_url
+        self.pccs_url = pccs_url or policy.pccs_url
+        self.collateral_cache = COLLATERAL_CACHE if collateral_cache is None else collateral_cache
         self.lab_root_der = lab_root_der
         self.lab_collateral = lab_collateral
         self.clock = clock
@@ -184,21 +189,33 @@ class Verifier:
                 "hardware TD evidence",
             )
 
-    def _collateral_for(self, quote: Quote, evidence: Evidence, lab_signed: bool) -> Collateral:
+    def _collateral_for(
+        self, quote: Quote, evidence: Evidence, lab_signed: bool, now: int
+    ) -> Collateral:
         if self.collateral is not None:
             return self.collateral
-        if lab_signed and self.lab_collateral is not None:
-            return self.lab_collateral
-        # Collateral that comes with the evidence is safe to use: dcap-qvl checks its
-        # signatures against the trusted root, exactly as for collateral from a PCCS cache.
-        if evidence.collateral_json is not None:
-            return Collateral(evidence.collateral_json, f"evidence from {evidence.provider}")
-        if self.pccs_url is not None and not lab_signed:
-            return fetch_collateral(self.pccs_url, quote.to_bytes())
+        if lab_signed:
+            if self.lab_collateral is not None:
+                return self.lab_collateral
+            # Simulated evidence: every participant holds the lab platform's keys, so the
+            # collateral it carries proves no more than the rest of it (never secure).
+            if evidence.collateral_json is not None:
+                return Collateral(evidence.collateral_json,
+                                  f"the lab platform, with the evidence from {evidence.provider}")
+        elif self.pccs_url is not None:
+            fmspc = quote.fmspc()
+            if fmspc is None:
+                raise AttestationError(
+                    "the quote has no PCK certificate chain, so no FMSPC to fetch collateral for",
+                    check="dcap", fix="use a quote with certification data type 6 (PCK chain)",
+                )
+            return self.collateral_cache.get(self.pccs_url, quote.to_bytes(), fmspc, now)
+        brought = " (the evidence brought some: never used, the attester chose it)" if (
+            evidence.collateral_json is not None and not lab_signed) else ""
         raise AttestationError(
-            "no collateral",
+            f"no collateral of its own{brought}",
             check="dcap",
-            fix="pass --collateral FILE or --pccs URL (or configure a PCCS for the lab)",
+            fix="pass --collateral FILE or --pccs URL (or set pccs_url in the policy)",
         )
 
     def _check_dcap(
@@ -207,7 +224,7 @@ class Verifier:
         root = "lab root (SIMULATED)" if lab_signed else "Intel SGX root CA"
         expected = f"quote signed by a QE certified up to the {root}; collateral valid"
         try:
-            collateral = self._collateral_for(quote, evidence, lab_signed)
+            collateral = self._collateral_for(quote, evidence, lab_signed, now)
             qvl = collateral.qvl()
             raw = quote.to_bytes()
             if lab_signed:
@@ -222,7 +239,24 @@ class Verifier:
             v.add("dcap", False, expected, "verification failed", dcap_reason(str(e)))
             return None
         v.add("dcap", True, expected, f"verified at {now} with collateral from {collateral.source}")
+        self._check_evaluation(v, collateral)
         return report
+
+    def _check_evaluation(self, v: Verdict, collateral: Collateral) -> None:
+        minimum = self.policy.min_tcb_evaluation_data_number
+        if minimum is None:
+            return
+        number = collateral.tcb_evaluation_data_number()
+        ok = number is not None and number >= minimum
+        v.add(
+            "tcb_evaluation",
+            ok,
+            f"tcbEvaluationDataNumber ≥ {minimum}",
+            f"tcbEvaluationDataNumber {number}" if number is not None else "not stated",
+            "" if ok else f"the collateral is older than the policy allows: it predates the TCB "
+            f"recovery that raised the evaluation number to {minimum} (fetch current "
+            "collateral from the PCCS)",
+        )
 
     def _check_tcb(self, v: Verdict, report: Any) -> None:
         accepted = self.policy.accepted_tcb_statuses

@@ -71,6 +71,8 @@ def reference_policy(
         }
         return AttestationPolicy.from_dict(raw)
     raw["allow_simulated"] = False
+    # real evidence is judged with collateral the verifiers fetch themselves (issue 18, item 3)
+    raw["pccs_url"] = settings.pccs_url
     initdata = initdata_for(settings)
     if initdata is not None:
         raw.update(image_tools.initdata_reference_values(initdata))

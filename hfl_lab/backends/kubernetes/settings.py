@@ -112,6 +112,9 @@ class KubernetesSettings:
     lab_config: Mapping[str, Any] = field(default_factory=dict)
     #: the KBS the guest's attestation agent asks for image keys (encrypted overlay)
     kbs_url: str = "http://kbs.hfl-lab.local:8080"
+    #: where the TDX overlays' verifiers fetch their own DCAP collateral (the derived policy's
+    #: ``pccs_url``): the cluster's PCCS, or Intel's PCS when the pods reach the internet
+    pccs_url: str = "https://api.trustedservices.intel.com"
     #: where the generated kustomization of a run is written; None: a temporary folder
     run_dir: Path | None = None
     poll_interval_s: float = 1.0
