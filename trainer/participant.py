@@ -59,6 +59,8 @@ __all__ = [
 
 log = logging.getLogger("hfl_lab.participant")
 
+#: evidence sources that only real TDX hardware provides
+HARDWARE_EVIDENCE = ("configfs-tsm", "coco-agent")
 #: exit status of a participant whose launcher went away (stdin closed)
 EXIT_ORPHANED = 3
 #: set to 1 in a participant's environment to launch it as a DEBUG TD (attack demonstrations)
@@ -214,6 +216,7 @@ class Participant:
         self.bootstrap = bootstrap
         self.emit = emitter
         self.policy = policy or self._load_policy()
+        self._refuse_lab_trust_on_tdx()
         self.measurements: TdMeasurements | None = None
         self.provider = self._provider()
         self.identity = RaTlsIdentity()
@@ -229,6 +232,30 @@ class Participant:
         if self.config.deployment.evidence == "simulated":
             policy = policy.replace(allow_simulated=True)
         return policy
+
+    def _refuse_lab_trust_on_tdx(self) -> None:
+        """On a run with hardware evidence only Intel's root is trusted: a lab platform in the
+        bootstrap, or ``allow_simulated`` in the policy, is what someone who can write the
+        cluster's Secrets or ConfigMaps would add to have simulated evidence accepted."""
+        deployment = self.config.deployment
+        if deployment.evidence not in HARDWARE_EVIDENCE and not deployment.overlay.startswith(
+                "kata-"):
+            return
+        run = f"a TDX run ({deployment.evidence} evidence, overlay {deployment.overlay})"
+        if self.bootstrap.platform is not None:
+            raise ConfigError(
+                f"{self.role}: the bootstrap of {run} holds a lab platform (a simulated root "
+                "and its keys); under TDX only Intel's root is trusted, so it is refused.",
+                fix="remove the 'platform' field from the run's bootstrap Secret (the Kubernetes "
+                "backend never writes one for the kata overlays) and find who added it.",
+            )
+        if self.policy.allow_simulated:
+            raise ConfigError(
+                f"{self.role}: the policy of {run} says allow_simulated: true; simulated "
+                "evidence proves no hardware, so a TDX run refuses it.",
+                fix="set allow_simulated: false in the policy (the derived policy of the kata "
+                "overlays does), or run the simulated TDs under the runc overlay.",
+            )
 
     def _provider(self) -> EvidenceProvider:
         source = self.config.deployment.evidence
