@@ -45,6 +45,8 @@ class ApiDouble:
         self.files: dict[tuple[str, str], dict[str, bytes]] = {}
         self.version = {"major": "1", "minor": "31", "gitVersion": "v1.31.2"}
         self.registry_status = 200
+        #: the phase a pod the backend creates reports (a reader pod on the TDX overlays)
+        self.new_pod_phase = "Running"
         self.fail: dict[tuple[str, str], tuple[int, str]] = {}
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -186,6 +188,8 @@ class ApiDouble:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if not path.endswith("/" + body["metadata"]["name"]):
                     return self._send(400, _status(400, "BadRequest", "name does not match path"))
+                if body.get("kind") == "Pod" and "status" not in body:
+                    body["status"] = {"phase": double.new_pod_phase}  # the kubelet, at once
                 double.objects[path] = body
                 return self._send(200, body)
 

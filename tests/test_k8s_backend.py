@@ -357,6 +357,35 @@ def test_fetch_vault_copies_over_exec_and_checks_digest(double, tmp_path):
     assert len(execs) == 2 and all("container=ps" in p for p in execs)
 
 
+def test_tdx_fetch_reads_the_volume_through_a_reader_pod_not_exec_into_the_td(double, tmp_path):
+    # the agent policy of the TDX overlays denies exec into a TD (issue 18, item 1)
+    backend = make_backend(double, tmp_path, overlay="kata-qemu-tdx")
+    double.set_pod(NS, "ps-0")
+    payload = b"LUKS\xba\xbe" + bytes(range(256)) * 300
+    double.files[("hfl-reader-vault", "reader")] = {"/claim/model.luks": payload}
+
+    out = backend.fetch_vault(tmp_path / "out" / "model.luks")
+
+    assert out.read_bytes() == payload
+    execs = [p for p in double.calls("GET") if "/exec?" in p]
+    assert execs and all("/pods/hfl-reader-vault/exec?" in p and "container=reader" in p
+                         for p in execs)
+    reader = f"/api/v1/namespaces/{NS}/pods/hfl-reader-vault"
+    assert len([p for p in double.calls("PATCH") if p.startswith(reader + "?")]) == 1
+    assert [p for p in double.calls("DELETE") if p.startswith(reader)]
+    assert reader not in double.objects  # gone after the copy
+
+
+def test_tdx_fetch_names_a_reader_pod_that_cannot_start(double, tmp_path):
+    backend = make_backend(double, tmp_path, overlay="kata-qemu-tdx")
+    double.set_pod(NS, "ps-0")
+    double.new_pod_phase = "Failed"
+    with pytest.raises(BackendError, match=r"reader pod hfl-reader-vault.*did not start"):
+        backend.fetch_vault(tmp_path / "model.luks")
+    reader = f"/api/v1/namespaces/{NS}/pods/hfl-reader-vault"
+    assert [p for p in double.calls("DELETE") if p.startswith(reader)]
+
+
 def test_fetch_vault_before_the_vault_exists(double, tmp_path):
     backend = make_backend(double, tmp_path)
     double.set_pod(NS, "ps-0")

@@ -178,6 +178,7 @@ def test_runc_policy_is_derived_from_the_rendered_document_and_argv(tmp_path):
 
 def test_tdx_policies_refuse_simulated_evidence_and_pin_the_initdata(tmp_path):
     plain = render_run(KubernetesSettings(overlay="kata-qemu-tdx", run_dir=tmp_path / "a"))
+    # no value every role shares: each role is pinned to its own initdata (issue 18, item 1)
     assert not plain.policy.allow_simulated and plain.policy.mr_config_id is None
     digest = "sha256:" + "cd" * 32
     signed = render_run(KubernetesSettings(overlay="kata-qemu-tdx-encrypted-signed",
@@ -188,7 +189,8 @@ def test_tdx_policies_refuse_simulated_evidence_and_pin_the_initdata(tmp_path):
     initdata = gzip.decompress(
         base64.b64decode(annotations["io.katacontainers.config.hypervisor.cc_init_data"]))
     assert digest.encode() in initdata
-    assert signed.policy.mr_config_id == (hashlib.sha384(initdata).hexdigest(),)
+    assert signed.policy.reference_for("worker1", "mr_config_id") == (
+        hashlib.sha384(initdata).hexdigest(),)
     assert not signed.policy.allow_simulated and signed.policy.report_data_binding == "key+nonce"
 
 

@@ -242,17 +242,27 @@ def write_kbs_resources(
     return paths
 
 
-def initdata_toml(kbs_url: str, image_name: str, digest: str) -> str:
-    """Initdata for the pod: the KBS address and an image policy pinned to ``digest``."""
-    policy = json.dumps(signature_policy(_pinned(image_name, digest).split("@")[0]))
-    return (
-        'version = "0.1.0"\nalgorithm = "sha384"\n\n[data]\n'
-        f'"aa.toml" = """\n[token_configs.kbs]\nurl = "{kbs_url}"\n"""\n'
-        f'"cdh.toml" = """\n[kbc]\nname = "cc_kbc"\nurl = "{kbs_url}"\n'
-        f'[image]\nimage_security_policy_uri = "kbs:///default/security-policy/hfl-lab"\n'
-        f'# pinned: {image_name}@{digest}\n"""\n'
-        f"\"policy.json\" = '''{policy}'''\n"
-    )
+def initdata_toml(kbs_url: str, image_name: str, digest: str | None,
+                  extra: Mapping[str, str] | None = None) -> str:
+    """CoCo initdata for a pod: the KBS address, an image policy pinned to ``digest`` (when
+    there is one), and ``extra`` files (name → text, e.g. the role and the agent policy)."""
+    parts = [
+        'version = "0.1.0"\nalgorithm = "sha384"\n\n[data]\n',
+        f'"aa.toml" = """\n[token_configs.kbs]\nurl = "{kbs_url}"\n"""\n',
+        f'"cdh.toml" = """\n[kbc]\nname = "cc_kbc"\nurl = "{kbs_url}"\n',
+    ]
+    if digest is not None:
+        policy = json.dumps(signature_policy(_pinned(image_name, digest).split("@")[0]))
+        parts.append('[image]\nimage_security_policy_uri = "kbs:///default/security-policy/'
+                     f'hfl-lab"\n# pinned: {image_name}@{digest}\n"""\n')
+        parts.append(f"\"policy.json\" = '''{policy}'''\n")
+    else:
+        parts.append('"""\n')
+    for name, text in (extra or {}).items():
+        if "'''" in text:
+            raise ConfigError(f"initdata file {name} holds ''', which TOML cannot quote here.")
+        parts.append(f"\"{name}\" = '''\n{text}'''\n")
+    return "".join(parts)
 
 
 def initdata_reference_values(initdata: str) -> dict[str, list[str]]:

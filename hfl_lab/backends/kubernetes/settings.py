@@ -115,6 +115,11 @@ class KubernetesSettings:
     #: where the TDX overlays' verifiers fetch their own DCAP collateral (the derived policy's
     #: ``pccs_url``): the cluster's PCCS, or Intel's PCS when the pods reach the internet
     pccs_url: str = "https://api.trustedservices.intel.com"
+    #: on the TDX overlays, where the agent policy denies exec into a TD, a plain (non-TD) pod
+    #: of this image (it needs sha256sum and tar) reads the sealed files off their volumes;
+    #: they are ciphertext, checked by the owner, so the path may be untrusted. Mirror it into
+    #: your registry for an air-gapped cluster.
+    reader_image: str = "busybox:1.36"
     #: where the generated kustomization of a run is written; None: a temporary folder
     run_dir: Path | None = None
     poll_interval_s: float = 1.0
