@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import pickle
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -12,12 +12,15 @@ import numpy as np
 import numpy.typing as npt
 
 from hfl_lab._exceptions import ConfigError
+from hfl_lab.config.checks import check_data_pins
+from trainer.cifar_pickle import IMAGE_SIZE, NUM_CLASSES, Images, Labels, parse_batch
 
 __all__ = [
     "BATCHES_DIR",
     "BatchStream",
     "Cifar10",
     "augment",
+    "dataset_digests",
     "dirichlet_partition",
     "iid_partition",
     "label_histograms",
@@ -29,12 +32,8 @@ __all__ = [
 BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
-NUM_CLASSES = 10
-IMAGE_SIZE = 32
 PAD = 4  # TF reference resnet_cifar: resize_image_with_crop_or_pad to 40x40, then random crop
 
-Images = npt.NDArray[np.uint8]
-Labels = npt.NDArray[np.int64]
 FloatImages = npt.NDArray[np.float32]
 Indices = npt.NDArray[np.int64]
 
@@ -70,43 +69,62 @@ def _batches_dir(data_path: str | Path) -> Path:
     )
 
 
-def _read_batch(path: Path) -> tuple[Images, Labels]:
+def _file_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise ConfigError(f"CIFAR-10 batch file {path} is missing.", fix=_FIX)
     try:
-        with open(path, "rb") as f:
-            # The official files are Python pickles; the data path is operator-supplied and the
-            # lab never downloads it, so this is the same trust as the official loader's.
-            entry = pickle.load(f, encoding="bytes")  # noqa: S301
-        data = np.asarray(entry[b"data"], dtype=np.uint8)
-        labels = np.asarray(entry[b"labels"], dtype=np.int64)
-    except Exception as exc:  # any unpickling failure means a corrupt file
+        return path.read_bytes()
+    except OSError as e:
         raise ConfigError(
-            f"CIFAR-10 batch file {path} is corrupt or not in the python format "
-            f"({type(exc).__name__}: {exc}).",
-            fix=f"re-extract the file; {_FIX}",
-        ) from exc
-    if data.ndim != 2 or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE or len(data) != len(labels):
-        raise ConfigError(
-            f"CIFAR-10 batch file {path} holds data of shape {data.shape} with {len(labels)} "
-            "labels; expected (N, 3072) uint8 and N labels.",
-            fix=f"re-extract the file; {_FIX}",
-        )
-    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise ConfigError(
-            f"CIFAR-10 batch file {path} has labels outside 0..9.",
-            fix=f"re-extract the file; {_FIX}",
-        )
-    # Rows are channel-major (R plane, G plane, B plane); the model takes NHWC.
-    images = data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), labels
+            f"cannot read the CIFAR-10 batch file {path}: {e.strerror or e}.", fix=_FIX
+        ) from None
 
 
-def load_cifar10(data_path: str | Path) -> Cifar10:
-    """Read the five training batches and the test batch; never downloads anything."""
+def _read_batch(path: Path, sha256: str | None = None) -> tuple[Images, Labels]:
+    # One read: the bytes that are hashed are the bytes that are parsed, so the host cannot
+    # swap the file between the check and the load.
+    raw = _file_bytes(path)
+    if sha256 is not None:
+        actual = hashlib.sha256(raw).hexdigest()
+        if actual != sha256:
+            raise ConfigError(
+                f"CIFAR-10 batch file {path} has SHA-256 {actual}, but data_sha256 pins "
+                f"{sha256}; it was not loaded.",
+                fix="restore the pinned copy of the file; if this copy is the one to train on, "
+                "pin it again with trainer.data.dataset_digests(data_path).",
+            )
+    return parse_batch(path, raw, _FIX)
+
+
+def dataset_digests(data_path: str | Path) -> tuple[str, ...]:
+    """The ``data_sha256`` pins of a CIFAR-10 copy: ``file=sha256`` for each file the loader reads.
+
+    ``LabConfig(data_sha256=dataset_digests(path))`` pins the copy at ``path``; the pins are
+    part of the participant configuration, so MR_CONFIG_ID measures them.
+    """
     folder = _batches_dir(data_path)
-    train = [_read_batch(folder / name) for name in TRAIN_FILES]
-    test_images, test_labels = _read_batch(folder / TEST_FILE)
+    return tuple(
+        f"{name}={hashlib.sha256(_file_bytes(folder / name)).hexdigest()}"
+        for name in (*TRAIN_FILES, TEST_FILE)
+    )
+
+
+def load_cifar10(data_path: str | Path, *, sha256: Sequence[str] | None = None) -> Cifar10:
+    """Read the five training batches and the test batch; never downloads anything.
+
+    Each file is unpickled with an allow-list that admits the CIFAR-10 structure only. With
+    ``sha256`` (``LabConfig.data_sha256``: ``file=hex`` for every file), a file whose digest
+    differs is refused before it is parsed.
+    """
+    if isinstance(sha256, str):
+        raise ConfigError(
+            "sha256 must be a list of file=hex pins, got one string.",
+            fix="pass LabConfig.data_sha256 or trainer.data.dataset_digests(data_path).",
+        )
+    folder = _batches_dir(data_path)
+    pins = dict(p.split("=", 1) for p in check_data_pins(tuple(sha256))) if sha256 else {}
+    train = [_read_batch(folder / name, pins.get(name)) for name in TRAIN_FILES]
+    test_images, test_labels = _read_batch(folder / TEST_FILE, pins.get(TEST_FILE))
     return Cifar10(
         train_images=np.concatenate([images for images, _ in train]),
         train_labels=np.concatenate([labels for _, labels in train]),

@@ -160,7 +160,7 @@ _PARTITIONS: dict[str, Literal["iid", "dirichlet"]] = {"iid": "iid", "dirichlet"
 
 def worker_batches(lab: LabConfig, index: int) -> tuple[BatchStream, int]:
     """This worker's private shard as a batch stream, and the size of the whole training set."""
-    data = load_cifar10(lab.require_data_path())
+    data = load_cifar10(lab.require_data_path(), sha256=lab.data_sha256)
     scheme = _PARTITIONS.get(lab.partition)
     if scheme is None:  # LabConfig has checked it already
         raise ConfigError(f"unknown partition {lab.partition!r}.", fix="use 'iid' or 'dirichlet'.")

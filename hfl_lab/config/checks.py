@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import types
 from collections.abc import Mapping
 from typing import Any, Union, get_args, get_origin
@@ -18,7 +19,7 @@ from typing import Any, Union, get_args, get_origin
 import yaml
 
 from hfl_lab._exceptions import ConfigError
-from hfl_lab.config.parameters import ACCEPTED_NAMES, PARAMETER_NAMES
+from hfl_lab.config.parameters import ACCEPTED_NAMES, CIFAR10_BATCH_FILES, PARAMETER_NAMES
 
 #: the name that picks the base profile (in YAML files, ``-p`` and notebooks), not a parameter
 PROFILE_ALIAS = "profile"
@@ -195,3 +196,45 @@ def parse_text(name: str, text: str, hint: Any) -> Any:
     if value is None and not optional:
         raise ConfigError(f"{name} needs a value, got {text!r}.", fix=f"write e.g. {name}=4.")
     return value
+
+
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_PIN_FIX = (
+    "pin every batch file as file=sha256, e.g. data_sha256=trainer.data.dataset_digests("
+    "data_path) in a notebook, or `sha256sum data_batch_* test_batch` for the YAML file."
+)
+
+
+def check_data_pins(pins: tuple[str, ...]) -> tuple[str, ...]:
+    """``data_sha256`` checked whole: ``file=hex`` for every batch file, once each; returned
+    in the loader's file order with lower-case hex, so that equal pins measure the same."""
+    found: dict[str, str] = {}
+    for entry in pins:
+        name, sep, digest = entry.partition("=")
+        name, digest = name.strip(), digest.strip()
+        if not sep or not name:
+            raise ConfigError(f"data_sha256 entry {entry!r} is not name=hex.", fix=_PIN_FIX)
+        if name not in CIFAR10_BATCH_FILES:
+            close = difflib.get_close_matches(name, CIFAR10_BATCH_FILES, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"data_sha256 pins '{name}', which is not a CIFAR-10 batch file the lab "
+                f"reads{hint}.",
+                fix=f"pin {', '.join(CIFAR10_BATCH_FILES)}.",
+            )
+        if not _SHA256.match(digest):
+            raise ConfigError(
+                f"data_sha256 pins {name} to {digest!r}, which is not 64 hex digits (a SHA-256).",
+                fix=_PIN_FIX,
+            )
+        if name in found:
+            raise ConfigError(f"data_sha256 pins {name} twice.", fix="keep one pin per file.")
+        found[name] = digest.lower()
+    missing = [n for n in CIFAR10_BATCH_FILES if n not in found]
+    if missing:
+        raise ConfigError(
+            f"data_sha256 pins {len(found)} of the {len(CIFAR10_BATCH_FILES)} batch files; "
+            f"missing: {', '.join(missing)} (an unpinned file could be swapped unnoticed).",
+            fix=_PIN_FIX,
+        )
+    return tuple(f"{name}={found[name]}" for name in CIFAR10_BATCH_FILES)

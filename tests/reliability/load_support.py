@@ -67,7 +67,7 @@ class NoBatches:
 def replayed_models(lab: Any) -> list[ReplayedGradients]:
     """One stand-in model per worker, each replaying a real gradient of ResNet-``lab.depth``
     on the first batch of that worker's own partition of the training set."""
-    data = load_cifar10(lab.require_data_path())
+    data = load_cifar10(lab.require_data_path(), sha256=lab.data_sha256)
     parts = partition(data.train_labels, lab.workers, lab.partition,
                       alpha=lab.dirichlet_alpha, seed=lab.seed)
     model: ResNet = build_resnet(lab.depth, seed=lab.seed, num_threads=lab.threads or None,
