@@ -51,13 +51,13 @@ def _ps(args: dict[str, Any], emitter: Any) -> None:
     config = ParticipantConfig.load(args["config"])
     emitter.lifecycle("starting")
     lab = config.lab
-    data = load_cifar10(lab.require_data_path())
+    data = load_cifar10(lab.require_data_path(), sha256=lab.data_sha256)
     # the plain run has no vault (no attested key release): a plain checkpoint folder or none
     folder = config.deployment.checkpoint_dir
     store = DirectoryCheckpointStore(Path(folder)) if folder else None
     servicer = parameter_server(lab, num_train=len(data.train_labels),
                                 test=(data.test_images, data.test_labels),
-                                store=store, emit=emitter.emit)
+                                store=store, emit=emitter.emit, train_labels=data.train_labels)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ps-rpc"),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -1,7 +1,9 @@
-"""Thread-safe aggregation of worker contributions: sync K-of-N, bounded-staleness async, FedAvg."""
+"""Thread-safe aggregation of worker contributions: sync K-of-N, bounded-staleness async, FedAvg;
+the mean or a robust rule (coordinate-wise median, trimmed mean), and update norm clipping."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -18,8 +20,12 @@ __all__ = [
     "Counters",
     "Mode",
     "Outcome",
+    "Rule",
     "Status",
     "Update",
+    "clip_to_norm",
+    "l2_norm",
+    "trimmed_count",
 ]
 
 FloatArray = npt.NDArray[np.float32]
@@ -32,6 +38,16 @@ class Mode(StrEnum):
     SYNC = "sync"  # gradients; K of N per step, mean of the K (backup workers)
     ASYNC = "async"  # gradients; each applied on arrival if not too stale
     FEDAVG = "fedavg"  # weights after E local steps; sample-weighted mean of K per round
+
+
+class Rule(StrEnum):
+    """How the K contributions of a sync step or a FedAvg round combine (async: one, as is)."""
+
+    MEAN = "mean"  # equal (sync) or sample-weighted (fedavg) mean: what the reference trains
+    # Robust rules (Yin et al. 2018), unweighted and per coordinate: with K >= 3, one worker
+    # cannot move a coordinate outside the range of the others' values.
+    MEDIAN = "median"
+    TRIMMED_MEAN = "trimmed_mean"  # mean after dropping the t largest and t smallest values
 
 
 class Status(StrEnum):
@@ -96,6 +112,11 @@ class Aggregator:
     :meth:`wait_for_version` returns, the PS already holds the new weights. If ``apply`` raises,
     the step's contributions are discarded, the version stays, and the error reaches that
     submitter; workers then resubmit for the same version.
+
+    ``rule`` combines a sync step's or FedAvg round's K contributions (:class:`Rule`): the mean
+    keeps running sums; the robust rules keep the K contributions until the step completes.
+    The weight of a FedAvg contribution is the ``num_samples`` the caller passes: the PS passes
+    its own figure, never the worker's claim.
     """
 
     def __init__(
@@ -108,6 +129,8 @@ class Aggregator:
         apply: Callable[[Update], None] | None = None,
         start_version: int = 0,
         shapes: Mapping[str, tuple[int, ...]] | None = None,
+        rule: Rule | str = Rule.MEAN,
+        trim_fraction: float = 0.2,
     ) -> None:
         try:
             self.mode = Mode(mode)
@@ -115,6 +138,24 @@ class Aggregator:
             raise ConfigError(
                 f"unknown aggregation mode {mode!r}.", fix="use 'sync', 'async' or 'fedavg'."
             ) from None
+        try:
+            self.rule = Rule(rule)
+        except ValueError:
+            raise ConfigError(
+                f"unknown aggregation rule {rule!r}.",
+                fix="use 'mean', 'median' or 'trimmed_mean'.",
+            ) from None
+        if self.rule is not Rule.MEAN and self.mode is Mode.ASYNC:
+            raise ConfigError(
+                f"aggregation rule {self.rule} needs several contributions per update; async "
+                "applies each gradient on its own.",
+                fix="use sync or fedavg for a robust rule; max_update_norm bounds async updates.",
+            )
+        if not 0 < trim_fraction < 0.5:
+            raise ConfigError(
+                f"trim_fraction must be > 0 and < 0.5, got {trim_fraction}.", fix="use e.g. 0.2."
+            )
+        self.trim_fraction = trim_fraction
         if num_workers < 1:
             raise ConfigError(f"num_workers must be >= 1, got {num_workers}.", fix="use >= 1.")
         self.num_workers = num_workers
@@ -242,6 +283,9 @@ class Aggregator:
         self._nt_sums: dict[str, npt.NDArray[np.float64]] = {}
         self._single: dict[str, npt.NDArray[np.generic]] | None = None
         self._nt_single: dict[str, npt.NDArray[np.generic]] = {}
+        #: robust rules: every contribution of the step, (trainable, non-trainable)
+        self._stack: list[tuple[dict[str, npt.NDArray[np.generic]],
+                                dict[str, npt.NDArray[np.generic]]]] = []
         self._single_weight = 1.0
         self._weight_total = 0.0
         self._samples = 0
@@ -251,6 +295,8 @@ class Aggregator:
         self,
     ) -> tuple[Mapping[str, npt.NDArray[np.generic]], Mapping[str, npt.NDArray[np.generic]]]:
         """This step's contributions so far: the single first one, or the running sums."""
+        if self._stack:
+            return self._stack[0]
         if self._single is not None:
             return self._single, self._nt_single
         return self._sums, self._nt_sums
@@ -303,7 +349,10 @@ class Aggregator:
     ) -> None:
         # Sync averages the K gradients equally; FedAvg weighs each model by its samples.
         weight = float(num_samples) if self.mode is Mode.FEDAVG else 1.0
-        if not self._contributors:
+        if self.rule is not Rule.MEAN:
+            self._stack.append(({k: np.asarray(v) for k, v in tensors.items()},
+                                {k: np.asarray(v) for k, v in (non_trainable or {}).items()}))
+        elif not self._contributors:
             # The first contribution is kept as it came (no float64 copy): with one contributor
             # (async, K=1) the mean is the contribution itself. A second one starts the sums.
             self._single = {k: np.asarray(v) for k, v in tensors.items()}
@@ -323,7 +372,10 @@ class Aggregator:
 
     def _complete(self, staleness: int) -> None:
         total = self._weight_total
-        if self._single is not None:  # one contributor: its values are the mean
+        if self._stack:
+            tensors = self._robust([trainable for trainable, _ in self._stack])
+            frozen = self._robust([stats for _, stats in self._stack])
+        elif self._single is not None:  # one contributor: its values are the mean
             tensors = {k: v.astype(np.float32, copy=False) for k, v in self._single.items()}
             frozen = {k: v.astype(np.float32, copy=False) for k, v in self._nt_single.items()}
         else:
@@ -348,6 +400,45 @@ class Aggregator:
         self._counts["updates"] += 1
         self._counts["applied"] += applied
         self._cond.notify_all()
+
+    def _robust(self, parts: list[dict[str, npt.NDArray[np.generic]]]) -> dict[str, FloatArray]:
+        """The robust rule per coordinate over the step's contributions (float64 inside)."""
+        out: dict[str, FloatArray] = {}
+        drop = trimmed_count(len(parts), self.trim_fraction)
+        for name in parts[0]:
+            stack = np.stack([np.asarray(p[name], dtype=np.float64) for p in parts])
+            if self.rule is Rule.MEDIAN:
+                value = np.median(stack, axis=0)
+            else:
+                value = np.sort(stack, axis=0)[drop:len(parts) - drop].mean(axis=0)
+            out[name] = np.asarray(value, dtype=np.float32)
+        return out
+
+
+def trimmed_count(contributions: int, fraction: float) -> int:
+    """How many values ``trimmed_mean`` drops at each end: ``ceil(fraction x K)``, so that a
+    fraction such as 0.2 trims one of three, and never so many that nothing is left."""
+    wanted = math.ceil(round(fraction * contributions, 9))
+    return max(0, min(wanted, (contributions - 1) // 2))
+
+
+def l2_norm(tensors: Tensors) -> float:
+    """The L2 norm of all ``tensors`` together, summed in float64 (finite float32 values never
+    overflow it: 3.4e38 squared is about 1e77)."""
+    return math.sqrt(sum(float(np.square(np.asarray(v), dtype=np.float64).sum())
+                         for v in tensors.values()))
+
+
+def clip_to_norm(tensors: Tensors, bound: float) -> tuple[dict[str, FloatArray], float]:
+    """``tensors`` scaled down to L2 norm ``bound`` when their norm is above it, and that norm.
+
+    Below the bound the arrays are returned as they came (as float32), bit for bit."""
+    norm = l2_norm(tensors)
+    if norm <= bound:
+        return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}, norm
+    scale = bound / norm
+    return {k: (np.asarray(v, dtype=np.float64) * scale).astype(np.float32)
+            for k, v in tensors.items()}, norm
 
 
 def _weighted(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -27,8 +26,27 @@ from trainer.aggregation import Aggregator, Mode, Outcome, Status, Update
 from trainer.optim import MomentumSGD
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.proto import parameter_server_pb2_grpc as rpc
-from trainer.ps_jobs import EventLog, Housekeeper, PullCache
-from trainer.ps_options import MODES, WIRE, WIRE_NAMES, PsOptions, PsState
+from trainer.ps_jobs import (
+    EventLog,
+    Housekeeper,
+    PullCache,
+    StreamQuota,
+    event_json,
+)
+from trainer.ps_options import (
+    MAX_PULL_AHEAD,
+    MAX_PULLS_PER_ROLE,
+    MAX_WATCHES_PER_ROLE,
+    MODES,
+    PULL_WAIT_LIMIT_S,
+    WATCH_LIMIT_S,
+    WIRE,
+    WIRE_NAMES,
+    PsOptions,
+    PsState,
+    pull_too_far,
+)
+from trainer.ps_screening import UpdateScreen, non_finite
 from trainer.ps_sessions import (
     SESSION_LEASE_S,
     Refusal,
@@ -38,7 +56,7 @@ from trainer.ps_sessions import (
     refusal_for,
 )
 from trainer.tensor_decode import StreamAssembler
-from trainer.tensor_wire import SerializedChunk, WireChunk, serialize_tensors
+from trainer.tensor_wire import SerializedChunk, WireChunk
 from trainer.tensors import TensorSpec, check_model_version
 
 __all__ = ["ParameterServer", "PsOptions", "PsState"]
@@ -88,6 +106,13 @@ class ParameterServer(rpc.ParameterServerServicer):
             start_version,
             {s.name: np.asarray(weights[s.name], dtype=np.float32) for s in self.specs},
         )
+        bad = non_finite(self._snapshot[1])
+        if bad is not None:
+            raise ConfigError(
+                f"the initial weights hold {bad[1]} NaN/Inf values in {bad[0]!r}.",
+                fix="start from the model's own weights or an earlier checkpoint (this PS "
+                "refuses every update that would make its weights non-finite).",
+            )
         shapes = {s.name: s.shape for s in self.specs if s.trainable}
         self.aggregator = Aggregator(
             options.mode,
@@ -97,12 +122,22 @@ class ParameterServer(rpc.ParameterServerServicer):
             apply=self._apply,
             start_version=start_version,
             shapes=shapes,
+            rule=options.aggregation_rule,
+            trim_fraction=options.trim_fraction,
         )
         self.state = PsState.DONE if start_version >= options.total_steps else PsState.WAITING
         self.started = time.time()
         self.sessions = SessionTable(session_lease_s)
+        self.screen = UpdateScreen(options, optimizer, lambda: self._snapshot, self._event)
         self._lock = threading.Lock()
         self._pull_cache = PullCache()
+        #: long calls per role (see MAX_PULLS_PER_ROLE) and how long each may last
+        self.pull_quota = StreamQuota(MAX_PULLS_PER_ROLE, "pulls in flight", "pull once at a "
+                                      "time; wait for a pull to end before starting another")
+        self.watch_quota = StreamQuota(MAX_WATCHES_PER_ROLE, "event watches", "watch once, "
+                                       "and resume with since_seq when a watch ends")
+        self.max_pull_wait_s = PULL_WAIT_LIMIT_S
+        self.max_watch_s = WATCH_LIMIT_S
         self.refusals: collections.Counter[str] = collections.Counter()
         #: tensors that crossed the wire with a peer: complete tensors decoded from pushes,
         #: tensors streamed (at least their first piece) to pulls
@@ -123,15 +158,6 @@ class ParameterServer(rpc.ParameterServerServicer):
             self._finish(start_version)
 
     # ------------------------------------------------------------------ state
-
-    @property
-    def session_lease_s(self) -> float:
-        """Seconds a quiet connection keeps its worker's session (``ps_sessions``)."""
-        return self.sessions.lease_s
-
-    @session_lease_s.setter
-    def session_lease_s(self, value: float) -> None:
-        self.sessions.lease_s = value
 
     @property
     def store(self) -> CheckpointStore | None:
@@ -160,15 +186,22 @@ class ParameterServer(rpc.ParameterServerServicer):
     # ------------------------------------------------------------------ aggregation
 
     def _apply(self, update: Update) -> None:
-        """Called by the aggregator under its lock; must leave the PS at ``update.version``."""
+        """Called by the aggregator under its lock; must leave the PS at ``update.version``.
+
+        New weights (or optimizer velocities) that are not all finite are never committed:
+        the optimizer is put back, and the aggregator discards the step (``_overflow``)."""
         started = time.perf_counter()
         _, current = self._snapshot
+        saved = None
         if update.mode is Mode.FEDAVG:
             new = dict(current)
             new.update(update.tensors)
         else:
-            new = self.optimizer.apply(current, update.tensors)
+            saved = self.optimizer.state()
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
+                new = self.optimizer.apply(current, update.tensors)
         new.update(update.non_trainable)
+        self.screen.refuse_non_finite(update, new, saved)
         self._snapshot = (update.version, new)
         self.timings["update_s"] += time.perf_counter() - started
         self.timings["updates"] += 1
@@ -193,16 +226,8 @@ class ParameterServer(rpc.ParameterServerServicer):
             self._finishing = True
             self.state = PsState.DONE
         self.aggregator.close()
-        weights = self.weights()
         housekeeping = self.housekeeping
-        if self.store is not None and housekeeping.last_queued != version:
-            housekeeping.checkpoint(version, weights, self.optimizer.state())
-        housekeeping.join()  # every queued checkpoint is on disk before "done"
-        evaluation: dict[str, float] = {}
-        try:
-            evaluation = housekeeping.evaluate(version, weights)
-        except Exception as e:  # noqa: BLE001 - the model is saved; report and still finish
-            self._event("log", level="error", message=f"final evaluation failed: {e}")
+        evaluation = housekeeping.final(version, self.weights(), self.optimizer.state())
         counters = self.aggregator.counters()
         self.result = {
             "version": version,
@@ -289,22 +314,34 @@ class ParameterServer(rpc.ParameterServerServicer):
         self, request: pb.PullRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         """The parameters as serialized ``TensorChunk`` messages (see add_parameter_server)."""
-        with self._session_call(context) as who:
+        with self._session_call(context) as who, self.pull_quota.hold(who) as granted:
+            if not granted:
+                self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             self.pull_quota.refusal(who), who)
             yield from self._pull(who, request, context)
 
     def _pull(
         self, who: str, request: pb.PullRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         wanted = request.min_version
+        deadline = time.monotonic() + self.max_pull_wait_s
         while self.version < wanted:
             if self.state is PsState.DONE or self.finished.is_set():
                 self.sessions.release(who)
                 self._refuse(context, grpc.StatusCode.OUT_OF_RANGE,
                              f"training finished at step {self.version}; there is no step "
                              f"{wanted}", who)
+            if wanted > self.version + MAX_PULL_AHEAD:
+                self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                             pull_too_far(wanted, self.version), who)
             if not context.is_active():
                 return
-            self.aggregator.wait_for_version(wanted, timeout=0.5)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"step {wanted} did not come within {self.max_pull_wait_s:g} s (the "
+                             f"PS is at step {self.version}); pull again", who)
+            self.aggregator.wait_for_version(wanted, timeout=min(0.5, left))
         wire = request.wire_dtype or WIRE[self.options.wire_dtype]
         if wire not in WIRE_NAMES:
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
@@ -319,30 +356,13 @@ class ParameterServer(rpc.ParameterServerServicer):
 
     def wait_workers_released(self, timeout_s: float) -> bool:
         """After training: wait until every registered worker has been told it is over."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.sessions.all_released():
-                return True
-            time.sleep(0.1)
-        return False
+        return self.sessions.wait_all_released(timeout_s)
 
     def _chunks(self, wire: int) -> tuple[int, list[SerializedChunk]]:
-        """The current parameters as serialized chunks, made once per version and wire dtype:
-        every worker's pull of a version is sent the same bytes objects."""
+        """The current parameters as serialized chunks, made once per version and wire dtype."""
         version, weights = self._snapshot
-
-        def encode() -> list[SerializedChunk]:
-            started = time.perf_counter()
-            chunks = list(serialize_tensors(
-                weights,
-                header=pb.StreamHeader(kind=pb.UPDATE_KIND_WEIGHTS, model_version=version),
-                wire_dtype=WIRE_NAMES[wire],
-                chunk_bytes=self.options.chunk_bytes,
-            ))
-            self.timings["encode_s"] += time.perf_counter() - started
-            return chunks
-
-        return version, self._pull_cache.get(version, wire, encode)
+        return version, self._pull_cache.chunks(version, weights, WIRE_NAMES[wire], wire,
+                                                self.options.chunk_bytes, self.timings)
 
     def PushUpdate(
         self, request_iterator: Iterator[pb.TensorChunk | WireChunk],
@@ -367,19 +387,9 @@ class ParameterServer(rpc.ParameterServerServicer):
         with self._lock:
             self.tensors_received += len(decoded.tensors)
         self.timings["decode_s"] += time.perf_counter() - started
-        if header.worker_id and header.worker_id != who:
-            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
-                         f"the update claims worker {header.worker_id!r} but came from {who!r}",
-                         who)
-        expected = (
-            pb.UPDATE_KIND_WEIGHTS if self.options.mode is Mode.FEDAVG
-            else pb.UPDATE_KIND_GRADIENTS
-        )
-        if header.kind != expected:
-            self._refuse(
-                context, grpc.StatusCode.INVALID_ARGUMENT,
-                f"this PS aggregates in {self.options.mode} mode and expects "
-                f"{_kind_name(expected)}, got {_kind_name(header.kind)}", who)
+        problem = self.screen.header_problem(who, header)
+        if problem is not None:
+            self._refuse(context, *problem, who)
         if self.finished.is_set() or self.state is PsState.DONE:
             self.sessions.release(who)
             self._refuse(context, grpc.StatusCode.OUT_OF_RANGE,
@@ -394,14 +404,20 @@ class ParameterServer(rpc.ParameterServerServicer):
                 self._refuse(context, e.code, f"{e.message} {e.fix or ''}".strip(), who)
         tensors = decoded.tensors
         submitted = time.perf_counter()
-        outcome = self.aggregator.submit(
-            who,
-            header.model_version,
-            {name: tensors[name] for name in self._trainable},
-            num_samples=max(1, header.num_samples),
-            non_trainable={name: tensors[name] for name in self._frozen},
-            checked_finite=True,  # the stream decoder refused NaN/Inf already
-        )
+        trainable = self.screen.bounded(who, header.model_version,
+                                  {name: tensors[name] for name in self._trainable})
+        try:
+            outcome = self.aggregator.submit(
+                who,
+                header.model_version,
+                trainable,
+                num_samples=self.screen.weight_of(who, header.num_samples,
+                                                  self.sessions.index_of(who)),
+                non_trainable={name: tensors[name] for name in self._frozen},
+                checked_finite=True,  # the stream decoder refused NaN/Inf already
+            )
+        except TensorValidationError as e:  # the step's new weights would be non-finite
+            self._refuse(context, e.code, e.one_line(), who)
         self.timings["aggregate_s"] += time.perf_counter() - submitted
         self.timings["pushes"] += 1
         self._after_submit(who, header, outcome, context)
@@ -452,39 +468,31 @@ class ParameterServer(rpc.ParameterServerServicer):
     def WatchEvents(
         self, request: pb.WatchRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Event]:
-        caller_role(context)
-        kinds = set(request.kinds)
-        for seq, event in self.events.follow(request.since_seq, context.is_active,
-                                             self.finished.is_set):
-            if not kinds or event.kind in kinds:
-                yield pb.Event(seq=seq, kind=event.kind, timestamp=event.time,
-                               source=event.source, payload_json=_json(event.data))
+        """The PS's events after ``since_seq`` as they come, for at most ``max_watch_s``
+        (then the stream ends; resume with the last ``seq``), at most two per role at once."""
+        who = caller_role(context)
+        with self.watch_quota.hold(who) as granted:
+            if not granted:
+                self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             self.watch_quota.refusal(who), who)
+            kinds = set(request.kinds)
+            deadline = time.monotonic() + self.max_watch_s
+            for seq, event in self.events.follow(request.since_seq, context.is_active,
+                                                 self.finished.is_set, deadline):
+                if not kinds or event.kind in kinds:
+                    yield pb.Event(seq=seq, kind=event.kind, timestamp=event.time,
+                                   source=event.source, payload_json=event_json(event.data))
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> Any:
         caller_role(context)
-        workers = [
-            pb.WorkerStatus(worker_id=r.worker_id, name=r.worker_id, worker_index=r.index,
-                            updates=r.updates, last_version=r.last_version,
-                            last_seen=r.last_seen)
-            for r in self.sessions.records()
-        ]
         return pb.StatusReply(
             state=str(self.state),
             aggregation=MODES[self.options.mode],
             model_version=self.version,
             total_steps=self.options.total_steps,
-            workers=workers,
+            workers=[pb.WorkerStatus(worker_id=r.worker_id, name=r.worker_id,
+                                     worker_index=r.index, updates=r.updates,
+                                     last_version=r.last_version, last_seen=r.last_seen)
+                     for r in self.sessions.records()],
             uptime_seconds=time.time() - self.started,
         )
-
-
-def _kind_name(kind: int) -> str:
-    """The update kind's name; a value no enum member has (a hostile header) as a number."""
-    try:
-        return str(pb.UpdateKind.Name(kind))
-    except ValueError:
-        return f"unknown update kind {kind}"
-
-
-def _json(data: Mapping[str, Any]) -> str:
-    return json.dumps(data, default=str)

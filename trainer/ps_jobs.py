@@ -6,11 +6,14 @@
   and the thread goes on serving.
 - :class:`EventLog`: the numbered events ``WatchEvents`` streams.
 - :class:`PullCache`: one version's parameters, serialized once for every pull.
+- :class:`StreamQuota`: how many long calls (pulls, event watches) each role holds at once.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import json
 import logging
 import queue
 import threading
@@ -26,9 +29,11 @@ from hfl_lab._exceptions import HflLabError
 from hfl_lab.events import LabEvent
 from hfl_lab.vault.checkpoints import CheckpointStore
 from trainer.checkpoint import TrainingState, encode_state
-from trainer.tensor_wire import SerializedChunk
+from trainer.proto import parameter_server_pb2 as pb
+from trainer.tensor_wire import SerializedChunk, serialize_tensors
 
-__all__ = ["CheckpointJob", "EvaluationJob", "EventLog", "Housekeeper", "Job", "PullCache"]
+__all__ = ["CheckpointJob", "EvaluationJob", "EventLog", "Housekeeper", "Job", "PullCache",
+           "StreamQuota"]
 
 log = logging.getLogger("trainer.ps")
 
@@ -96,6 +101,19 @@ class Housekeeper:
         self._jobs: queue.Queue[Job | _Stop] = queue.Queue()
         self._thread = threading.Thread(target=self._run, daemon=True, name="ps-housekeeping")
         self._thread.start()
+
+    def final(self, version: int, weights: Weights,
+              optimizer: Mapping[str, Any]) -> dict[str, float]:
+        """The end of training: the last checkpoint (unless queued already), every queued one
+        on disk, then the final evaluation (a failure is reported; the model is saved)."""
+        if self.store is not None and self.last_queued != version:
+            self.checkpoint(version, weights, optimizer)
+        self.join()
+        try:
+            return self.evaluate(version, weights)
+        except Exception as e:  # noqa: BLE001 - the model is saved; report and still finish
+            self._emit("log", level="error", message=f"final evaluation failed: {e}")
+            return {}
 
     def checkpoint(self, version: int, weights: Weights, optimizer: Mapping[str, Any]) -> None:
         """Queue a checkpoint of ``weights`` and the optimizer state at ``version``."""
@@ -187,18 +205,20 @@ class EventLog:
             self._cond.notify_all()
 
     def follow(
-        self, since: int, active: Callable[[], bool], finished: Callable[[], bool]
+        self, since: int, active: Callable[[], bool], finished: Callable[[], bool],
+        deadline: float = float("inf"),
     ) -> Iterator[tuple[int, LabEvent]]:
         """Events after ``since`` as they come, while ``active()``; ends once ``finished()``
-        and every event has been given."""
+        or ``deadline`` (``time.monotonic()``) has passed and every event has been given."""
         seq = since
         while active():
             with self._cond:
                 pending = [(s, e) for s, e in self._events if s > seq]
                 if not pending:
-                    if finished():
+                    left = deadline - time.monotonic()
+                    if finished() or left <= 0:
                         return
-                    self._cond.wait(0.5)
+                    self._cond.wait(min(0.5, left))
                     continue
             for s, event in pending:
                 seq = s
@@ -213,6 +233,23 @@ class PullCache:
         self._cached: tuple[int, int, list[SerializedChunk]] | None = None
         self._lock = threading.Lock()
 
+    def chunks(self, version: int, weights: Mapping[str, npt.NDArray[np.float32]],
+               wire_name: str, wire: int, chunk_bytes: int,
+               timings: dict[str, float]) -> list[SerializedChunk]:
+        """``weights`` of ``version`` as ``TensorChunk`` messages on the ``wire_name`` dtype."""
+
+        def encode() -> list[SerializedChunk]:
+            started = time.perf_counter()
+            chunks = list(serialize_tensors(
+                weights,
+                header=pb.StreamHeader(kind=pb.UPDATE_KIND_WEIGHTS, model_version=version),
+                wire_dtype=wire_name, chunk_bytes=chunk_bytes,
+            ))
+            timings["encode_s"] += time.perf_counter() - started
+            return chunks
+
+        return self.get(version, wire, encode)
+
     def get(
         self, version: int, wire: int, encode: Callable[[], list[SerializedChunk]]
     ) -> list[SerializedChunk]:
@@ -226,3 +263,62 @@ class PullCache:
             chunks = encode()
             self._cached = (version, wire, chunks)
             return chunks
+
+
+class StreamQuota:
+    """How many calls of one kind each role holds at once, at most ``limit``.
+
+    A pull that waits for the next step and an event watch each hold one of the PS's RPC
+    threads for as long as they last; the quota keeps one worker from holding them all.
+    """
+
+    def __init__(self, limit: int, what: str = "calls", fix: str = "wait for one to end") -> None:
+        self.limit = limit
+        self.what = what
+        self.fix = fix
+        self._held: collections.Counter[str] = collections.Counter()
+        self._cond = threading.Condition()
+
+    def refusal(self, role: str) -> str:
+        return (f"{role} already has {self.limit} {self.what}, the most one role may hold. "
+                f"Fix: {self.fix}")
+
+    @contextlib.contextmanager
+    def hold(self, role: str) -> Iterator[bool]:
+        """True (and one held for ``role`` until the block ends) unless ``role`` holds
+        ``limit`` already; then False, and nothing is held."""
+        with self._cond:
+            granted = self._held[role] < self.limit
+            if granted:
+                self._held[role] += 1
+                self._cond.notify_all()
+        try:
+            yield granted
+        finally:
+            if granted:
+                with self._cond:
+                    self._held[role] -= 1
+                    if not self._held[role]:
+                        del self._held[role]
+                    self._cond.notify_all()
+
+    def held(self, role: str) -> int:
+        with self._cond:
+            return self._held[role]
+
+    def wait_until_held(self, role: str, count: int, timeout: float = 60.0) -> bool:
+        """Wait until ``role`` holds ``count`` (what a test or a monitor waits for)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._held[role] == count, timeout=timeout)
+
+
+def kind_name(kind: int) -> str:
+    """The update kind's name; a value no enum member has (a hostile header) as a number."""
+    try:
+        return str(pb.UpdateKind.Name(kind))
+    except ValueError:
+        return f"unknown update kind {kind}"
+
+
+def event_json(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, default=str)

@@ -6,13 +6,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal
+
+import numpy.typing as npt
 
 from hfl_lab.config import LabConfig
-from trainer.aggregation import Mode
+from trainer.aggregation import Mode, Rule
+from trainer.data import partition
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.tensors import DEFAULT_CHUNK_BYTES
 
-__all__ = ["MODES", "WIRE", "WIRE_NAMES", "PsOptions", "PsState"]
+__all__ = ["MODES", "WIRE", "WIRE_NAMES", "PsOptions", "PsState", "partition_sizes"]
 
 MODES = {
     Mode.SYNC: pb.AGGREGATION_MODE_SYNC,
@@ -54,9 +58,33 @@ class PsOptions:
     model_name: str = "resnet56"
     partition: str = "iid"
     options: Mapping[str, str] = field(default_factory=dict)
+    #: sync/fedavg: how the K contributions combine (``trainer.aggregation.Rule``)
+    aggregation_rule: Rule = Rule.MEAN
+    trim_fraction: float = 0.2
+    #: each update's L2 bound (gradient units; 0 = none): larger ones are scaled down to it
+    max_update_norm: float = 100.0
+    #: samples of each worker's shard by index, as the PS derives them from the run's
+    #: configuration (:func:`partition_sizes`); empty: the shards count as equal (iid)
+    shard_sizes: tuple[int, ...] = ()
+
+    @property
+    def samples_per_update(self) -> int:
+        """What an honest worker's update stands for: one batch, E batches in FedAvg."""
+        return self.batch_size * (self.local_steps if self.mode is Mode.FEDAVG else 1)
+
+    def fedavg_weight(self, index: int) -> int:
+        """The FedAvg weight of worker ``index``'s model: its shard's size, known to the PS.
+
+        The worker's own ``num_samples`` never counts (one claiming 2^64-1 samples would
+        otherwise replace the global model by its own)."""
+        if 0 <= index < len(self.shard_sizes):
+            return self.shard_sizes[index]
+        return self.samples_per_update  # equal weights, as iid shards are equal
 
     @classmethod
-    def from_lab(cls, lab: LabConfig, total_steps: int) -> PsOptions:
+    def from_lab(
+        cls, lab: LabConfig, total_steps: int, *, shard_sizes: tuple[int, ...] = ()
+    ) -> PsOptions:
         return cls(
             mode=Mode(lab.aggregation),
             num_workers=lab.workers,
@@ -72,6 +100,10 @@ class PsOptions:
             seed=lab.seed,
             model_name=f"resnet{lab.depth}",
             partition=lab.partition,
+            aggregation_rule=Rule(lab.aggregation_rule),
+            trim_fraction=lab.trim_fraction,
+            max_update_norm=lab.max_update_norm,
+            shard_sizes=tuple(shard_sizes),
         )
 
     def training_config(self, quorum: int | None, staleness: int | None) -> pb.TrainingConfig:
@@ -90,3 +122,36 @@ class PsOptions:
             partition=self.partition,
             options=dict(self.options),
         )
+
+
+def partition_sizes(lab: LabConfig, train_labels: npt.ArrayLike) -> tuple[int, ...]:
+    """Each worker's shard size, from the same deterministic partition the workers draw
+    (``trainer.worker.worker_batches``): the FedAvg weights the PS trusts."""
+    scheme: Literal["iid", "dirichlet"] = "dirichlet" if lab.partition == "dirichlet" else "iid"
+    parts = partition(train_labels, lab.workers, scheme, alpha=lab.dirichlet_alpha,
+                      seed=lab.seed)
+    return tuple(len(p) for p in parts)
+
+
+# -- admission limits of the PS's long calls (issue 18, item 9)
+
+#: how far ahead of the PS a pull may ask: a worker asks for the step after the one it
+#: computed, which the PS has reached at least; more is a request nothing would ever answer
+MAX_PULL_AHEAD = 1
+#: long calls one role may hold at once (each holds an RPC thread while it lasts): two pulls
+#: (a restarted worker's old one may still be ending) and two event watches; the PS's pool
+#: has four threads per worker and four more (trainer.serving)
+MAX_PULLS_PER_ROLE = 2
+MAX_WATCHES_PER_ROLE = 2
+#: seconds a pull waits for its step before the PS answers DEADLINE_EXCEEDED (the worker pulls
+#: again; less than its own 600 s deadline, so the answer is the PS's), and an event watch
+#: lasts (the watcher resumes with since_seq)
+PULL_WAIT_LIMIT_S = 300.0
+WATCH_LIMIT_S = 600.0
+
+
+def pull_too_far(wanted: int, version: int) -> str:
+    """Why a pull for step ``wanted`` is refused while the PS is at ``version``."""
+    return (f"a pull for step {wanted} while the PS is at step {version}: more than "
+            f"{MAX_PULL_AHEAD} ahead, which no worker asks for. Fix: pull with min_version at "
+            f"most {version + MAX_PULL_AHEAD} (Register again to learn the PS's step)")

@@ -209,12 +209,26 @@ class SessionTable:
                 record.updates += 1
             record.last_version = version
 
+    def index_of(self, who: str) -> int | None:
+        """The partition index ``who`` registered with (Register checked it is its role's)."""
+        with self._lock:
+            record = self._workers.get(who)
+            return record.index if record is not None else None
+
     def release(self, who: str) -> None:
         """Note that ``who`` was told training finished."""
         with self._lock:
             record = self._workers.get(who)
             if record is not None:
                 record.released = True
+
+    def wait_all_released(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.all_released():
+                return True
+            time.sleep(0.1)
+        return False
 
     def all_released(self) -> bool:
         with self._lock:

@@ -27,6 +27,7 @@ from trainer.optim import MomentumSGD, PiecewiseConstantSchedule
 from trainer.participant_config import ParticipantConfig
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.ps import ParameterServer, PsOptions
+from trainer.ps_options import partition_sizes
 from trainer.ps_server import MAX_MESSAGE_BYTES, serve_ps, worker_peers
 from trainer.tensors import TensorSpec
 from trainer.worker import Worker, worker_batches
@@ -67,8 +68,11 @@ def parameter_server(
     emit: Callable[[LabEvent], None] | None = None,
     model: ResNet | None = None,
     initial_weights: Mapping[str, npt.NDArray[np.float32]] | None = None,
+    train_labels: npt.ArrayLike | None = None,
 ) -> ParameterServer:
-    """The PS of a LabConfig: model, optimizer, schedule; resumed from ``store`` if it holds one."""
+    """The PS of a LabConfig: model, optimizer, schedule; resumed from ``store`` if it holds one.
+    With ``train_labels`` the PS knows each worker's shard size (FedAvg weighs by it, never by
+    what a worker claims); without, every worker counts equally."""
     model = model or build_resnet(lab.depth, seed=lab.seed, num_threads=lab.threads or None,
                                   bn_momentum=lab.bn_momentum, jit_compile=lab.jit_compile)
     specs = model_specs(model)
@@ -96,7 +100,8 @@ def parameter_server(
             return {"loss": result.loss, "accuracy": result.accuracy,
                     "num_samples": float(result.num_samples)}
 
-    options = PsOptions.from_lab(lab, lab.total_steps(num_train))
+    shards = partition_sizes(lab, train_labels) if train_labels is not None else ()
+    options = PsOptions.from_lab(lab, lab.total_steps(num_train), shard_sizes=shards)
     servicer = ParameterServer(specs, weights, optimizer, options, store=store,
                                evaluate=evaluate, emit=emit, start_version=start_version,
                                checkpoint_metadata={"depth": lab.depth, "seed": lab.seed})
@@ -128,9 +133,10 @@ def build_parameter_server(
     port: int = 0,
 ) -> RunningPs:
     lab = config.lab
-    data = load_cifar10(lab.require_data_path())
+    data = load_cifar10(lab.require_data_path(), sha256=lab.data_sha256)
     servicer = parameter_server(lab, num_train=len(data.train_labels),
-                                test=(data.test_images, data.test_labels), store=store, emit=emit)
+                                test=(data.test_images, data.test_labels), store=store, emit=emit,
+                                train_labels=data.train_labels)
     ca_pem = (creds() if callable(creds) else creds).ca_pem
     peer_check = PeerCheck(participant.verifier, ca_pem, worker_peers(lab.workers))
     # A sync worker holds an RPC thread while it waits in PullParameters for the next step, and

@@ -24,6 +24,7 @@ from hfl_lab._exceptions import ConfigError
 from hfl_lab.config.checks import (
     PROFILE_ALIAS,
     allowed_values,
+    check_data_pins,
     check_names,
     check_range,
     choice_message,
@@ -80,6 +81,8 @@ class LabConfig(LabParameters, metaclass=_ValidatingMeta):
             object.__setattr__(self, f.name, value)
         if self.steps is None and self.epochs is None:
             object.__setattr__(self, "steps", DEFAULT_STEPS)
+        if self.data_sha256 is not None:
+            object.__setattr__(self, "data_sha256", check_data_pins(self.data_sha256))
         self._check_combinations()
 
     def _check_combinations(self) -> None:
@@ -93,6 +96,7 @@ class LabConfig(LabParameters, metaclass=_ValidatingMeta):
                 f"sync_quorum must be ≤ workers ({self.workers}), got {self.sync_quorum}.",
                 fix=f"use a quorum from 1 to {self.workers}, or None for all workers.",
             )
+        self._check_robustness()
         if (self.lr_boundaries is None) != (self.lr_values is None):
             raise ConfigError(
                 "lr_boundaries and lr_values must be given together.",
@@ -136,6 +140,24 @@ class LabConfig(LabParameters, metaclass=_ValidatingMeta):
             raise ConfigError(
                 f"image must be a container image reference, got {self.image!r}.",
                 fix="use e.g. 'registry.example.com/hfl-lab:0.1.0'.",
+            )
+
+    def _check_robustness(self) -> None:
+        rule = self.aggregation_rule
+        if rule == "mean":
+            return
+        if self.aggregation == "async":
+            raise ConfigError(
+                f"aggregation_rule {rule!r} combines several updates per step, but async "
+                "applies each gradient on its own.",
+                fix="use aggregation sync or fedavg for a robust rule, or aggregation_rule "
+                "'mean' (max_update_norm bounds async updates).",
+            )
+        if self.quorum < 3:
+            raise ConfigError(
+                f"aggregation_rule {rule!r} needs at least 3 updates per step to outvote one "
+                f"bad worker; with K={self.quorum} it is the mean.",
+                fix="use at least 3 workers (and sync_quorum ≥ 3), or aggregation_rule 'mean'.",
             )
 
     # ------------------------------------------------------------------ construction

@@ -1,0 +1,156 @@
+"""What the parameter server checks in an update before it counts (issue 18, item 5).
+
+An attested worker may still be hostile: its FedAvg weight is the PS's own figure for its shard,
+never its claim; each update's L2 norm is bounded (``max_update_norm``, scaled down rather than
+refused); and the new global weights are checked finite before they are committed
+(:func:`non_finite`, :func:`overflow`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from hfl_lab._exceptions import TensorValidationError
+from trainer.aggregation import Mode, Update, clip_to_norm, l2_norm
+from trainer.optim import MomentumSGD
+from trainer.proto import parameter_server_pb2 as pb
+from trainer.ps_jobs import kind_name
+from trainer.ps_options import PsOptions
+
+__all__ = ["UpdateScreen", "non_finite", "overflow"]
+
+Weights = dict[str, npt.NDArray[np.float32]]
+
+
+class UpdateScreen:
+    """A parameter server's checks of one worker's update before the aggregator sees it."""
+
+    def __init__(
+        self,
+        options: PsOptions,
+        optimizer: MomentumSGD,
+        snapshot: Callable[[], tuple[int, Weights]],
+        event: Callable[..., None],
+    ) -> None:
+        self.options = options
+        self.optimizer = optimizer
+        self._snapshot = snapshot
+        self._event = event
+        self._lock = threading.Lock()
+        #: workers whose FedAvg num_samples claim differed from the PS's figure (noted once)
+        self._claims_noted: set[str] = set()
+
+    def header_problem(self, who: str,
+                       header: pb.StreamHeader) -> tuple[grpc.StatusCode, str] | None:
+        """Why a pushed stream's header is refused: it names another worker, or the wrong kind
+        of update for this PS's mode; None when it is fine."""
+        if header.worker_id and header.worker_id != who:
+            return (grpc.StatusCode.PERMISSION_DENIED,
+                    f"the update claims worker {header.worker_id!r} but came from {who!r}")
+        expected = (pb.UPDATE_KIND_WEIGHTS if self.options.mode is Mode.FEDAVG
+                    else pb.UPDATE_KIND_GRADIENTS)
+        if header.kind != expected:
+            return (grpc.StatusCode.INVALID_ARGUMENT,
+                    f"this PS aggregates in {self.options.mode} mode and expects "
+                    f"{kind_name(expected)}, got {kind_name(header.kind)}")
+        return None
+
+    def refuse_non_finite(self, update: Update, new: Weights,
+                          saved: Mapping[str, Any] | None) -> None:
+        """Refuse (:func:`overflow`) new weights or optimizer velocities that are not all
+        finite, putting the optimizer back to ``saved`` first; they are never committed."""
+        bad = non_finite(new)
+        if bad is None and saved is not None:
+            bad = non_finite(self.optimizer.state())
+        if bad is not None:
+            if saved is not None:
+                self.optimizer.load_state(saved)
+            raise overflow(update, *bad)
+
+    def bounded(self, who: str, version: int, update: Weights) -> Weights:
+        """``update`` scaled down to ``max_update_norm`` when its L2 norm is above it.
+
+        Clipped rather than refused: an honest gradient spike still counts, scaled, and a
+        refused sync push would leave its step waiting; the bound is far above honest norms
+        (see the parameter). In FedAvg the model's change from the round's global weights is
+        bounded by what E local steps with gradients of that norm can move it."""
+        opts = self.options
+        bound = opts.max_update_norm
+        if bound <= 0:
+            return update
+        if opts.mode is not Mode.FEDAVG:
+            clipped, norm = clip_to_norm(update, bound)
+            if norm <= bound:
+                return update
+        else:
+            base, current = self._snapshot()
+            if base != version:
+                return update  # not this round's model: the aggregator drops or refuses it
+            bound *= self.local_reach(version)
+            change = {n: np.asarray(v, dtype=np.float64) - current[n] for n, v in update.items()}
+            norm = l2_norm(change)
+            if norm <= bound:
+                return update
+            scale = bound / norm
+            clipped = {n: (current[n] + change[n] * scale).astype(np.float32) for n in change}
+        self._event("log", level="warning", peer=who, update_norm=norm, bound=bound,
+                    message=f"the update from {who} has L2 norm {norm:.3g}, above the bound "
+                    f"{bound:.3g} (max_update_norm {opts.max_update_norm:g}): scaled down to it")
+        return clipped
+
+    def local_reach(self, version: int) -> float:
+        """How far E local momentum-SGD steps of round ``version`` can move the weights per unit
+        of gradient norm: the sum of lr(vE+e) x (1 - m^(e+1)) / (1 - m) over e < E (a worker's
+        round starts from zero velocity, with the PS's schedule; ``Worker._local_round``)."""
+        schedule, m = self.optimizer.schedule, self.optimizer.momentum
+        steps = max(1, self.options.local_steps)
+        return sum(schedule(version * steps + e) * (1 - m ** (e + 1)) / (1 - m)
+                   for e in range(steps))
+
+    def weight_of(self, who: str, claimed: int, index: int | None) -> int:
+        """The weight of ``who``'s update: the PS's own figure, never the worker's claim (in
+        FedAvg one that differs from the configuration's is reported, once per worker)."""
+        opts = self.options
+        if opts.mode is not Mode.FEDAVG:
+            return opts.samples_per_update  # sync/async average equally anyway
+        if claimed != opts.samples_per_update:
+            with self._lock:
+                first = who not in self._claims_noted
+                self._claims_noted.add(who)
+            if first:
+                self._event("log", level="warning", peer=who, claimed=claimed,
+                            message=f"{who} claims {claimed} samples per round where this run's "
+                            f"configuration gives {opts.samples_per_update}: the claim is "
+                            "ignored; the PS weighs each model by its shard's size")
+        return opts.fedavg_weight(-1 if index is None else index)
+
+
+def non_finite(tensors: Mapping[str, npt.NDArray[Any]]) -> tuple[str, int] | None:
+    """The first tensor holding NaN/Inf, and how many; None when all are finite."""
+    for name, value in tensors.items():
+        finite = np.isfinite(value)
+        if not finite.all():
+            return name, int(finite.size - np.count_nonzero(finite))
+    return None
+
+
+def overflow(update: Update, tensor: str, count: int) -> TensorValidationError:
+    """Why the step's update is refused; its sender alone, or every contributor, resubmits."""
+    who = ", ".join(update.contributors)
+    alone = len(update.contributors) == 1
+    step = update.base_version
+    return TensorValidationError(
+        f"the update of step {step} from {who} would make the global {tensor!r} non-finite "
+        f"({count} NaN/Inf values): refused, the weights stay those of step {step}"
+        + ("" if alone else f"; {who} compute step {step} again"),
+        code=grpc.StatusCode.INVALID_ARGUMENT if alone else grpc.StatusCode.FAILED_PRECONDITION,
+        tensor=tensor, expected="finite values", actual=f"{count} NaN/Inf values",
+        fix="bound updates with max_update_norm (0 turns the bound off) or a robust "
+        "aggregation_rule; an honest run that gets here diverges: lower learning_rate.",
+    )
