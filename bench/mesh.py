@@ -135,6 +135,7 @@ def release(ctx: BenchContext) -> Measurement:
         ps_only = AttestationPolicy.from_dict({
             "mr_td": m.mr_td.hex(), "mr_config_id": m.mr_config_id.hex(),
             "allow_simulated": True, "report_data_binding": "key+nonce",
+            "roles": {"ps0": {}},  # a secret is released only to a role its policy names
         })
         secret = os.urandom(32)
         client.register_secret(DEFAULT_APP_ID, "volume", secret, ps_only, mesh.admin_token)

@@ -4,7 +4,8 @@
     ├── ConfigError              a parameter is missing, unknown or of the wrong type/value
     ├── AttestationError         evidence could not be obtained, parsed or verified
     │   ├── QuoteFormatError     a quote/TDREPORT is truncated or inconsistent (field + offset)
-    │   └── PeerUnreachable      the peer whose certificate is checked cannot be reached
+    │   ├── PeerUnreachable      the peer whose certificate is checked cannot be reached
+    │   └── TooManyChallenges    the trust service hands out no more challenges for now
     ├── PolicyViolation          evidence is genuine but does not satisfy the policy
     ├── VaultError               the LUKS model volume or a checkpoint in it is unusable
     ├── BackendError             a participant process / pod could not be started or died
@@ -41,6 +42,7 @@ __all__ = [
     "PolicyViolation",
     "QuoteFormatError",
     "TensorValidationError",
+    "TooManyChallenges",
     "VaultError",
     "WireFormatError",
     "WorkerError",
@@ -135,6 +137,12 @@ class PeerUnreachable(AttestationError):
 
     def __init__(self, message: str, *, fix: str | None = None) -> None:
         super().__init__(message, check="connection", fix=fix)
+
+
+class TooManyChallenges(AttestationError):
+    """The trust service hands out no more challenges for now (a rate or a total is spent)."""
+
+    exit_code = ExitCode.UNAVAILABLE
 
 
 class PolicyViolation(HflLabError):

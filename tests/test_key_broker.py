@@ -35,8 +35,9 @@ def _broker(tmp_path: Path) -> tuple[KeyBroker, AuditLog, bytes]:
     audit = AuditLog(tmp_path / "audit.jsonl")
     broker = KeyBroker(audit, lab_root_der=PLATFORM.root_der)
     secret = os.urandom(32)
-    policy = AttestationPolicy.from_dict(
-        {**PS.summary(), "allow_simulated": True, "report_data_binding": "key+nonce"}
+    policy = AttestationPolicy.from_dict(  # the secret's one role: ps0 (issue 18, item 6)
+        {**PS.summary(), "allow_simulated": True, "report_data_binding": "key+nonce",
+         "roles": {"ps0": {}}}
     )
     broker.register(DEFAULT_APP_ID, "volume", secret, policy, by="owner")
     return broker, audit, secret
@@ -50,7 +51,7 @@ def test_secret_is_released_wrapped_only_to_matching_evidence(tmp_path: Path) ->
 
     wrapped, verdict = broker.release(
         DEFAULT_APP_ID, "volume", evidence, key.public_key(),
-        binding=_binding(key, nonce), issued_at=time.time(), requester="ps0",
+        binding=_binding(key, nonce), issued_at=time.time(), requester="ps0", role="ps0",
     )
 
     assert verdict.accepted
@@ -77,7 +78,7 @@ def test_secret_is_refused_and_the_refusal_audited(tmp_path: Path, case: str) ->
 
     with pytest.raises(PolicyViolation, match="not released"):
         broker.release(DEFAULT_APP_ID, "volume", evidence, key.public_key(), binding=binding,
-                       issued_at=time.time(), requester="attacker")
+                       issued_at=time.time(), requester="attacker", role="ps0")
 
     assert broker.released == 0
     last = audit.entries[-1]

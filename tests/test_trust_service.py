@@ -112,9 +112,9 @@ def test_replayed_nonce_is_refused(trust: Running) -> None:
 
 def test_secret_released_only_to_the_ps_and_never_logged(trust: Running) -> None:
     secret = os.urandom(32)
-    ps_only = AttestationPolicy.from_dict(
+    ps_only = AttestationPolicy.from_dict(  # a release names its roles (issue 18, item 6)
         {"mr_td": MEASURED["ps0"].mr_td.hex(), "mr_config_id": MEASURED["ps0"].mr_config_id.hex(),
-         "allow_simulated": True, "report_data_binding": "key+nonce"}
+         "allow_simulated": True, "report_data_binding": "key+nonce", "roles": {"ps0": {}}}
     )
     with connect(trust) as client:
         client.register_secret(DEFAULT_APP_ID, "volume", secret, ps_only, trust.admin)
@@ -146,7 +146,8 @@ def test_restart_keeps_secrets_and_policy_without_plaintext_on_disk(tmp_path: Pa
     secret = os.urandom(32)
     first = start(tmp_path, owner_key)
     with connect(first) as client:
-        client.register_secret(DEFAULT_APP_ID, "volume", secret, lab_policy(), first.admin)
+        client.register_secret(DEFAULT_APP_ID, "volume", secret, lab_policy("ps0"),
+                               first.admin)
     first.server.stop(0)
 
     second = start(tmp_path, owner_key)

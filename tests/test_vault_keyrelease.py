@@ -93,7 +93,7 @@ def test_ps_writes_and_the_owner_retrieves_the_same_checkpoint(
 @pytest.mark.parametrize(
     ("case", "check"),
     [
-        ("worker_role", "mr_config_id"),
+        ("worker_role", "role"),  # the release policy names ps0 and the owner only
         ("worker_claims_ps0", "mr_config_id"),
         ("debug_td", "debug"),
         ("wrong_measurements", "mr_td"),

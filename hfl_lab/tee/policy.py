@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from hfl_lab._exceptions import ConfigError
+from hfl_lab._exceptions import ConfigError, PolicyViolation
 
 ANY = "any"
 TCB_STATUSES = (
@@ -241,6 +241,20 @@ class AttestationPolicy:
             return self.roles[role][name]
         value: tuple[str, ...] | None = getattr(self, name)
         return value
+
+    def require_role(self, role: str | None, what: str) -> str:
+        """``role``, when this policy names it; else ``PolicyViolation``. The defaults are
+        what the roles share (the lab's MR_TD): judged by them alone, any TD running the lab's
+        code would pass as a role the policy never described (issue 18, item 6)."""
+        if role and role in self.roles:
+            return role
+        named = ", ".join(sorted(self.roles)) or "none"
+        raise PolicyViolation(
+            f"{what}: role: the policy names no role {role or '(none)'!r} (it names {named}), "
+            "so there are no reference values to hold its evidence to",
+            fix=f"ask as one of the roles the policy names, or give {role or 'the role'} its "
+            f"own entry (roles.{role or '<role>'}: mr_config_id, ...) in the policy",
+        )
 
     def replace(self, **changes: Any) -> AttestationPolicy:
         return dataclasses.replace(self, **changes)

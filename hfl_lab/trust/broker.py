@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 
@@ -17,6 +18,11 @@ from hfl_lab.trust.wrap import WrappedSecret, wrap_secret
 
 #: the application ID the reference deployment registers its volume key under
 DEFAULT_APP_ID = "hfl-tdx-coco-app"
+#: the roles a TD can ask as (the trust service's own role, "trust", never asks)
+REQUESTER_ROLE = re.compile(r"^(ps\d+|worker\d+|owner)$")
+# Without these a TD could receive a secret while running other code (MR_TD) or another
+# role's configuration (MR_CONFIG_ID, which the host chooses at launch).
+_PINNED = ("mr_td", "mr_config_id")
 
 
 @dataclass
@@ -32,6 +38,47 @@ def release_context(app_id: str, name: str) -> bytes:
     return f"{app_id}/{name}".encode()
 
 
+def check_release_rules(
+    release: AttestationPolicy, service: AttestationPolicy | None = None
+) -> None:
+    """Refuse a release policy under which a secret could reach a TD nobody meant: one that
+    names no role (every request would be judged by the shared defaults), names a role no TD
+    can ask as, leaves a role's MR_TD or MR_CONFIG_ID open, does not bind the evidence to the
+    requester's key and the challenge, allows DEBUG TDs, or allows simulated evidence where
+    ``service`` (the trust service's own policy) does not. ``PolicyViolation`` names the rule."""
+    fix = ("name each role that may receive the secret with its own reference values, e.g. "
+           "hfl_lab.vault.volume_release_policy(ps_measurements, owner_measurements)")
+    if not release.roles:
+        raise PolicyViolation(
+            "the release policy names no role, so a request as any role would be judged by "
+            "its shared defaults alone", fix=fix)
+    odd = sorted(role for role in release.roles if not REQUESTER_ROLE.fullmatch(role))
+    if odd:
+        raise PolicyViolation(
+            f"the release policy names {', '.join(repr(r[:32]) for r in odd[:4])}, which no TD "
+            "can ask as (roles are ps<N>, worker<N> and owner)", fix=fix)
+    for role in sorted(release.roles):
+        open_fields = [f for f in _PINNED if release.reference_for(role, f) is None]
+        if open_fields:
+            raise PolicyViolation(
+                f"the release policy leaves {' and '.join(open_fields)} open ('any') for role "
+                f"{role}: a TD running other code or another role's configuration would "
+                "receive the secret", fix=fix)
+    if release.report_data_binding != "key+nonce":
+        raise PolicyViolation(
+            f"the release policy binds {release.report_data_binding!r} in REPORTDATA: a quote "
+            "relayed from the right TD could receive the secret wrapped to another key",
+            fix="set report_data_binding: key+nonce in the release policy")
+    if release.allow_debug and (service is None or not service.allow_debug):
+        raise PolicyViolation(
+            "the release policy allows DEBUG TDs, whose memory the host can read: the secret "
+            "would not stay secret", fix="set allow_debug: false in the release policy")
+    if release.allow_simulated and service is not None and not service.allow_simulated:
+        raise PolicyViolation(
+            "the release policy allows simulated TD evidence, which the trust service's own "
+            "policy refuses", fix="set allow_simulated: false in the release policy")
+
+
 class KeyBroker:
     """Holds secrets in memory only; each has its own release policy."""
 
@@ -44,10 +91,13 @@ class KeyBroker:
 
     def register(
         self, app_id: str, name: str, secret: bytes, policy: AttestationPolicy, *, by: str,
-        reason: str = "registered by the lab owner",
+        reason: str = "registered by the lab owner", service: AttestationPolicy | None = None,
     ) -> None:
+        """Hold ``secret`` for release under ``policy`` (checked by :func:`check_release_rules`
+        against ``service``, the trust service's own policy)."""
         if len(secret) < 16:
             raise PolicyViolation("refusing to register a secret shorter than 16 bytes")
+        check_release_rules(policy, service)
         with self._lock:
             self._secrets[(app_id, name)] = _Entry(bytes(secret), policy)
         self.audit.record(
@@ -75,6 +125,9 @@ class KeyBroker:
 
         ``binding`` is what the evidence's REPORTDATA must carry: it ties the quote to the
         recipient key (and the broker's challenge), so a relayed quote cannot receive it.
+        ``role`` must be one the release policy names; its entry holds the evidence to that
+        role's own reference values (no role, or another, is refused, never judged by the
+        policy's shared defaults).
         """
         with self._lock:
             entry = self._secrets.get((app_id, name))
@@ -88,6 +141,15 @@ class KeyBroker:
                 fix="register it from notebook 02 before starting the participants",
             )
         verifier = Verifier(entry.policy, lab_root_der=self.lab_root_der, name="key-broker")
+        try:
+            entry.policy.require_role(role, f"secret '{app_id}/{name}' not released to "
+                                      f"{requester}")
+        except PolicyViolation as e:
+            self.audit.record(
+                "release_secret", subject=requester, allowed=False, app_id=app_id, name=name,
+                reason=str(e),
+            )
+            raise
         try:
             verdict = verifier.verify(
                 evidence, binding=binding, issued_at=issued_at, role=role, subject=requester

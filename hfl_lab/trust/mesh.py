@@ -102,6 +102,9 @@ class PeerCheck:
             reason = f"role {role or '(none)'} may not use this service"
         else:
             try:
+                # a role the policy does not name has no reference values of its own: its
+                # evidence would be judged by the defaults every role shares
+                self.verifier.policy.require_role(role, "mesh certificate refused")
                 verdict = verify_certificate(cert, self.verifier, role=role)
             except HflLabError as e:
                 reason = str(e)

@@ -156,7 +156,7 @@ def release_policy() -> AttestationPolicy:
     m = measure_workload(role="ps0")
     return AttestationPolicy.from_dict({
         "mr_td": m.mr_td.hex(), "mr_config_id": m.mr_config_id.hex(),
-        "allow_simulated": True, "report_data_binding": "key+nonce",
+        "allow_simulated": True, "report_data_binding": "key+nonce", "roles": {"ps0": {}},
     })
 
 
@@ -376,7 +376,7 @@ def test_same_certificate_on_a_new_connection_is_accepted_once_the_old_one_lapse
 ) -> None:
     """A worker that reconnects with its unchanged certificate (a transient network failure)
     gets its session back when the old connection has been idle past the lease."""
-    lab.servicer.session_lease_s = 0.5
+    lab.servicer.sessions.lease_s = 0.5  # seconds a quiet connection keeps its session
     time.sleep(0.6)  # worker0's connection idle past the (shortened) lease
     creds = lab.mesh.creds["worker0"]
 
