@@ -7,6 +7,12 @@ appends a provenance record signed with the key of ps0's *current* mesh certific
 change it), whose embedded evidence the owner's trusted node re-verifies offline
 (``hfl_lab.vault.AttestedSigners``). The record names the evidence of ps0 and of the workers whose
 attested certificates ps0 accepted (the latest per worker).
+
+After every save ps0 reports the new head (step, record index and hash) to the trust service,
+attested (``hfl_lab.vault.HeadWitness``), and on resume it compares the volume with the head the
+service recorded (``hfl_lab.vault.resume_checkpoint``): a volume put back to an older copy, or a
+damaged or unsigned newest checkpoint, stops ps0 with an error naming it, instead of resuming
+from an older checkpoint in silence.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from hfl_lab.vault.checkpoints import Checkpoint, CheckpointInfo
 from hfl_lab.vault.keyrelease import open_vault_for_ps
 from hfl_lab.vault.model_vault import ModelVault, PathKind
 from hfl_lab.vault.provenance import ProvenanceEntry
+from hfl_lab.vault.rollback import HeadWitness, resume_checkpoint
 
 if TYPE_CHECKING:
     from hfl_lab.trust.client import MeshCredentials, TrustClient
@@ -59,7 +66,8 @@ class Contributors:
 
 
 class VaultCheckpointStore:
-    """A ``CheckpointStore`` over an open :class:`ModelVault`, signing every checkpoint."""
+    """A ``CheckpointStore`` over an open :class:`ModelVault`, signing every checkpoint; with a
+    ``witness`` each head is recorded at the trust service and checked on resume."""
 
     def __init__(
         self,
@@ -67,11 +75,14 @@ class VaultCheckpointStore:
         credentials: Callable[[], MeshCredentials],
         contributors: Contributors,
         ps_id: str = "ps0",
+        *,
+        witness: HeadWitness | None = None,
     ) -> None:
         self.vault = vault
         self._credentials = credentials
         self.contributors = contributors
         self.ps_id = ps_id
+        self.witness = witness
 
     def __repr__(self) -> str:
         return f"VaultCheckpointStore({self.vault.path.name}, {self.vault.data_path_kind})"
@@ -92,10 +103,29 @@ class VaultCheckpointStore:
                 worker_evidence_digests=self.contributors.snapshot(),
                 ps_id=self.ps_id,
             )
-        return self.vault.save(step, payload, metadata, provenance)
+        info = self.vault.save(step, payload, metadata, provenance)
+        if self.witness is not None:
+            self._report(self.witness, info)
+        return info
+
+    def _report(self, witness: HeadWitness, info: CheckpointInfo) -> None:
+        # The checkpoint is committed whatever happens here; a head the service did not record
+        # only narrows the protection (the next report covers it), so training goes on.
+        try:
+            witness.record(self.vault.volume_uuid, info)
+        except HflLabError as error:
+            log.warning(
+                "checkpoint step %d is written, but the trust service did not record it as the "
+                "volume's head (%s): until a later head is recorded, a rollback to the last "
+                "recorded one would go unnoticed", info.step, error.message,
+            )
 
     def load_latest(self) -> Checkpoint | None:
-        return self.vault.load_latest()
+        """The checkpoint to resume from: the newest, intact, signed and not older than the
+        head the trust service recorded; ``VaultError`` naming the problem otherwise."""
+        recorded = (self.witness.recorded(self.vault.volume_uuid)
+                    if self.witness is not None else None)
+        return resume_checkpoint(self.vault, recorded)
 
     def close(self) -> None:
         self.vault.close()
@@ -138,7 +168,9 @@ def open_vault_store(
         f"{Path(path).name} with the attested key "
         f"release ({vault.data_path_kind} data path); checkpoints go there, signed"
     )
-    return VaultCheckpointStore(vault, credentials, contributors, participant.role)
+    witness = HeadWitness(trust, participant.role, participant.provider)
+    return VaultCheckpointStore(vault, credentials, contributors, participant.role,
+                                witness=witness)
 
 
 def _path_kind(value: str) -> PathKind:

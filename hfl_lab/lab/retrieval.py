@@ -36,6 +36,7 @@ from hfl_lab.vault import (
     AttestedSigners,
     DirectoryCheckpointStore,
     SealedBrokerState,
+    owner_counter_path,
     retrieve_as_owner,
 )
 from trainer.checkpoint import decode_state
@@ -131,7 +132,9 @@ def _trusted_dir(config: LabConfig) -> Path:
 
 def owner_credential(vault: dict[str, Any]) -> SealedBrokerState:
     """The owner's authorized credential: the trust service's sealed state and the key that
-    unseals it, derived from this session's owner secret and the run's public salt."""
+    unseals it, derived from this session's owner secret and the run's public salt, checked
+    against the owner's copy of the state's counter (beside the state; see
+    :class:`hfl_lab.vault.OwnerCounter`)."""
     state, salt_file = vault.get("trust_state_path"), vault.get("owner_salt_path")
     if not state or not salt_file:
         raise VaultError(
@@ -141,7 +144,8 @@ def owner_credential(vault: dict[str, Any]) -> SealedBrokerState:
             "for the owner, then run this notebook again.",
         )
     salt = owner.read_run_salt(Path(salt_file))
-    return SealedBrokerState(Path(state), owner.sealing_key(owner.admin_token(salt)))
+    return SealedBrokerState(Path(state), owner.sealing_key(owner.admin_token(salt)),
+                             owner_counter_path(Path(state)))
 
 
 def _signers(vault: dict[str, Any]) -> Any:
@@ -225,7 +229,7 @@ def evaluate_checkpoint(config: LabConfig, payload: bytes) -> tuple[Any, Any, An
     )
     model.set_weights(state.weights)
     owner_model = model.serving_model()
-    data = load_cifar10(config.require_data_path())
+    data = load_cifar10(config.require_data_path(), sha256=config.data_sha256)
     probs = np.asarray(owner_model.predict(data.test_images, batch_size=256, verbose=0),
                        dtype=np.float64)
     labels = np.asarray(data.test_labels, dtype=np.int64)

@@ -35,7 +35,7 @@ def total_steps(config: LabConfig) -> int:
     """Parameter-server steps of this run (``epochs`` converted with the training-set size)."""
     if config.steps is not None:
         return config.steps
-    data = load_cifar10(config.require_data_path())
+    data = load_cifar10(config.require_data_path(), sha256=config.data_sha256)
     return config.total_steps(len(data.train_labels))
 
 
@@ -249,7 +249,7 @@ def run_training(
         raise
     dashboard.close()
     collect = getattr(backend, "collect_sealed_model", None)
-    if callable(collect):  # a cluster: the volume and the sealed state to the owner's node
+    if callable(collect):  # the volume and the sealed state to the owner's node (and its counter)
         try:
             collect()
         except HflLabError as error:  # no teardown: it would delete the only copy

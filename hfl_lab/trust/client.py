@@ -9,7 +9,8 @@ from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from hfl_lab._exceptions import AttestationError, PolicyViolation
 from hfl_lab._resources import ClosingContext
@@ -23,6 +24,7 @@ from hfl_lab.tee.verifier import Verifier
 from hfl_lab.trust.broker import release_context
 from hfl_lab.trust.proto import trust_pb2 as pb
 from hfl_lab.trust.proto import trust_pb2_grpc as rpc
+from hfl_lab.trust.sealed import CheckpointHead
 from hfl_lab.trust.service import admin_metadata
 from hfl_lab.trust.wrap import WrappedSecret, unwrap_secret
 
@@ -131,6 +133,41 @@ class TrustClient(ClosingContext):
         )
         wrapped = WrappedSecret(reply.ephemeral_public, reply.gcm_nonce, reply.ciphertext)
         return unwrap_secret(wrapped, identity.private_key, release_context(app_id, name))
+
+    # -- checkpoint heads (rollback protection) -------------------------------------------
+
+    def report_checkpoint_head(
+        self, head: CheckpointHead, role: str, provider: EvidenceProvider,
+        identity: RaTlsIdentity | None = None,
+    ) -> int:
+        """As the attested PS: record ``head`` as its volume's newest checkpoint (fresh evidence
+        bound to a key and a challenge, the head signed with that key). Returns the sealed
+        state's counter after the record."""
+        identity = identity or RaTlsIdentity()
+        nonce, evidence = self._bound_evidence(role, provider, identity)
+        key = identity.private_key
+        digest = hashes.SHA384() if key.curve.key_size >= 384 else hashes.SHA256()
+        reply = self._call(
+            self.stub.ReportCheckpointHead,
+            pb.ReportHeadRequest(
+                role=role, nonce=nonce, public_key=identity.spki_der,
+                evidence_json=evidence.to_json(), head=pb.CheckpointHead(**head.to_dict()),
+                signature=key.sign(head.signed_message(nonce), ec.ECDSA(digest)),
+            ),
+        )
+        return int(reply.state_counter)
+
+    def checkpoint_head(self, volume_uuid: str = "") -> tuple[CheckpointHead | None, int]:
+        """The head recorded for ``volume_uuid`` (None when none is) and the sealed state's
+        counter; an empty UUID asks for the counter only."""
+        reply = self._call(self.stub.GetCheckpointHead,
+                           pb.GetHeadRequest(volume_uuid=volume_uuid))
+        head = None
+        if reply.recorded:
+            raw = reply.head
+            head = CheckpointHead(raw.volume_uuid, int(raw.step), int(raw.index),
+                                  raw.record_sha256)
+        return head, int(reply.state_counter)
 
     def _bound_evidence(
         self, role: str, provider: EvidenceProvider, identity: RaTlsIdentity

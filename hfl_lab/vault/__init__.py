@@ -20,6 +20,14 @@ from hfl_lab.vault.keyrelease import (
 from hfl_lab.vault.model_vault import ModelVault, PathKind, choose_data_path, new_passphrase
 from hfl_lab.vault.owner_open import RetrievedModel, retrieve_model
 from hfl_lab.vault.provenance import ProvenanceEntry, ProvenanceReport, TrustedKey
+from hfl_lab.vault.rollback import (
+    HeadWitness,
+    OwnerCounter,
+    check_not_rolled_back,
+    observe_trust_state,
+    owner_counter_path,
+    resume_checkpoint,
+)
 
 __all__ = [
     "VOLUME_SECRET_NAME",
@@ -28,7 +36,9 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointStore",
     "DirectoryCheckpointStore",
+    "HeadWitness",
     "ModelVault",
+    "OwnerCounter",
     "PathKind",
     "ProvenanceEntry",
     "ProvenanceReport",
@@ -36,15 +46,19 @@ __all__ = [
     "SealedBrokerState",
     "TrustedKey",
     "VaultInfo",
+    "check_not_rolled_back",
     "check_release_policy",
     "choose_data_path",
     "inspect_volume",
     "kernel_path_status",
     "new_passphrase",
+    "observe_trust_state",
     "open_as_owner",
     "open_vault_for_ps",
+    "owner_counter_path",
     "provision_vault",
     "release_policy_from",
+    "resume_checkpoint",
     "retrieve_as_owner",
     "retrieve_model",
     "volume_release_policy",

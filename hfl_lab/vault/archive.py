@@ -286,6 +286,37 @@ class CheckpointArchive:
         report.problems[:0] = bad
         return report
 
+    def provenance_head(self) -> tuple[int, str, int] | None:
+        """(index, hash, step) of the newest provenance record in the volume; None without one.
+        Not verified: compare it with a head recorded elsewhere (``hfl_lab.vault.rollback``)."""
+        names = sorted(self.files.list_dir(PROVENANCE))
+        if not names:
+            return None
+        index = len(names) - 1
+        record = self._record(index)
+        if record is None:
+            raise VaultError(
+                f"the newest provenance record {index} in the volume is unreadable.",
+                fix="restore the volume from a good copy.",
+            )
+        step = record.get("step")
+        return index, record_hash(record), step if isinstance(step, int) else -1
+
+    def record_sha256(self, index: int) -> str | None:
+        """The hash of provenance record ``index``; None when it is missing or unreadable."""
+        record = self._record(index)
+        return record_hash(record) if record is not None else None
+
+    def _record(self, index: int) -> dict[str, Any] | None:
+        name = f"{index:012d}.json"
+        if name not in self.files.list_dir(PROVENANCE):
+            return None
+        try:
+            record = json.loads(self.files.read(f"{PROVENANCE}/{name}"))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return record if isinstance(record, dict) else None
+
     def recover(self) -> None:
         """Remove what an interrupted write left on a non-atomic data path: payloads without
         metadata and provenance records past the newest committed checkpoint."""

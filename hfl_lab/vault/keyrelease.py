@@ -22,18 +22,19 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from hfl_lab._exceptions import AttestationError, HflLabError, PolicyViolation, VaultError
 from hfl_lab.owner import unsealing_failed
 from hfl_lab.tee.evidence import EvidenceProvider
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.trust.broker import DEFAULT_APP_ID
-from hfl_lab.trust.sealed import unseal_state
+from hfl_lab.trust.sealed import HEADS, CheckpointHead, state_counter, unseal_state
 from hfl_lab.vault.luks_header import LuksHeader, read_header
 from hfl_lab.vault.model_vault import ModelVault, PathKind, choose_data_path, new_passphrase
 from hfl_lab.vault.owner_open import RetrievedModel, retrieve_model
 from hfl_lab.vault.provenance import Signers
+from hfl_lab.vault.rollback import OwnerCounter
 
 if TYPE_CHECKING:
     from hfl_lab.ratls.certificate import RaTlsIdentity
@@ -71,10 +72,15 @@ class VaultInfo:
 @dataclass(frozen=True)
 class SealedBrokerState:
     """The owner's authorized (not attested) way to the passphrase: the trust service's sealed
-    state file and the owner key that seals it, for a trusted node that is not a TD."""
+    state file and the owner key that seals it, for a trusted node that is not a TD.
+
+    ``counter_path`` is the owner's copy of the state's counter (``OwnerCounter``): a state
+    older than the newest the owner saw is refused, and a newer one advances the copy.
+    """
 
     state_path: Path
     owner_key: bytes
+    counter_path: Path | None = None
 
     def __repr__(self) -> str:
         return f"SealedBrokerState(state_path={str(self.state_path)!r}, owner_key=<hidden>)"
@@ -336,9 +342,10 @@ def retrieve_as_owner(
     chain is verified before any weights are returned.
     """
     path = Path(vault_path)
-    inspect_volume(path)
+    header, _ = inspect_volume(path)
     if isinstance(credential, SealedBrokerState):
-        passphrase = _from_sealed_state(credential, secret_name)
+        passphrase, state = _unseal_for_owner(credential, secret_name)
+        recorded = _recorded_head(state, header.uuid, credential.state_path)
     elif not isinstance(credential, EvidenceProvider):
         raise VaultError(
             f"the owner's credential is a {type(credential).__name__}, which cannot obtain the "
@@ -354,9 +361,10 @@ def retrieve_as_owner(
     else:
         passphrase = _attested_release(client, OWNER_ROLE, credential, identity, path,
                                        secret_name)
+        recorded, _ = client.checkpoint_head(header.uuid)
     try:
         return retrieve_model(path, passphrase, trusted_ps_keys, path_kind=data_path,
-                              require_provenance=require_provenance)
+                              require_provenance=require_provenance, recorded_head=recorded)
     finally:
         del passphrase
 
@@ -400,6 +408,13 @@ def _attested_release(
 
 
 def _from_sealed_state(credential: SealedBrokerState, secret_name: str) -> bytes:
+    return _unseal_for_owner(credential, secret_name)[0]
+
+
+def _unseal_for_owner(
+    credential: SealedBrokerState, secret_name: str
+) -> tuple[bytes, dict[str, Any]]:
+    """The passphrase and the whole unsealed state, after the owner's counter check."""
     try:
         state = unseal_state(credential.state_path, credential.owner_key)
     except AttestationError:
@@ -409,6 +424,9 @@ def _from_sealed_state(credential: SealedBrokerState, secret_name: str) -> bytes
             f"no sealed trust-service state at {credential.state_path}.",
             fix="pass the state_path the trust service was started with.",
         ) from None
+    if credential.counter_path is not None:
+        OwnerCounter(credential.counter_path, credential.owner_key).advance(
+            state_counter(state), f"the sealed state {credential.state_path.name}")
     # KeyBroker.export_state: "<app id>\0<name>" -> {"secret": hex, "policy": {...}}
     entry = state.get("broker", {}).get(f"{DEFAULT_APP_ID}\0{secret_name}")
     if not isinstance(entry, dict) or not isinstance(entry.get("secret"), str):
@@ -420,4 +438,17 @@ def _from_sealed_state(credential: SealedBrokerState, secret_name: str) -> bytes
         "volume passphrase taken from the sealed trust-service state with the owner key "
         "(authorized, not attested: this release is not in the trust service's audit log)"
     )
-    return bytes.fromhex(entry["secret"])
+    return bytes.fromhex(entry["secret"]), state
+
+
+def _recorded_head(state: dict[str, Any], volume_uuid: str, where: Path) -> CheckpointHead | None:
+    raw = state.get(HEADS, {}).get(volume_uuid)
+    if raw is None:
+        return None
+    try:
+        return CheckpointHead.from_dict(raw)
+    except (ValueError, KeyError, TypeError):
+        raise VaultError(
+            f"the sealed state {where.name} holds an unreadable checkpoint head for this volume.",
+            fix="restore the trust service's sealed state from a good copy.",
+        ) from None

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from hfl_lab._exceptions import VaultError
 from hfl_lab._resources import ClosingContext
+from hfl_lab.trust.sealed import CheckpointHead
 from hfl_lab.vault.archive import CheckpointArchive
 from hfl_lab.vault.checkpoints import Checkpoint, CheckpointInfo
 from hfl_lab.vault.files import VolumeFiles
@@ -228,6 +229,21 @@ class ModelVault(ClosingContext):
         )
         with self._lock:
             return self._archive.verify_provenance(trusted)
+
+    def provenance_head(self) -> CheckpointHead | None:
+        """The newest provenance record in the volume as a head (step, index, hash), unverified;
+        None when the volume holds no record."""
+        with self._lock:
+            found = self._archive.provenance_head()
+        if found is None:
+            return None
+        index, digest, step = found
+        return CheckpointHead(self.volume_uuid, max(step, 0), index, digest)
+
+    def record_sha256(self, index: int) -> str | None:
+        """The hash of provenance record ``index``; None when it is missing or unreadable."""
+        with self._lock:
+            return self._archive.record_sha256(index)
 
     # -- CheckpointStore -------------------------------------------------------------------
 

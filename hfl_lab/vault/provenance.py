@@ -81,6 +81,8 @@ class ProvenanceReport:
     problems: list[str] = field(default_factory=list)
     verified_steps: list[int] = field(default_factory=list)
     unsigned_steps: list[int] = field(default_factory=list)
+    #: unsigned checkpoints newer than every signed one: never the model, each one a problem
+    unsigned_newer_steps: list[int] = field(default_factory=list)
     signers: list[str] = field(default_factory=list)
     head_step: int | None = None
     #: the attestation of each trusted signer (role, simulated, measurements), when a
@@ -91,17 +93,39 @@ class ProvenanceReport:
     def ok(self) -> bool:
         return not self.problems and self.records > 0
 
+    @property
+    def newest_signed_step(self) -> int | None:
+        """The newest checkpoint a verified, signed record covers: the model to hand out."""
+        return max(self.verified_steps, default=None)
+
+    @property
+    def chain_problems(self) -> list[str]:
+        """The problems other than unsigned newer checkpoints: the chain or a signed
+        checkpoint is broken, so nothing in the volume can be trusted."""
+        unsigned = {unsigned_problem(step) for step in self.unsigned_newer_steps}
+        return [problem for problem in self.problems if problem not in unsigned]
+
     def summary(self) -> str:
         if self.ok:
             return (
                 f"provenance intact: {self.records} signed records, head at step "
                 f"{self.head_step}, signed by {', '.join(self.signers)}."
             )
-        if not self.problems:
-            return "no provenance records: nothing vouches for these checkpoints."
-        return f"provenance broken: {self.problems[0]}" + (
-            f" (and {len(self.problems) - 1} more problems)" if len(self.problems) > 1 else ""
-        )
+        broken = self.chain_problems
+        if broken:
+            return f"provenance broken: {broken[0]}" + (
+                f" (and {len(broken) - 1} more problems)" if len(broken) > 1 else ""
+            )
+        newest = self.newest_signed_step
+        if self.unsigned_newer_steps and newest is not None:
+            return (
+                f"provenance intact up to step {newest} ({self.records} signed records, signed "
+                f"by {', '.join(self.signers)}), but {_unsigned_text(self.unsigned_newer_steps)}"
+                f": it is not the model, step {newest} is."
+            )
+        if self.unsigned_newer_steps:
+            return f"no signed checkpoint: {_unsigned_text(self.unsigned_newer_steps)}."
+        return "no provenance records: nothing vouches for these checkpoints."
 
     def raise_if_broken(self) -> None:
         if not self.ok:
@@ -109,6 +133,36 @@ class ProvenanceReport:
                 self.summary(),
                 fix="do not trust this model; fetch the volume again from the PS's storage.",
             )
+
+    def raise_unless_signed_model(self) -> None:
+        """Raise unless the chain verifies and a signed checkpoint exists; unsigned checkpoints
+        newer than it are allowed (they are named, and never handed out)."""
+        if self.chain_problems or self.newest_signed_step is None:
+            raise VaultError(
+                self.summary(),
+                fix="do not trust this model; fetch the volume again from the PS's storage "
+                "(the copy the parameter server wrote, with its signed provenance records).",
+            )
+
+
+def unsigned_problem(step: int) -> str:
+    """The problem an unsigned checkpoint newer than every signed one is reported as."""
+    return f"checkpoint step {step} is newer than every signed one, but {_UNSIGNED_WHY}"
+
+
+_UNSIGNED_WHY = (
+    "has no provenance record: only the volume-key MAC vouches for it, so it was written by a "
+    "holder of the volume key (a storage admin who obtained it) or by a PS code path that "
+    "skipped signing"
+)
+
+
+def _unsigned_text(steps: Sequence[int]) -> str:
+    if len(steps) == 1:
+        return f"checkpoint step {steps[0]} {_UNSIGNED_WHY}"
+    listed = ", ".join(f"step {step}" for step in steps)
+    return (f"checkpoints {listed} have no provenance record: only the volume-key MAC vouches "
+            "for them")
 
 
 def genesis_hash(volume_uuid: str) -> str:
@@ -318,6 +372,11 @@ def _check_checkpoints(
         else:
             covered.add(index)
             report.verified_steps.append(claim.step)
+    newest = max(report.verified_steps, default=None)
+    report.unsigned_newer_steps = [
+        step for step in report.unsigned_steps if newest is None or step > newest
+    ]
+    report.problems.extend(unsigned_problem(step) for step in report.unsigned_newer_steps)
     head = len(records) - 1
     if records and head in hashes_by_index and head not in covered:
         report.problems.append(

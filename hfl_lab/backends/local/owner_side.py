@@ -10,17 +10,26 @@ service is derived from the session's owner secret and this run's public salt
 opens the volume from the sealed state (:meth:`OwnerSide.owner_credential`,
 :meth:`OwnerSide.model_store`). :class:`OwnerSide` is that part of
 :class:`~hfl_lab.backends.local.LocalBackend`.
+
+The owner also keeps its own copy of the trust service's sealed-state counter
+(``<run_dir>/trust/state.sealed.counter``, see :class:`hfl_lab.vault.OwnerCounter`): checked and
+advanced when the service starts or resumes (before anything is provisioned or ps0 starts), when
+training ends (:meth:`OwnerSide.collect_sealed_model`) and whenever the owner opens the sealed
+state. A ``state.sealed`` put back to an older copy is refused, naming both counters. On this one
+machine the copy sits in the run folder: it stops a storage admin of the trust service's state,
+not a user who rolls back the whole run folder (a real TD would use a vTPM NV counter or the KBS).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from hfl_lab import owner
-from hfl_lab._exceptions import BackendError
+from hfl_lab._exceptions import BackendError, HflLabError
 from hfl_lab.backends.base import ProgressCallback
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
@@ -37,6 +46,9 @@ from hfl_lab.vault.keyrelease import (
     provision_vault,
     volume_release_policy,
 )
+from hfl_lab.vault.rollback import OwnerCounter, observe_trust_state, owner_counter_path
+
+log = logging.getLogger(__name__)
 
 
 class OwnerSide:
@@ -72,10 +84,13 @@ class OwnerSide:
         self._wait_roles(["trust"], self.connect_timeout_s, None)
         path.parent.mkdir(parents=True, exist_ok=True)
         with self.trust_client() as client:
+            # a service that resumed from an older state.sealed is refused before it is used
+            observe_trust_state(client, self.owner_counter(), _STATE)
             self.vault_info = provision_vault(
                 client, self.admin_token, path, size_mb=self.config.vault_size_mb,
                 release_policy=self.volume_release_policy(), reuse=path.exists(),
             )
+            observe_trust_state(client, self.owner_counter(), _STATE)
         info = self.vault_info
         self._put(LabEvent("log", "owner", {
             "level": "info",
@@ -94,8 +109,30 @@ class OwnerSide:
                                    verifier_name="owner")
 
     def owner_credential(self) -> SealedBrokerState:
-        """The owner's authorized way to the volume passphrase after the run (sealed state)."""
-        return SealedBrokerState(self.trust_state_path, owner.sealing_key(self.admin_token))
+        """The owner's authorized way to the volume passphrase after the run (sealed state),
+        checked against the owner's copy of the state's counter."""
+        return SealedBrokerState(self.trust_state_path, owner.sealing_key(self.admin_token),
+                                 owner_counter_path(self.trust_state_path))
+
+    def owner_counter(self) -> OwnerCounter:
+        """The owner's copy of the trust service's sealed-state counter."""
+        return OwnerCounter(owner_counter_path(self.trust_state_path),
+                            owner.sealing_key(self.admin_token))
+
+    def collect_sealed_model(self) -> None:
+        """When training has ended, while the trust service still runs: keep the owner's copy
+        of its state counter current (the volume and the state are on this machine already).
+        A service the owner cannot reach leaves the copy as it was; a rolled-back one raises."""
+        if self.vault_path is None:
+            return
+        try:
+            client = self.trust_client()
+        except HflLabError as error:
+            log.warning("the owner's copy of the trust service's state counter was not "
+                        "refreshed at the end of training: %s", error)
+            return
+        with client:
+            observe_trust_state(client, self.owner_counter(), _STATE)
 
     @contextlib.contextmanager
     def model_store(self) -> Iterator[CheckpointStore]:
@@ -122,3 +159,6 @@ class OwnerSide:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, dest)
         return dest
+
+
+_STATE = "the trust service's sealed state (state.sealed)"
