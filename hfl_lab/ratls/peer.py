@@ -77,7 +77,7 @@ def fetch_server_certificate(host: str, port: int, timeout: float = 5.0) -> x509
     else:
         der = _tls12_certificate(bytes(received))
     if not der:
-        reason = f" ({failure.reason or failure})" if failure is not None else ""
+        reason = f" ({getattr(failure, 'reason', None) or failure})" if failure is not None else ""
         raise PeerUnreachable(
             f"{where} did not present a TLS server certificate{reason}",
             fix="check that the port serves TLS (gRPC with TLS), not plain text",

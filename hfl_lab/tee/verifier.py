@@ -80,6 +80,21 @@ def _attributes_mismatch(attrs: int, exact: tuple[str, ...], role: str | None) -
     )
 
 
+def _refusal_with(evidence: Evidence, quote: Quote, now: int) -> str | None:
+    """Why DCAP refuses ``quote`` even with the collateral the evidence brought (which is never
+    used to accept it), or None when it would pass or there is none."""
+    if evidence.collateral_json is None:
+        return None
+    try:
+        dcap_qvl.verify(quote.to_bytes(),
+                        Collateral(evidence.collateral_json, "the evidence").qvl(), now)
+    except AttestationError:
+        return None
+    except (ValueError, RuntimeError, TypeError) as e:
+        return dcap_reason(str(e))
+    return None
+
+
 class Verifier:
     """Verifies evidence against a policy and returns a ``Verdict`` listing every check."""
 
@@ -233,7 +248,10 @@ class Verifier:
                 report = dcap_qvl.verify(raw, qvl, now)
         except AttestationError as e:
             reason = e.message + (f" — fix: {e.fix}" if e.fix else "")
-            v.add("dcap", False, expected, "not verified", reason)
+            # Refused either way; but a quote the attester's own collateral cannot verify
+            # either (a chain to another root, a bad signature) is named for what it is.
+            diagnosis = None if lab_signed else _refusal_with(evidence, quote, now)
+            v.add("dcap", False, expected, "not verified", diagnosis or reason)
             return None
         except (ValueError, RuntimeError, TypeError) as e:
             v.add("dcap", False, expected, "verification failed", dcap_reason(str(e)))

@@ -44,10 +44,6 @@ TRUST_POD = "trust-0"
 #: ps0 stays up after training, so its own container serves the vault copy
 VAULT_CONTAINER = "ps"
 TRUST_CONTAINER = "trust"
-#: the reader pod (TDX overlays): its container and where it mounts the volume
-READER_CONTAINER = "reader"
-READER_MOUNT = "/claim"
-READER_TIMEOUT_S = 300.0
 #: the container of each StatefulSet whose logs are the participant's logs
 MAIN_CONTAINER = {"trust": "trust", "ps": "ps", "worker": "worker"}
 #: container waiting reasons that will not heal by waiting, and what to do about each
@@ -370,73 +366,12 @@ class KubernetesBackend:
 
     def _copy_out(self, pod: str, container: str, in_pod: str, dest: Path, fix: str,
                   claim: tuple[str, str]) -> Path:
-        """``kubectl cp`` of one file: SHA-256 in the pod, tar over exec, checked locally. On the
-        TDX overlays the agent policy denies exec into the TD, so a plain reader pod mounts the
-        file's volume (``claim``: its PVC and where ``pod`` mounts it) read-only instead: the
-        file is ciphertext, checked by the owner, so that path may be untrusted."""
-        if not self.settings.uses_tdx:
-            return self._exec_copy(pod, container, rendering.pod_path(self.settings, in_pod),
-                                   dest, fix)
-        name, mount = claim
-        reader = f"hfl-reader-{name}"
+        """One file out of ``pod`` (see :class:`~.vault_copy.CopyOut`), API errors named."""
         try:
-            self._start_reader(reader, name, pod)
-            path = READER_MOUNT + in_pod.removeprefix(mount)
-            return self._exec_copy(reader, READER_CONTAINER, path, dest, fix)
-        finally:
-            try:
-                self.api.delete(f"/api/v1/namespaces/{self.settings.namespace}/pods/{reader}")
-            except ApiError as exc:
-                if exc.status != 404:
-                    raise self._fail(f"deleting the reader pod {reader}", exc) from None
-
-    def _start_reader(self, reader: str, claim: str, next_to: str) -> None:
-        """A non-TD pod on ``next_to``'s node (the volume may attach to one node only) that
-        mounts PVC ``claim`` read-only; returns once it runs."""
-        ns = self.settings.namespace
-        pods = f"/api/v1/namespaces/{ns}/pods"
-        try:
-            node = (self.api.get(f"{pods}/{next_to}").get("spec") or {}).get("nodeName")
-            self.api.apply(reader_pod(reader, ns, claim, self.settings.reader_image, node),
-                           self.settings.field_manager)
-            deadline = time.monotonic() + READER_TIMEOUT_S
-            while True:
-                status = self.api.get(f"{pods}/{reader}").get("status") or {}
-                if status.get("phase") == "Running":
-                    return
-                if status.get("phase") in ("Failed", "Succeeded") or time.monotonic() > deadline:
-                    raise BackendError(
-                        f"the reader pod {reader} for volume {claim} did not start "
-                        f"(phase {status.get('phase') or 'Pending'}).",
-                        fix=f"check that the cluster can pull {self.settings.reader_image} "
-                        "(set reader_image to a copy in your registry) and that the volume is "
-                        f"bound: kubectl -n {ns} describe pod {reader}.",
-                    )
-                time.sleep(self.settings.poll_interval_s)
+            return vault_copy.CopyOut(self.api, self.settings).copy(pod, container, in_pod, dest,
+                                                                    fix, claim)
         except ApiError as exc:
-            raise self._fail(f"starting the reader pod for volume {claim}", exc) from None
-
-    def _exec_copy(self, pod: str, container: str, path: str, dest: Path, fix: str) -> Path:
-        ns = self.settings.namespace
-        try:
-            digest_run = self.api.exec(ns, pod, container, vault_copy.sha256_command(path))
-            if digest_run.returncode != 0:
-                raise BackendError(
-                    f"{path} cannot be read in pod {pod}: "
-                    f"{digest_run.stderr.decode(errors='replace').strip()}.",
-                    fix=fix,
-                )
-            digest = vault_copy.parse_sha256sum(digest_run.stdout, path)
-            tar_run = self.api.exec(ns, pod, container, vault_copy.tar_command(path))
-        except ApiError as exc:
-            raise self._fail(f"copying {path} out of {pod}", exc) from None
-        if tar_run.returncode != 0:
-            raise BackendError(
-                f"tar of {path} in pod {pod} failed: "
-                f"{tar_run.stderr.decode(errors='replace').strip()}.",
-                fix=f"check that the {container} container is running, then retry.",
-            )
-        return vault_copy.extract_single_file(tar_run.stdout, Path(path).name, dest, digest)
+            raise self._fail(f"copying {in_pod} out of {pod}", exc) from None
 
     def teardown(self) -> None:
         self._stop.set()
@@ -521,35 +456,3 @@ class KubernetesBackend:
             except BackendError as exc:
                 self._emit(LabEvent("log", "kubernetes", {"level": "warning", "message": str(exc)}))
 
-
-def reader_pod(name: str, namespace: str, claim: str, image: str,
-               node: str | None) -> dict[str, Any]:
-    """A plain pod that mounts PVC ``claim`` read-only at :data:`READER_MOUNT` and idles (it is
-    deleted after the copy); as the participants' user, so it reads their files."""
-    spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
-        "containers": [{
-            "name": READER_CONTAINER,
-            "image": image,
-            "command": ["sleep", str(int(READER_TIMEOUT_S) * 2)],
-            "volumeMounts": [{"name": "claim", "mountPath": READER_MOUNT, "readOnly": True}],
-            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                "capabilities": {"drop": ["ALL"]}},
-        }],
-        "volumes": [{"name": "claim",
-                     "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}],
-    }
-    if node:
-        spec["nodeName"] = node
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace,
-                     "labels": {"app.kubernetes.io/managed-by": "hfl-lab",
-                                "app.kubernetes.io/component": "reader"}},
-        "spec": spec,
-    }
