@@ -7,7 +7,10 @@ after the service has stopped. Both credentials derive from one random **owner s
 - ``admin_token(salt)``: the trust service's admin credential for one run (``salt`` is public,
   stored in the run folder, so each run has its own token);
 - ``sealing_key(admin_token)``: the key the trust service seals its state with (the state holds
-  the volume passphrase), so whoever holds the admin token can also unseal the state.
+  the volume passphrase), so whoever holds the admin token can also unseal the state;
+- ``policy_signing_key(admin_token)``: the Ed25519 key the owner signs a run's attestation
+  policies with; its public half (``policy_key``) is in the participant config every TD
+  measures, so a policy swapped on the way (a ConfigMap, a file) is refused.
 
 The owner secret is never written to a file and never logged. It lives in the process
 environment variable ``HFL_LAB_OWNER_SECRET``: ``hfl-lab run`` and ``hfl-lab lab`` create it once,
@@ -24,7 +27,9 @@ import json
 import os
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from hfl_lab._exceptions import ConfigError, VaultError
@@ -35,6 +40,9 @@ __all__ = [
     "ensure_owner_secret",
     "new_salt",
     "owner_secret",
+    "policy_key",
+    "policy_signature_valid",
+    "policy_signing_key",
     "read_run_salt",
     "run_salt",
     "sealing_key",
@@ -113,6 +121,26 @@ def admin_token(salt: bytes) -> bytes:
 def sealing_key(token: bytes) -> bytes:
     """The key the trust service seals its state with, derived from the run's admin token."""
     return _derive(token, b"hfl-lab/owner/trust-state-sealing")
+
+
+def policy_signing_key(token: bytes) -> Ed25519PrivateKey:
+    """The key the owner signs the run's policies with, derived from the run's admin token."""
+    return Ed25519PrivateKey.from_private_bytes(_derive(token, b"hfl-lab/owner/policy-signing"))
+
+
+def policy_key(token: bytes) -> str:
+    """The public half of :func:`policy_signing_key`, hex (what the config carries)."""
+    return policy_signing_key(token).public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+def policy_signature_valid(key_hex: str, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is the owner's (``key_hex``) over ``data``."""
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(key_hex)).verify(signature, data)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 def unsealing_failed(state_path: object) -> VaultError:

@@ -53,6 +53,7 @@ __all__ = [
     "Emitter",
     "Participant",
     "configure_logging",
+    "load_run_policy",
     "measured_argv",
     "read_bootstrap",
 ]
@@ -197,6 +198,22 @@ def workload_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+def load_run_policy(config: ParticipantConfig, path: str | Path) -> AttestationPolicy:
+    """A policy file of this run: only as the owner signed it when the (measured) config names
+    the owner's key, which a run with hardware evidence must (a ConfigMap is not measured)."""
+    deployment = config.deployment
+    if deployment.policy_key:
+        return AttestationPolicy.load_signed(path, deployment.policy_key)
+    if deployment.evidence in HARDWARE_EVIDENCE or deployment.overlay.startswith("kata-"):
+        raise ConfigError(
+            f"the config of this TDX run names no owner policy key, so the policy {path} (a "
+            "file anyone with access to the cluster could swap) cannot be checked.",
+            fix="let the kubernetes backend render the run: it puts the owner's policy key in "
+            "the measured config and signs the policies.",
+        )
+    return AttestationPolicy.load(path)
+
+
 class Participant:
     """One TD's identity: its evidence source, its verifier, its attestation to the service."""
 
@@ -227,7 +244,7 @@ class Participant:
     def _load_policy(self) -> AttestationPolicy:
         path = self.config.deployment.policy_path
         if path:
-            return AttestationPolicy.load(path)
+            return load_run_policy(self.config, path)
         policy = baseline_policy()
         if self.config.deployment.evidence == "simulated":
             policy = policy.replace(allow_simulated=True)

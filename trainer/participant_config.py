@@ -47,6 +47,10 @@ class Deployment:
     vault_size_mb: int = 0
     checkpoint_dir: str = ""
     policy_path: str = ""
+    #: the owner's policy-signing public key (Ed25519, hex): measured with this document, so a
+    #: TD only takes a policy the owner signed (``policy_path`` + ``.sig``); required with
+    #: hardware evidence
+    policy_key: str = ""
     data_dir: str = ""
     data_source: str = ""
     ready_file: str = ""

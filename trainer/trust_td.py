@@ -23,7 +23,13 @@ from hfl_lab.trust.broker import DEFAULT_APP_ID
 from hfl_lab.trust.service import TrustService, serve
 from hfl_lab.vault.keyrelease import VOLUME_SECRET_NAME, check_release_policy
 from hfl_lab.vault.model_vault import new_passphrase
-from trainer.participant import Emitter, Participant, measured_argv, read_bootstrap
+from trainer.participant import (
+    Emitter,
+    Participant,
+    load_run_policy,
+    measured_argv,
+    read_bootstrap,
+)
 from trainer.participant_config import ParticipantConfig
 
 __all__ = ["add_trust_parser", "run_trust"]
@@ -50,7 +56,7 @@ def add_trust_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 def run_trust(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
               stop: threading.Event) -> int:
     config = ParticipantConfig.load(args.config)
-    policy = AttestationPolicy.load(args.policy)
+    policy = load_run_policy(config, args.policy)
     boot = read_bootstrap()
     emitter.lifecycle("starting")
     if boot.admin_token is None:
@@ -71,7 +77,8 @@ def run_trust(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitt
         owner_key=sealing_key(boot.admin_token) if args.state else None,
     )
     if args.volume_policy:
-        _generate_volume_passphrase(service, Path(args.volume_policy), emitter)
+        _generate_volume_passphrase(service, load_run_policy(config, args.volume_policy),
+                                    emitter)
     me.identity.make_certificate(me.provider, subject_cn="trust", role="trust")
     address_host = config.deployment.trust_address.rpartition(":")[0]
     # A pod listens on every interface behind its Service; a local run on its loopback address.
@@ -91,10 +98,9 @@ def run_trust(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitt
     return 0
 
 
-def _generate_volume_passphrase(service: TrustService, policy_file: Path,
+def _generate_volume_passphrase(service: TrustService, release: AttestationPolicy,
                                 emitter: Emitter) -> None:
     """The model volume's passphrase, born in this TD (unless the sealed state has it)."""
-    release = AttestationPolicy.load(policy_file)
     check_release_policy(release)
     made = service.generate_secret(DEFAULT_APP_ID, VOLUME_SECRET_NAME, release, new_passphrase)
     emitter.log(

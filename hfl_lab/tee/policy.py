@@ -9,10 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from hfl_lab import owner
 from hfl_lab._exceptions import ConfigError, PolicyViolation
 
 ANY = "any"
+#: the owner's signature of a policy file sits beside it, with this suffix
+SIGNATURE_SUFFIX = ".sig"
+
 TCB_STATUSES = (
     "UpToDate",
     "SWHardeningNeeded",
@@ -226,6 +231,35 @@ class AttestationPolicy:
                 out[f.name] = value
         return out
 
+    @classmethod
+    def load_signed(cls, path: str | Path, key_hex: str) -> AttestationPolicy:
+        """The policy at ``path``, only if ``path`` + ``.sig`` is the owner's signature (key
+        ``key_hex``) over its exact bytes: a policy swapped on its way to a TD is refused."""
+        p = Path(path)
+        fix = ("let the backend write the run's policy (it signs it with the owner's key), or "
+               "sign your own policy in the same session; then find who changed the file")
+        try:
+            data = p.read_bytes()
+            signature = bytes.fromhex(p.with_name(p.name + SIGNATURE_SUFFIX).read_text().strip())
+        except OSError as e:
+            raise ConfigError(f"cannot read the policy {p} and its signature: {e.strerror}.",
+                              fix=fix) from None
+        except ValueError:
+            raise ConfigError(f"the signature of the policy {p} is not hex.", fix=fix) from None
+        if not owner.policy_signature_valid(key_hex, data, signature):
+            raise ConfigError(
+                f"the policy {p} is not signed by the owner whose key this TD's configuration "
+                "names: it was changed after the owner signed it, or comes from elsewhere.",
+                fix=fix,
+            )
+        return cls.from_dict(yaml.safe_load(data.decode()) if p.suffix != ".json"
+                             else json.loads(data))
+
+    def save_signed(self, path: str | Path, key: Ed25519PrivateKey) -> None:
+        """Save, and write the owner's signature over the file's bytes beside it (``.sig``)."""
+        self.save(path)
+        sign_file(path, key)
+
     def save(self, path: str | Path) -> None:
         p = Path(path)
         text = (
@@ -263,3 +297,9 @@ class AttestationPolicy:
 def baseline_policy() -> AttestationPolicy:
     """What ``hfl-lab attest verify`` uses without ``--policy``: genuine, current, no DEBUG."""
     return AttestationPolicy()
+
+
+def sign_file(path: str | Path, key: Ed25519PrivateKey) -> None:
+    """The owner's signature over ``path``'s exact bytes, written beside it (``.sig``, hex)."""
+    p = Path(path)
+    p.with_name(p.name + SIGNATURE_SUFFIX).write_text(key.sign(p.read_bytes()).hex() + "\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hfl_lab import ConfigError
+from hfl_lab import ConfigError, owner
 from hfl_lab.config import LabConfig
 from hfl_lab.tee import AttestationPolicy, SimulatedPlatform
 from tests.reliability_report import record
@@ -25,15 +25,18 @@ from trainer.participant_config import Deployment, ParticipantConfig
 def _config(tmp_path: Path, *, evidence: str, overlay: str, policy: AttestationPolicy) -> (
         ParticipantConfig):
     policy_file = tmp_path / "policy.yaml"
-    policy.save(policy_file)
+    policy.save_signed(policy_file, OWNER_KEY)  # as the owner signs it: only the content matters
     deployment = Deployment(trust_address="trust.hfl-lab.svc:50060",
                             ps_address="ps0.hfl-lab.svc:50051", workers=2, evidence=evidence,
-                            overlay=overlay, policy_path=str(policy_file))
+                            overlay=overlay, policy_path=str(policy_file),
+                            policy_key=owner.policy_key(TOKEN))
     path = tmp_path / "config.yaml"
     ParticipantConfig.write(path, deployment, LabConfig(workers=2, run_dir=str(tmp_path / "run")))
     return ParticipantConfig.load(path)
 
 
+TOKEN = b"\x07" * 32
+OWNER_KEY = owner.policy_signing_key(TOKEN)
 HARDWARE = [("configfs-tsm", "kata-qemu-tdx"), ("coco-agent", "kata-qemu-tdx-encrypted-signed"),
             ("auto", "kata-qemu-tdx")]
 STRICT = AttestationPolicy.from_dict({"tee_type": "TDX", "report_data_binding": "key+nonce"})

@@ -240,7 +240,8 @@ class KubernetesBackend:
 
     def render(self) -> list[Manifest]:
         """The objects this run applies (also written to ``settings.run_dir``); no Secrets."""
-        self.rendered = rendering.render_run(self.settings, self.k8s_dir)
+        self.rendered = rendering.render_run(
+            self.settings, self.k8s_dir, signing_key=owner.policy_signing_key(self.admin_token))
         self.policy = self.rendered.policy
         return sorted(self.rendered.objects, key=lambda o: _APPLY_ORDER.index(o["kind"]))
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import gzip
 import os
 import re
@@ -41,13 +42,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hfl_lab._exceptions import ConfigError, VaultError
 from hfl_lab.backends.kubernetes import kustomize, measurements
 from hfl_lab.backends.kubernetes.kustomize import Manifest
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 from hfl_lab.config import LabConfig
-from hfl_lab.tee.policy import AttestationPolicy
+from hfl_lab.tee.policy import SIGNATURE_SUFFIX, AttestationPolicy, sign_file
 from hfl_lab.vault.keyrelease import release_policy_from
 from trainer.participant_config import Deployment, ParticipantConfig
 
@@ -144,6 +147,7 @@ def deployment_for(settings: KubernetesSettings, lab: LabConfig) -> Deployment:
         vault_size_mb=lab.vault_size_mb if lab.vault else 0,
         checkpoint_dir="" if lab.vault else pod_path(settings, CHECKPOINT_DIR),
         policy_path=pod_path(settings, POLICY_FILE),
+        policy_key=settings.policy_key,
         data_dir=pod_path(settings, DATA_DIR),
         data_source=settings.data_source,
         ready_file=pod_path(settings, READY_FILE),
@@ -266,6 +270,8 @@ def run_kustomization(settings: KubernetesSettings, k8s_dir: Path, out_dir: Path
     policy_files = ["policy.yaml"]
     if vault:
         policy_files.append("volume_policy.yaml")
+    if settings.policy_key:  # the owner's signatures travel with the policies
+        policy_files += [f"{name}{SIGNATURE_SUFFIX}" for name in policy_files]
     return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
@@ -394,9 +400,16 @@ def container_commands(objects: list[Manifest], workers: int) -> dict[str, list[
     return commands
 
 
-def render_run(settings: KubernetesSettings, k8s_dir: Path = K8S_DIR) -> RenderedRun:
+def render_run(settings: KubernetesSettings, k8s_dir: Path = K8S_DIR,
+               signing_key: Ed25519PrivateKey | None = None) -> RenderedRun:
     """Write the run's kustomization folder (settings.run_dir, or a new temporary one), derive
-    the owner's policy unless one was given, and build the objects."""
+    the owner's policy unless one was given, and build the objects. With the owner's
+    ``signing_key`` its public half goes into the measured config and every policy file is
+    signed (``.sig`` beside it), so the pods take no policy the owner did not sign."""
+    if signing_key is not None:
+        public = signing_key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                       serialization.PublicFormat.Raw).hex()
+        settings = dataclasses.replace(settings, policy_key=public)
     out = settings.run_dir or Path(tempfile.mkdtemp(prefix="hfl-lab-k8s-"))
     out.mkdir(parents=True, exist_ok=True)
     spec = run_kustomization(settings, k8s_dir, out)
@@ -413,6 +426,10 @@ def render_run(settings: KubernetesSettings, k8s_dir: Path = K8S_DIR) -> Rendere
     volume_file = out / "volume_policy.yaml"
     if lab_for_pods(settings).vault:
         volume_file.write_text("tee_type: TDX\n")  # replaced below, once the policy is known
+    if settings.policy_key:  # replaced below by the owner's signatures
+        for placeholder in (policy_file, volume_file):
+            if placeholder.exists():
+                placeholder.with_name(placeholder.name + SIGNATURE_SUFFIX).write_text("\n")
     first = kustomize.build(out)
     commands = container_commands(first, settings.workers)
     # each role's initdata pins what its container runs, as built: patched in, built again
@@ -426,6 +443,8 @@ def render_run(settings: KubernetesSettings, k8s_dir: Path = K8S_DIR) -> Rendere
         policy.save(policy_file)
     else:
         policy = AttestationPolicy.from_dict(settings.policy_document())
+    if signing_key is not None:
+        policy.save_signed(policy_file, signing_key)
     volume_policy, volume_error, volume_fix = None, "", ""
     if volume_file.exists():
         try:
@@ -436,6 +455,8 @@ def render_run(settings: KubernetesSettings, k8s_dir: Path = K8S_DIR) -> Rendere
             volume_error, volume_fix = error.message, error.fix or ""
         else:
             volume_policy.save(volume_file)
+        if signing_key is not None:
+            sign_file(volume_file, signing_key)
     objects = kustomize.build(out)
     return RenderedRun(out, objects, document, policy, commands, derived, volume_policy,
                        volume_error, volume_fix, initdata)

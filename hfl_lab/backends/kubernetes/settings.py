@@ -120,6 +120,9 @@ class KubernetesSettings:
     #: they are ciphertext, checked by the owner, so the path may be untrusted. Mirror it into
     #: your registry for an air-gapped cluster.
     reader_image: str = "busybox:1.36"
+    #: the owner's policy-signing public key (hex; set by the backend from the owner's
+    #: credential): in the measured config, so the pods take only the policies the owner signed
+    policy_key: str = ""
     #: where the generated kustomization of a run is written; None: a temporary folder
     run_dir: Path | None = None
     poll_interval_s: float = 1.0

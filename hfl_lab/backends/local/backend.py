@@ -198,6 +198,7 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
             checkpoint_dir="" if self.vault_path else str(self.checkpoint_dir),
             vault_path=str(self.vault_path or ""),
             policy_path=str(self.policy_path),
+            policy_key=owner.policy_key(self.admin_token),
             data_dir=self.config.data_path,
             connect_timeout_s=self.connect_timeout_s,
         )
@@ -223,9 +224,11 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
             self.policy = AttestationPolicy.load(self.config.policy_path)
         else:
             self.policy = self.reference_policy()
-        self.policy.save(self.policy_path)
+        # signed by the owner: participants take no policy but the one the owner signed
+        signer = owner.policy_signing_key(self.admin_token)
+        self.policy.save_signed(self.policy_path, signer)
         if self.vault_path is not None:
-            self.volume_release_policy().save(self.volume_policy_path)
+            self.volume_release_policy().save_signed(self.volume_policy_path, signer)
 
     def reference_policy(self) -> AttestationPolicy:
         """The owner's policy for this run: this code (MR_TD), each role's configuration."""
