@@ -7,7 +7,9 @@ controllers by setting pod status with :meth:`ApiDouble.set_pod`. Served:
   GET /version, GET/PATCH(apply)/DELETE of object paths, list of nodes / ccruntimes / pods
   (labelSelector a=b), pod logs (follow: lines, then the stream ends), pod exec over a real
   RFC 6455 websocket with the v4.channel.k8s.io framing, for ``sha256sum FILE`` and
-  ``tar cf - -C DIR NAME`` on files a test puts in a container; and a registry's GET /v2/.
+  ``tar cf - -C DIR NAME`` on files a test puts in a container; pod port-forward over the same
+  websocket framing (portforward's first frames name the port), relayed to the TCP address a
+  test maps the pod's port to in :attr:`ApiDouble.forwards`; and a registry's GET /v2/.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import hashlib
 import io
 import json
+import socket
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,6 +51,9 @@ class ApiDouble:
         #: the phase a pod the backend creates reports (a reader pod on the TDX overlays)
         self.new_pod_phase = "Running"
         self.fail: dict[tuple[str, str], tuple[int, str]] = {}
+        #: (pod, port) → the (host, port) a port-forward to it reaches, and how many were made
+        self.forwards: dict[tuple[str, int], tuple[str, int]] = {}
+        self.forwarded = 0
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -147,6 +153,8 @@ class ApiDouble:
                     return self._send(double.registry_status, {})
                 if path == "/version":
                     return self._send(200, double.version)
+                if method == "GET" and path.endswith("/portforward"):
+                    return self._portforward(path, query)
                 if method == "GET" and path.endswith("/exec"):
                     return self._exec(path, query)
                 if method == "GET" and path.endswith("/log"):
@@ -256,6 +264,71 @@ class ApiDouble:
                 with contextlib.suppress(TimeoutError, OSError):
                     self.connection.recv(1024)  # the client's close frame
                 self.close_connection = True
+
+            # -- port-forward: websocket, v4.channel.k8s.io ------------------------------
+
+            def _portforward(self, path: str, query: dict[str, list[str]]) -> None:
+                pod = path.split("/")[-2]
+                port = int(query.get("ports", ["0"])[0])
+                target = double.forwards.get((pod, port))
+                if target is None:
+                    return self._send(404, _status(404, "NotFound", f"pod {pod}:{port}"))
+                key = self.headers.get("Sec-WebSocket-Key", "")
+                accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+                self.wfile.write((
+                    "HTTP/1.1 101 Switching Protocols\r\n"
+                    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Accept: {accept}\r\n"
+                    "Sec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n").encode())
+                lock = threading.Lock()
+
+                def send(channel: int, data: bytes, opcode: int = 0x2) -> None:
+                    with lock:
+                        self._frame(opcode, bytes([channel]) + data if opcode == 0x2 else data)
+                        self.wfile.flush()
+
+                number = port.to_bytes(2, "little")
+                send(0, number)
+                send(1, number)
+                upstream = socket.create_connection(target, timeout=10)
+                upstream.settimeout(None)
+                with double._lock:
+                    double.forwarded += 1
+
+                def down() -> None:  # the pod's bytes to the client
+                    with contextlib.suppress(OSError):
+                        while data := upstream.recv(65536):
+                            send(0, data)
+                    with contextlib.suppress(OSError):
+                        send(0, b"\x03\xe8", opcode=0x8)
+
+                pump = threading.Thread(target=down, daemon=True)
+                pump.start()
+                with contextlib.suppress(OSError, ValueError):
+                    while (frame := self._read_frame()) is not None:
+                        opcode, payload = frame
+                        if opcode == 0x8:
+                            break
+                        if opcode == 0x2 and payload[:1] == b"\x00" and len(payload) > 1:
+                            upstream.sendall(payload[1:])
+                with contextlib.suppress(OSError):
+                    upstream.shutdown(socket.SHUT_WR)
+                pump.join(timeout=10)
+                upstream.close()
+                self.close_connection = True
+
+            def _read_frame(self) -> tuple[int, bytes] | None:
+                head = self.rfile.read(2)
+                if len(head) < 2:
+                    return None
+                opcode, n = head[0] & 0x0F, head[1] & 0x7F
+                if n == 126:
+                    n = int.from_bytes(self.rfile.read(2), "big")
+                elif n == 127:
+                    n = int.from_bytes(self.rfile.read(8), "big")
+                mask = self.rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+                payload = self.rfile.read(n)
+                return opcode, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
             def _frame(self, opcode: int, payload: bytes) -> None:
                 header = bytes([0x80 | opcode])

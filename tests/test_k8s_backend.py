@@ -247,8 +247,9 @@ def test_start_hands_the_bootstrap_to_pods_through_secrets_only(double, tmp_path
     platform_hex = backend.platform.export_secret().hex()
     trust = secret_payload(double, "hfl-bootstrap-trust")
     td = secret_payload(double, "hfl-bootstrap-td")
-    assert trust == {"admin_token": backend.admin_token.hex(), "platform": platform_hex}
-    assert td == {"platform": platform_hex}  # ps0 and workers never get the admin credential
+    # the simulated platform's keys only: the owner's credential is in no Secret (it reaches
+    # the trust service over its attested channel, Provision)
+    assert trust == {"platform": platform_hex} and td == {"platform": platform_hex}
     mounted = {}
     for name in ("trust", "ps", "worker"):
         spec = double.objects[f"/apis/apps/v1/namespaces/{NS}/statefulsets/{name}"]["spec"]
@@ -269,15 +270,13 @@ def test_start_hands_the_bootstrap_to_pods_through_secrets_only(double, tmp_path
     assert backend.admin_token.hex() not in repr(backend)
 
 
-def test_tdx_overlay_creates_only_the_trust_services_secret(double, tmp_path):
+def test_tdx_overlay_creates_no_secret_at_all(double, tmp_path):
     backend = make_backend(double, tmp_path, overlay="kata-qemu-tdx")
     backend.start()
     backend._stop.set()
-    trust = secret_payload(double, "hfl-bootstrap-trust")
-    assert trust == {"admin_token": backend.admin_token.hex()}
-    assert f"/api/v1/namespaces/{NS}/secrets/hfl-bootstrap-td" not in double.objects
+    assert not [p for p in double.objects if "/secrets/" in p]
     assert backend.platform is None
-    for name in ("ps", "worker"):
+    for name in ("trust", "ps", "worker"):
         pod = double.objects[f"/apis/apps/v1/namespaces/{NS}/statefulsets/{name}"]["spec"][
             "template"]["spec"]
         assert all(v["name"] != "bootstrap" for v in pod["volumes"])
@@ -490,11 +489,13 @@ def test_participant_reads_the_pod_bootstrap_file_and_names_a_bad_one(tmp_path, 
     monkeypatch.setenv(BOOTSTRAP_FILE_ENV, str(good))
     threads = threading.active_count()
     boot = read_bootstrap()
-    assert boot.admin_token == token and boot.platform is not None
+    # an admin credential in a bootstrap is not read: the trust service gets it only by Provision
+    assert not hasattr(boot, "admin_token") and token.hex() not in repr(boot)
+    assert boot.platform is not None
     assert boot.platform.root_der == platform.root_der
     assert threading.active_count() == threads  # no stdin watchdog in a pod
     bad = tmp_path / "bad.json"
-    bad.write_text('{"admin_token": "' + "zz" * 32 + '"}')
+    bad.write_text('{"platform": "' + "zz" * 32 + '"}')
     monkeypatch.setenv(BOOTSTRAP_FILE_ENV, str(bad))
     with pytest.raises(ConfigError, match=r"bootstrap file .* is not valid") as info:
         read_bootstrap()

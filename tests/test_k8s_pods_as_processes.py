@@ -6,7 +6,10 @@ Secrets and each StatefulSet's container (command, args, env) from what was appl
 become folders under ``mount_root`` (which the renderer puts in front of every in-container
 path, so the measured config document names the folders the processes really read), the
 Secret volume a tmpfs folder, the data PVC a link to the CIFAR subset; the Services' names are
-one loopback address the test picks (``service_host``). The image's entrypoint is
+one loopback address the test picks (``service_host``). When the trust process announces
+``provisioning``, the owner's backend verifies it and sends the admin credential through a
+port-forward over the API double (the only way the credential reaches it: no Secret carries
+it). The image's entrypoint is
 native/image/entrypoint.sh (what the Dockerfile copies to /opt/hfl-lab/entrypoint.sh), and
 ``python`` is this venv's. Nothing is edited between render and run.
 
@@ -195,6 +198,12 @@ def test_rendered_runc_pods_train_with_every_participant_attested(
                     events.put((role, LabEvent.from_json(line.strip())))
         events.put((role, None))
 
+    # the owner's side during the run: a port-forward through the API (the double relays it to
+    # the trust process's port) is the only way the admin credential reaches the trust service
+    forwarder = ApiDouble().__enter__()
+    forwarder.forwards[("trust-0", 50060)] = (host, 50060)
+    backend._api = ClusterApi(k8s_client.ApiClient(k8s_client.Configuration(host=forwarder.url)))
+    provisioned: list[str] = []
     try:
         for role, (sts, index) in pods.items():
             pod = objects[f"statefulsets/{sts}"]["spec"]["template"]["spec"]
@@ -229,11 +238,14 @@ def test_rendered_runc_pods_train_with_every_participant_attested(
             if event.kind == "lifecycle":
                 state = event.data.get("state")
                 assert state != "failed", (role, event.data, logs[role].read_text()[-3000:])
+                if role == "trust" and state == "provisioning":
+                    provisioned.append(backend.provision_trust(timeout_s=60))
                 if role == "ps0" and state == "done":
                     done = event
                 if role.startswith("worker") and state == "exited":
                     finished.add(role)
         assert done is not None, {r: logs[r].read_text()[-2000:] for r in logs}
+        assert provisioned == ["provisioned"] and forwarder.forwarded >= 1
         assert done.data["version"] == STEPS
         assert finished == {"worker0", "worker1"}
 
@@ -264,6 +276,7 @@ def test_rendered_runc_pods_train_with_every_participant_attested(
             backend.collect_sealed_model()
         check_sealed_model(backend)
     finally:
+        forwarder.__exit__()
         for p in procs.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)

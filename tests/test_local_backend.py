@@ -16,6 +16,7 @@ import pytest
 from hfl_lab import AttestationError, BackendError
 from hfl_lab.backends.local import LocalBackend
 from hfl_lab.events import LabEvent
+from hfl_lab.tee import AttestationPolicy
 from tests.local_support import (
     mean_loss_by_step,
     processes_mentioning,
@@ -129,11 +130,18 @@ def test_sync_with_a_backup_worker_survives_a_killed_worker_that_rejoins(
 def test_a_participant_that_fails_attestation_is_named_with_its_last_log_lines(
     tmp_path: Path, cifar_dir: Path
 ) -> None:
-    wrong = tmp_path / "policy.yaml"
-    wrong.write_text("tee_type: TDX\nallow_simulated: true\nmr_td: ['" + "ab" * 48 + "']\n")
-    # without the vault: the owner provisions nothing, so the participants meet the policy first
-    config = quick_config(tmp_path, cifar_dir, policy_path=str(wrong), vault=False)
+    # the owner's policy names every role's true values but worker0's configuration: the trust
+    # service passes the owner's check and is provisioned, then worker0 is refused
+    config = quick_config(tmp_path, cifar_dir, vault=False)
     backend = LocalBackend(config)
+    derived = backend.reference_policy
+
+    def wrong_for_worker0() -> AttestationPolicy:
+        document = derived().to_dict()
+        document["roles"]["worker0"]["mr_config_id"] = "ab" * 48
+        return AttestationPolicy.from_dict(document)
+
+    backend.reference_policy = wrong_for_worker0  # type: ignore[method-assign]
     try:
         backend.start()
         with pytest.raises(BackendError) as failed:
@@ -141,7 +149,7 @@ def test_a_participant_that_fails_attestation_is_named_with_its_last_log_lines(
     finally:
         backend.teardown()
     message = str(failed.value)
-    assert "exited with code" in message and "mr_td" in message
+    assert "worker0 exited with code" in message and "mr_config_id" in message
     assert "logs" in message  # where to read more
     assert processes_mentioning(str(backend.config_path)) == []
 
@@ -160,6 +168,7 @@ def test_the_owner_provisions_no_volume_for_a_trust_service_that_fails_attestati
         backend.teardown()
 
     assert "the trust service at" in str(refused.value) and "mr_td" in str(refused.value)
+    assert "did not provision the trust service" in str(refused.value)
     assert backend.vault_path is not None and not backend.vault_path.exists()
     assert backend.participants["ps0"].process is None  # nothing else was started
     assert processes_mentioning(str(backend.config_path)) == []

@@ -72,10 +72,12 @@ BOOTSTRAP_FILE_ENV = "HFL_LAB_BOOTSTRAP_FILE"
 
 @dataclass(frozen=True)
 class Bootstrap:
-    """What the launcher hands a participant over stdin. Held in memory only."""
+    """What the launcher hands a participant over stdin: for a simulated TD, the lab
+    platform's keys (held in memory only). The owner's admin credential is never part of it:
+    the trust service receives that by ``Provision`` over its attested channel; a bootstrap
+    that carries one anyway is not read for it."""
 
     platform: SimulatedPlatform | None = None
-    admin_token: bytes | None = None
 
     def __repr__(self) -> str:
         return "Bootstrap(<secrets in memory>)"
@@ -132,10 +134,8 @@ def _parse_bootstrap(text: str, what: str, fix: str) -> Bootstrap:
     try:
         raw = json.loads(text)
         platform = raw.get("platform")
-        token = raw.get("admin_token")
         return Bootstrap(
             platform=SimulatedPlatform.from_secret(bytes.fromhex(platform)) if platform else None,
-            admin_token=bytes.fromhex(token) if token else None,
         )
     except (ValueError, AttributeError, TypeError, HflLabError) as e:
         raise ConfigError(f"{what} is not valid ({type(e).__name__}).", fix=fix) from None
@@ -317,18 +317,29 @@ class Participant:
     # -- attestation -----------------------------------------------------------------------
 
     def connect_trust(self, deadline_s: float | None = None) -> TrustClient:
-        """Verify the trust service's own attestation, retrying while it is not up yet."""
+        """Verify the trust service's own attestation, retrying while it is not up yet or not
+        yet provisioned by its owner."""
         address = self.config.deployment.trust_address
         platform = self.bootstrap.platform
-        client: TrustClient = retry_until(
-            lambda: TrustClient.connect(
+
+        def connect() -> TrustClient:
+            client = TrustClient.connect(
                 address,
                 self.policy,
                 lab_root_der=platform.root_der if platform else None,
                 role="trust",
                 verifier_name=self.role,
                 on_verdict=self.emit.attestation,
-            ),
+            )
+            try:
+                client.check_open()
+            except BaseException:
+                client.close()
+                raise
+            return client
+
+        client: TrustClient = retry_until(
+            connect,
             what=f"the trust service at {address}",
             timeout_s=deadline_s or self.config.deployment.connect_timeout_s,
         )

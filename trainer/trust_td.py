@@ -2,11 +2,17 @@
 
 The trust service (:mod:`hfl_lab.trust`) is TD runtime; this is the process around it, as the
 workload image runs it, next to ``python -m trainer ps|worker``. Its own RA-TLS certificate binds
-its in-memory key to its TD evidence, so clients verify it before handing it anything. The admin
-credential (and, for a simulated TD, the lab platform's keys) arrive on stdin from the launcher,
-or in a pod from the tmpfs Secret volume that ``$HFL_LAB_BOOTSTRAP_FILE`` names (see
-:func:`trainer.participant.read_bootstrap`). Events (verdicts, audit records, lifecycle) go to
-stdout as JSON lines.
+its in-memory key to its TD evidence, so clients verify it before handing it anything.
+
+The owner's admin credential never comes with the launch: the service starts knowing only the
+owner's public policy key (``deployment.policy_key`` in its measured config), announces
+``provisioning`` with its port, and waits until the owner, having verified this TD's evidence,
+sends the credential over the pinned channel (``Provision``, :mod:`hfl_lab.trust.owner_gate`).
+Only then does it unseal its state, make the model volume's passphrase, and announce ``ready``.
+For a simulated TD the lab platform's keys arrive on stdin from the launcher, or in a pod from
+the tmpfs Secret volume that ``$HFL_LAB_BOOTSTRAP_FILE`` names (see
+:func:`trainer.participant.read_bootstrap`); a real TD gets nothing that way. Events (verdicts,
+audit records, lifecycle) go to stdout as JSON lines.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hfl_lab._exceptions import ConfigError
-from hfl_lab.owner import sealing_key
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.trust.broker import DEFAULT_APP_ID
 from hfl_lab.trust.service import TrustService, serve
@@ -45,8 +50,9 @@ def add_trust_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                      help="listen address (default: from trust_address in the config)")
     run.add_argument("--state", default=None,
                      help="seal the policy and the registered secrets into this file (sealed "
-                     "under a key derived from the admin credential), and resume from it when "
-                     "it exists: a restarted service still releases the volume passphrase")
+                     "under a key derived from the owner's credential, which arrives by "
+                     "Provision), and resume from it when it exists: a restarted service "
+                     "still releases the volume passphrase")
     run.add_argument("--volume-policy", default=None,
                      help="generate the model volume's passphrase here, in this TD, and "
                      "register it under this release policy (YAML) for ps0, which creates the "
@@ -59,26 +65,33 @@ def run_trust(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitt
     policy = load_run_policy(config, args.policy)
     boot = read_bootstrap()
     emitter.lifecycle("starting")
-    if boot.admin_token is None:
+    if not config.deployment.policy_key:
         raise ConfigError(
-            "no admin credential came on stdin (or in $HFL_LAB_BOOTSTRAP_FILE).",
-            fix="start the trust service through a backend, which hands it the owner's "
-            "credential over a pipe (local) or a Secret volume (kubernetes).",
+            "the participant config names no owner policy key (deployment.policy_key), so "
+            "this trust service could not tell its owner's credential from anyone else's.",
+            fix="start the trust service through a backend, which writes the owner's policy "
+            "key into the run's config.",
         )
     me = Participant("trust", config, measured_argv("trainer", args_list), boot, emitter,
                      policy=policy)
+    volume_policy = (load_run_policy(config, args.volume_policy) if args.volume_policy
+                     else None)
+    if volume_policy is not None:
+        check_release_policy(volume_policy)
+
+    def on_provisioned(service: TrustService) -> None:
+        if volume_policy is not None:
+            _generate_volume_passphrase(service, volume_policy, emitter)
+
     service = TrustService(
         policy=policy,
-        admin_token=boot.admin_token,
+        policy_key=config.deployment.policy_key,
+        on_provisioned=on_provisioned,
         lab_root_der=boot.platform.root_der if boot.platform else None,
         on_event=emitter.emit,
         cert_lifetime_s=config.lab.cert_lifetime_s,
         state_path=Path(args.state) if args.state else None,
-        owner_key=sealing_key(boot.admin_token) if args.state else None,
     )
-    if args.volume_policy:
-        _generate_volume_passphrase(service, load_run_policy(config, args.volume_policy),
-                                    emitter)
     me.identity.make_certificate(me.provider, subject_cn="trust", role="trust")
     address_host = config.deployment.trust_address.rpartition(":")[0]
     # A pod listens on every interface behind its Service; a local run on its loopback address.
@@ -86,8 +99,13 @@ def run_trust(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitt
     host = args.host or (address_host if local else "0.0.0.0")  # noqa: S104
     server, port = serve(service, me.identity.certificate_pem, me.identity.private_key_pem(),
                          host=host, port=args.port)
-    emitter.lifecycle("ready", detail=f"serving on {host}:{port}", port=port)
+    emitter.lifecycle("provisioning", port=port,
+                      detail=f"listening on {host}:{port}; awaiting the owner's credential")
     try:
+        while not service.wait_provisioned(0.5):
+            if stop.is_set():
+                raise KeyboardInterrupt
+        emitter.lifecycle("ready", detail=f"serving on {host}:{port}", port=port)
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
@@ -101,7 +119,6 @@ def run_trust(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitt
 def _generate_volume_passphrase(service: TrustService, release: AttestationPolicy,
                                 emitter: Emitter) -> None:
     """The model volume's passphrase, born in this TD (unless the sealed state has it)."""
-    check_release_policy(release)
     made = service.generate_secret(DEFAULT_APP_ID, VOLUME_SECRET_NAME, release, new_passphrase)
     emitter.log(
         "model volume passphrase "

@@ -22,10 +22,10 @@ from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.verdict import Verdict
 from hfl_lab.tee.verifier import Verifier
 from hfl_lab.trust.broker import release_context
+from hfl_lab.trust.owner_gate import admin_metadata
 from hfl_lab.trust.proto import trust_pb2 as pb
 from hfl_lab.trust.proto import trust_pb2_grpc as rpc
 from hfl_lab.trust.sealed import CheckpointHead
-from hfl_lab.trust.service import admin_metadata
 from hfl_lab.trust.wrap import WrappedSecret, unwrap_secret
 
 
@@ -179,6 +179,19 @@ class TrustClient(ClosingContext):
 
     # -- the lab owner --------------------------------------------------------------------
 
+    def provision(self, admin_token: bytes) -> str:
+        """Hand the service the owner's admin credential, over this channel only: ``connect``
+        verified the service's evidence against the owner's policy and pinned its certificate,
+        so the credential reaches that TD and nothing else. Returns the service's answer
+        ("provisioned", or "already provisioned" when it has this credential already)."""
+        reply = self._call(self.stub.Provision, pb.ProvisionRequest(admin_token=admin_token))
+        return str(reply.detail)
+
+    def check_open(self) -> None:
+        """Return when the service serves (provisioned by its owner); otherwise raise an
+        ``AttestationError`` with ``check="connection"``, which callers retry."""
+        self._call(self.stub.GetCheckpointHead, pb.GetHeadRequest(volume_uuid=""))
+
     def install_policy(self, policy: AttestationPolicy, admin_token: bytes) -> None:
         import yaml
 
@@ -226,6 +239,19 @@ def _translate(e: grpc.RpcError) -> Exception:
     detail = e.details() if hasattr(e, "details") else str(e)
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
         return PolicyViolation(f"trust service refused: {detail}")
+    message, _, fix = str(detail).partition(" Fix: ")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        # not up yet, restarting, or not provisioned by its owner yet: worth retrying
+        return AttestationError(
+            f"trust service not available: {message}", check="connection",
+            fix=fix or "check that the trust service is running and reachable",
+        )
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return AttestationError(
+            f"trust service refused the request ({code.name}): {message}",
+            check="trust_service", fix=fix or "correct what the message names and retry",
+        )
     return AttestationError(
         f"trust service call failed ({code.name if code else 'error'}): {detail}",
         check="trust_service",

@@ -1,9 +1,14 @@
-"""The trust service (gRPC): challenges, attestation → mesh certificates, key release, admin API."""
+"""The trust service (gRPC): challenges, attestation → mesh certificates, key release, admin API.
+
+Started in its TD it knows only the owner's public policy key; it serves nothing until the owner,
+after verifying its RA-TLS evidence, provisions it with the admin credential over that attested
+channel (``Provision``, see :mod:`hfl_lab.trust.owner_gate`). Only then does it derive its
+sealing key, resume its sealed state and run its ``on_provisioned`` hook (the model volume's
+passphrase is born there).
+"""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import re
 import threading
@@ -19,6 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from hfl_lab import owner
 from hfl_lab._exceptions import ConfigError, HflLabError, PolicyViolation, TooManyChallenges
 from hfl_lab.events import LabEvent
 from hfl_lab.ratls.binding import key_binding
@@ -36,6 +42,13 @@ from hfl_lab.trust.nonces import (
     NonceStore,
     address_of,
 )
+from hfl_lab.trust.owner_gate import (
+    ADMIN_HEADER,
+    MAX_TOKEN_BYTES,
+    OwnerGate,
+    admin_metadata,
+    token_of,
+)
 from hfl_lab.trust.proto import trust_pb2 as pb
 from hfl_lab.trust.proto import trust_pb2_grpc as rpc
 from hfl_lab.trust.sealed import (
@@ -49,7 +62,8 @@ from hfl_lab.trust.sealed import (
     unseal_state,
 )
 
-ADMIN_HEADER = "authorization"
+__all__ = ["ADMIN_HEADER", "TrustService", "admin_metadata", "serve", "shown"]
+
 #: the largest request fields any participant or owner sends, checked before anything of the
 #: request is logged or kept: a role ("worker123"), an application ID or secret name, the
 #: evidence (a quote with its collateral is tens of kB), a key (P-256 SPKI: 91 bytes), a
@@ -65,10 +79,6 @@ MAX_POLICY_CHARS = 256 * 1024
 MAX_REQUEST_BYTES = 1 << 20
 #: who may report a model volume's checkpoint head: the parameter server
 PS_ROLE = re.compile(r"^ps\d+$")
-
-
-def admin_metadata(token: bytes) -> tuple[tuple[str, str], ...]:
-    return ((ADMIN_HEADER, f"Bearer {token.hex()}"),)
 
 
 def shown(text: str, limit: int = MAX_ROLE_CHARS) -> str:
@@ -102,7 +112,9 @@ class TrustService(rpc.TrustServiceServicer):
         self,
         *,
         policy: AttestationPolicy,
-        admin_token: bytes,
+        admin_token: bytes | None = None,
+        policy_key: str = "",
+        on_provisioned: Callable[[TrustService], None] | None = None,
         lab_root_der: bytes | None = None,
         audit: AuditLog | None = None,
         on_event: Callable[[LabEvent], None] | None = None,
@@ -114,10 +126,15 @@ class TrustService(rpc.TrustServiceServicer):
         challenges_per_s: float = CHALLENGES_PER_S,
         challenge_burst: int = CHALLENGE_BURST,
     ) -> None:
-        """``min_state_counter``: the newest sealed-state counter the owner has seen (see
-        :mod:`hfl_lab.trust.sealed`); a state file with a lower one is refused as rolled back."""
-        if len(admin_token) < 16:
-            raise ConfigError("the admin credential must be at least 16 random bytes")
+        """With ``admin_token`` the service is provisioned from the start (in-process use);
+        without it, ``policy_key`` (the owner's public key from the measured config) names the
+        only credential ``Provision`` accepts, and ``on_provisioned`` runs once it has (with the
+        sealed state loaded). ``owner_key``: the sealing key for ``state_path`` (default: derived
+        from the credential). ``min_state_counter``: the newest sealed-state counter the owner
+        has seen (see :mod:`hfl_lab.trust.sealed`); a state file with a lower one is refused as
+        rolled back."""
+        self.gate = OwnerGate(admin_token, policy_key)
+        self.on_provisioned = on_provisioned
         self.policy = policy
         self.lab_root_der = lab_root_der
         self.on_event = on_event
@@ -134,17 +151,35 @@ class TrustService(rpc.TrustServiceServicer):
         self.cert_lifetime_s = cert_lifetime_s
         self.state_path = state_path
         self._owner_key = owner_key
-        self._admin_hash = hashlib.sha256(admin_token).digest()
         self._lock = threading.Lock()
+        self._provision_lock = threading.Lock()
         self.issued = 0
         #: each volume's newest checkpoint as ps0 reported it, and the sealed state's version
         self.heads = CheckpointHeads()
         self.state_counter = 0
         self._min_state_counter = min_state_counter
-        if state_path is not None and owner_key is not None and (
-            state_path.exists() or min_state_counter
+        if admin_token is not None:
+            self._take_credential(admin_token, derive_key=False)
+
+    @property
+    def provisioned(self) -> bool:
+        """Whether the owner's credential has arrived (nothing is served before)."""
+        return self.gate.provisioned.is_set()
+
+    def wait_provisioned(self, timeout_s: float | None = None) -> bool:
+        return self.gate.provisioned.wait(timeout_s)
+
+    def _take_credential(self, token: bytes, *, derive_key: bool = True) -> None:
+        """Derive the sealing key, resume the sealed state, run the hook; then open."""
+        if derive_key and self.state_path is not None and self._owner_key is None:
+            self._owner_key = owner.sealing_key(token)
+        if self.state_path is not None and self._owner_key is not None and (
+            self.state_path.exists() or self._min_state_counter
         ):
             self._load_state()
+        if self.on_provisioned is not None:
+            self.on_provisioned(self)
+        self.gate.accept(token)
 
     def __repr__(self) -> str:
         return "TrustService(<secrets in memory>)"
@@ -205,6 +240,7 @@ class TrustService(rpc.TrustServiceServicer):
 
     def GetChallenge(self, request: Any, context: grpc.ServicerContext) -> Any:
         # Refusals are not audited: a flood of them would be a flood in the log.
+        self._require_provisioned(context)
         try:
             self.challenge_rate.take(address_of(context.peer()))
             nonce, issued = self.nonces.issue()
@@ -240,6 +276,7 @@ class TrustService(rpc.TrustServiceServicer):
         return verdict, evidence
 
     def Attest(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._require_provisioned(context)
         with self._lock:
             policy = self.policy
         verdict, evidence = self._verify(
@@ -269,6 +306,7 @@ class TrustService(rpc.TrustServiceServicer):
         )
 
     def ReleaseSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._require_provisioned(context)
         role = request.role
         self._check_sizes(context, "release_secret", role, role=(role, MAX_ROLE_CHARS),
                           app_id=(request.app_id, MAX_NAME_CHARS),
@@ -302,17 +340,46 @@ class TrustService(rpc.TrustServiceServicer):
 
     # -- admin -----------------------------------------------------------------------------
 
+    def _require_provisioned(self, context: grpc.ServicerContext) -> None:
+        if not self.gate.provisioned.is_set():
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the trust service awaits its owner's credential and serves nothing before. "
+                "Fix: the owner provisions it over the attested channel once it is up (the "
+                "lab's backends do so by themselves; by hand: TrustClient.provision)",
+            )
+
     def _require_admin(self, context: grpc.ServicerContext, action: str) -> None:
-        presented = dict(context.invocation_metadata()).get(ADMIN_HEADER, "")
-        text = presented.decode(errors="replace") if isinstance(presented, bytes) else presented
-        token = text.removeprefix("Bearer ").strip()
-        try:
-            digest = hashlib.sha256(bytes.fromhex(token)).digest()
-        except ValueError:
-            digest = b""
-        if not hmac.compare_digest(digest, self._admin_hash):
+        self._require_provisioned(context)
+        if not self.gate.is_owner(token_of(dict(context.invocation_metadata()))):
             self._deny(context, grpc.StatusCode.UNAUTHENTICATED, "anonymous", action,
                        "admin API: missing or wrong owner credential")
+
+    def Provision(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """The owner's credential, over the channel the owner verified. Once per start."""
+        token = bytes(request.admin_token)
+        if len(token) > MAX_TOKEN_BYTES:
+            self._deny(context, grpc.StatusCode.INVALID_ARGUMENT, "anonymous", "provision",
+                       f"admin_token is {len(token)} bytes, more than any credential "
+                       f"({MAX_TOKEN_BYTES}). Fix: send the run's admin credential")
+        with self._provision_lock:
+            refused = self.gate.refusal(token)
+            if refused:
+                self._deny(context, grpc.StatusCode.PERMISSION_DENIED, "anonymous", "provision",
+                           f"provisioning refused: {refused}")
+            if self.gate.provisioned.is_set():
+                return pb.AdminReply(ok=True, detail="already provisioned")
+            try:
+                self._take_credential(token)
+            except HflLabError as e:
+                self._owner_key = None
+                self._deny(context, grpc.StatusCode.FAILED_PRECONDITION, "owner", "provision",
+                           "the credential is the owner's, but the service cannot open with "
+                           f"it: {e}")
+        self.audit.record("provision", subject="owner", allowed=True,
+                          reason="the owner's credential arrived over the attested channel; "
+                          f"sealed state counter {self.state_counter}")
+        return pb.AdminReply(ok=True, detail="provisioned")
 
     def InstallPolicy(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._require_admin(context, "install_policy")
@@ -385,6 +452,7 @@ class TrustService(rpc.TrustServiceServicer):
     def ReportCheckpointHead(self, request: Any, context: grpc.ServicerContext) -> Any:
         """Record ps0's newest checkpoint in the sealed state: only a TD attested now, with
         fresh evidence, as a PS role may report, and the head only moves forward."""
+        self._require_provisioned(context)
         role = shown(request.role) or "unknown"
         head = self._reported_head(request, context, role)
         try:
@@ -462,6 +530,7 @@ class TrustService(rpc.TrustServiceServicer):
     def GetCheckpointHead(self, request: Any, context: grpc.ServicerContext) -> Any:
         """The head recorded for a volume and the state's counter. Not secret; the pinned,
         attested channel makes the answer authentic."""
+        self._require_provisioned(context)
         if len(request.volume_uuid) > MAX_NAME_CHARS:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"a volume UUID is at most {MAX_NAME_CHARS} characters")

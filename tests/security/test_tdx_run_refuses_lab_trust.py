@@ -47,7 +47,7 @@ STRICT = AttestationPolicy.from_dict({"tee_type": "TDX", "report_data_binding": 
 def test_a_lab_root_in_the_bootstrap_of_a_tdx_run_is_refused(tmp_path: Path, evidence: str,
                                                               overlay: str, role: str) -> None:
     config = _config(tmp_path, evidence=evidence, overlay=overlay, policy=STRICT)
-    injected = Bootstrap(platform=SimulatedPlatform.generate(), admin_token=b"\x01" * 32)
+    injected = Bootstrap(platform=SimulatedPlatform.generate())
 
     with pytest.raises(ConfigError) as caught:
         Participant(role, config, ["python", "-m", "trainer"], injected, Emitter(role))

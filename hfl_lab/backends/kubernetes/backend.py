@@ -1,10 +1,15 @@
 """The Kubernetes backend: the lab's participants as pods (CoCo TDs under kata-qemu-tdx).
 
 ``start()`` renders the run (:mod:`.render`: manifests, participant config, the owner's
-policy), creates the pods' bootstrap Secrets from memory (:mod:`.bootstrap`) and applies
-everything server-side; the pods run the real participant entry points.
+policy), creates the pods' bootstrap Secrets from memory on runc only (:mod:`.bootstrap`) and
+applies everything server-side; the pods run the real participant entry points.
 
-The model vault in a cluster: the owner's machine cannot reach the trust service, so the trust
+The owner's admin credential is in none of it. When the trust pod logs ``provisioning``, the
+backend reaches it (``settings.trust_endpoint``, the ingress's TLS passthrough, or a port-forward
+through the API server), verifies its evidence and sends the credential over that attested
+channel (:mod:`.provision`); until then the service serves no one.
+
+The model vault in a cluster: the owner's machine does not hold the volume, so the trust
 service generates the volume's passphrase in its TD under the release policy the renderer
 derived (ps0's measurements), seals it into its state on the trust-state PVC (under a key derived
 from the owner's admin credential, as the local backend's service does), and ps0 creates the
@@ -15,6 +20,7 @@ owner's run folder (``vault/``, ``trust/``), where notebook 05 opens them exactl
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import tempfile
 import threading
@@ -26,10 +32,11 @@ from typing import Any
 from hfl_lab import owner
 from hfl_lab._exceptions import ApiError, BackendError
 from hfl_lab.backends.base import PreflightCheck, ProgressCallback
-from hfl_lab.backends.kubernetes import bootstrap, vault_copy
+from hfl_lab.backends.kubernetes import bootstrap, provision, vault_copy
 from hfl_lab.backends.kubernetes import render as rendering
 from hfl_lab.backends.kubernetes.cluster_api import ClusterApi, object_path
 from hfl_lab.backends.kubernetes.kustomize import Manifest
+from hfl_lab.backends.kubernetes.port_forward import LocalForward
 from hfl_lab.backends.kubernetes.preflight import check_vault, cluster_checks
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 from hfl_lab.events import KINDS, LabEvent
@@ -41,6 +48,8 @@ from hfl_lab.vault.keyrelease import SealedBrokerState
 SELECTOR = "app.kubernetes.io/part-of=hfl-lab"
 PS_POD = "ps-0"
 TRUST_POD = "trust-0"
+#: the trust service's port in its pod (k8s/base/trust.yaml)
+TRUST_PORT = 50060
 #: ps0 stays up after training, so its own container serves the vault copy
 VAULT_CONTAINER = "ps"
 TRUST_CONTAINER = "trust"
@@ -152,6 +161,8 @@ class KubernetesBackend:
         self.platform: SimulatedPlatform | None = None
         self.policy: AttestationPolicy | None = None
         self.rendered: rendering.RenderedRun | None = None
+        #: why the trust service could not be provisioned (wait_ready raises it)
+        self.provision_problem: BackendError | None = None
 
     def __repr__(self) -> str:
         return (f"KubernetesBackend(namespace={self.settings.namespace!r}, "
@@ -248,7 +259,7 @@ class KubernetesBackend:
     def _bootstrap_secrets(self) -> list[Manifest]:
         if not self.settings.uses_tdx and self.platform is None:
             self.platform = SimulatedPlatform.generate()
-        return bootstrap.bootstrap_secrets(self.settings.namespace, self.admin_token,
+        return bootstrap.bootstrap_secrets(self.settings.namespace,
                                            None if self.settings.uses_tdx else self.platform)
 
     def start(self) -> None:
@@ -293,6 +304,8 @@ class KubernetesBackend:
                 name: _pod_state(pods[name]) if name in pods else ("starting", "not created")
                 for name in expected
             }
+            if self.provision_problem is not None:
+                raise self.provision_problem
             failed = {n: d for n, (s, d) in states.items() if s in ("failed", "exited")}
             if failed:
                 name, detail = next(iter(failed.items()))
@@ -381,7 +394,7 @@ class KubernetesBackend:
             self._monitor = None
         objects = self.applied or sorted(
             self.render()
-            + bootstrap.secret_references(self.settings.namespace, not self.settings.uses_tdx),
+            + bootstrap.secret_references(self.settings.namespace),
             key=lambda o: _APPLY_ORDER.index(o["kind"]),
         )
         for obj in reversed(objects):
@@ -444,11 +457,62 @@ class KubernetesBackend:
                 if self._stop.is_set():
                     return
                 if line:
-                    self._emit(event_from_line(source, line))
+                    event = event_from_line(source, line)
+                    self._emit(event)
+                    if (source == "trust" and event.kind == "lifecycle"
+                            and event.data.get("state") == "provisioning"):
+                        threading.Thread(target=self._provision_in_background,
+                                         name="trust-provision", daemon=True).start()
         except ApiError as exc:
             self._emit(
                 LabEvent("log", source, {"level": "warning", "message": f"log stream ended: {exc}"})
             )
+
+    # -- provisioning the trust service ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def trust_endpoint(self) -> Iterator[str]:
+        """An address on this machine that reaches the trust service's TLS port: the ingress
+        (``settings.trust_endpoint``) or a port-forward through the API server for the block.
+        Either path is untrusted; the attested TLS session is end to end."""
+        if self.settings.trust_endpoint:
+            yield self.settings.trust_endpoint
+            return
+        namespace = self.settings.namespace
+
+        def open_stream() -> Any:
+            return self.api.port_forward(namespace, TRUST_POD, TRUST_PORT)
+
+        with LocalForward(open_stream, what=f"pod {TRUST_POD}") as address:
+            yield address
+
+    def provision_trust(self, timeout_s: float | None = None) -> str:
+        """Verify the run's trust service and send it the owner's credential (done by itself
+        when the trust pod asks; call it again after restarting the pod by hand)."""
+        if self.policy is None:
+            self.render()
+        assert self.policy is not None
+        with self.trust_endpoint() as address:
+            detail = provision.provision_trust(
+                address, self.policy, self.admin_token,
+                lab_root_der=self.platform.root_der if self.platform else None,
+                timeout_s=timeout_s or min(self.settings.connect_timeout_s, 300.0),
+            )
+        self._emit(LabEvent("log", "owner", {
+            "level": "info",
+            "message": f"trust service attested; owner's credential sent over its attested "
+            f"channel ({detail})",
+        }))
+        return detail
+
+    def _provision_in_background(self) -> None:
+        try:
+            self.provision_trust()
+        except BackendError as error:
+            self.provision_problem = error
+            self._emit(LabEvent("log", "owner", {"level": "error", "message": str(error)}))
+        else:
+            self.provision_problem = None
 
     def _monitor_loop(self) -> None:
         while not self._stop.wait(self.settings.poll_interval_s):

@@ -1,25 +1,24 @@
-"""The pods' bootstrap: Kubernetes Secrets made in memory, read from a tmpfs Secret volume.
+"""The pods' bootstrap on runc: Kubernetes Secrets made in memory, read from a tmpfs volume.
 
-A local participant gets its bootstrap (the simulated platform's keys; for the trust service
-also the owner's admin credential) as one JSON line on stdin. A pod has no launcher on stdin, so
-the backend creates, through the API and from memory only (never a local file, never the run
-folder, never a log line), one Secret per kind of participant:
+A local participant gets its bootstrap (the simulated platform's keys) as one JSON line on stdin.
+A pod has no launcher on stdin, so on the runc overlays (simulated TDs) the backend creates,
+through the API and from memory only (never a local file, never the run folder, never a log
+line), one Secret per kind of participant, both holding only the simulated platform's keys:
 
-- ``hfl-bootstrap-trust``: the admin credential, plus the platform's keys under runc;
-- ``hfl-bootstrap-td`` (runc only): the platform's keys, for ps0 and the workers. Real TDs
-  (kata overlays) need none, and those overlays mount no such volume.
+- ``hfl-bootstrap-trust`` for the trust service;
+- ``hfl-bootstrap-td`` for ps0 and the workers.
 
 Each is mounted as a Secret volume (tmpfs in the pod: the kubelet never writes it to the node's
 disk) at /etc/hfl-lab/bootstrap/bootstrap.json, and ``$HFL_LAB_BOOTSTRAP_FILE`` points the
 participant at it (``trainer.participant.read_bootstrap``). The Secrets are immutable, and
 teardown deletes them with the run.
 
-Trade-off, said plainly: a Secret is stored by the API server in etcd (in plain text unless the
-cluster enables encryption at rest), is readable by whoever may ``get secrets`` in the namespace,
-and under runc the node sees the volume too. That is acceptable for the simulated platform's keys,
-which are lab-local and never secure anyway. For the admin credential on a real TDX cluster it
-means the cluster's administrators are trusted with it; the stronger path is a sealed secret
-that the TD's confidential data hub fetches from the KBS after attestation (see k8s/README.md).
+Real TDs (the kata overlays) get no Secret at all, and those overlays mount none: their evidence
+comes from the TDX module, and the owner's admin credential, which no Secret ever carries, reaches
+the trust service only over its attested channel after the owner verified it
+(:mod:`hfl_lab.backends.kubernetes.provision`). A Secret is readable by whoever may ``get
+secrets`` in the namespace and sits in etcd; that is acceptable for the simulated platform's
+keys, which are lab-local and never secure anyway, and for nothing else.
 """
 
 from __future__ import annotations
@@ -48,19 +47,13 @@ def _secret(name: str, namespace: str, payload: dict[str, str]) -> dict[str, Any
     }
 
 
-def bootstrap_secrets(
-    namespace: str, admin_token: bytes, platform: SimulatedPlatform | None
-) -> list[dict[str, Any]]:
-    """The run's bootstrap Secrets (in memory; apply them, never write them anywhere)."""
-    trust = {"admin_token": admin_token.hex()}
+def bootstrap_secrets(namespace: str, platform: SimulatedPlatform | None) -> list[dict[str, Any]]:
+    """The run's bootstrap Secrets (in memory; apply them, never write them anywhere): the
+    simulated platform's keys on runc, nothing on the TDX overlays."""
     if platform is None:
-        return [_secret(TRUST_SECRET, namespace, trust)]
-    secret = platform.export_secret().hex()
-    trust["platform"] = secret
-    return [
-        _secret(TRUST_SECRET, namespace, trust),
-        _secret(TD_SECRET, namespace, {"platform": secret}),
-    ]
+        return []
+    payload = {"platform": platform.export_secret().hex()}
+    return [_secret(TRUST_SECRET, namespace, payload), _secret(TD_SECRET, namespace, payload)]
 
 
 def reference(secret: dict[str, Any]) -> dict[str, Any]:
@@ -68,10 +61,11 @@ def reference(secret: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in secret.items() if k in ("apiVersion", "kind", "metadata")}
 
 
-def secret_references(namespace: str, simulated: bool) -> list[dict[str, Any]]:
-    """The run's Secrets by name only (teardown of a run this process did not start)."""
-    names = [TRUST_SECRET, TD_SECRET] if simulated else [TRUST_SECRET]
+def secret_references(namespace: str) -> list[dict[str, Any]]:
+    """The Secrets a run may have made, by name only (teardown of a run this process did not
+    start; a name that is not there is skipped). ``hfl-bootstrap-trust`` is also what older
+    versions of the lab made on the TDX overlays."""
     return [
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": n, "namespace": namespace}}
-        for n in names
+        for n in (TRUST_SECRET, TD_SECRET)
     ]

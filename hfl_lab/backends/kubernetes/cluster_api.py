@@ -16,6 +16,7 @@ from typing import Any
 
 from kubernetes import client as k8s_client
 from kubernetes import config as _k8s_config
+from kubernetes.stream import portforward as k8s_portforward
 from kubernetes.stream import stream as k8s_stream
 
 from hfl_lab._exceptions import ApiError, BackendError
@@ -223,6 +224,46 @@ class ClusterApi:
         finally:
             ws.close()
         return ExecResult(bytes(stdout), bytes(stderr), returncode)
+
+
+    def port_forward(self, namespace: str, pod: str, port: int) -> ForwardedStream:
+        """One stream to ``port`` in ``pod`` through the API server (``kubectl port-forward``'s
+        websocket, v4.channel.k8s.io)."""
+        core = k8s_client.CoreV1Api(self.api_client)
+        try:
+            forward = k8s_portforward(core.connect_get_namespaced_pod_portforward, pod,
+                                      namespace, ports=str(port))
+        except k8s_client.ApiException as exc:
+            raise ApiError(int(exc.status or 0), str(exc.reason), str(exc.body or "")) from None
+        return ForwardedStream(forward, port)
+
+
+class ForwardedStream:
+    """The socket end of one port-forward (what :class:`~.port_forward.LocalForward` pumps)."""
+
+    def __init__(self, forward: Any, port: int) -> None:
+        self._forward = forward
+        self._port = port
+        self._socket = forward.socket(port)
+
+    def recv(self, n: int) -> bytes:
+        data: bytes = self._socket.recv(n)
+        return data
+
+    def sendall(self, data: bytes) -> None:
+        self._socket.sendall(data)
+
+    def shutdown(self, how: int) -> None:
+        self._socket.shutdown(how)
+
+    def close(self) -> None:
+        self._forward.close()
+
+    @property
+    def error(self) -> str | None:
+        """What the API server said on the port's error channel (None: nothing)."""
+        error: str | None = self._forward.error(self._port)
+        return error
 
 
 def exec_returncode(status: bytes | str) -> int:

@@ -123,6 +123,11 @@ class KubernetesSettings:
     #: the owner's policy-signing public key (hex; set by the backend from the owner's
     #: credential): in the measured config, so the pods take only the policies the owner signed
     policy_key: str = ""
+    #: how the owner's machine reaches the trust service's TLS port to provision it, as
+    #: "host:port" (e.g. the ingress's TLS passthrough, trust.hfl-tdx-coco.service.com:443);
+    #: "" (default): a port-forward through the Kubernetes API server. Either way the path is
+    #: untrusted: the owner verifies the service's evidence and pins its certificate first.
+    trust_endpoint: str = ""
     #: where the generated kustomization of a run is written; None: a temporary folder
     run_dir: Path | None = None
     poll_interval_s: float = 1.0
@@ -169,6 +174,13 @@ class KubernetesSettings:
             raise ConfigError(
                 f"service_host {self.service_host!r} is not a host name or IPv4 address."
             )
+        if self.trust_endpoint:
+            host, _, port = self.trust_endpoint.rpartition(":")
+            if not (_HOST.match(host) and port.isdigit() and 0 < int(port) < 65536):
+                raise ConfigError(
+                    f"trust_endpoint {self.trust_endpoint!r} is not host:port; use e.g. "
+                    "trust.hfl-tdx-coco.service.com:443, or '' for a port-forward."
+                )
         if self.mount_root and (
             not self.mount_root.startswith("/")
             or self.mount_root.endswith("/")

@@ -253,6 +253,8 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
         self.prepare()
         self._started_at = time.monotonic()
         self._launch(self.participants["trust"])
+        # up, attested by the owner and provisioned before anyone else starts
+        self._wait_roles(["trust"], self.connect_timeout_s, None)
         if self.vault_path is not None:
             self._provision_vault(self.vault_path)
         for role in self.training_roles:

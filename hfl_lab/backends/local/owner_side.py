@@ -5,7 +5,10 @@ the LUKS volume ``<run_dir>/vault/model.luks`` and registers its random passphra
 broker under a release policy naming ps0's measurements (:meth:`OwnerSide.volume_release_policy`),
 so only ps0's TD obtains it, by attested key release. The owner's admin credential for the trust
 service is derived from the session's owner secret and this run's public salt
-(``<run_dir>/trust/owner.json``, see :mod:`hfl_lab.owner`); the trust service seals its state
+(``<run_dir>/trust/owner.json``, see :mod:`hfl_lab.owner`). It reaches the trust service only
+over its attested channel: at each start of the service, once it announces ``provisioning``, the
+owner verifies its evidence and sends it there (:meth:`OwnerSide._provision_trust`); no pipe,
+file or environment variable carries it. The trust service seals its state
 (the passphrase included) under a key derived from that credential, so after the run the owner
 opens the volume from the sealed state (:meth:`OwnerSide.owner_credential`,
 :meth:`OwnerSide.model_store`). :class:`OwnerSide` is that part of
@@ -31,6 +34,7 @@ from pathlib import Path
 from hfl_lab import owner
 from hfl_lab._exceptions import BackendError, HflLabError
 from hfl_lab.backends.base import ProgressCallback
+from hfl_lab.backends.local.processes import ParticipantProcess
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
 from hfl_lab.tee.policy import AttestationPolicy
@@ -70,6 +74,7 @@ class OwnerSide:
     vault_info: VaultInfo
     # provided by ParticipantProcesses
     _put: Callable[[LabEvent], None]
+    _torn_down: bool
     _wait_roles: Callable[[Sequence[str], float, ProgressCallback | None], None]
 
     def volume_release_policy(self) -> AttestationPolicy:
@@ -98,6 +103,29 @@ class OwnerSide:
             f"{info.data_path_kind} data path, "
             + ("created; its passphrase is registered in the key broker for ps0 only"
                if info.created else "kept from the earlier start of this run"),
+        }))
+
+    def _provision_trust(self, p: ParticipantProcess) -> None:
+        """Verify the trust service that just started (its RA-TLS evidence against the owner's
+        policy, its certificate pinned) and hand it the owner's credential over that channel.
+        A service that fails the check gets nothing, and the run stops with the reason."""
+        try:
+            with self.trust_client() as client:
+                detail = client.provision(self.admin_token)
+        except HflLabError as error:
+            if p.returncode is not None or self._torn_down:
+                return  # it is gone: its watcher reports how it ended
+            # the same error, named as the owner's refusal (its check and values kept)
+            error.message = ("the owner did not provision the trust service (it gets the "
+                             f"owner's credential only after passing attestation): "
+                             f"{error.message}")
+            p.problem = error
+            self._put(LabEvent("log", "owner", {"level": "error", "message": str(error)}))
+            return
+        self._put(LabEvent("log", "owner", {
+            "level": "info",
+            "message": f"trust service attested; owner's credential sent over its attested "
+            f"channel ({detail})",
         }))
 
     def trust_client(self) -> TrustClient:

@@ -1,12 +1,15 @@
 """The local backend's participant processes: launch, output, exit, signals.
 
 Each participant (trust service, ps0, workers) is a ``python -m`` process in its own process
-group. It receives its bootstrap secrets (the lab platform's attestation key; for the trust
-service also the owner's admin credential) as one JSON line on stdin, never in its environment
-or on its command line. Reader threads copy its stdout and stderr to ``<run_dir>/logs/<role>.log``,
-turn the lab events it prints into the backend's event queue and keep the last lines for error
-messages; a watcher thread reports how it exited. :class:`ParticipantProcesses` is the part of
-:class:`~hfl_lab.backends.local.LocalBackend` that does this.
+group. It receives its bootstrap secret (the lab platform's attestation key) as one JSON line on
+stdin, never in its environment or on its command line. The owner's admin credential is not
+among them: when the trust service announces ``provisioning``, the owner's side verifies its
+evidence and hands it the credential over that attested channel (``_provision_trust``), after
+every start of the service. Reader threads copy its stdout and stderr to
+``<run_dir>/logs/<role>.log``, turn the lab events it prints into the backend's event queue and
+keep the last lines for error messages; a watcher thread reports how it exited.
+:class:`ParticipantProcesses` is the part of :class:`~hfl_lab.backends.local.LocalBackend` that
+does this.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from hfl_lab import owner
-from hfl_lab._exceptions import BackendError, ConfigError
+from hfl_lab._exceptions import BackendError, ConfigError, HflLabError
 from hfl_lab.backends.base import ProgressCallback
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
@@ -56,6 +59,8 @@ class ParticipantProcess:
     port: int | None = None
     threads: list[threading.Thread] = field(default_factory=list)
     starts: int = 0
+    #: why the owner's side gave up on it (the trust service could not be provisioned)
+    problem: HflLabError | None = None
 
     @property
     def pid(self) -> int | None:
@@ -87,12 +92,13 @@ class ParticipantProcesses:
     extra_env: dict[str, str]
     log_dir: Path
     platform: SimulatedPlatform | None
-    admin_token: bytes
     participants: dict[str, ParticipantProcess]
     _queue: queue.Queue[Any]
     _torn_down: bool
     _done_event: LabEvent | None
     _training_ended: threading.Event
+    # provided by OwnerSide: verify the trust service, hand it the owner's credential
+    _provision_trust: Callable[[ParticipantProcess], None]
 
     @property
     def roles(self) -> list[str]:
@@ -134,8 +140,7 @@ class ParticipantProcesses:
         )
         p.process = process
         bootstrap = {"platform": self.platform.export_secret().hex()}
-        if p.role == "trust":
-            bootstrap["admin_token"] = self.admin_token.hex()
+        p.problem = None
         assert process.stdin is not None
         try:
             process.stdin.write(json.dumps(bootstrap) + "\n")
@@ -193,6 +198,10 @@ class ParticipantProcesses:
             port = event.data.get("port")
             p.port = int(port) if isinstance(port, int) else p.port
             p.ready.set()
+        if state == "provisioning" and p.role == "trust":
+            # the owner's side verifies it and hands it the credential, off the reader thread
+            threading.Thread(target=self._provision_trust, args=(p,), daemon=True,
+                             name="trust-provision").start()
         if state == "done" and p.role == "ps0":
             self._done_event = event
 
@@ -223,7 +232,6 @@ class ParticipantProcesses:
 
     def _put(self, event: LabEvent) -> None:
         self._queue.put(event)
-
     # ------------------------------------------------------------------ waiting
 
     def _wait_roles(self, roles: Sequence[str], timeout_s: float,
@@ -240,6 +248,8 @@ class ParticipantProcesses:
                 return
             for role in roles:
                 p = self.participants[role]
+                if p.problem is not None and not p.ready.is_set():
+                    raise p.problem
                 code = p.returncode
                 if code is not None and not p.ready.is_set():
                     raise BackendError(
