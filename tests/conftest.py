@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +24,7 @@ def owner_session() -> None:
     from hfl_lab.owner import ensure_owner_secret
 
     ensure_owner_secret()
-SHARED = Path(__import__("os").environ.get("HFL_LAB_SHARED", REPO.parent / "shared"))
+SHARED = Path(os.environ.get("HFL_LAB_SHARED", REPO.parent / "shared"))
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +51,25 @@ def read_evidence_file(path: Path) -> bytes:
         text = data.decode().strip().removeprefix("0x")
         return bytes.fromhex(text)
     return data
+
+
+@pytest.fixture(scope="session")
+def lab_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`hfl-lab run --profile quick` with small overrides: the whole lab, headless, once per test
+    session. The tests that use it only read its run folder (the notebooks' outputs, the R6
+    secret scan), so one run serves them all."""
+    from tests.local_support import SMALL_LAB_RUN
+
+    run_dir = tmp_path_factory.mktemp("lab") / "run"
+    argv = [sys.executable, "-m", "hfl_lab.cli", "run", "--profile", "quick", "-q"]
+    for name, value in {**SMALL_LAB_RUN, "run_dir": run_dir}.items():
+        argv += ["-p", f"{name}={value}"]
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "MPLBACKEND": "agg",
+           "PYTHONHASHSEED": "0"}
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900, check=False)
+    assert done.returncode == 0, f"hfl-lab run failed:\n{done.stderr[-4000:]}"
+    yield run_dir
 
 
 # Times inside / outside the collateral windows in ../shared/attestation/README.md

@@ -11,6 +11,16 @@ from hfl_lab.backends.local import LocalBackend
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
 
+#: `hfl-lab run --profile quick`, small enough for 2 cores: ResNet-8, a few steps, an 8 MB volume
+SMALL_LAB_RUN: dict[str, Any] = {
+    "depth": 8,
+    "steps": 8,
+    "batch_size": 16,
+    "eval_every": 4,
+    "checkpoint_every": 4,
+    "vault_size_mb": 8,
+}
+
 
 def quick_config(tmp_path: Path, cifar_dir: Path, **overrides: Any) -> LabConfig:
     values: dict[str, Any] = {

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import struct
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +17,15 @@ import nbformat
 import pytest
 
 from hfl_lab.lab.sequence import NOTEBOOKS
+from tests.local_support import SMALL_LAB_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
-#: small enough for 2 cores: ResNet-8, a few steps, an 8 MB volume
-SMALL = {
-    "depth": 8,
-    "steps": 8,
-    "batch_size": 16,
-    "eval_every": 4,
-    "checkpoint_every": 4,
-    "vault_size_mb": 8,
-}
+SMALL = SMALL_LAB_RUN
 
 
 def _notebook(name: str) -> Any:
     return nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "KERAS_BACKEND": "tensorflow", "MPLBACKEND": "agg", "PYTHONHASHSEED": "0"}
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -141,22 +127,6 @@ def test_parameters_cells_hold_annotated_literals(name: str) -> None:
 
 
 # ---------------------------------------------------------------------- one headless run
-
-
-@pytest.fixture(scope="module")
-def lab_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """`hfl-lab run --profile quick` with small overrides: the whole lab, headless."""
-    run_dir = tmp_path_factory.mktemp("lab") / "run"
-    pairs = [f"{k}={v}" for k, v in {**SMALL, "run_dir": run_dir}.items()]
-    argv = [sys.executable, "-m", "hfl_lab.cli", "run", "--profile", "quick", "-q"]
-    for pair in pairs:
-        argv += ["-p", pair]
-
-    done = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=900, check=False)
-
-    assert done.returncode == 0, f"hfl-lab run failed:\n{done.stderr[-4000:]}"
-    yield run_dir
 
 
 @pytest.mark.slow

@@ -14,10 +14,8 @@ encoding at all: PEM ``PRIVATE KEY`` blocks, DER PKCS#8 and SEC1 EC private keys
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,8 +27,6 @@ from tests.reliability_report import record
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = {"depth": 8, "steps": 8, "batch_size": 16, "eval_every": 4, "checkpoint_every": 4,
-         "vault_size_mb": 8}
 # DER prefixes: PKCS#8 PrivateKeyInfo for EC (version 0, id-ecPublicKey) and SEC1 ECPrivateKey
 # (version 1, OCTET STRING of 32 or 48 bytes: P-256, P-384)
 _PRIVATE_KEY_PATTERNS = [
@@ -55,16 +51,8 @@ def _forms(secret: bytes) -> list[bytes]:
     return [secret, secret.hex().encode(), secret.hex().upper().encode()]
 
 
-def test_no_secret_anywhere_in_the_run_folder_after_a_full_run(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "hfl_lab.cli", "run", "--profile", "quick", "-q"]
-    for name, value in {**SMALL, "run_dir": run_dir}.items():
-        argv += ["-p", f"{name}={value}"]
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "MPLBACKEND": "agg"}
-    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-
+def test_no_secret_anywhere_in_the_run_folder_after_a_full_run(lab_run: Path) -> None:
+    run_dir = lab_run  # the session's full `hfl-lab run` (tests/conftest.py), read only here
     trust = run_dir / "trust"
     salt = bytes.fromhex(json.loads((trust / "owner.json").read_text())["salt"])
     admin = owner.admin_token(salt)  # the same session: this process's owner secret
