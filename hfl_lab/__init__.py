@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the lazily loaded names below, for type checkers and IDEs
         run_lab,
         run_preflight,
         run_training,
+        session_run,
         show,
         show_image,
     )
@@ -61,6 +62,7 @@ __all__ = [
     "run_lab",
     "run_preflight",
     "run_training",
+    "session_run",
     "show",
     "show_image",
     "summarize_run",

@@ -239,21 +239,41 @@ def test_attack_notebook_shows_every_refusal_with_its_reason(lab_run: Path) -> N
 
 
 @pytest.mark.slow
-def test_retrieval_notebook_on_its_own_trains_what_it_needs(tmp_path: Path) -> None:
+def test_retrieval_notebook_on_its_own_names_the_runs_and_trains_only_when_asked(
+    tmp_path: Path,
+) -> None:
     import papermill
+    from papermill.exceptions import PapermillExecutionError
 
     from hfl_lab.lab.jupyter import ensure_kernel
 
     ensure_kernel()
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "training.json").write_text("{}")
     params = {**SMALL, "run_dir": str(tmp_path / "alone")}
+
+    # a run folder without a training (a typo, say) is an error naming the runs there are
+    with pytest.raises(PapermillExecutionError) as missing:
+        papermill.execute_notebook(
+            str(NOTEBOOK_DIR / "05_model_retrieval.ipynb"), str(tmp_path / "05-missing.ipynb"),
+            parameters=params, kernel_name="hfl-lab", cwd=str(NOTEBOOK_DIR), progress_bar=False,
+        )
+    assert missing.value.ename == "ConfigError"
+    assert str(tmp_path / "earlier") in missing.value.evalue
+    assert "train_if_missing=True" in missing.value.evalue
+    assert not (tmp_path / "alone" / "training.json").exists()
 
     papermill.execute_notebook(
         str(NOTEBOOK_DIR / "05_model_retrieval.ipynb"), str(tmp_path / "05.ipynb"),
-        parameters=params, kernel_name="hfl-lab", cwd=str(NOTEBOOK_DIR), progress_bar=False,
+        parameters={**params, "train_if_missing": True}, kernel_name="hfl-lab",
+        cwd=str(NOTEBOOK_DIR), progress_bar=False,
     )
 
     assert json.loads((tmp_path / "alone" / "training.json").read_text())["result"]
     assert json.loads((tmp_path / "alone" / "retrieval.json").read_text())["step"] == 8
+    # the run it trained is the session's current run now
+    current = json.loads((tmp_path / "current_run.json").read_text())
+    assert current == {"run_dir": str((tmp_path / "alone").resolve())}
 
 
 def test_a_lab_error_is_one_sentence_with_its_fix_and_fails_the_run(tmp_path: Path) -> None:
@@ -277,5 +297,10 @@ def test_a_lab_error_is_one_sentence_with_its_fix_and_fails_the_run(tmp_path: Pa
     assert "workers" in error.evalue and "Fix:" in error.evalue
     assert len(error.traceback) == 1 and "\n" not in error.evalue
     nb = nbformat.read(out, as_version=4)
-    shown = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "display_data"]
-    assert any("<b>Fix:</b>" in o.data.get("text/html", "") for o in shown)
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    errors = [o for o in outputs if o.output_type == "error"]
+    # one box (the cell's error output) with the message and, on its own line, the fix; the
+    # same sentence is not shown a second time in another output
+    assert len(errors) == 1 and "Fix:" in errors[0].traceback[0].split("\n")[1]
+    assert not [o for o in outputs if o.output_type == "display_data"
+                and "workers" in str(o.data) and "Fix" in str(o.data)]

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from hfl_lab.dashboard.figures import VERDICT_COLORS
 from hfl_lab.dashboard.state import AttestationRecord, RunState
+from hfl_lab.tee.verdict import mark_html, value_html
 
 __all__ = [
     "AttestationWidget",
@@ -148,6 +149,7 @@ class WidgetProgress:
         self.log = widgets.HTML(value="")
         self.keep_lines = keep_lines
         self.lines: list[str] = []
+        self.written = 0
         self.box = widgets.VBox([widgets.HBox([self.bar, self.label]), self.log])
         display(self.box)
 
@@ -158,9 +160,13 @@ class WidgetProgress:
         self.label.value = f"{done}/{total or '?'} steps  {status}".rstrip()
 
     def write(self, line: str) -> None:
+        self.written += 1
         self.lines = [*self.lines, line][-self.keep_lines :]
+        hidden = self.written - len(self.lines)
+        more = (f"<i>… {hidden} earlier message(s): all are in events.jsonl in the run "
+                "folder</i><br>" if hidden else "")
         body = "<br>".join(html.escape(x) for x in self.lines)
-        self.log.value = f"<div style='font-family:monospace;font-size:90%'>{body}</div>"
+        self.log.value = f"<div style='font-family:monospace;font-size:90%'>{more}{body}</div>"
 
     def close(self, ok: bool) -> None:
         self.bar.bar_style = "success" if ok else "danger"
@@ -244,9 +250,9 @@ def checks_html(record: AttestationRecord) -> str:
     """Every check of one verdict: expected, actual, reason."""
     rows = "".join(
         f"<tr><td>{html.escape(str(c.get('name', '?')))}</td>"
-        f"<td>{'✅' if c.get('passed') else '❌'}</td>"
-        f"<td><code>{html.escape(str(c.get('expected', ''))[:40])}</code></td>"
-        f"<td><code>{html.escape(str(c.get('actual', ''))[:40])}</code></td>"
+        f"<td>{mark_html(bool(c.get('passed')))}</td>"
+        f"<td>{value_html(c.get('expected', ''), 40)}</td>"
+        f"<td>{value_html(c.get('actual', ''), 40)}</td>"
         f"<td>{html.escape(str(c.get('reason', '')))}</td></tr>"
         for c in record.checks
     )

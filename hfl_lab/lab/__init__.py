@@ -5,7 +5,7 @@
     02 trust & volume       LabTrustService.start(config), create_model_volume(trust)
     03 image                measure_image(config)
     04 training             run_training(config)
-    05 retrieval            retrieve_and_evaluate(config)
+    05 retrieval            session_run(config), ensure_trained(...), retrieve_and_evaluate(...)
     06 attacks & defenses   run_attacks(trust), AttestationBoard(folder)
     hfl-lab run             run_lab(config)
 """
@@ -19,6 +19,7 @@ from hfl_lab.lab.notebook import Table, brief_errors, show, show_image
 from hfl_lab.lab.preflight import PreflightReport, run_preflight
 from hfl_lab.lab.retrieval import RetrievalReport, retrieve_and_evaluate
 from hfl_lab.lab.sequence import NOTEBOOKS, LabRun, run_lab
+from hfl_lab.lab.session import session_run
 from hfl_lab.lab.training import TrainingOutcome, ensure_trained, run_training
 from hfl_lab.lab.trust import LabTrustService, VerdictView, VolumeReport, create_model_volume
 
@@ -49,6 +50,7 @@ __all__ = [
     "run_lab",
     "run_preflight",
     "run_training",
+    "session_run",
     "show",
     "show_image",
 ]

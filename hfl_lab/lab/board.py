@@ -20,7 +20,7 @@ from hfl_lab.dashboard.figures import AttestationFigure, save_png
 from hfl_lab.dashboard.state import RunState
 from hfl_lab.dashboard.text import attestation_line, event_text, matrix_text
 from hfl_lab.events import LabEvent
-from hfl_lab.lab.notebook import show
+from hfl_lab.lab.notebook import show, show_image
 
 __all__ = ["AttestationBoard"]
 
@@ -92,7 +92,10 @@ class AttestationBoard(ClosingContext):
             self._events.close()
 
     def show_matrix(self) -> None:
-        """Show the final matrix as text (headless) — the figure is already in the output."""
+        """Show the final matrix here, at the end: the saved figure in a notebook (the live one
+        is far above by then), its text form everywhere."""
+        self.save()
+        show_image(self.folder / self.figure.filename)
         if not self.interactive:
             show(_Text(matrix_text(self.state.to_metrics()["attestation_matrix"])))
 

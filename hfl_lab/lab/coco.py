@@ -119,16 +119,41 @@ class CocoPlan(TableReport):
     def pending(self) -> list[StepResult]:
         return [s for s in self.steps if s.status in (NEEDED, FAILED)]
 
+    @property
+    def shared_reason(self) -> str:
+        """The one reason every step was skipped for ("" when they differ or were checked)."""
+        reasons = {s.detail for s in self.steps}
+        if self.steps and all(s.status == SKIPPED for s in self.steps) and len(reasons) == 1:
+            return reasons.pop()
+        return ""
+
+    def summary(self) -> str:
+        """One sentence on where the stack stands and what to do next."""
+        if self.shared_reason:
+            return (f"All {len(self.steps)} steps skipped, {self.shared_reason}. On a TDX "
+                    "cluster (backend='kubernetes') this notebook checks each step, plans what "
+                    "is missing, and runs the plan with apply=True.")
+        pending = len(self.pending)
+        if pending:
+            return (f"{pending} of {len(self.steps)} step(s) still to do: run the plan above, "
+                    "or set apply=True.")
+        unknown = sum(s.status == UNKNOWN for s in self.steps)
+        if unknown:
+            return f"{unknown} step(s) could not be checked: see 'why' above."
+        return f"All {len(self.steps)} steps are in place."
+
     def table(self) -> Table:
+        shared = self.shared_reason
         table = Table(
             ("#", "step", "where", "status", "why", "plan"),
             title=f"CoCo stack on the {self.backend} backend: check → plan → apply",
+            note=f"Every step: skipped, {shared}." if shared else "",
         )
         for s in self.steps:
             plan = "; ".join(" ".join(c) for c in s.commands)
             table.add(
-                s.step.number, s.step.name, s.step.where, s.status.upper(), s.detail, plan,
-                color=_COLORS.get(s.status, ""),
+                s.step.number, s.step.name, s.step.where, s.status.upper(),
+                "(see below)" if shared else s.detail, plan, color=_COLORS.get(s.status, ""),
             )
         return table
 

@@ -1,20 +1,36 @@
-"""The lab's Jupyter side: its kernel (this environment's Python) and JupyterLab on notebooks/."""
+"""The lab's Jupyter side: its kernel (this environment's Python) and JupyterLab on a workspace.
+
+JupyterLab does not serve the tracked notebooks: autosave would write outputs into the repository.
+``hfl-lab lab`` serves an attendee's workspace instead (:func:`prepare_workspace`):
+``workspace/notebooks/`` holds copies of the notebooks and ``workspace/runs/`` the run folders
+they write (their ``run_dir`` default, ``../runs/lab``, lands there), so the file browser reaches
+every plot, log and ``metrics.json``, ``git status`` stays clean, and ``hfl-lab lab --fresh``
+starts again from the tracked notebooks.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
     "KERNEL_DISPLAY_NAME",
     "KERNEL_NAME",
     "NOTEBOOK_DIR",
+    "WORKSPACE_DIR",
+    "Workspace",
     "ensure_kernel",
     "jupyter_lab_command",
+    "prepare_workspace",
 ]
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+REPO_DIR = Path(__file__).resolve().parents[2]
+NOTEBOOK_DIR = REPO_DIR / "notebooks"
+#: the attendee's copy of the notebooks and their run folders (not tracked: .gitignore)
+WORKSPACE_DIR = REPO_DIR / "workspace"
 KERNEL_NAME = "hfl-lab"
 KERNEL_DISPLAY_NAME = "HFL-TDX Lab (Python 3)"
 
@@ -45,6 +61,44 @@ def ensure_kernel(*, force: bool = False) -> str:
         env={"KERAS_BACKEND": "tensorflow", "PYTHONHASHSEED": "0"},
     )
     return folder
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """What ``hfl-lab lab`` serves: ``root`` with ``notebooks/`` and ``runs/`` in it."""
+
+    root: Path
+    copied: tuple[str, ...]
+    kept: tuple[str, ...]
+
+    @property
+    def notebooks(self) -> Path:
+        return self.root / "notebooks"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+
+def prepare_workspace(root: Path = WORKSPACE_DIR, *, fresh: bool = False,
+                      source: Path = NOTEBOOK_DIR) -> Workspace:
+    """Copy the tracked notebooks into ``root/notebooks`` (those missing there; all of them,
+    replacing the attendee's edits, with ``fresh``) and make ``root/runs``. With ``fresh`` the
+    run folders are kept: they hold trained models; delete ``root/runs`` to drop them."""
+    notebooks = root / "notebooks"
+    notebooks.mkdir(parents=True, exist_ok=True)
+    (root / "runs").mkdir(exist_ok=True)
+    copied, kept = [], []
+    for tracked in sorted(source.glob("*.ipynb")):
+        target = notebooks / tracked.name
+        if target.exists() and not fresh:
+            kept.append(tracked.name)
+            continue
+        shutil.copyfile(tracked, target)
+        copied.append(tracked.name)
+    if fresh:
+        shutil.rmtree(notebooks / ".ipynb_checkpoints", ignore_errors=True)
+    return Workspace(root, tuple(copied), tuple(kept))
 
 
 def jupyter_lab_command(

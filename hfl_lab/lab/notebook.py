@@ -20,37 +20,22 @@ def error_sentence(error: HflLabError) -> str:
     return error.one_line()
 
 
-def _error_html(error: HflLabError) -> str:
+def _error_lines(error: HflLabError) -> str:
+    """The error output's text: the error in bold red, then its fix on its own line (JupyterLab
+    and the classic notebook render the ANSI colours; papermill's evalue stays one line)."""
     message = " ".join(error.message.split())
     fix = " ".join((error.fix or "").split())
-    fix_html = f"<br><b>Fix:</b> {html.escape(fix)}" if fix else ""
-    return (
-        "<div style='border-left:4px solid #cf222e;background:#ffebe9;padding:6px 10px'>"
-        f"<b>{type(error).__name__}</b>: {html.escape(message)}{fix_html}</div>"
-    )
-
-
-class _ErrorNote:
-    """What a notebook shows for a lab error: formatted when it can, one plain line otherwise."""
-
-    def __init__(self, error: HflLabError) -> None:
-        self.error = error
-
-    def __repr__(self) -> str:
-        return f"{type(self.error).__name__}: {error_sentence(self.error)}"
-
-    def _repr_html_(self) -> str:
-        return _error_html(self.error)
+    text = f"\x1b[1;31m{type(error).__name__}\x1b[0m: {message}"
+    return text + (f"\n\x1b[1;32mFix:\x1b[0m {fix}" if fix else "")
 
 
 def _handler(
     shell: Any, etype: type[BaseException], value: BaseException, tb: Any, tb_offset: Any = None
 ) -> list[str]:
     assert isinstance(value, HflLabError)
-    show(_ErrorNote(value))
-    stb = [f"{etype.__name__}: {error_sentence(value)}"]
-    # IPython's custom handler only *returns* the traceback; sending it is what makes the cell
-    # an error output, so papermill (and "Run All") still stop here and report this cell.
+    stb = [_error_lines(value)]
+    # One box: the cell's error output, in place of the 60-line traceback. Sending it is what
+    # makes the cell fail, so papermill (and "Run All") still stop here and report this cell.
     shell._showtraceback(etype, value, stb)
     return stb
 

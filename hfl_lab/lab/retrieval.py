@@ -89,6 +89,10 @@ class RetrievalReport(TableReport):
         table.add("model", self.location)
         table.add("sealed in a LUKS volume", self.sealed)
         table.add("volume opened with the released key", self.opened if self.sealed else "n/a")
+        if self.sealed:
+            table.add("how the owner got the volume's key",
+                      "unsealed from the trust service's sealed state with the owner's key "
+                      "(authorized, not an attested release: not in the service's audit log)")
         table.add("checkpoint step", self.step)
         table.add("provenance", self.provenance)
         for signer in self.signed_by:

@@ -23,6 +23,7 @@ from hfl_lab.dashboard import Dashboard
 from hfl_lab.dashboard._files import jsonable
 from hfl_lab.events import LabEvent
 from hfl_lab.lab.notebook import Table, TableReport
+from hfl_lab.lab.session import missing_training, record_current_run
 from trainer.data import load_cifar10
 
 __all__ = ["TrainingOutcome", "ensure_trained", "run_training", "total_steps"]
@@ -274,15 +275,21 @@ def run_training(
         len(state.attestations), len(state.refused), state.simulated, config.to_dict(), vault,
     )
     outcome.save()
+    record_current_run(config)  # notebooks 05 and 06 open this run by default
     return outcome, backend
 
 
-def ensure_trained(config: LabConfig) -> TrainingOutcome:
-    """The finished training in ``run_dir`` (notebook 04's), or a new one when there is none."""
+def ensure_trained(config: LabConfig, *, train_if_missing: bool = False) -> TrainingOutcome:
+    """The finished training in ``run_dir`` (notebook 04's). When there is none: train one with
+    ``train_if_missing``, else a ``ConfigError`` naming the run folders that have one (a
+    mistyped ``run_dir`` must not silently evaluate a model that is not the user's)."""
     found = TrainingOutcome.load(config.run_dir)
     if found is not None:
-        print(f"re-using the training in {config.run_dir}: {found.result.get('final_step')} steps")
+        print(f"opening the training in {Path(config.run_dir).resolve()}: "
+              f"{found.result.get('final_step')} steps")
         return found
-    print(f"no finished training in {config.run_dir}: training one first")
+    if not train_if_missing:
+        raise missing_training(config)
+    print(f"no finished training in {config.run_dir}: training one first (train_if_missing)")
     outcome, _ = run_training(config)
     return outcome

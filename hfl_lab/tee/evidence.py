@@ -73,10 +73,18 @@ class Evidence:
 
     @classmethod
     def from_json(cls, text: str) -> Evidence:
+        if not text or not text.strip():
+            raise AttestationError(
+                "no evidence came with the request: the client did not attest",
+                check="evidence",
+                fix="send the evidence of the TD the request comes from (Evidence.to_json())",
+            )
         try:
             doc = json.loads(text)
         except ValueError as e:
-            raise AttestationError(f"evidence is not JSON ({e})", check="evidence") from None
+            what = f"{e.msg} at character {e.pos}" if isinstance(e, json.JSONDecodeError) else e
+            raise AttestationError(f"evidence is not an evidence document (not JSON: {what})",
+                                   check="evidence") from None
         except RecursionError:
             # a nesting bomb ("[[[[...") from a hostile peer: refuse it like any bad document
             raise AttestationError(

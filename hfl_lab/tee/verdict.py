@@ -112,16 +112,30 @@ class Verdict:
             else ""
         )
         rows = "".join(
-            f"<tr><td>{html.escape(c.name)}</td><td>{'✅' if c.passed else '❌'}</td>"
-            f"<td title='{html.escape(c.expected)}'>"
-            f"<code>{html.escape(c.expected[:24])}</code></td>"
-            f"<td title='{html.escape(c.actual)}'><code>{html.escape(c.actual[:24])}</code></td>"
+            f"<tr><td>{html.escape(c.name)}</td><td>{mark_html(c.passed)}</td>"
+            f"<td>{value_html(c.expected)}</td><td>{value_html(c.actual)}</td>"
             f"<td>{html.escape(c.reason)}</td></tr>"
             for c in self.checks
         )
+        tcb = self.tcb_status or ("none: simulated" if self.simulated else "not evaluated")
         return (
             f"<div><b style='color:{color}'>{title}</b> {html.escape(self.subject)} "
-            f"(TCB {html.escape(str(self.tcb_status))}) {sim}"
+            f"(TCB {html.escape(tcb)}) {sim}"
             "<table><tr><th>check</th><th></th><th>expected</th><th>actual</th><th>reason</th>"
             f"</tr>{rows}</table></div>"
         )
+
+
+def mark_html(passed: bool) -> str:
+    """A check's pass/fail mark as coloured text (✓/✗ are in every text font; the emoji marks
+    were empty boxes in a browser without an emoji font)."""
+    if passed:
+        return "<b style='color:#1a7f37' title='passed'>✓ pass</b>"
+    return "<b style='color:#cf222e' title='failed'>✗ FAIL</b>"
+
+
+def value_html(value: object, width: int = 24) -> str:
+    """A value cut to ``width`` characters with an ellipsis, the whole of it on hover."""
+    text = str(value)
+    shown = text if len(text) <= width else text[: width - 1] + "…"
+    return f"<code title='{html.escape(text, quote=True)}'>{html.escape(shown)}</code>"

@@ -11,6 +11,7 @@ claims.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable
 from typing import Any
@@ -256,7 +257,9 @@ class Verifier:
         except (ValueError, RuntimeError, TypeError) as e:
             v.add("dcap", False, expected, "verification failed", dcap_reason(str(e)))
             return None
-        v.add("dcap", True, expected, f"verified at {now} with collateral from {collateral.source}")
+        when = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        v.add("dcap", True, expected,
+              f"verified at {when} with collateral from {collateral.source}")
         self._check_evaluation(v, collateral)
         return report
 
@@ -372,6 +375,8 @@ class Verifier:
             "freshness",
             ok,
             f"≤ {limit:.0f} s old",
-            f"{age:.1f} s old",
+            # the clock reads whole seconds: a challenge issued this second may look "-0.4 s old"
+            f"{age:.1f} s old" if age >= 0 else ("issued this second" if age > -1
+                                                  else f"issued {-age:.1f} s in the future"),
             "" if ok else "evidence is stale: its challenge is older than the policy allows",
         )

@@ -1,0 +1,108 @@
+"""`hfl-lab lab` serves an attendee's workspace: copies of the notebooks and the run folders they
+write, so the file browser reaches every log, and the tracked notebooks stay untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hfl_lab.lab.jupyter import NOTEBOOK_DIR, prepare_workspace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_workspace_copies_the_notebooks_keeps_edits_and_starts_fresh(tmp_path: Path) -> None:
+    root = tmp_path / "workspace"
+    tracked = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
+
+    first = prepare_workspace(root)
+    assert list(first.copied) == tracked and not first.kept
+    assert (root / "runs").is_dir()
+    edited = root / "notebooks" / tracked[0]
+    edited.write_text('{"edited": true}')
+
+    again = prepare_workspace(root)
+    assert not again.copied and list(again.kept) == tracked
+    assert json.loads(edited.read_text()) == {"edited": True}  # the attendee's work is kept
+
+    (root / "runs" / "lab").mkdir()
+    fresh = prepare_workspace(root, fresh=True)
+    assert list(fresh.copied) == tracked
+    assert edited.read_bytes() == (NOTEBOOK_DIR / tracked[0]).read_bytes()
+    assert (root / "runs" / "lab").is_dir()  # run folders (trained models) survive --fresh
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+    except urllib.error.URLError:
+        return 0, b""  # not listening yet
+
+
+@pytest.mark.slow
+def test_hfl_lab_lab_prints_a_url_with_its_token_and_serves_the_run_folders(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "workspace"
+    log = root / "runs" / "lab" / "logs" / "ps0.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("ps0: attested\n")
+    port = _free_port()
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "hfl_lab.cli", "lab", "--workspace", str(root), "--port",
+         str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().strip()
+        assert url.startswith(f"http://127.0.0.1:{port}/lab/tree/notebooks/00_preflight.ipynb"
+                              "?token=")
+        token = url.rpartition("token=")[2]
+        assert len(token) >= 32
+        api = f"http://127.0.0.1:{port}/api/contents/runs/lab/logs/ps0.log"
+        deadline = time.monotonic() + 120
+        status, body = 0, b""
+        while time.monotonic() < deadline:
+            status, body = _get(f"{api}?token={token}")
+            if status == 200:
+                break
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            time.sleep(0.5)
+        assert status == 200, status
+        assert json.loads(body)["content"] == "ps0: attested\n"
+        assert _get(api)[0] in (401, 403)  # no token, no file
+        assert sorted(p.name for p in (root / "notebooks").glob("*.ipynb")) == sorted(
+            p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
+        # the token is in the server's environment, not on its command line
+        children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+        assert children
+        for pid in [server.pid, *map(int, children)]:
+            assert token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
