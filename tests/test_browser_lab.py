@@ -6,6 +6,7 @@ JupyterLab is started by the test; Debian's chromium (/usr/bin/chromium, install
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -131,11 +132,27 @@ def _state(page: Any) -> dict[str, Any]:
             '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
             .map(e => e.textContent).filter(t => /Traceback|Error/.test(t));
         const text = document.querySelector('.jp-Notebook')?.textContent || '';
-        return {images, matrix, labels, errors, bars,
+        const kernel = document.querySelector('.jp-Notebook-ExecutionIndicator')
+            ?.getAttribute('data-status') || '';
+        return {images, matrix, labels, errors, bars, kernel,
                 done: text.includes('federated training: result')};
     }"""
     )
     return result
+
+
+def _server_kernel_state(lab: Lab) -> str:
+    """The kernel's execution state as the Jupyter server tracks it (what the status bar and
+    every other client are told)."""
+    with urllib.request.urlopen(f"{lab.url}/api/kernels?token={lab.token}", timeout=5) as r:
+        kernels = json.loads(r.read())
+    return ",".join(sorted(str(k.get("execution_state")) for k in kernels))
+
+
+def _training(label: str) -> bool:
+    """A progress label of a training under way: "N/12 steps" with 0 < N < 12."""
+    done, _, rest = label.partition("/")
+    return done.strip().isdigit() and 0 < int(done) < STEPS and rest.startswith(f"{STEPS} steps")
 
 
 @pytest.mark.slow
@@ -144,6 +161,7 @@ def test_notebook_04_runs_in_jupyterlab_with_a_live_dashboard(jupyter_lab: Lab) 
     args = ["--no-sandbox"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
     loss_frames: set[str] = set()
     matrices: set[str] = set()
+    kernel_while_training: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -165,6 +183,8 @@ def test_notebook_04_runs_in_jupyterlab_with_a_live_dashboard(jupyter_lab: Lab) 
                 loss_frames.add(state["images"][0])
             if state["matrix"]:
                 matrices.add(state["matrix"])
+            if any(_training(label) for label in state["labels"]):
+                kernel_while_training.append(_server_kernel_state(jupyter_lab))
             page.wait_for_timeout(250)
             state = _state(page)
         page.wait_for_timeout(1000)
@@ -183,6 +203,11 @@ def test_notebook_04_runs_in_jupyterlab_with_a_live_dashboard(jupyter_lab: Lab) 
     assert len(matrices) >= 2 and "SIMULATED PASS" in state["matrix"], "the matrix never updated"
     assert any(f"{STEPS}/{STEPS} steps" in label for label in state["labels"]), state["labels"]
     assert state["bars"] == ["100%"], f"the progress bar stopped at {state['bars']}"
+    # the kernel reads busy while the training cell runs (ipykernel 7's own idle statuses for
+    # other messages used to make JupyterLab show "Idle" throughout)
+    busy = kernel_while_training.count("busy")
+    assert kernel_while_training and busy >= len(kernel_while_training) / 2, (
+        kernel_while_training)
     saved = nbformat.read(jupyter_lab.folder / f"{NOTEBOOK}.ipynb", as_version=4)
     outputs = [o for c in saved.cells for o in c.get("outputs", [])]
     assert outputs and not [o for o in outputs if o.output_type == "error"]

@@ -72,6 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
+        # A pod's stop reaches the participant twice: the signal to the process group and
+        # the entrypoint's forwarded one. Only the first interrupts; a second one landing in
+        # the shutdown below must not break it (it made a clean stop exit with 130).
+        if stop.is_set():
+            return
         stop.set()
         raise KeyboardInterrupt
 

@@ -135,6 +135,8 @@ class Dashboard(ClosingContext):
             self._last_refresh = now
             self.frames += 1
             self._progress.update(self.state.max_step, self.state.total_steps, self._status())
+            if self.interactive:
+                frontend.mark_cell_busy()  # JupyterLab read "Idle" while training ran
             if self._matrix_widget is not None and self._matrix_dirty:
                 self._matrix_widget.update(self.state)
                 self._matrix_dirty = False

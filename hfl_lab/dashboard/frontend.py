@@ -25,6 +25,7 @@ __all__ = [
     "display",
     "has_front_end",
     "in_ipython_kernel",
+    "mark_cell_busy",
 ]
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -58,6 +59,33 @@ def has_front_end() -> bool:
         import ipywidgets  # noqa: F401
     except ImportError:
         return False
+    return True
+
+
+def mark_cell_busy() -> bool:
+    """Tell the front end again that the kernel is busy with the running cell; False outside a
+    kernel or a cell.
+
+    ipykernel 7 publishes a busy → idle pair of its own around every control-channel request
+    (JupyterLab sends some while a cell runs) and around each shell message it answers while a
+    cell runs (widget comm traffic). JupyterLab shows the newest status, so a long training cell
+    read "Idle" in its status bar although it ran. Publishing "busy" again, with the running
+    cell's request as the parent, as ipykernel itself does when the cell starts, puts it right
+    within one refresh; the cell's own final "idle" still ends it.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython is a dependency of the lab
+        return False
+    kernel = getattr(get_ipython(), "kernel", None)
+    session = getattr(kernel, "session", None)
+    if kernel is None or session is None:
+        return False
+    parent = kernel.get_parent("shell")
+    if not parent or parent.get("header", {}).get("msg_type") != "execute_request":
+        return False
+    session.send(kernel.iopub_socket, "status", {"execution_state": "busy"}, parent=parent,
+                 ident=kernel._topic("status"))
     return True
 
 

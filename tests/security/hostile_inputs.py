@@ -351,11 +351,16 @@ def _mutated_collateral(rng: random.Random, text: object) -> str:
     elif how == "drop":
         del doc[key]
     elif how == "edit_signed" and isinstance(doc[key], str) and doc[key].startswith("{"):
-        # rewrite a claim inside the signed TCB info / QE identity without re-signing it
-        inner = json.loads(doc[key])
-        inner[rng.choice(sorted(inner))] = rng.choice(
-            (_value(rng), "2099-01-01T00:00:00Z", "UpToDate", []))
-        doc[key] = json.dumps(inner)
+        # rewrite a claim inside the signed TCB info / QE identity without re-signing it; an
+        # earlier flip may have broken that inner JSON, which then goes on as text (flip below)
+        try:
+            inner = json.loads(doc[key])
+        except ValueError:
+            inner = None
+        if isinstance(inner, dict) and inner:
+            inner[rng.choice(sorted(inner))] = rng.choice(
+                (_value(rng), "2099-01-01T00:00:00Z", "UpToDate", []))
+            doc[key] = json.dumps(inner)
     elif isinstance(doc[key], str) and doc[key]:
         value = bytearray(doc[key].encode())
         value[rng.randint(0, len(value) - 1)] = rng.randint(0x20, 0x7E)
