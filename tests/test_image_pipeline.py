@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from hfl_lab import ImageError, ImageRefused
+from hfl_lab.config import LabConfig
 from hfl_lab.image import (
     IMAGE_APP_ID,
     LAYER_KEY_NAME,
@@ -36,6 +37,7 @@ from hfl_lab.image import (
 from hfl_lab.image.layout import build_workload_image
 from hfl_lab.image.publish import ImageSource
 from hfl_lab.image.signing import owner_push_policy
+from hfl_lab.lab.image import measure_image
 from hfl_lab.ratls import RaTlsIdentity
 from hfl_lab.tee import AttestationPolicy, measure_workload
 from hfl_lab.tee.sim.measure import workload_digest
@@ -273,3 +275,43 @@ def test_a_missing_tool_names_make_system_deps(monkeypatch: pytest.MonkeyPatch,
 
     assert "skopeo" in str(missing.value) and "umoci" in str(missing.value)
     assert shutil.which("skopeo") is None
+
+
+def test_notebook_03_report_shows_each_step_with_command_digest_and_time(tmp_path: Path) -> None:
+    # Arrange
+    config = LabConfig(run_dir=str(tmp_path / "run"), workers=1)
+
+    # Act
+    report = measure_image(config)
+
+    # Assert: every tool step done, with its command, time and digest; layers before/after
+    steps = {s.name: s for s in report.steps}
+    for name in ("registry", "build", "encrypt", "push and sign", "verify", "pull", "unpack"):
+        step = steps[name]
+        assert step.status == "done" and step.command and step.seconds is not None, name
+        assert step.digest.startswith("sha256:"), name
+    assert steps["measure the pulled workload"].status == "done"
+    assert steps["measure the pulled workload"].digest == "mr_td:" + \
+        report.measurements["ps0"].mr_td.hex()
+    layers = report.layers_table()
+    assert layers is not None
+    text = layers.to_text()
+    assert PLAIN in text and ENCRYPTED in text
+    assert "no container image is built" not in repr(report)
+    saved = json.loads((tmp_path / "run" / "image" / "image.json").read_text())
+    assert saved["pipeline"]["encrypted"]["media_types"] == [ENCRYPTED]
+    assert saved["timings"]["pull_verify_decrypt_unpack_s"] > 0
+    assert not (tmp_path / "run" / "image" / "pull-check").exists()
+
+
+def test_notebook_03_without_the_tools_says_make_system_deps(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+
+    report = measure_image(LabConfig(run_dir=str(tmp_path / "run"), workers=1))
+
+    skipped = [s for s in report.steps if s.status == "skipped"]
+    assert any("make system-deps" in s.detail for s in skipped)
+    assert report.published is None and report.layers_table() is None
+    assert report.verdict is not None and report.verdict.accepted
