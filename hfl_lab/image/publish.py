@@ -19,6 +19,7 @@ The signing key lives in a temporary keyring removed after step 3 (:class:`RunSi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -73,11 +74,14 @@ class PublishedImage:
     fingerprint: str
     files: dict[str, str]
     records: list[ToolRecord] = field(default_factory=list)
+    #: SHA-256 of ``policy.json`` as the owner wrote it (a participant checks the file by it)
+    policy_sha256: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source.to_dict(),
             "signer_fingerprint": self.fingerprint,
+            "policy_sha256": self.policy_sha256,
             "plain": {"manifest": self.plain.manifest_digest, "size": self.plain.size,
                       "media_types": self.plain.media_types},
             "encrypted": {"manifest": self.encrypted.manifest_digest,
@@ -155,7 +159,9 @@ def publish_workload_image(
         fingerprint = signer.fingerprint
         public_key = signer.public_key
     pushed = digest_file.read_text().strip()
-    _write_json(files["policy"], signature_policy(repository, public_key))
+    policy_sha256 = hashlib.sha256(
+        _write_json(files["policy"], signature_policy(repository, public_key)).read_bytes()
+    ).hexdigest()
     # 4. verify through the policy, as a participant will, into the outsider's OCI layout
     shutil.rmtree(files["oci"], ignore_errors=True)
     runner.run("verify", [
@@ -176,6 +182,7 @@ def publish_workload_image(
     source = ImageSource(reference, pushed, files["policy"], files["registries_d"],
                          registry.cert_dir)
     published = PublishedImage(source, plain, exported, fingerprint,
-                               {k: str(v) for k, v in files.items()}, list(runner.records))
+                               {k: str(v) for k, v in files.items()}, list(runner.records),
+                               policy_sha256)
     _write_json(folder / "pipeline.json", published.to_dict())
     return published

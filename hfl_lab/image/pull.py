@@ -75,8 +75,9 @@ def pull_image(
     def refused(stderr: str) -> HflLabError:
         return ImageRefused(
             f"{who} refused the image {source.reference}: {refusal_cause(stderr)}.",
-            fix="publish the image again with the run's signer (notebook 03), or stop the "
-            "participant: it runs nothing it could not verify and decrypt.")
+            fix="publish the image again (notebook 03; the local backend does at each new run) "
+            "and find who changed it; the participant runs nothing it could not verify and "
+            "decrypt.")
 
     try:
         with secret_fd(layer_key_pem) as fd:
