@@ -20,10 +20,15 @@ into the volume, signed. The trust service seals its state (the passphrase inclu
 public parts the trusted node needs to check provenance offline (the lab platform's root and
 collateral, the volume's release policy) are in ``<run_dir>/trust/``.
 
+With ``workload_image`` on, ps0 and the workers run the encrypted, signed workload image they
+pulled, with the layer key released to their attested TDs (:mod:`.image_side`,
+:mod:`trainer.image_boot`); the trust service runs this checkout.
+
 This module prepares a run (its config, policy and reference measurements), starts it, turns the
 participants' events into a :class:`TrainingResult` and tears it down. :mod:`.processes` launches
 and watches the participant processes, :mod:`.owner_side` does the owner's part of the vault,
-and :mod:`.preflight` checks the machine.
+:mod:`.image_side` the owner's part of the workload image, and :mod:`.preflight` checks the
+machine.
 """
 
 from __future__ import annotations
