@@ -87,3 +87,18 @@ def test_a_refused_pull_stops_the_participant_naming_the_cause(
     assert cause in text, text
     assert "refused the image" in text
     assert not (Path(config.run_dir) / "image" / "participants" / "ps0" / "bundle").exists()
+
+
+@pytest.mark.parametrize(("choice", "ok"), [("on", False), ("auto", True), ("off", True)])
+def test_preflight_names_the_image_tools_and_fails_only_when_the_run_needs_them(
+    tmp_path: Path, cifar_dir: Path, monkeypatch: pytest.MonkeyPatch, choice: str, ok: bool
+) -> None:
+    config = quick_config(tmp_path, cifar_dir, workload_image=choice)
+    backend = LocalBackend(config)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+
+    (check,) = [c for c in backend.preflight() if c.name == "image tools"]
+
+    assert check.ok is ok
+    assert "missing umoci, skopeo" in check.detail and "make system-deps" in check.fix
+    backend.teardown()
