@@ -36,7 +36,9 @@ from hfl_lab.image import (
 from hfl_lab.image.layout import build_workload_image
 from hfl_lab.image.publish import ImageSource
 from hfl_lab.image.signing import owner_push_policy
+from hfl_lab.lab.attacks import image_attacks
 from hfl_lab.lab.image import measure_image
+from hfl_lab.lab.trust import LabTrustService
 from hfl_lab.ratls import RaTlsIdentity
 from hfl_lab.tee import AttestationPolicy, measure_workload
 from hfl_lab.tee.sim.measure import workload_digest
@@ -313,3 +315,27 @@ def test_notebook_03_without_the_tools_says_make_system_deps(
     assert any("make system-deps" in s.detail for s in skipped)
     assert report.published is None and report.layers_table() is None
     assert report.verdict is not None and report.verdict.accepted
+
+
+def test_notebook_06_refuses_the_three_image_attacks(tmp_path: Path) -> None:
+    # Arrange: a live trust service with the lab's policy, as notebook 06 starts it
+    config = LabConfig(run_dir=str(tmp_path / "run"), workers=2)
+    trust = LabTrustService.start(config)
+    try:
+        trust.install_policy()
+
+        # Act
+        outcomes = {name: attack(trust) for name, attack in image_attacks().items()}
+    finally:
+        trust.stop()
+
+    # Assert: each refused by the component that should, with its reason; each a verdict
+    assert set(outcomes) == {"unsigned image", "image layer modified after signing",
+                             "layer key without attestation"}
+    assert all(o.refused for o in outcomes.values()), {n: o.reason for n, o in outcomes.items()}
+    assert "no signature" in outcomes["unsigned image"].reason
+    assert "modified after signing" in outcomes["image layer modified after signing"].reason
+    assert "PERMISSION_DENIED" in outcomes["layer key without attestation"].reason
+    subjects = [e.data.get("subject") for e in trust.events if e.kind == "attestation"]
+    assert {"unsigned image", "image layer modified after signing",
+            "client without attestation (layer key)"} <= set(subjects)
