@@ -339,3 +339,15 @@ def test_notebook_06_refuses_the_three_image_attacks(tmp_path: Path) -> None:
     subjects = [e.data.get("subject") for e in trust.events if e.kind == "attestation"]
     assert {"unsigned image", "image layer modified after signing",
             "client without attestation (layer key)"} <= set(subjects)
+
+
+def test_a_pull_from_a_registry_that_is_gone_is_an_error_not_a_refusal(
+    own_image: Published, tmp_path: Path
+) -> None:
+    own_image.registry.close()
+
+    with pytest.raises(ImageError, match="could not pull") as failed:
+        pull_image(own_image.image.source, own_image.key.private_pem(), tmp_path / "ps0")
+
+    assert not isinstance(failed.value, ImageRefused)
+    assert "registry" in (failed.value.fix or "")

@@ -38,13 +38,14 @@ _CAUSES = (
 )
 
 
-def refusal_cause(stderr: str) -> str:
-    """The cause of a refused pull, in words, from skopeo's error output."""
+def refusal_cause(stderr: str) -> str | None:
+    """The cause of a refused pull, in words, from skopeo's error output; None when skopeo
+    failed for another reason (the registry unreachable, a full disk)."""
     line = last_line(stderr)
     for needle, cause in _CAUSES:
         if needle in line:
             return cause
-    return line
+    return None
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,14 @@ def pull_image(
     layout = dest / "oci"
 
     def refused(stderr: str) -> HflLabError:
+        cause = refusal_cause(stderr)
+        if cause is None:
+            return ImageError(
+                f"{who} could not pull the image {source.reference}: {last_line(stderr)}",
+                fix="check that the run's registry serves (image/registry/registry.log), then "
+                "start the participant again.")
         return ImageRefused(
-            f"{who} refused the image {source.reference}: {refusal_cause(stderr)}.",
+            f"{who} refused the image {source.reference}: {cause}.",
             fix="publish the image again (notebook 03; the local backend does at each new run) "
             "and find who changed it; the participant runs nothing it could not verify and "
             "decrypt.")
