@@ -124,9 +124,7 @@ def open_checkpoint_store(
 def run_ps(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
            stop: threading.Event) -> int:
     config = ParticipantConfig.load(args.config)
-    from_image = run_from_image("ps0", args_list, config, emitter)
-    if from_image is not None:
-        return from_image
+    run_from_image("ps0", args_list, config, emitter)  # with an image: pull, exec, no return
     from trainer.serving import build_parameter_server  # lazy: TensorFlow
 
     participant = _participant("ps0", args_list, config, emitter)
@@ -173,9 +171,7 @@ def run_worker(args: argparse.Namespace, args_list: Sequence[str], emitter: Emit
             fix=f"use an index from 0 to {config.lab.workers - 1}.",
         )
     role = f"worker{args.index}"
-    from_image = run_from_image(role, args_list, config, emitter)
-    if from_image is not None:
-        return from_image
+    run_from_image(role, args_list, config, emitter)  # with an image: pull, exec, no return
     from trainer.serving import build_worker  # lazy: TensorFlow
 
     participant = _participant(role, args_list, config, emitter)

@@ -9,8 +9,9 @@ local run with ``workload_image`` first, in their own simulated TD:
    bound to a fresh key and challenge, must match its role's entry in the key's release policy;
 3. pull the image through the policy (signature verified, layers decrypted with the key as an
    in-memory fd) and unpack it into its own folder (``<image_dir>/<role>``);
-4. run ``python -m trainer <the same arguments>`` from the unpacked files, handing it the
-   bootstrap over its stdin; its simulated TD measures those files, so its MR_TD is what it
+4. become ``python -m trainer <the same arguments>`` run from the unpacked files (``exec``: the
+   same process, whose stdin is still the launcher's pipe), handing the bootstrap over an
+   in-memory descriptor; its simulated TD measures those files, so its MR_TD is what it
    pulled, and the policy refuses anything else, as before.
 
 A refused step stops the participant with one sentence naming the cause (exit code 1). The trust
@@ -23,14 +24,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from hfl_lab._exceptions import ImageRefused
+from hfl_lab._exceptions import ImageError, ImageRefused
 from hfl_lab.image import ImageSource, obtain_layer_key, pull_image
-from trainer.participant import Emitter, Participant, measured_argv, read_bootstrap, workload_root
+from hfl_lab.image.tools import secret_fd
+from trainer.participant import (
+    BOOTSTRAP_FD_ENV,
+    Bootstrap,
+    Emitter,
+    Participant,
+    measured_argv,
+    read_bootstrap,
+    workload_root,
+)
 from trainer.participant_config import ParticipantConfig
 
 __all__ = ["FROM_IMAGE_ENV", "run_from_image"]
@@ -58,9 +68,10 @@ def _source(config: ParticipantConfig, role: str) -> ImageSource:
 
 
 def run_from_image(role: str, args_list: Sequence[str], config: ParticipantConfig,
-                   emitter: Emitter) -> int | None:
-    """Pull, then run this participant from the image; its exit code. None when there is no
-    image to pull or this process already runs from one (the caller then runs the role)."""
+                   emitter: Emitter) -> None:
+    """Pull, then become this participant run from the image (it does not return). Returns at
+    once when there is no image to pull or this process already runs from one: the caller then
+    runs the role."""
     deployment = config.deployment
     if not deployment.image_reference or \
             os.environ.get(FROM_IMAGE_ENV) == str(workload_root()):
@@ -77,24 +88,24 @@ def run_from_image(role: str, args_list: Sequence[str], config: ParticipantConfi
         del key
     emitter.log(f"{role}: pulled {source.reference}: signature verified, layers decrypted with "
                 f"the key released to this TD, unpacked in {pulled.bundle}; running from it")
-    root = str(pulled.workload_root)
-    env = {**os.environ, FROM_IMAGE_ENV: root, "PYTHONPATH": root}
-    child = subprocess.Popen([sys.executable, "-m", "trainer", *args_list], cwd=root, env=env,
-                             stdin=subprocess.PIPE, text=True)
-    bootstrap = {"platform": boot.platform.export_secret().hex()} if boot.platform else {}
-    assert child.stdin is not None
-    try:
-        # stdin stays open: when this stage ends (its launcher gone), the child sees EOF
-        child.stdin.write(json.dumps(bootstrap) + "\n")
-        child.stdin.flush()
-    except OSError:
-        pass  # it died at once; its exit code says so
-    del bootstrap
-    try:
-        return child.wait()
-    except KeyboardInterrupt:  # SIGTERM: the child got it too (same process group)
+    _exec_from(pulled.workload_root, args_list, boot)
+
+
+def _exec_from(root: Path, args_list: Sequence[str], boot: Bootstrap) -> NoReturn:
+    """Become ``python -m trainer <args>`` run from ``root`` (same pid, same stdin: the
+    launcher's pipe), handing the bootstrap over an in-memory descriptor."""
+    line = json.dumps({"platform": boot.platform.export_secret().hex()} if boot.platform else {})
+    env = {**os.environ, FROM_IMAGE_ENV: str(root), "PYTHONPATH": str(root)}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with secret_fd((line + "\n").encode()) as fd:
+        del line
+        os.set_inheritable(fd, True)
+        env[BOOTSTRAP_FD_ENV] = str(fd)
         try:
-            child.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-        raise
+            os.chdir(root)
+            # the same arguments, no shell: only the code it runs changes
+            os.execve(sys.executable, [sys.executable, "-m", "trainer", *args_list], env)  # noqa: S606
+        except OSError as e:
+            raise ImageError(f"cannot run the pulled workload from {root}: {e.strerror or e}.",
+                             fix="check the participant's folder (image/participants/).") from None
