@@ -185,9 +185,10 @@ class LabParameters:
     vault: bool = _param(True, "store checkpoints in the LUKS model vault")
     vault_size_mb: int = _param(64, "size of the LUKS volume file, MB", ge=8, le=1 << 20)
     workload_image: str = _param(
-        "off",
+        "auto",
         "local: ps0 and the workers pull the encrypted, signed workload image (key by attested "
-        "release) and run it; auto: when skopeo, umoci, docker-registry and gnupg are installed",
+        "release) and run it; auto: when skopeo, umoci, docker-registry and gnupg are installed "
+        "(make system-deps)",
         choices=("off", "auto", "on"),
     )
     # -- kubernetes backend

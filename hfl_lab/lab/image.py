@@ -57,8 +57,9 @@ LOCAL_RUNTIME = (
     "SIMULATED TDs with the lab's own Python and packages"
 )
 LOCAL_NOT_PULLED = (
-    "the local backend's participants do not pull it yet: they run this checkout, whose files "
-    "are the image's (the same MR_TD)"
+    "at the start of training (notebook 04, workload_image=auto|on) the backend publishes the "
+    "run's own image with a fresh layer key into the same image/ folder, and ps0 and the "
+    "workers pull that one with the key released to their attested TDs"
 )
 
 
