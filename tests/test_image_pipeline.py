@@ -5,9 +5,13 @@ decrypted only with the layer key the trust service releases to an attested part
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +47,7 @@ from hfl_lab.ratls import RaTlsIdentity
 from hfl_lab.tee import AttestationPolicy, measure_workload
 from hfl_lab.tee.sim.measure import workload_digest
 from hfl_lab.trust.proto import trust_pb2 as pb
+from tests.local_support import processes_mentioning
 from tests.security.test_secrets_after_run import _PRIVATE_KEY_PATTERNS
 from tests.td_support import measured, provider
 from tests.test_trust_service import connect, start
@@ -351,3 +356,26 @@ def test_a_pull_from_a_registry_that_is_gone_is_an_error_not_a_refusal(
 
     assert not isinstance(failed.value, ImageRefused)
     assert "registry" in (failed.value.fix or "")
+
+
+def test_the_registry_does_not_outlive_its_owner_killed_with_sigkill(tmp_path: Path) -> None:
+    # Arrange: a process that starts the run's registry, then is killed (no teardown runs)
+    script = ("import sys, time; from pathlib import Path; "
+              "from hfl_lab.image import LabRegistry, ToolRunner; "
+              f"r = LabRegistry(Path({str(tmp_path / 'registry')!r}), ToolRunner()).start(); "
+              "print('ready', flush=True); time.sleep(120)")
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
+    config = str(tmp_path / "registry" / "config.yml")
+    assert processes_mentioning(config)
+
+    # Act
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+
+    # Assert: its lifeline closed, the registry stopped by itself
+    deadline = time.monotonic() + 15
+    while processes_mentioning(config) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_mentioning(config) == []

@@ -5,11 +5,13 @@ and is dropped, and the server's key reaches ``docker-registry`` as an in-memory
 (``REGISTRY_HTTP_TLS_KEY=/dev/fd/N``), so neither is ever in a file. The folder keeps the
 public parts (``certs.d/ca.crt`` for clients, ``tls/server.crt``), the config
 (``config.yml``, no secrets), the storage (``storage/``) and the log (``registry.log``).
-:meth:`LabRegistry.close` stops it.
+:meth:`LabRegistry.close` stops it, and so does the end of this process, however it ends (the
+registry's shell watches a pipe this process holds).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
@@ -35,6 +37,15 @@ from hfl_lab.image.tools import ToolRunner, secret_fd
 __all__ = ["LabRegistry"]
 
 _HOST = "127.0.0.1"
+# The registry runs under a shell that also reads its stdin, a pipe this process holds: when
+# this process ends, even by SIGKILL (no teardown), the pipe closes and the registry is stopped,
+# as a participant stops when its launcher's pipe closes. The shell exits with the registry.
+# (A background job's stdin is /dev/null, so the watcher reads a copy, made once the registry
+# has started: the copy's number cannot clobber the key's descriptor in the registry.)
+_LIFELINE = (
+    '"$@" </dev/null & registry=$!; exec 7<&0; '
+    '(cat <&7 >/dev/null; kill "$registry" 2>/dev/null) & exec 7<&-; wait "$registry"'
+)
 
 
 def _free_port() -> int:
@@ -113,8 +124,9 @@ class LabRegistry(ClosingContext):
         started = time.monotonic()
         with secret_fd(key_pem) as fd, open(self.log_path, "ab") as log:
             self._process = self.runner.spawn(
-                "registry", argv, log=log, env={"REGISTRY_HTTP_TLS_KEY": f"/dev/fd/{fd}"},
-                pass_fds=(fd,))
+                "registry", ["sh", "-c", _LIFELINE, "hfl-lab-registry", *argv], log=log,
+                tool="docker-registry",
+                env={"REGISTRY_HTTP_TLS_KEY": f"/dev/fd/{fd}"}, pass_fds=(fd,))
             del key_pem
             self._wait_until_serving(ca_pem)
         self.runner.record("registry", argv, time.monotonic() - started,
@@ -150,13 +162,19 @@ class LabRegistry(ClosingContext):
     def close(self) -> None:
         """Stop the registry (SIGTERM, then SIGKILL); its storage stays in the folder."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        os.killpg(process.pid, signal.SIGTERM)
+        if process.stdin is not None:
+            process.stdin.close()  # the lifeline: the shell stops the registry
+        if process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
 
     def __repr__(self) -> str:

@@ -158,13 +158,14 @@ class ToolRunner:
 
     def spawn(
         self, step: str, argv: Sequence[str], *, log: IO[bytes], env: Mapping[str, str] | None,
-        pass_fds: Sequence[int] = (),
+        pass_fds: Sequence[int] = (), tool: str | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start a long-running ``argv`` (the registry); the caller records it once it serves
-        (:meth:`record`)."""
-        require_tools(argv[0])
+        """Start a long-running ``argv`` (the registry) in its own process group, its stdin a
+        pipe the caller holds; the caller records it once it serves (:meth:`record`).
+        ``tool`` is the command that must be installed (default ``argv[0]``)."""
+        require_tools(tool or argv[0])
         return subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            list(argv), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
             env=self._env(env), pass_fds=tuple(pass_fds), start_new_session=True,
         )
 
