@@ -14,13 +14,18 @@ export PYTHONHASHSEED := 0
 
 # Debian packages: cryptsetup (LUKS headers) and e2fsprogs (ext4 images) for the vault,
 # shellcheck for the tests of the operator scripts in native/, chromium for the real-browser
-# test of the notebooks (Playwright drives /usr/bin/chromium; no browser is downloaded).
+# test of the notebooks (Playwright drives /usr/bin/chromium; no browser is downloaded);
+# skopeo, umoci, docker-registry and gnupg for the workload image (build, encrypt, sign, a
+# registry on loopback, pull: hfl_lab/image/).
 system-deps:
 	@missing=""; \
 	command -v cryptsetup >/dev/null || missing="$$missing cryptsetup-bin"; \
 	command -v mke2fs >/dev/null && command -v debugfs >/dev/null || missing="$$missing e2fsprogs"; \
 	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
 	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	for tool in skopeo umoci docker-registry; do \
+	  command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	command -v gpg >/dev/null && command -v gpgconf >/dev/null || missing="$$missing gnupg"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
 	  else echo "please install:$$missing (sudo apt-get install$$missing)"; exit 1; fi; \

@@ -352,8 +352,9 @@ def startup(ctx: BenchContext) -> Measurement:
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         folder = Path(tmp)
         root = workload_snapshot(folder / "workload")
+        # no image pull: the plain baseline has none, and I-pull measures it on its own
         lab = LabConfig.profile("quick", workers=2, steps=10_000, vault=False,
-                                run_dir=str(folder / "run"))
+                                workload_image="off", run_dir=str(folder / "run"))
         if not lab.data_path:
             raise ConfigError("P3-startup needs CIFAR-10 (data_path).",
                               fix="put it in ../shared/data/cifar-10-subset.")

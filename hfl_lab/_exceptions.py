@@ -9,6 +9,8 @@
     ├── PolicyViolation          evidence is genuine but does not satisfy the policy
     ├── VaultError               the LUKS model volume or a checkpoint in it is unusable
     ├── BackendError             a participant process / pod could not be started or died
+    ├── ImageError               the workload image could not be built, pushed, signed or pulled
+    │   └── ImageRefused         a pull refused the image: unsigned, tampered, or no layer key
     ├── ApiError                 the Kubernetes API server answered with an error status (the
     │                            backend maps it to a BackendError that says what failed)
     ├── TensorValidationError    a tensor stream or tensor is not what the model expects
@@ -38,6 +40,8 @@ __all__ = [
     "ConfigError",
     "ExitCode",
     "HflLabError",
+    "ImageError",
+    "ImageRefused",
     "PeerUnreachable",
     "PolicyViolation",
     "QuoteFormatError",
@@ -157,6 +161,18 @@ class VaultError(HflLabError):
 
 class BackendError(HflLabError):
     """A participant could not be started, died, or the backend is unreachable."""
+
+
+class ImageError(HflLabError):
+    """The workload image could not be built, pushed, encrypted, signed, pulled or unpacked
+    (a tool is missing or failed; the message names the command and its last line)."""
+
+
+class ImageRefused(ImageError):
+    """A pull refused the image: its signature is missing or does not verify, a layer does not
+    match the signed manifest, or its layer key was not released (or does not decrypt it)."""
+
+    exit_code = ExitCode.REJECTED
 
 
 class ApiError(HflLabError):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bench.registry import REGISTRY, BenchContext, discover
+from hfl_lab.image import missing_tools
 
 QUICK = BenchContext(quick=True)
 
@@ -25,6 +26,8 @@ EXPECTED = {
     "P3-connect": ("s", "report", "ratio"),
     "P3-release": ("s", "report", "value"),
     "P4": ("s", "<= 0.03", "ratio"),
+    "I-build": ("s", "report", "value"),
+    "I-pull": ("s", "report", "value"),
 }
 
 
@@ -44,6 +47,18 @@ def test_push_pull_through_the_attested_ps_moves_every_byte() -> None:
     measured = measure_push_pull(QUICK, arrays=arrays, full_repeats=3)
 
     assert measured.value > 0 and measured.baseline is not None and measured.baseline > 0
+
+
+@pytest.mark.skipif(bool(missing_tools()), reason="needs skopeo, umoci, docker-registry and "
+                    "gnupg: run `make system-deps`")
+@pytest.mark.parametrize("bench_id", ["I-build", "I-pull"])
+def test_image_figures_run(bench_id: str) -> None:
+    discover()
+    (bench,) = REGISTRY.select([bench_id])
+
+    measured = bench.measure(QUICK)
+
+    assert 0 < measured.value < 30 and measured.baseline is None
 
 
 @pytest.mark.parametrize("bench_id", ["P3-issuance", "P3-connect", "P3-release"])

@@ -196,10 +196,13 @@ def test_no_participant_outlives_a_launcher_killed_with_sigkill(
     assert len(processes_mentioning(config_path)) == 4
     launcher.send_signal(signal.SIGKILL)  # no teardown runs
     launcher.wait()
+    registry = str(Path(config.run_dir).resolve() / "image" / "registry")  # workload_image
     deadline = time.monotonic() + 30
-    while processes_mentioning(config_path) and time.monotonic() < deadline:
+    while (processes_mentioning(config_path) or processes_mentioning(registry)) and \
+            time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_mentioning(config_path) == []
+    assert processes_mentioning(registry) == []
 
 
 def test_a_restarted_parameter_server_resumes_from_its_checkpoint_and_workers_carry_on(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from hfl_lab._exceptions import ConfigError, HflLabError
 from hfl_lab.vault.checkpoints import CheckpointStore
 from hfl_lab.vault.directory_store import DirectoryCheckpointStore
+from trainer.image_boot import run_from_image
 from trainer.participant import (
     Emitter,
     MeshSession,
@@ -127,9 +128,10 @@ def open_checkpoint_store(
 
 def run_ps(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
            stop: threading.Event) -> int:
+    config = ParticipantConfig.load(args.config)
+    run_from_image("ps0", args_list, config, emitter)  # with an image: pull, exec, no return
     from trainer.serving import build_parameter_server  # lazy: TensorFlow
 
-    config = ParticipantConfig.load(args.config)
     participant = _participant("ps0", args_list, config, emitter)
     trust = participant.connect_trust()
     session = MeshSession(participant, trust, participant.attest(trust),
@@ -167,8 +169,6 @@ def run_ps(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
 
 
 def run_worker(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter) -> int:
-    from trainer.serving import build_worker  # lazy: TensorFlow
-
     config = ParticipantConfig.load(args.config)
     if args.index >= config.lab.workers:
         raise ConfigError(
@@ -176,6 +176,9 @@ def run_worker(args: argparse.Namespace, args_list: Sequence[str], emitter: Emit
             fix=f"use an index from 0 to {config.lab.workers - 1}.",
         )
     role = f"worker{args.index}"
+    run_from_image(role, args_list, config, emitter)  # with an image: pull, exec, no return
+    from trainer.serving import build_worker  # lazy: TensorFlow
+
     participant = _participant(role, args_list, config, emitter)
     trust = participant.connect_trust()
     session = MeshSession(participant, trust, participant.attest(trust),

@@ -48,6 +48,7 @@ from hfl_lab.trust.service import event_for
 from trainer.participant_config import ParticipantConfig
 
 __all__ = [
+    "BOOTSTRAP_FD_ENV",
     "BOOTSTRAP_FILE_ENV",
     "Bootstrap",
     "Emitter",
@@ -68,6 +69,10 @@ EXIT_ORPHANED = 3
 DEBUG_TD_ENV = "HFL_LAB_SIM_DEBUG"
 #: in a pod: the file (a tmpfs Secret volume) that holds the bootstrap line instead of stdin
 BOOTSTRAP_FILE_ENV = "HFL_LAB_BOOTSTRAP_FILE"
+#: set by a participant's image stage (:mod:`trainer.image_boot`) when it execs the workload it
+#: pulled: the file descriptor (in memory) holding the bootstrap line it read from the launcher;
+#: stdin is still the launcher's pipe, and is watched for EOF as usual
+BOOTSTRAP_FD_ENV = "HFL_LAB_BOOTSTRAP_FD"
 
 
 @dataclass(frozen=True)
@@ -88,15 +93,18 @@ def read_bootstrap(stream: TextIO | None = None, *, watch: bool = True) -> Boots
 
     With no launcher (stdin a terminal or /dev/null) the bootstrap is empty. When no ``stream``
     is given and ``$HFL_LAB_BOOTSTRAP_FILE`` is set (a pod), the bootstrap comes from that file
-    instead, and nothing watches stdin: the pod's lifetime is Kubernetes' business.
+    instead, and nothing watches stdin: the pod's lifetime is Kubernetes' business. When
+    ``$HFL_LAB_BOOTSTRAP_FD`` is set (the workload exec'd by its image stage), the line comes from
+    that descriptor, which is then closed, and stdin (the launcher's pipe) is watched.
     """
     path = os.environ.get(BOOTSTRAP_FILE_ENV, "") if stream is None else ""
     if path:
         return _read_bootstrap_file(Path(path))
+    handed = os.environ.pop(BOOTSTRAP_FD_ENV, "") if stream is None else ""
     stream = stream or sys.stdin
     if stream is None or stream.closed or stream.isatty():
         return Bootstrap()
-    line = stream.readline()
+    line = _handed_line(handed) if handed else stream.readline()
     if not line.strip():
         return Bootstrap()
     try:
@@ -108,6 +116,17 @@ def read_bootstrap(stream: TextIO | None = None, *, watch: bool = True) -> Boots
         threading.Thread(target=_exit_on_eof, args=(stream,), daemon=True,
                          name="launcher-watch").start()
     return boot
+
+
+def _handed_line(fd_text: str) -> str:
+    try:
+        with open(int(fd_text), encoding="utf-8", closefd=True) as handed:
+            return handed.readline()
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"the bootstrap descriptor {BOOTSTRAP_FD_ENV}={fd_text!r} cannot be read "
+            f"({type(e).__name__}).",
+            fix="start participants through a backend (hfl_lab.backends.local).") from None
 
 
 def _read_bootstrap_file(path: Path) -> Bootstrap:

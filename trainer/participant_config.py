@@ -55,6 +55,16 @@ class Deployment:
     data_source: str = ""
     ready_file: str = ""
     connect_timeout_s: float = 120.0
+    #: the workload image ps0 and the workers pull before they run (local backend, issue 19):
+    #: its reference pinned by digest, the signature policy and its SHA-256 (the file is the
+    #: host's; this document is measured), the lookaside config, the registry's CA folder, and
+    #: where each participant unpacks it (``<image_dir>/<role>``); empty: no pull
+    image_reference: str = ""
+    image_policy: str = ""
+    image_policy_sha256: str = ""
+    image_registries_d: str = ""
+    image_cert_dir: str = ""
+    image_dir: str = ""
 
     def __post_init__(self) -> None:
         for name in ("trust_address", "ps_address"):

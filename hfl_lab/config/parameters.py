@@ -184,6 +184,13 @@ class LabParameters:
     cert_lifetime_s: float = _param(900.0, "lifetime of mesh certificates, seconds", gt=0)
     vault: bool = _param(True, "store checkpoints in the LUKS model vault")
     vault_size_mb: int = _param(64, "size of the LUKS volume file, MB", ge=8, le=1 << 20)
+    workload_image: str = _param(
+        "auto",
+        "local: ps0 and the workers pull the encrypted, signed workload image (key by attested "
+        "release) and run it; auto: when skopeo, umoci, docker-registry and gnupg are installed "
+        "(make system-deps)",
+        choices=("off", "auto", "on"),
+    )
     # -- kubernetes backend
     kubeconfig: str | None = _param(
         None, "kubeconfig file; default $KUBECONFIG or ~/.kube/config", path=True

@@ -4,7 +4,12 @@
 - a DEBUG TD: refused (its memory is readable by the host);
 - a MITM server relaying the trust service's genuine evidence under its own key: the lab's
   client refuses it before sending anything (the evidence does not bind the MITM's key);
-- a client without attestation asking for the volume key: the key broker refuses it.
+- a client without attestation asking for the volume key: the key broker refuses it;
+- where skopeo, umoci, docker-registry and gnupg are installed, three attacks on the workload
+  image (issue 19): an image someone pushed under the run's tag without the owner's signature
+  and one whose layer was changed after signing (a participant's pull through the owner's
+  ``signedBy`` policy refuses both), and a client without attestation asking for the image's
+  layer key (the key broker refuses it).
 
 Genuine participants are attested first (the control), so the matrix shows that the defenses
 refuse the attacks and only the attacks. Verdict tables come from :mod:`hfl_lab.attestation`.
@@ -16,7 +21,8 @@ import datetime as dt
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +32,25 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hfl_lab._exceptions import AttestationError, ConfigError, PolicyViolation
+from hfl_lab._exceptions import AttestationError, ConfigError, ImageRefused, PolicyViolation
 from hfl_lab._x509 import self_signed
 from hfl_lab.attestation import verify_endpoint
 from hfl_lab.events import LabEvent
+from hfl_lab.image import (
+    IMAGE_APP_ID,
+    LAYER_KEY_NAME,
+    LabRegistry,
+    LayerKey,
+    PublishedImage,
+    ToolRunner,
+    image_release_policy,
+    missing_tools,
+    publish_workload_image,
+    pull_image,
+    register_layer_key,
+)
+from hfl_lab.image.layout import build_workload_image
+from hfl_lab.image.signing import owner_push_policy
 from hfl_lab.lab.notebook import Table, TableReport
 from hfl_lab.lab.trust import LabTrustService, VerdictView
 from hfl_lab.ratls import evidence_ext
@@ -48,10 +69,14 @@ __all__ = [
     "AttackOutcome",
     "AttackReport",
     "debug_td",
+    "image_attacks",
     "mitm_server",
     "modified_worker",
     "run_attacks",
+    "tampered_image_layer",
     "unattested_key_request",
+    "unattested_layer_key_request",
+    "unsigned_image",
 ]
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -259,16 +284,19 @@ def mitm_server(trust: LabTrustService) -> AttackOutcome:
     )
 
 
-def unattested_key_request(trust: LabTrustService, role: str = "owner") -> AttackOutcome:
-    """A client with no TD evidence at all asks the key broker for the volume key."""
+def unattested_key_request(
+    trust: LabTrustService, role: str = "owner", *, app_id: str = DEFAULT_APP_ID,
+    name: str = VOLUME_SECRET_NAME, subject: str = "client without attestation",
+) -> AttackOutcome:
+    """A client with no TD evidence at all asks the key broker for a secret (the volume key)."""
 
-    secret = f"{DEFAULT_APP_ID}/{VOLUME_SECRET_NAME}"
+    secret = f"{app_id}/{name}"
     attempt = f"a client without attestation asks for {secret} as {role}"
     key = ec.generate_private_key(ec.SECP256R1())
     with trust.client() as client:
         challenge = client.stub.GetChallenge(pb.ChallengeRequest(role=role), timeout=30)
         request = pb.ReleaseRequest(
-            app_id=DEFAULT_APP_ID, name=VOLUME_SECRET_NAME, role=role, nonce=challenge.nonce,
+            app_id=app_id, name=name, role=role, nonce=challenge.nonce,
             public_key=spki_der(key.public_key()), evidence_json="",
         )
         try:
@@ -279,13 +307,91 @@ def unattested_key_request(trust: LabTrustService, role: str = "owner") -> Attac
             refused = True
         else:
             reason, refused = "the key was released", False
-    verdict = Verdict(evidence_kind="none", subject="client without attestation",
-                      verifier="key-broker")
+    verdict = Verdict(evidence_kind="none", subject=subject, verifier="key-broker")
     verdict.add("evidence", False, "TDX evidence binding the key and the challenge", "none",
                 reason)
     trust.publish(event_for(verdict))
     return AttackOutcome("client without attestation", attempt, refused, "key broker", reason,
                          verdict)
+
+
+# ---------------------------------------------------------------------- the workload image
+
+
+@contextmanager
+def _published_image() -> Iterator[tuple[LabRegistry, PublishedImage, LayerKey, Path]]:
+    """The lab's workload image, built, encrypted, signed and pushed to a registry of its own
+    (stopped afterwards), and the layer key the trust service would hold."""
+    with tempfile.TemporaryDirectory(prefix="hfl-lab-image-attack-") as tmp:
+        runner = ToolRunner()
+        key = LayerKey()
+        with LabRegistry(Path(tmp) / "registry", runner) as registry:
+            registry.start()
+            published = publish_workload_image(Path(tmp) / "image", registry, key.public_pem,
+                                               root=_REPO, runner=runner)
+            yield registry, published, key, Path(tmp)
+
+
+def _pull_outcome(name: str, attempt: str, published: PublishedImage, key: LayerKey,
+                  folder: Path, trust: LabTrustService) -> AttackOutcome:
+    """A participant's pull through the owner's policy; refused or not, as a verdict."""
+    try:
+        pull_image(published.source, key.private_pem(), folder / "worker0", who="worker0")
+    except ImageRefused as refusal:
+        reason, refused = refusal.message, True
+    else:
+        reason, refused = "the image was pulled, decrypted and unpacked", False
+    verdict = Verdict(evidence_kind="image", subject=name, verifier="image policy")
+    verdict.add("signature", not refused, "signed by the run's key over this manifest",
+                "refused" if refused else "accepted", reason)
+    trust.publish(event_for(verdict))
+    return AttackOutcome(name, attempt, refused, "the participant's pull (signature policy)",
+                         reason, verdict)
+
+
+def unsigned_image(trust: LabTrustService) -> AttackOutcome:
+    """Someone with push access replaces the run's image tag with an image of their own."""
+    with _published_image() as (registry, published, key, folder):
+        copy = folder / "tampered"
+        _one_byte_changed_copy(copy)
+        runner = ToolRunner()
+        theirs = build_workload_image(runner, copy, folder / "theirs")
+        push_policy = folder / "push-policy.json"
+        push_policy.write_text(json.dumps(owner_push_policy()))
+        runner.run("push", ["skopeo", "copy", "--quiet", "--policy", str(push_policy),
+                            "--dest-cert-dir", str(registry.cert_dir), theirs.reference,
+                            f"docker://{published.source.reference}"])
+        attempt = (f"an image with one byte changed, pushed without the owner's signature "
+                   f"under the tag the participants pull ({published.source.reference})")
+        return _pull_outcome("unsigned image", attempt, published, key, folder, trust)
+
+
+def tampered_image_layer(trust: LabTrustService) -> AttackOutcome:
+    """The registry's storage admin changes one byte of the signed image's (encrypted) layer."""
+    with _published_image() as (registry, published, key, folder):
+        digest = published.encrypted.layers[0].digest
+        blob = next((registry.folder / "storage").rglob(f"{digest.split(':')[1]}/data"))
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        blob.write_bytes(bytes(data))
+        attempt = f"one byte of the signed image's layer {digest[:19]}… changed in the registry"
+        return _pull_outcome("image layer modified after signing", attempt, published, key,
+                             folder, trust)
+
+
+def unattested_layer_key_request(trust: LabTrustService, role: str = "worker0") -> AttackOutcome:
+    """The owner registers the image's layer key for ps0 and the workers; a client with no TD
+    evidence asks for it."""
+    key = LayerKey()
+    roles = {r: m for r, m in trust.measurements.items() if r.startswith(("ps", "worker"))}
+    with trust.client() as client:
+        register_layer_key(client, key, image_release_policy(roles, base=trust.policy),
+                           trust.admin_token)
+    del key
+    outcome = unattested_key_request(trust, role, app_id=IMAGE_APP_ID, name=LAYER_KEY_NAME,
+                                     subject="client without attestation (layer key)")
+    outcome.name = "layer key without attestation"
+    return outcome
 
 
 Attack = Callable[[LabTrustService], AttackOutcome]
@@ -295,6 +401,17 @@ ATTACKS: dict[str, Attack] = {
     "MITM server": mitm_server,
     "client without attestation": unattested_key_request,
 }
+#: the workload image's attacks: they need the image tools (``make system-deps``)
+IMAGE_ATTACKS: dict[str, Attack] = {
+    "unsigned image": unsigned_image,
+    "image layer modified after signing": tampered_image_layer,
+    "layer key without attestation": unattested_layer_key_request,
+}
+
+
+def image_attacks() -> dict[str, Attack]:
+    """The image attacks this machine can run: all three, or none without the tools."""
+    return {} if missing_tools() else dict(IMAGE_ATTACKS)
 
 
 def _controls(trust: LabTrustService) -> list[str]:
@@ -317,13 +434,14 @@ def run_attacks(
     names: list[str] | None = None,
 ) -> AttackReport:
     """The controls, then every attack (or those in ``names``), live against ``trust``."""
-    unknown = sorted(set(names or ()) - set(ATTACKS))
+    known = {**ATTACKS, **IMAGE_ATTACKS}
+    unknown = sorted(set(names or ()) - set(known))
     if unknown:
         raise ConfigError(
-            f"unknown attack(s) {', '.join(unknown)}.", fix=f"use: {', '.join(ATTACKS)}."
+            f"unknown attack(s) {', '.join(unknown)}.", fix=f"use: {', '.join(known)}."
         )
     report = AttackReport([], _controls(trust))
-    for name, attack in ATTACKS.items():
+    for name, attack in {**ATTACKS, **image_attacks()}.items():
         if names is not None and name not in names:
             continue
         outcome = attack(trust)

@@ -1,11 +1,16 @@
 """Notebook 03: build and measure the trainer image, and derive the policy's reference values.
 
-On ``local`` the image is the lab's own source tree, measured the way the simulated TD measures
-it (MR_TD over every trainer/hfl_lab source file), and the reference values come from that
-measurement through ``hfl-lab attest policy --from-evidence``'s function, then are checked with
-``hfl-lab attest verify``'s. On ``kubernetes`` the container image is built, encrypted and signed
-with docker, skopeo and cosign when they are installed; otherwise each step says why it was
-skipped and what to run.
+On ``local`` the workload image is made for real (:mod:`hfl_lab.image`): umoci builds an OCI
+image from exactly the files the simulated TD's MR_TD measures, skopeo encrypts its layers for
+a key pair made in memory, pushes it to a ``docker-registry`` on loopback (TLS from a lab CA)
+and signs it with a GPG key made for the run, and a pull through the ``signedBy`` policy
+verifies, decrypts and unpacks it, and the unpacked files are measured again. Each step is a
+row with its command, time and digest; the layers' media types are shown before and after
+encryption. Where the tools are missing, the step says so and names ``make system-deps``. The
+reference values come from the measurement through ``hfl-lab attest policy
+--from-evidence``'s function, then are checked with ``hfl-lab attest verify``'s. On
+``kubernetes`` the container image is built, encrypted and signed with docker, skopeo and
+cosign when they are installed; otherwise each step says why it was skipped and what to run.
 """
 
 from __future__ import annotations
@@ -19,20 +24,42 @@ from typing import Any
 from hfl_lab.attestation import policy_from_evidence, policy_text, verify_evidence
 from hfl_lab.backends.kubernetes import image as tools
 from hfl_lab.config import LabConfig
+from hfl_lab.image import (
+    SYSTEM_DEPS_FIX,
+    LabRegistry,
+    LayerKey,
+    PublishedImage,
+    PulledImage,
+    ToolRecord,
+    ToolRunner,
+    missing_tools,
+    publish_workload_image,
+    pull_image,
+)
 from hfl_lab.lab.notebook import Table
 from hfl_lab.lab.trust import OWNER_ROLE, VerdictView, lab_roles
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.providers.simulated import SimulatedTdProvider
-from hfl_lab.tee.sim.measure import TdMeasurements, measure_workload, source_files
+from hfl_lab.tee.sim.measure import (
+    TdMeasurements,
+    measure_workload,
+    source_files,
+    workload_digest,
+)
 from hfl_lab.tee.sim.platform import SimulatedPlatform
 from hfl_lab.tee.verdict import Verdict
 
 __all__ = ["ImageReport", "ImageStep", "measure_image"]
 
 _REPO = Path(__file__).resolve().parents[2]
-LOCAL_REASON = (
-    "backend=local: the participants run this source tree in SIMULATED TDs, so no container "
-    "image is built, encrypted or signed"
+LOCAL_RUNTIME = (
+    "the image holds the workload's code only: on backend=local the participants run in "
+    "SIMULATED TDs with the lab's own Python and packages"
+)
+LOCAL_NOT_PULLED = (
+    "at the start of training (notebook 04, workload_image=auto|on) the backend publishes the "
+    "run's own image with a fresh layer key into the same image/ folder, and ps0 and the "
+    "workers pull that one with the key released to their attested TDs"
 )
 
 
@@ -44,6 +71,13 @@ class ImageStep:
     status: str
     detail: str
     command: str = ""
+    digest: str = ""
+    seconds: float | None = None
+
+    @classmethod
+    def from_record(cls, record: ToolRecord, detail: str = "") -> ImageStep:
+        return cls(record.step, "done", detail, record.command_line, record.digest,
+                   record.seconds)
 
 
 @dataclass
@@ -57,12 +91,46 @@ class ImageReport:
     policy_text: str
     verdict: Verdict | None = None
     files: dict[str, str] = field(default_factory=dict)
+    published: PublishedImage | None = None
+
+    def timings(self) -> dict[str, float]:
+        """Seconds to make the image (build to verify) and to pull it (pull + unpack), and its
+        layers' bytes; empty when no image was made."""
+        made = [s for s in self.steps if s.seconds is not None and s.name != "registry"]
+        pull = sum(s.seconds or 0.0 for s in made if s.name in ("pull", "unpack"))
+        if self.published is None or not made:
+            return {}
+        return {"build_encrypt_push_sign_verify_s": round(sum(s.seconds or 0.0 for s in made)
+                                                          - pull, 3),
+                "pull_verify_decrypt_unpack_s": round(pull, 3),
+                "image_bytes": float(self.published.encrypted.size)}
 
     def table(self) -> Table:
-        table = Table(("step", "status", "detail", "command"), title="the trainer image")
+        table = Table(("step", "status", "seconds", "digest", "detail", "command"),
+                      title="the trainer image")
         for s in self.steps:
             color = {"done": "#dafbe1", "failed": "#ffebe9"}.get(s.status, "")
-            table.add(s.name, s.status.upper(), s.detail, s.command, color=color)
+            seconds = f"{s.seconds:.3f}" if s.seconds is not None else ""
+            table.add(s.name, s.status.upper(), seconds, _short_digest(s.digest), s.detail,
+                      s.command, color=color)
+        return table
+
+    def layers_table(self) -> Table | None:
+        """The layers' media types before and after encryption (None: no image was built)."""
+        if self.published is None:
+            return None
+        t = self.timings()
+        table = Table(("image", "manifest", "layer media type", "bytes"),
+                      title="layers before and after encryption",
+                      note="the registry and image/oci/ hold only the encrypted layers. Build "
+                      f"+ encrypt + push + sign + verify: {t['build_encrypt_push_sign_verify_s']}"
+                      f" s; pull + verify + decrypt + unpack: {t['pull_verify_decrypt_unpack_s']}"
+                      " s.")
+        for name, image in (("built (plain)", self.published.plain),
+                            ("pushed (encrypted, signed)", self.published.encrypted)):
+            for layer in image.layers:
+                table.add(name, _short_digest(image.manifest_digest), layer.media_type,
+                          layer.size)
         return table
 
     def measurements_table(self) -> Table:
@@ -81,11 +149,16 @@ class ImageReport:
             return None
         return VerdictView(self.verdict, "the reference TD under the derived policy")
 
+    def _tables(self) -> list[Table]:
+        layers = self.layers_table()
+        return [self.table(), *([layers] if layers is not None else []),
+                self.measurements_table()]
+
     def __repr__(self) -> str:
-        return f"{self.table().to_text()}\n\n{self.measurements_table().to_text()}"
+        return "\n\n".join(t.to_text() for t in self._tables())
 
     def _repr_html_(self) -> str:
-        return self.table()._repr_html_() + self.measurements_table()._repr_html_()
+        return "".join(t._repr_html_() for t in self._tables())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,12 +168,19 @@ class ImageReport:
             "policy": self.policy.to_dict(),
             "reference_accepted": self.verdict.accepted if self.verdict is not None else None,
             "files": self.files,
+            "pipeline": self.published.to_dict() if self.published is not None else None,
+            "timings": self.timings(),
         }
 
 
 def _short(value: bytes) -> str:
     text = value.hex()
     return f"{text[:12]}…{text[-4:]}"
+
+
+def _short_digest(digest: str) -> str:
+    algorithm, _, value = digest.partition(":")
+    return f"{algorithm}:{value[:12]}…" if value else digest
 
 
 def _tree_step() -> ImageStep:
@@ -128,9 +208,7 @@ def _tool_steps(config: LabConfig) -> list[ImageStep]:
     steps = []
     for step, tool, argv in planned:
         command = " ".join(argv)
-        if config.backend == "local":
-            steps.append(ImageStep(step, "skipped", LOCAL_REASON, command))
-        elif shutil.which(tool) is None:
+        if shutil.which(tool) is None:
             steps.append(ImageStep(step, "skipped", f"{tool} is not installed here: "
                                    f"{tools.INSTALL[tool]}", command))
         else:
@@ -138,14 +216,89 @@ def _tool_steps(config: LabConfig) -> list[ImageStep]:
     return steps
 
 
+def _local_pipeline(out: Path) -> tuple[list[ImageStep], PublishedImage | None]:
+    """Build, encrypt, push, sign, verify, then pull as a participant does; the registry runs
+    for this step only and is stopped at its end (its storage stays in ``image/registry/``)."""
+    missing = missing_tools()
+    if missing:
+        return [ImageStep("encrypted, signed image", "skipped",
+                          f"{', '.join(missing)} not installed here: {SYSTEM_DEPS_FIX}",
+                          "make system-deps")], None
+    runner = ToolRunner()
+    key = LayerKey()
+    with LabRegistry(out / "registry", runner) as registry:
+        registry.start()
+        published = publish_workload_image(out, registry, key.public_pem, root=_REPO,
+                                           runner=runner)
+        pulled = pull_image(published.source, key.private_pem(), out / "pull-check",
+                            who="the owner's check", runner=runner)
+    del key
+    labels = published.plain.config.get("config", {}).get("Labels") or {}
+    files = labels.get("io.hfl-lab.workload.files", "?")
+    details = {
+        "registry": f"docker-registry on {registry.address}, TLS from a lab CA made in memory "
+        "(digest: the CA certificate); stopped at the end of this step",
+        "build": f"umoci, rootless: the {files} files MR_TD measures, under /app, entrypoint "
+        f"python -m trainer; {LOCAL_RUNTIME}",
+        "encrypt": "skopeo: each layer encrypted (JWE, ECDH-ES+A256KW) for a P-384 key made in "
+        "memory; its private half is for the trust service's key broker only",
+        "push and sign": f"skopeo: pushed and signed (GPG simple signing, key "
+        f"{published.fingerprint[-16:]} made for this run, its keyring removed after this "
+        "step); signature in image/signatures/",
+        "verify": "skopeo through image/policy.json (signedBy the run's key, all else refused) "
+        "into image/oci/, the encrypted image an outsider can check",
+        "pull": "as a participant's TD: verified, decrypted with the layer key (an in-memory "
+        f"fd; here the owner's copy, on a run the trust service's attested release); "
+        f"{LOCAL_NOT_PULLED}",
+        "unpack": "umoci unpack --rootless into the participant's folder",
+        "build: layout": "umoci: a new OCI layout (image/build/, removed once encrypted)",
+        "build: insert the workload": "umoci: one layer, file times fixed",
+        "sign: key": "gpg: the run's signing key, in a temporary keyring (memory-backed "
+        "/dev/shm where there is one)",
+    }
+    steps = [ImageStep.from_record(r, details.get(r.step, "")) for r in runner.records]
+    same = workload_digest(pulled.workload_root) == workload_digest(_REPO)
+    steps.append(_measured_pull_step(pulled, same))
+    shutil.rmtree(out / "pull-check", ignore_errors=True)  # decrypted code: not kept
+    return steps, published
+
+
+def _measured_pull_step(pulled: PulledImage, same: bool) -> ImageStep:
+    digest = "mr_td:" + measure_workload(role="ps0", root=pulled.workload_root).mr_td.hex()
+    if same:
+        return ImageStep("measure the pulled workload", "done",
+                         "MR_TD of the unpacked files equals the reference's", "", digest)
+    return ImageStep("measure the pulled workload", "failed",
+                     "the unpacked files differ from this checkout: a participant running "
+                     "them would be refused", "", digest)
+
+
+def _cosign_step(published: PublishedImage | None) -> ImageStep:
+    target = (f"{published.source.reference.rsplit(':', 1)[0]}@{published.source.digest}"
+              if published is not None else "<image>@<digest>")
+    command = f"cosign sign --key cosign.key {target}"
+    if shutil.which("cosign") is None:
+        return ImageStep("sign (cosign)", "skipped",
+                         "cosign is not installed here, and Debian's skopeo has sigstore "
+                         f"signing disabled: {tools.INSTALL['cosign']}", command)
+    return ImageStep("sign (cosign)", "planned", "cosign is installed: run it on this digest "
+                     "and write a sigstoreSigned policy (not done by the lab yet)", command)
+
+
 def measure_image(config: LabConfig, *, folder: str | Path | None = None) -> ImageReport:
-    """Measure every role, derive the reference policy from the evidence, check it accepts."""
+    """Measure every role, derive the reference policy from the evidence, check it accepts;
+    on ``local`` also make the workload image for real (see the module's docstring)."""
     out = Path(folder) if folder is not None else Path(config.run_dir) / "image"
     out.mkdir(parents=True, exist_ok=True)
     run = {"run_dir": str(Path(config.run_dir).resolve()), "workers": config.workers}
     roles = [*lab_roles(config), OWNER_ROLE]
     measurements = {role: measure_workload(role=role, config=run) for role in roles}
-    steps = [_tree_step(), *_tool_steps(config)]
+    published: PublishedImage | None = None
+    if config.backend == "local":
+        pipeline, published = _local_pipeline(out)
+        steps = [_tree_step(), *pipeline, _cosign_step(published)]
+    else:
+        steps = [_tree_step(), *_tool_steps(config)]
 
     # The reference TD: ps0, as the simulated TD reports it; the same functions as the CLI's.
     platform = SimulatedPlatform.generate()
@@ -168,6 +321,10 @@ def measure_image(config: LabConfig, *, folder: str | Path | None = None) -> Ima
         json.dumps({r: [e.__dict__ for e in m.events] for r, m in measurements.items()},
                    indent=2) + "\n"
     )
-    report = ImageReport(config.backend, steps, measurements, policy, text, verdict, files)
+    if published is not None:
+        files.update({f"image_{k}": v for k, v in published.files.items()})
+        files["pipeline"] = str(out / "pipeline.json")
+    report = ImageReport(config.backend, steps, measurements, policy, text, verdict, files,
+                         published)
     (out / "image.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report

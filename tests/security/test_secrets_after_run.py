@@ -8,7 +8,8 @@ Searched for, byte for byte (raw and hex, upper and lower case):
 - the owner secret itself.
 The TD private keys (mesh and RA-TLS keys) and the trust service's CA key exist only inside
 their processes, so no test can name them; instead every file is searched for any private key
-encoding at all: PEM ``PRIVATE KEY`` blocks, DER PKCS#8 and SEC1 EC private keys.
+encoding at all: PEM ``PRIVATE KEY`` blocks, DER PKCS#8 and SEC1 EC private keys, and armored
+OpenPGP secret keys (the workload image's signer: notebook 03 signs it, ``image/`` is scanned).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ _PRIVATE_KEY_PATTERNS = [
     re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
     re.compile(rb"\x02\x01\x00\x30\x13\x06\x07\x2a\x86\x48\xce\x3d\x02\x01"),
     re.compile(rb"\x30(?:\x77|\x81.)\x02\x01\x01\x04[\x20\x30]", re.DOTALL),
+    re.compile(rb"-----BEGIN PGP PRIVATE KEY BLOCK-----"),
 ]
 
 

@@ -20,10 +20,15 @@ into the volume, signed. The trust service seals its state (the passphrase inclu
 public parts the trusted node needs to check provenance offline (the lab platform's root and
 collateral, the volume's release policy) are in ``<run_dir>/trust/``.
 
+With ``workload_image`` on, ps0 and the workers run the encrypted, signed workload image they
+pulled, with the layer key released to their attested TDs (:mod:`.image_side`,
+:mod:`trainer.image_boot`); the trust service runs this checkout.
+
 This module prepares a run (its config, policy and reference measurements), starts it, turns the
 participants' events into a :class:`TrainingResult` and tears it down. :mod:`.processes` launches
 and watches the participant processes, :mod:`.owner_side` does the owner's part of the vault,
-and :mod:`.preflight` checks the machine.
+:mod:`.image_side` the owner's part of the workload image, and :mod:`.preflight` checks the
+machine.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from typing import Any
 from hfl_lab import owner
 from hfl_lab._exceptions import BackendError, ConfigError
 from hfl_lab.backends.base import PreflightCheck, ProgressCallback
+from hfl_lab.backends.local.image_side import WorkloadImageSide
 from hfl_lab.backends.local.owner_side import OwnerSide
 from hfl_lab.backends.local.preflight import local_checks
 from hfl_lab.backends.local.processes import (
@@ -55,6 +61,7 @@ from hfl_lab.backends.local.processes import (
 )
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
+from hfl_lab.image import LabRegistry, LayerKey, PublishedImage
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.sim.measure import TdMeasurements, measure_workload
 from hfl_lab.tee.sim.platform import SimulatedPlatform
@@ -83,7 +90,7 @@ class TrainingResult:
         return float(value) if value is not None else None
 
 
-class LocalBackend(ParticipantProcesses, OwnerSide):
+class LocalBackend(ParticipantProcesses, OwnerSide, WorkloadImageSide):
     """Runs a lab on this machine; the notebooks and ``hfl-lab run`` drive it."""
 
     name = "local"
@@ -130,6 +137,11 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
         self.platform_path = self.trust_dir / "platform.json"
         self.volume_policy_path = self.trust_dir / "volume_policy.yaml"
         self.vault_info: Any = None
+        #: the workload image (workload_image): the run's registry, what was published, and
+        #: the layer key until the key broker holds it (memory only)
+        self.registry: LabRegistry | None = None
+        self.published_image: PublishedImage | None = None
+        self._layer_key: LayerKey | None = None
         self.participants: dict[str, ParticipantProcess] = {}
         self.result: TrainingResult | None = None
         self._queue: queue.Queue[Any] = queue.Queue()
@@ -189,6 +201,7 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
             ps_port = free_port()
         self.trust_address = f"127.0.0.1:{trust_port}"
         self.ps_address = f"127.0.0.1:{ps_port}"
+        image = self._publish_image() if self.image_enabled() else {}
         deployment = Deployment(
             trust_address=self.trust_address,
             ps_address=self.ps_address,
@@ -201,6 +214,7 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
             policy_key=owner.policy_key(self.admin_token),
             data_dir=self.config.data_path,
             connect_timeout_s=self.connect_timeout_s,
+            **image,
         )
         ParticipantConfig.write(self.config_path, deployment, self.config)
         document = ParticipantConfig.load(self.config_path).measured()
@@ -257,6 +271,8 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
         self._wait_roles(["trust"], self.connect_timeout_s, None)
         if self.vault_path is not None:
             self._provision_vault(self.vault_path)
+        if self.published_image is not None:
+            self._register_layer_key()
         for role in self.training_roles:
             self._launch(self.participants[role])
 
@@ -367,5 +383,6 @@ class LocalBackend(ParticipantProcesses, OwnerSide):
                             stream.close()
             for t in p.threads:
                 t.join(timeout=5)
+        self._stop_registry()
         self._queue.put(END_OF_EVENTS)
         atexit.unregister(self.teardown)

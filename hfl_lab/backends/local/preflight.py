@@ -11,13 +11,15 @@ from hfl_lab._exceptions import HflLabError
 from hfl_lab.backends.base import PreflightCheck
 from hfl_lab.backends.local.processes import free_port
 from hfl_lab.config import LabConfig
+from hfl_lab.image import PIPELINE_TOOLS, SYSTEM_DEPS_FIX, missing_tools
 from trainer.data import BATCHES_DIR, TEST_FILE, TRAIN_FILES
 
 
 def local_checks(
     config: LabConfig, *, python: str, run_dir: Path, processes: int
 ) -> list[PreflightCheck]:
-    """Python, packages, data, loopback, run folder, cores and evidence for a local run."""
+    """Python, packages, data, loopback, run folder, cores, the workload image's tools and
+    evidence for a local run."""
     checks = [
         PreflightCheck(
             "python", sys.version_info >= (3, 11),
@@ -45,12 +47,25 @@ def local_checks(
         "cpu", True,
         f"{cpus} cores for {processes} participant processes"
         + (" (they will share cores; training is slower)" if cpus < processes else "")))
+    checks.append(_image_tools_check(config))
     checks.append(PreflightCheck(
         "evidence", config.allow_simulated,
         "SIMULATED TDs (no TDX on this backend): real quote format, lab-local keys, "
         "NOT secure" if config.allow_simulated else "simulated TDs are not allowed",
         "set allow_simulated=True for the local backend, or use the kubernetes backend"))
     return checks
+
+
+def _image_tools_check(config: LabConfig) -> PreflightCheck:
+    """Which of the workload image's tools are here; a failure only when the run needs them
+    (``workload_image=on``); otherwise notebook 03 says which step it skipped."""
+    missing = missing_tools()
+    found = [name for name in PIPELINE_TOOLS if name not in missing]
+    detail = (f"found {', '.join(found) or 'none'}"
+              + (f"; missing {', '.join(missing)}" if missing else "")
+              + f" (workload_image={config.workload_image})")
+    return PreflightCheck("image tools", not (missing and config.workload_image == "on"),
+                          detail, SYSTEM_DEPS_FIX)
 
 
 def _data_check(config: LabConfig) -> PreflightCheck:
