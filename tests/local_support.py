@@ -23,7 +23,13 @@ SMALL_LAB_RUN: dict[str, Any] = {
 
 
 def quick_config(tmp_path: Path, cifar_dir: Path, **overrides: Any) -> LabConfig:
+    """A small local run. Without the workload-image pull unless a test asks for it
+    (``workload_image="on"``/``"auto"``): the pull is the subject of
+    tests/test_image_local_backend.py, and the whole-lab run (``hfl-lab run``, its default
+    ``auto``) does it too; elsewhere it would only add a registry, a publish and an extra
+    interpreter start per participant to every run of a suite that must fit 2 cores."""
     values: dict[str, Any] = {
+        "workload_image": "off",
         "depth": 8, "workers": 2, "steps": 50, "batch_size": 32, "learning_rate": 0.02,
         "eval_every": 0, "checkpoint_every": 25, "data_path": str(cifar_dir),
         "run_dir": str(tmp_path / "run"), "timeout_s": 600.0,

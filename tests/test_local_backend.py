@@ -177,7 +177,9 @@ def test_the_owner_provisions_no_volume_for_a_trust_service_that_fails_attestati
 def test_no_participant_outlives_a_launcher_killed_with_sigkill(
     tmp_path: Path, cifar_dir: Path
 ) -> None:
-    config = quick_config(tmp_path, cifar_dir, steps=100000, timeout_s=3600.0)
+    # with the workload image: its registry must not outlive the launcher either
+    config = quick_config(tmp_path, cifar_dir, steps=100000, timeout_s=3600.0,
+                          workload_image="auto")
     script = textwrap.dedent(f"""
         import sys
         from hfl_lab.config import LabConfig

@@ -81,6 +81,8 @@ def test_32_sync_workers_for_100_steps_no_errors_no_leaks(tmp_path: Path,
                                                            cifar_dir: Path) -> None:
     # Arrange: the real trust service and ps0, and 32 simulated worker TDs in this process
     total = WARMUP + STEPS + TAIL
+    # no image pull (quick_config's default): this test launches the two servers itself,
+    # without start()'s registration of the image's layer key
     config = quick_config(tmp_path, cifar_dir, workers=WORKERS, steps=total,
                           aggregation="sync", eval_every=0, checkpoint_every=25, vault=False)
     seen: list[LabEvent] = []
