@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -100,9 +101,19 @@ def test_hfl_lab_lab_prints_a_url_with_its_token_and_serves_the_run_folders(
         for pid in [server.pid, *map(int, children)]:
             assert token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
     finally:
+        jupyter = [int(p) for p in Path(f"/proc/{server.pid}/task/{server.pid}/children")
+                   .read_text().split()] if server.poll() is None else []
         server.terminate()
         try:
-            server.wait(timeout=20)
+            server.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+    # stopping `hfl-lab lab` stopped its JupyterLab too (it used to serve on, orphaned)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in jupyter) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [pid for pid in jupyter if Path(f"/proc/{pid}").exists()]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert jupyter and not alive

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,18 @@ def _cmd_lab(args: argparse.Namespace) -> int:
     print(f"http://{args.ip}:{args.port}/lab/tree/notebooks/00_preflight.ipynb?token={token}",
           flush=True)
     # in the server's environment, not its command line (which every local user can list)
-    return subprocess.call(argv, env={**os.environ, "JUPYTER_TOKEN": token})
+    server = subprocess.Popen(argv, env={**os.environ, "JUPYTER_TOKEN": token})
+    # a stop of this command stops JupyterLab too: it must not outlive us, serving the workspace
+    signal.signal(signal.SIGTERM, lambda signum, frame: server.terminate())
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        try:
+            return server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            return server.wait()
 
 
 def register(parser: argparse.ArgumentParser) -> None:
