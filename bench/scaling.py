@@ -62,8 +62,9 @@ PLOT = HERE / "scaling.png"
 CURVE = HERE / "scaling.json"
 #: scaling efficiency (pushes/s ÷ N × the one-worker rate) below which the curve is not linear
 LINEAR = 0.8
-#: a doubling of N that adds less than this share of pushes/s: the curve is flat (saturated)
-FLAT_GAIN = 0.1
+#: within this share of its highest pushes/s the curve counts as saturated (noise-proof: one
+#: low point on a shared machine does not end it, as "doubling N adds < x" would)
+NEAR_PEAK = 0.9
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,9 @@ class Knee:
 
     linear_until: int  # the largest N (1: only the baseline) before efficiency < LINEAR
     not_linear_at: int | None  # the first N with efficiency < LINEAR
-    flat_from: int | None  # the N after which doubling adds < FLAT_GAIN
+    peak_at: int  # the N with the highest pushes/s (the baseline's 1 among them)
+    peak_pushes_per_s: float
+    saturated_from: int  # the smallest N within NEAR_PEAK of the peak
     reason: str
 
 
@@ -168,12 +171,11 @@ def find_knee(baseline: Point, points: Sequence[Point], cores: int,
             off = point
             break
         linear_until = point.workers
-    flat_from = None
-    for before, after in zip([baseline, *ordered], ordered, strict=False):
-        if after.pushes_per_s < (1 + FLAT_GAIN) * before.pushes_per_s:
-            flat_from = before.workers
-            break
-    return Knee(linear_until, off.workers if off else None, flat_from,
+    everything = [baseline, *ordered]
+    peak = max(everything, key=lambda p: p.pushes_per_s)
+    saturated = next(p for p in everything if p.pushes_per_s >= NEAR_PEAK * peak.pushes_per_s)
+    return Knee(linear_until, off.workers if off else None, peak.workers, peak.pushes_per_s,
+                saturated.workers,
                 explain(off or (ordered[-1] if ordered else baseline), cores, split_ms,
                         baseline))
 
@@ -358,8 +360,9 @@ class ScalingCurve:
         else:
             where = (f"linear (efficiency >= {LINEAR}) up to N={knee.linear_until}; below it "
                      f"from N={knee.not_linear_at}")
-        if knee.flat_from is not None:
-            where += f"; flat from N={knee.flat_from} (doubling N adds < {FLAT_GAIN:.0%})"
+        where += (f"; the highest rate, {knee.peak_pushes_per_s:.0f} pushes/s, at "
+                  f"N={knee.peak_at}; within {1 - NEAR_PEAK:.0%} of it from "
+                  f"N={knee.saturated_from}")
         return f"{where}. Why: {knee.reason}."
 
     def report(self) -> str:

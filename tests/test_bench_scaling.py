@@ -33,13 +33,14 @@ def test_a_curve_that_saturates_has_its_knee_where_efficiency_falls_and_ps0_name
     # Arrange: linear to 2 workers, then flat at ps0's one-core ceiling
     baseline = point(1, 60.0, ps_cores=0.48)
     points = [point(2, 110.0, ps_cores=0.88), point(4, 118.0, ps_cores=0.94),
-              point(8, 120.0, ps_cores=0.96)]
+              point(8, 120.0, ps_cores=0.96), point(16, 100.0, ps_cores=0.9)]
 
     # Act
     knee = find_knee(baseline, points, cores=2)
 
     # Assert
-    assert (knee.linear_until, knee.not_linear_at, knee.flat_from) == (2, 4, 2)
+    assert (knee.linear_until, knee.not_linear_at) == (2, 4)
+    assert (knee.peak_at, knee.peak_pushes_per_s, knee.saturated_from) == (8, 120.0, 2)
     assert "at N=4 ps0 is CPU-bound" in knee.reason
     assert "linear scaling ends near N = 1/0.48 = 2.1" in knee.reason
 
