@@ -12,7 +12,8 @@ from hfl_lab._exceptions import ConfigError
 
 #: modules of this package that hold tools, not benchmarks
 _NOT_BENCHMARKS = frozenset(
-    {"__main__", "plain_participant", "registry", "report", "runner", "support", "timing"}
+    {"__main__", "plain_participant", "registry", "report", "runner", "simulated_workers",
+     "support", "timing"}
 )
 
 

@@ -26,6 +26,11 @@ EXPECTED = {
     "P3-connect": ("s", "report", "ratio"),
     "P3-release": ("s", "report", "value"),
     "P4": ("s", "<= 0.03", "ratio"),
+    "P7-2w": ("pushes/s", "report", "ratio"),
+    "P7-4w": ("pushes/s", "report", "ratio"),
+    "P7-8w": ("pushes/s", "report", "ratio"),
+    "P7-16w": ("pushes/s", "report", "ratio"),
+    "P7-32w": ("pushes/s", "report", "ratio"),
     "I-build": ("s", "report", "value"),
     "I-pull": ("s", "report", "value"),
 }

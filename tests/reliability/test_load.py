@@ -9,7 +9,7 @@ that each import TensorFlow would not fit on 2 cores): each has its own evidence
 ``workerN``, attests to the trust service for its own mesh certificate, opens its own
 mutual-TLS channel to ps0 (checking ps0's evidence first) and runs the real
 ``trainer.worker.Worker`` loop: register, pull the parameters, push a real ResNet-8 gradient
-(see ``load_support``), in sync mode, where every step waits for all 32 pushes.
+(see ``bench.simulated_workers``), in sync mode, where every step waits for all 32 pushes.
 
 ps0 checkpoints every 25 steps into the run's plain checkpoint folder (``vault=False``: the
 LUKS volume adds nothing to this case but set-up time). The run has three rounds, each with
@@ -35,22 +35,24 @@ from pathlib import Path
 
 import pytest
 
-from hfl_lab.backends.local import LocalBackend
-from hfl_lab.events import LabEvent
-from tests.local_support import quick_config
-from tests.reliability.fault_support import count_fds, count_threads
-from tests.reliability.load_support import (
+from bench.simulated_workers import (
     FINISHED,
     RpcTally,
     cpu_seconds,
     drain,
+    launch_servers,
     mean_bytes,
     ps_step_rate,
     replayed_models,
     run_round,
     settled,
+    wait_servers,
     worker_tds,
 )
+from hfl_lab.backends.local import LocalBackend
+from hfl_lab.events import LabEvent
+from tests.local_support import quick_config
+from tests.reliability.fault_support import count_fds, count_threads
 from tests.reliability_report import record
 
 pytestmark = pytest.mark.slow
@@ -90,11 +92,9 @@ def test_32_sync_workers_for_100_steps_no_errors_no_leaks(tmp_path: Path,
     started = time.monotonic()
     with LocalBackend(config) as backend:
         # start() would also launch the 32 worker processes: only the two servers here
-        backend.prepare()
-        for role in ("trust", "ps0"):
-            backend._launch(backend.participants[role])
+        launch_servers(backend)
         tds = worker_tds(backend, replayed_models(config))  # meanwhile they start
-        backend._wait_roles(["trust", "ps0"], 180, None)
+        wait_servers(backend, 180)
         ps = backend.participants["ps0"]
         pid = ps.pid
         assert pid is not None

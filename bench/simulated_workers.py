@@ -1,5 +1,6 @@
-"""What the load case (R7) needs: many simulated worker TDs in the test process, each a real
-``trainer.worker.Worker`` loop with its own attested identity, and a tally of their RPCs.
+"""Many simulated worker TDs in one process, each a real ``trainer.worker.Worker`` loop with
+its own attested identity, against the real ps0 process; a tally of their RPCs. The R7 load
+test (tests/reliability/test_load.py) and the P7 scaling figure (bench/scaling.py) use it.
 
 A simulated worker TD here is what ``python -m trainer worker --index N`` would be, minus the
 process: its evidence comes from a :class:`SimulatedTdProvider` with the lab platform's keys
@@ -12,6 +13,7 @@ running TensorFlow every step, so that the load on 2 cores is the PS's, not 32 w
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -64,27 +66,61 @@ class NoBatches:
         return None, None
 
 
+class GradientReplays:
+    """Stand-in models for up to ``lab.workers`` workers, made on demand: worker ``i``'s
+    replays a real gradient of ResNet-``lab.depth`` on the first batch of its own partition
+    of the training set (computed once, when first asked for)."""
+
+    def __init__(self, lab: Any) -> None:
+        self.lab = lab
+        self.data = load_cifar10(lab.require_data_path(), sha256=lab.data_sha256)
+        self.parts = partition(self.data.train_labels, lab.workers, lab.partition,
+                               alpha=lab.dirichlet_alpha, seed=lab.seed)
+        self.model: ResNet = build_resnet(lab.depth, seed=lab.seed,
+                                          num_threads=lab.threads or None,
+                                          bn_momentum=lab.bn_momentum)
+        self._models: list[ReplayedGradients] = []
+
+    def models(self, count: int) -> list[ReplayedGradients]:
+        """The first ``count`` workers' models."""
+        if count > len(self.parts):
+            raise ValueError(f"{count} workers asked for; the partition has {len(self.parts)}")
+        lab, data = self.lab, self.data
+        for index in range(len(self._models), count):
+            stream = BatchStream(data.train_images, data.train_labels, self.parts[index],
+                                 lab.batch_size, seed=lab.seed * 1_000 + index,
+                                 augmented=lab.augment)
+            result = self.model.compute_gradients(*stream.batch(0))
+            self._models.append(ReplayedGradients(lab.depth, self.model.variable_specs, result))
+        return self._models[:count]
+
+
 def replayed_models(lab: Any) -> list[ReplayedGradients]:
-    """One stand-in model per worker, each replaying a real gradient of ResNet-``lab.depth``
-    on the first batch of that worker's own partition of the training set."""
-    data = load_cifar10(lab.require_data_path(), sha256=lab.data_sha256)
-    parts = partition(data.train_labels, lab.workers, lab.partition,
-                      alpha=lab.dirichlet_alpha, seed=lab.seed)
-    model: ResNet = build_resnet(lab.depth, seed=lab.seed, num_threads=lab.threads or None,
-                                 bn_momentum=lab.bn_momentum)
-    models = []
-    for index, indices in enumerate(parts):
-        stream = BatchStream(data.train_images, data.train_labels, indices, lab.batch_size,
-                             seed=lab.seed * 1_000 + index, augmented=lab.augment)
-        result = model.compute_gradients(*stream.batch(0))
-        models.append(ReplayedGradients(lab.depth, model.variable_specs, result))
-    return models
+    """One stand-in model per worker of ``lab`` (see :class:`GradientReplays`)."""
+    return GradientReplays(lab).models(lab.workers)
+
+
+SERVERS = ("trust", "ps0")
+
+
+def launch_servers(backend: LocalBackend) -> None:
+    """``backend.start()`` without the worker processes: the trust service and ps0 only, for
+    workers simulated in this process (wait for them with :func:`wait_servers`). Only for a
+    run without a vault or image pull, which start() would provision first."""
+    backend.prepare()
+    for role in SERVERS:
+        backend._launch(backend.participants[role])
+
+
+def wait_servers(backend: LocalBackend, timeout_s: float = 180.0) -> None:
+    """Until the trust service and ps0 that :func:`launch_servers` started are ready."""
+    backend._wait_roles(list(SERVERS), timeout_s, None)
 
 
 class RpcTally(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
 ):
     """Counts the status of every RPC the workers make, by method and code (thread-safe)."""
 
@@ -194,10 +230,13 @@ def run_round(
     max_steps: int | None,
     not_before: float = 0.0,
     timeout_s: float = 300.0,
+    creds: Mapping[str, MeshCredentials] | None = None,
 ) -> Round:
-    """Every worker TD attests afresh, connects, and runs the real Worker loop in its own thread
-    for ``max_steps`` steps (None: until the PS says training is over), then disconnects."""
-    creds = attest_all(backend, tds, not_before)
+    """Every worker TD attests afresh (unless ``creds`` from :func:`attest_all` are given),
+    connects, and runs the real Worker loop in its own thread for ``max_steps`` steps (None:
+    until the PS says training is over), then disconnects."""
+    if creds is None:
+        creds = attest_all(backend, tds, not_before)
     done = Round(attested_at=time.time())
     lock = threading.Lock()
 
@@ -270,6 +309,34 @@ def ps_step_rate(events: Sequence[LabEvent], since: float, first: int,
         return 0.0, 0.0
     (v0, t0), (v1, t1) = points[0], points[-1]
     return (v1 - v0) / max(t1 - t0, 1e-9), t1 - t0
+
+
+def ps_window_rates(events: Sequence[LabEvent], since: float, first: int, last: int,
+                    windows: int) -> list[float]:
+    """ps0's steps per second in each of ``windows`` consecutive spans of its progress reports
+    from version ``first`` to ``last`` (fewer where it reported fewer points)."""
+    points = sorted(
+        (int(e.data["done"]), e.time) for e in events
+        if e.kind == "progress" and e.source == "ps0" and e.time >= since
+        and first <= int(e.data["done"]) <= last
+    )
+    if len(points) < 2:
+        return []
+    count = min(windows, len(points) - 1)
+    edges = [round(i * (len(points) - 1) / count) for i in range(count + 1)]
+    rates = []
+    for a, b in itertools.pairwise(edges):
+        (v0, t0), (v1, t1) = points[a], points[b]
+        rates.append((v1 - v0) / max(t1 - t0, 1e-9))
+    return rates
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every process of this machine has used so far (all cores), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
+    busy = sum(int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4))
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
