@@ -39,7 +39,9 @@ from hfl_lab.backends.kubernetes.kustomize import Manifest
 from hfl_lab.backends.kubernetes.port_forward import LocalForward
 from hfl_lab.backends.kubernetes.preflight import check_vault, cluster_checks
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
+from hfl_lab.backends.kubernetes.workload_image import cluster_release_policy
 from hfl_lab.events import KINDS, LabEvent
+from hfl_lab.image import LayerKey
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.sim.platform import SimulatedPlatform
 from hfl_lab.vault.attested_signers import AttestedSigners
@@ -504,6 +506,26 @@ class KubernetesBackend:
             f"channel ({detail})",
         }))
         return detail
+
+    def register_layer_key(self, key: LayerKey) -> AttestationPolicy:
+        """Register the workload image's layer key (:func:`.workload_image.
+        publish_cluster_image` encrypted the image for its public half) in the run's
+        provisioned trust service, releasable to ps0 and the workers only, each held to its own
+        measurements (:func:`.workload_image.cluster_release_policy`); the release policy."""
+        if self.rendered is None:
+            self.render()
+        assert self.rendered is not None and self.policy is not None
+        release = cluster_release_policy(self.rendered)
+        with self.trust_endpoint() as address:
+            provision.register_layer_key(
+                address, self.policy, self.admin_token, key, release,
+                lab_root_der=self.platform.root_der if self.platform else None)
+        self._emit(LabEvent("log", "owner", {
+            "level": "info",
+            "message": "the workload image's layer key is registered in the trust service, "
+            f"releasable to {', '.join(sorted(release.roles))} after attestation",
+        }))
+        return release
 
     def _provision_in_background(self) -> None:
         try:
