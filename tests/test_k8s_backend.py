@@ -101,9 +101,12 @@ def test_preflight_all_ok_on_a_tdx_cluster(double, tmp_path):
         "CoCo operator",
         "TDX nodes",
         "registry",
+        "image tools",
         "model vault",
     ]
     assert all(c.ok for c in checks), [str(c) for c in checks]
+    (tools,) = [c for c in checks if c.name == "image tools"]
+    assert all(name in tools.detail for name in ("skopeo", "umoci", "buildah", "docker", "cosign"))
 
 
 def test_preflight_says_real_tds_need_ps0_pinned_for_the_vault(double, tmp_path):
@@ -189,7 +192,8 @@ def test_preflight_runc_needs_no_tdx(double, tmp_path):
         },
     )
     checks = make_backend(double, tmp_path).preflight()
-    assert [c.name for c in checks] == ["API server", "nodes", "registry", "model vault"]
+    assert [c.name for c in checks] == [
+        "API server", "nodes", "registry", "image tools", "model vault"]
     assert all(c.ok for c in checks)
 
 
