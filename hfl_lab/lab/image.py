@@ -103,9 +103,9 @@ class ImageReport:
     verdict: Verdict | None = None
     files: dict[str, str] = field(default_factory=dict)
     published: PublishedImage | None = None
-    #: kubernetes: the layer key the published image is encrypted for, in memory only; the
-    #: backend registers it in the run's trust service (``KubernetesBackend.
-    #: register_layer_key``) once that is provisioned
+    #: kubernetes: the layer key this publication is encrypted for, in memory only (the
+    #: backend publishes the run's own image at start and registers that key itself; pass
+    #: this one to ``KubernetesBackend.register_layer_key`` to deploy this publication)
     layer_key: LayerKey | None = field(default=None, repr=False)
 
     def timings(self) -> dict[str, float]:
@@ -229,8 +229,9 @@ def _cluster_pipeline(
         "build: image": f"{builder}: {DOCKERFILE}, the participants' full image (Python, "
         "TensorFlow, the lab)",
         "build": "the built image as an OCI layout (image/build/, removed once encrypted)",
-        "encrypt": "skopeo: each layer encrypted (JWE) for a key made in memory; its private "
-        "half goes to the run's trust service (register_layer_key, once it is provisioned)",
+        "encrypt": "skopeo: each layer encrypted (JWE) for a key made in memory; at the start "
+        "of training the backend publishes the run's own image with a fresh key and registers "
+        "it in the provisioned trust service for ps0 and the workers",
         "push and sign": f"skopeo: pushed to {published.source.reference} and signed (GPG "
         "simple signing, key made for this run); signature in image/signatures/",
         "verify": "skopeo through image/policy.json into image/oci/",

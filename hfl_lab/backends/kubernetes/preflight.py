@@ -9,6 +9,7 @@ from typing import Any
 from hfl_lab._exceptions import ApiError
 from hfl_lab.backends.base import PreflightCheck
 from hfl_lab.backends.kubernetes.cluster_api import ClusterApi
+from hfl_lab.backends.kubernetes.measurements import SIGNED_OVERLAY
 from hfl_lab.backends.kubernetes.render import RenderedRun
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
 from hfl_lab.image.container import (
@@ -26,7 +27,6 @@ TDX_NODE_LABELS = (
     "feature.node.kubernetes.io/cpu-security.tdx.enabled",
 )
 KATA_NODE_LABEL = "katacontainers.io/kata-runtime"
-SIGNED_OVERLAY = "kata-qemu-tdx-encrypted-signed"
 
 FIX_API = "set kubeconfig to a cluster you can reach (kubectl get nodes must work)."
 FIX_RUNTIME = (
