@@ -446,6 +446,10 @@ def test_a_published_image_reaches_the_signed_overlay_pinned_with_its_policy(tmp
     (image_dir / "signer.asc").write_bytes(signer)
     (image_dir / "layer-key.pub.pem").write_text("not carried")
     digest = "sha256:" + "5e" * 32
+    (image_dir / "pipeline.json").write_text(json.dumps({"source": {"digest": digest}}))
+    other = render_run(KubernetesSettings(
+        overlay=SIGNED, image=f"reg.example.com:5000/team/hfl@sha256:{'77' * 32}",
+        run_dir=tmp_path / "other", image_dir=image_dir))
     settings = KubernetesSettings(overlay=SIGNED, image=f"reg.example.com:5000/team/hfl@{digest}",
                                   run_dir=tmp_path / "k8s", image_dir=image_dir, workers=2)
 
@@ -456,6 +460,9 @@ def test_a_published_image_reaches_the_signed_overlay_pinned_with_its_policy(tmp
     # exactly the run's policy and signer and says where the key is; still schema-valid
     data = config_map(run.objects, "hfl-image")
     assert data["policy.json"] == policy and data["signer.asc"] == signer.decode()
+    # files of another publication than the deployed digest are not carried
+    assert json.loads(config_map(other.objects, "hfl-image")["policy.json"]) == {
+        "default": [{"type": "reject"}]}
     assert set(data) == {"image.yaml", "policy.json", "signer.asc"}
     described = yaml.safe_load(data["image.yaml"])
     assert described["reference"] == settings.image

@@ -221,7 +221,7 @@ def _cluster_pipeline(
         builder = find_builder()
         require_tools("skopeo", "gpg", "gpgconf")
     except ImageError as error:
-        return _cluster_plan(settings, out, error), None, None
+        return [*_cluster_plan(settings, out, error), *_cosign_step(None, out)], None, None
     key = LayerKey()
     published = publish_cluster_image(settings, out, key, root=_REPO, runner=runner,
                                       builder=builder)
@@ -240,7 +240,7 @@ def _cluster_pipeline(
     steps.append(ImageStep(
         "pin the run", "done", "the run deploys this digest; the encrypted+signed overlay's "
         "initdata (MRCONFIGID) pins it", "", published.source.digest))
-    return steps, published, key
+    return [*steps, *_cosign_step(published, out)], published, key
 
 
 def _cluster_plan(settings: KubernetesSettings, out: Path, why: ImageError) -> list[ImageStep]:
@@ -270,7 +270,7 @@ def _local_pipeline(out: Path) -> tuple[list[ImageStep], PublishedImage | None]:
     if missing:
         return [ImageStep("encrypted, signed image", "skipped",
                           f"{', '.join(missing)} not installed here: {SYSTEM_DEPS_FIX}",
-                          "make system-deps")], None
+                          "make system-deps"), *_cosign_step(None, out)], None
     runner = ToolRunner()
     key = LayerKey()
     with LabRegistry(out / "registry", runner) as registry:
@@ -279,6 +279,7 @@ def _local_pipeline(out: Path) -> tuple[list[ImageStep], PublishedImage | None]:
                                            runner=runner)
         pulled = pull_image(published.source, key.private_pem(), out / "pull-check",
                             who="the owner's check", runner=runner)
+        cosign = _cosign_step(published, out)  # while the registry serves
     del key
     labels = published.plain.config.get("config", {}).get("Labels") or {}
     files = labels.get("io.hfl-lab.workload.files", "?")
@@ -307,7 +308,7 @@ def _local_pipeline(out: Path) -> tuple[list[ImageStep], PublishedImage | None]:
     same = workload_digest(pulled.workload_root) == workload_digest(_REPO)
     steps.append(_measured_pull_step(pulled, same))
     shutil.rmtree(out / "pull-check", ignore_errors=True)  # decrypted code: not kept
-    return steps, published
+    return [*steps, *cosign], published
 
 
 def _measured_pull_step(pulled: PulledImage, same: bool) -> ImageStep:
@@ -360,7 +361,7 @@ def measure_image(config: LabConfig, *, folder: str | Path | None = None) -> Ima
         pipeline, published = _local_pipeline(out)
     else:
         pipeline, published, layer_key = _cluster_pipeline(config, out)
-    steps = [_tree_step(), *pipeline, *_cosign_step(published, out)]
+    steps = [_tree_step(), *pipeline]
 
     # The reference TD: ps0, as the simulated TD reports it; the same functions as the CLI's.
     platform = SimulatedPlatform.generate()

@@ -34,6 +34,7 @@ import base64
 import copy
 import dataclasses
 import gzip
+import json
 import os
 import re
 import tempfile
@@ -302,15 +303,27 @@ _IMAGE_FILE_MEANING = {
 }
 
 
+def _published_digest(image_dir: Path) -> str | None:
+    """The signed digest ``image_dir/pipeline.json`` records (None: no readable record)."""
+    try:
+        record = json.loads((image_dir / "pipeline.json").read_text())
+        return str(record["source"]["digest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _image_generator(settings: KubernetesSettings, out_dir: Path) -> list[dict[str, Any]]:
-    """On the encrypted+signed overlay, when the run published its image (``image_dir`` holds
-    ``policy.json``): the ``hfl-image`` ConfigMap with its public signature policies and an
-    ``image.yaml`` naming the image and where its key is held, copied into the run folder's
-    ``image/`` (kustomize reads files under its root only)."""
+    """On the encrypted+signed overlay, when the run deploys the image published into
+    ``image_dir`` (its ``pipeline.json`` records the digest ``settings.image`` pins): the
+    ``hfl-image`` ConfigMap with its public signature policies and an ``image.yaml`` naming
+    the image and where its key is held, copied into the run folder's ``image/`` (kustomize
+    reads files under its root only)."""
     if settings.overlay != measurements.SIGNED_OVERLAY or settings.image_dir is None:
         return []
     if not (settings.image_dir / "policy.json").is_file():
         return []
+    if _published_digest(settings.image_dir) != settings.image_ref.digest:
+        return []  # the files describe another image than the one the run deploys
     present = {name: key for name, key in IMAGE_FILES.items()
                if (settings.image_dir / name).is_file()}
     files = []
