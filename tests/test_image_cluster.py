@@ -64,6 +64,7 @@ from hfl_lab.image.layout import build_workload_image
 from hfl_lab.image.publish import publish_image
 from hfl_lab.lab.image import _cosign_step
 from hfl_lab.tee import measure_workload
+from tests.security.test_secrets_after_run import _PRIVATE_KEY_PATTERNS
 from tests.td_support import PLATFORM, lab_policy, provider
 from tests.test_trust_service import connect, start
 
@@ -205,6 +206,26 @@ def test_the_image_goes_encrypted_and_signed_to_the_users_registry(
     assert not (cluster_image.folder / "build").exists()  # the plain image left
     with pytest.raises(ImageRefused, match="does not decrypt"):
         pull_image(source, LayerKey().private_pem(), tmp_path / "w", who="worker0")
+
+
+def test_no_private_key_of_the_cluster_pipeline_in_any_file_of_its_folder(
+    cluster_image: ClusterImage,
+) -> None:
+    # Arrange: the layer key's private half, in the forms it could be written in
+    layer_key = cluster_image.key.private_pem()
+    body = b"".join(layer_key.splitlines()[1:-1])
+
+    # Act: every file of the run's image/ folder
+    files = [p for p in cluster_image.folder.rglob("*") if p.is_file()]
+    found = [str(p) for p in files if body in p.read_bytes()]
+    found += [f"{pattern.pattern!r} in {p}" for p in files
+              for pattern in _PRIVATE_KEY_PATTERNS if pattern.search(p.read_bytes())]
+
+    # Assert: public parts only (the plain image and the builder's work folder are gone)
+    assert found == [], found
+    names = {p.name for p in files}
+    assert {"policy.json", "signer.asc", "layer-key.pub.pem", "pipeline.json", "ca.crt"} <= names
+    assert not any(p.suffix in (".key", ".tar") for p in files)
 
 
 def test_the_run_is_pinned_to_the_signed_digest_and_the_overlay_carries_the_policy(
