@@ -473,6 +473,12 @@ def test_a_published_image_reaches_the_signed_overlay_pinned_with_its_policy(tmp
     assert all(digest in text for text in run.initdata.values())
     for obj in run.objects:
         kubernetes_validate.validate(obj, K8S_SCHEMA_VERSION, strict=True)
+    if kustomize.kustomize_command() is not None:  # kustomize reads the run folder alike
+        def key(o):
+            return o["kind"], o["metadata"]["name"]
+
+        assert sorted(kustomize.build(run.folder), key=key) == sorted(
+            kustomize.build_builtin(run.folder), key=key)
 
 
 def test_preflight_says_which_image_tools_it_found(tmp_path):
