@@ -296,6 +296,9 @@ def test_notebook_03_report_shows_each_step_with_command_digest_and_time(tmp_pat
         assert step.status == "done" and step.command and step.seconds is not None, name
         assert step.digest.startswith("sha256:"), name
     assert steps["measure the pulled workload"].status == "done"
+    cosign = steps["sign (cosign)"]  # signs where cosign is installed, else prints the command
+    assert report.published is not None and report.published.source.digest in cosign.command
+    assert cosign.status == ("done" if shutil.which("cosign") else "skipped"), cosign.detail
     assert steps["measure the pulled workload"].digest == "mr_td:" + \
         report.measurements["ps0"].mr_td.hex()
     layers = report.layers_table()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client as k8s_client
 
-from hfl_lab import BackendError
+from hfl_lab import BackendError, ImageError
 from hfl_lab.backends.base import Backend
 from hfl_lab.backends.kubernetes.backend import KubernetesBackend, event_from_line, role_of_pod
 from hfl_lab.backends.kubernetes.cluster_api import ClusterApi
@@ -101,9 +102,12 @@ def test_preflight_all_ok_on_a_tdx_cluster(double, tmp_path):
         "CoCo operator",
         "TDX nodes",
         "registry",
+        "image tools",
         "model vault",
     ]
     assert all(c.ok for c in checks), [str(c) for c in checks]
+    (tools,) = [c for c in checks if c.name == "image tools"]
+    assert all(name in tools.detail for name in ("skopeo", "umoci", "buildah", "docker", "cosign"))
 
 
 def test_preflight_says_real_tds_need_ps0_pinned_for_the_vault(double, tmp_path):
@@ -189,7 +193,8 @@ def test_preflight_runc_needs_no_tdx(double, tmp_path):
         },
     )
     checks = make_backend(double, tmp_path).preflight()
-    assert [c.name for c in checks] == ["API server", "nodes", "registry", "model vault"]
+    assert [c.name for c in checks] == [
+        "API server", "nodes", "registry", "image tools", "model vault"]
     assert all(c.ok for c in checks)
 
 
@@ -503,3 +508,56 @@ def test_participant_reads_the_pod_bootstrap_file_and_names_a_bad_one(tmp_path, 
     monkeypatch.setenv(BOOTSTRAP_FILE_ENV, str(tmp_path / "absent.json"))
     with pytest.raises(ConfigError, match="cannot read the bootstrap file"):
         read_bootstrap()
+
+
+SIGNED = "kata-qemu-tdx-encrypted-signed"
+
+
+def tools_only(tmp_path: Path, *names: str) -> str:
+    """A PATH holding only ``names`` (links to this machine's), e.g. no buildah or docker."""
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        found = shutil.which(name)
+        if found is None:
+            pytest.skip(f"{name} is not installed here (make system-deps)")
+        (folder / name).symlink_to(found)
+    return str(folder)
+
+
+def test_the_signed_overlay_publishes_its_image_at_start_only_when_asked(
+    double, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("PATH", tools_only(tmp_path, "skopeo", "gpg", "gpgconf", "umoci"))
+    pinned = f"{double.hostport}/hfl-lab@sha256:{'ab' * 32}"
+
+    def wants(**kw) -> bool:
+        return make_backend(double, tmp_path, **kw).wants_image()
+
+    assert not wants(overlay="runc", lab_config={"workload_image": "on"})
+    assert not wants(overlay="kata-qemu-tdx", lab_config={"workload_image": "on"})
+    assert not wants(overlay=SIGNED, image=pinned, lab_config={"workload_image": "on"})
+    assert not wants(overlay=SIGNED, lab_config={"workload_image": "off"})
+    assert wants(overlay=SIGNED, lab_config={"workload_image": "on"})
+    # auto: only where a builder works, and none does on this PATH
+    assert not wants(overlay=SIGNED, lab_config={"workload_image": "auto"})
+
+
+def test_start_with_workload_image_on_and_no_builder_is_refused_before_anything_is_applied(
+    double, tmp_path, monkeypatch
+):
+    # Arrange: the image tools, but neither buildah nor docker
+    monkeypatch.setenv("PATH", tools_only(tmp_path, "skopeo", "gpg", "gpgconf", "umoci"))
+    tdx_cluster(double)
+    backend = make_backend(double, tmp_path, overlay=SIGNED,
+                           image=f"{double.hostport}/hfl-lab:0.1.0",
+                           lab_config={"vault": False, "workload_image": "on"})
+
+    # Act
+    with pytest.raises(ImageError, match="needs buildah or docker") as refused:
+        backend.start()
+
+    # Assert: one sentence and the fix; nothing reached the cluster, no key was kept
+    assert refused.value.fix is not None and "apt-get install buildah" in refused.value.fix
+    assert backend.applied == [] and backend.layer_key is None
+    assert not any(f"/namespaces/{NS}" in path for path in double.objects)

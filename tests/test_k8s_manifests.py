@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,8 +18,11 @@ import yaml
 from hfl_lab import ConfigError, LabConfig
 from hfl_lab.backends.kubernetes import kustomize
 from hfl_lab.backends.kubernetes.kustomize import apply_patch
+from hfl_lab.backends.kubernetes.preflight import check_image_tools
 from hfl_lab.backends.kubernetes.render import K8S_DIR, config_document, render, render_run
 from hfl_lab.backends.kubernetes.settings import OVERLAYS, ContainerResources, KubernetesSettings
+from hfl_lab.backends.local.preflight import local_checks
+from hfl_lab.image.signing import signature_policy
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.sim.measure import measure_workload
 from trainer.participant_config import ParticipantConfig
@@ -395,3 +399,111 @@ def test_the_lab_renderer_prints_what_kustomize_prints(overlay: str, tmp_path: P
 
     assert sorted(kustomize.build_builtin(directory), key=key) == sorted(
         kustomize.build(directory), key=key)
+
+
+SIGNED = "kata-qemu-tdx-encrypted-signed"
+TOOLS = ("skopeo", "umoci", "buildah", "docker", "cosign")
+
+
+def config_map(objects, name):
+    found = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name]
+    return found[0]["data"] if found else None
+
+
+def test_the_signed_overlay_points_at_the_image_policy_and_key_and_refuses_until_published(
+    tmp_path,
+):
+    # Arrange: the committed overlay alone, and a run that published nothing yet
+    overlay = kustomize.build(K8S_DIR / "overlays" / SIGNED)
+    unpublished = render(KubernetesSettings(overlay=SIGNED, run_dir=tmp_path / "k8s",
+                                            image_dir=tmp_path / "image"))
+
+    # Assert: the placeholders refuse every image; each pod names the KBS resources of the
+    # signature policy, its key and the layer key; no other overlay has the ConfigMap
+    for objects in (overlay, unpublished):
+        data = config_map(objects, "hfl-image")
+        assert json.loads(data["policy.json"]) == {"default": [{"type": "reject"}]}
+        assert "kbs:///default/image_key/hfl-lab" in data["image.yaml"]
+    for name in ("trust", "ps", "worker"):
+        annotations = by_kind(unpublished, "StatefulSet", name)["spec"]["template"]["metadata"][
+            "annotations"]
+        assert annotations["hfl-lab.io/image-layer-key"] == "kbs:///default/image_key/hfl-lab"
+        assert annotations["hfl-lab.io/image-signature-policy"] == (
+            "kbs:///default/security-policy/hfl-lab")
+    for other in ("runc", "kata-qemu-tdx"):
+        assert config_map(render(KubernetesSettings(overlay=other, run_dir=tmp_path / other,
+                                                    image_dir=tmp_path / "image")),
+                          "hfl-image") is None
+
+
+def test_a_published_image_reaches_the_signed_overlay_pinned_with_its_policy(tmp_path):
+    # Arrange: what the owner's publication left in the run's image/ (public files only)
+    image_dir = tmp_path / "image"
+    image_dir.mkdir()
+    signer = b"-----BEGIN PGP PUBLIC KEY BLOCK-----\nmDMEZ\n-----END PGP PUBLIC KEY BLOCK-----\n"
+    policy = json.dumps(signature_policy("reg.example.com:5000/team/hfl", signer), indent=2)
+    (image_dir / "policy.json").write_text(policy)
+    (image_dir / "signer.asc").write_bytes(signer)
+    (image_dir / "layer-key.pub.pem").write_text("not carried")
+    digest = "sha256:" + "5e" * 32
+    (image_dir / "pipeline.json").write_text(json.dumps({"source": {"digest": digest}}))
+    other = render_run(KubernetesSettings(
+        overlay=SIGNED, image=f"reg.example.com:5000/team/hfl@sha256:{'77' * 32}",
+        run_dir=tmp_path / "other", image_dir=image_dir))
+    settings = KubernetesSettings(overlay=SIGNED, image=f"reg.example.com:5000/team/hfl@{digest}",
+                                  run_dir=tmp_path / "k8s", image_dir=image_dir, workers=2)
+
+    # Act
+    run = render_run(settings)
+
+    # Assert: the user's image by digest in every pod and its initdata; the ConfigMap holds
+    # exactly the run's policy and signer and says where the key is; still schema-valid
+    data = config_map(run.objects, "hfl-image")
+    assert data["policy.json"] == policy and data["signer.asc"] == signer.decode()
+    # files of another publication than the deployed digest are not carried
+    assert json.loads(config_map(other.objects, "hfl-image")["policy.json"]) == {
+        "default": [{"type": "reject"}]}
+    assert set(data) == {"image.yaml", "policy.json", "signer.asc"}
+    described = yaml.safe_load(data["image.yaml"])
+    assert described["reference"] == settings.image
+    assert described["layer_key"] == {"trust_service": "hfl-lab-image/workload-layers",
+                                      "trustee": "kbs:///default/image_key/hfl-lab"}
+    for name in ("trust", "ps", "worker"):
+        assert pod(run.objects, name)["containers"][0]["image"] == settings.image
+    assert all(digest in text for text in run.initdata.values())
+    for obj in run.objects:
+        kubernetes_validate.validate(obj, K8S_SCHEMA_VERSION, strict=True)
+    if kustomize.kustomize_command() is not None:  # kustomize reads the run folder alike
+        def key(o):
+            return o["kind"], o["metadata"]["name"]
+
+        assert sorted(kustomize.build(run.folder), key=key) == sorted(
+            kustomize.build_builtin(run.folder), key=key)
+
+
+def test_preflight_says_which_image_tools_it_found(tmp_path):
+    none = dict.fromkeys(TOOLS, "not installed")
+    here = {**none, "skopeo": "/usr/bin/skopeo", "umoci": "/usr/bin/umoci",
+            "docker": "/usr/bin/docker (client only: its daemon does not answer)"}
+    with_buildah = {**here, "buildah": "/usr/bin/buildah"}
+    pinned = f"r.example.com/hfl@sha256:{'ab' * 32}"
+
+    plain = check_image_tools(KubernetesSettings(overlay="kata-qemu-tdx"), here)
+    unbuilt = check_image_tools(KubernetesSettings(overlay=SIGNED, image="r.example.com/hfl:1"),
+                                here)
+    nothing = check_image_tools(KubernetesSettings(overlay=SIGNED, image="r.example.com/hfl:1"),
+                                none)
+    published = check_image_tools(KubernetesSettings(overlay=SIGNED, image=pinned), none)
+    buildable = check_image_tools(KubernetesSettings(overlay=SIGNED, image="r.example.com/hfl:1"),
+                                  with_buildah)
+    local = {c.name: c for c in local_checks(LabConfig(run_dir=str(tmp_path)), python="python3",
+                                             run_dir=tmp_path, processes=3)}
+
+    assert plain.ok and "found skopeo /usr/bin/skopeo, umoci /usr/bin/umoci" in plain.detail
+    assert "not found: buildah, cosign" in plain.detail and "client only" in plain.detail
+    assert not unbuilt.ok and "buildah" in unbuilt.fix and "skopeo" not in unbuilt.fix
+    assert not nothing.ok and "install skopeo" in nothing.fix
+    assert published.ok  # made elsewhere and pinned: nothing to build here
+    assert buildable.ok and "cosign signature" in buildable.detail
+    assert local["container tools"].ok
+    assert all(name in local["container tools"].detail for name in TOOLS)

@@ -188,7 +188,8 @@ class LabParameters:
         "auto",
         "local: ps0 and the workers pull the encrypted, signed workload image (key by attested "
         "release) and run it; auto: when skopeo, umoci, docker-registry and gnupg are installed "
-        "(make system-deps)",
+        "(make system-deps). kubernetes, encrypted+signed overlay: start() builds, encrypts, "
+        "pushes and signs the image first (auto: where buildah or docker can build)",
         choices=("off", "auto", "on"),
     )
     # -- kubernetes backend

@@ -6,7 +6,11 @@ the trust service's key broker), pushes it to the run's own ``docker-registry`` 
 (:mod:`.registry`) and signs it with a GPG key made for the run (:mod:`.signing`).
 Participant's half (:mod:`.pull`): the layer key by attested release, a pull through the
 ``signedBy`` policy, decryption with the key as an in-memory fd, ``umoci unpack``. Every
-command goes through :class:`~hfl_lab.image.tools.ToolRunner`, which records it.
+command goes through :class:`~hfl_lab.image.tools.ToolRunner`, which records it. For a cluster,
+:mod:`.container` builds the full image of native/image/Dockerfile with buildah or docker and
+:func:`~hfl_lab.image.publish.publish_image` takes it through the same steps into the user's
+registry; :mod:`.cosign` adds a cosign signature and a ``sigstoreSigned`` policy where cosign is
+installed.
 
 This package sits in the TD runtime layer, beside ``hfl_lab.vault`` (which also holds both the
 owner's and the TD's half of the model volume), so that the participant's side can use it.

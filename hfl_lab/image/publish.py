@@ -14,7 +14,9 @@ command, time and digest):
    (``signedBy`` the run's key) into ``image/oci/``, the encrypted image as an OCI layout that
    stock skopeo can check elsewhere.
 
-The signing key lives in a temporary keyring removed after step 3 (:class:`RunSigner`).
+The signing key lives in a temporary keyring removed after step 3 (:class:`RunSigner`). Steps 2
+to 4 are :func:`publish_image`, the same for the cluster's full image, which buildah or docker
+builds from native/image/Dockerfile (:mod:`.container`) and which goes to the user's registry.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 from hfl_lab._exceptions import ImageError
 from hfl_lab.image.layout import OciImage, build_workload_image, read_image
-from hfl_lab.image.registry import LabRegistry
+from hfl_lab.image.registry import LabRegistry, RegistryTarget
 from hfl_lab.image.signing import (
     RunSigner,
     lookaside_config,
@@ -37,7 +39,7 @@ from hfl_lab.image.signing import (
 )
 from hfl_lab.image.tools import ToolRecord, ToolRunner, require_tools
 
-__all__ = ["ImageSource", "PublishedImage", "publish_workload_image"]
+__all__ = ["REPOSITORY", "ImageSource", "PublishedImage", "publish_image", "publish_workload_image"]
 
 REPOSITORY = "hfl-lab/workload"
 
@@ -107,17 +109,41 @@ def publish_workload_image(
     runner: ToolRunner | None = None,
     tag: str = "run",
 ) -> PublishedImage:
-    """Build, encrypt, push, sign and verify the workload of ``root`` (see the module's
-    docstring); ``folder`` is the run's ``image/``. ``registry`` must be started."""
+    """Build the workload of ``root`` with umoci, then encrypt, push, sign and verify it in the
+    run's own ``registry`` (see the module's docstring); ``folder`` is the run's ``image/``.
+    ``registry`` must be started."""
     require_tools("umoci", "skopeo", "gpg", "gpgconf")
     runner = runner or registry.runner
     if not registry.running:
         raise ImageError("the lab registry is not running.", fix="start it first (start()).")
     folder.mkdir(parents=True, exist_ok=True)
+    # 1. build
+    plain = build_workload_image(runner, root, folder / "build", "workload")
+    return publish_image(folder, plain, registry.target, layer_public_pem, runner=runner,
+                         repository=REPOSITORY, tag=tag)
+
+
+def publish_image(
+    folder: Path,
+    plain: OciImage,
+    registry: RegistryTarget,
+    layer_public_pem: bytes,
+    *,
+    runner: ToolRunner,
+    repository: str = REPOSITORY,
+    tag: str = "run",
+) -> PublishedImage:
+    """Steps 2 to 4 for an image already built into an OCI layout (by umoci here, by buildah or
+    docker from native/image/Dockerfile for a cluster, :mod:`.container`): encrypt it, push
+    and sign it as ``<registry>/<repository>:<tag>``, verify it through the written policy into
+    ``image/oci/``. The plain layout is removed at the end: it never leaves the owner's
+    machine."""
+    require_tools("skopeo", "gpg", "gpgconf")
+    folder.mkdir(parents=True, exist_ok=True)
     work = folder / "work"
     work.mkdir(exist_ok=True)
-    reference = f"{registry.address}/{REPOSITORY}:{tag}"
-    repository = f"{registry.address}/{REPOSITORY}"
+    reference = f"{registry.address}/{repository}:{tag}"
+    repository_name = f"{registry.address}/{repository}"
     files = {
         "policy": folder / "policy.json",
         "signer": folder / "signer.asc",
@@ -129,14 +155,12 @@ def publish_workload_image(
     }
     files["registries_d"].mkdir(exist_ok=True)
     files["signatures"].mkdir(exist_ok=True)
+    registry.cert_dir.mkdir(parents=True, exist_ok=True)
     (files["registries_d"] / "hfl-lab.yaml").write_text(
         lookaside_config(registry.address, files["signatures"]))
     files["layer_public_key"].write_bytes(layer_public_pem)
     push_policy = _write_json(work / "owner-push-policy.json", owner_push_policy())
-    tls = ["--dest-cert-dir", str(registry.cert_dir)]
 
-    # 1. build
-    plain = build_workload_image(runner, root, folder / "build", "workload")
     # 2. encrypt (on the owner's machine: the registry never receives a plain layer)
     encrypted_layout = folder / "encrypted"
     shutil.rmtree(encrypted_layout, ignore_errors=True)
@@ -152,7 +176,7 @@ def publish_workload_image(
         digest_file = work / "pushed.digest"
         runner.run("push and sign", [
             "skopeo", "copy", "--quiet", "--policy", str(push_policy), "--preserve-digests",
-            "--registries.d", str(files["registries_d"]), *tls,
+            "--registries.d", str(files["registries_d"]), *registry.flags("dest"),
             "--sign-by", signer.fingerprint, "--digestfile", str(digest_file),
             encrypted.reference, f"docker://{reference}",
         ], env=signer.env, digest=lambda: digest_file.read_text().strip())
@@ -160,14 +184,14 @@ def publish_workload_image(
         public_key = signer.public_key
     pushed = digest_file.read_text().strip()
     policy_sha256 = hashlib.sha256(
-        _write_json(files["policy"], signature_policy(repository, public_key)).read_bytes()
+        _write_json(files["policy"], signature_policy(repository_name, public_key)).read_bytes()
     ).hexdigest()
     # 4. verify through the policy, as a participant will, into the outsider's OCI layout
     shutil.rmtree(files["oci"], ignore_errors=True)
     runner.run("verify", [
         "skopeo", "copy", "--quiet", "--remove-signatures", "--preserve-digests",
         "--policy", str(files["policy"]), "--registries.d", str(files["registries_d"]),
-        "--src-cert-dir", str(registry.cert_dir),
+        *registry.flags("src"),
         f"docker://{reference}", f"oci:{files['oci']}:workload",
     ], digest=lambda: read_image(files["oci"], "workload").manifest_digest)
     exported = read_image(files["oci"], "workload")
@@ -175,7 +199,7 @@ def publish_workload_image(
         raise ImageError(
             f"the image read back from the registry ({exported.manifest_digest}) is not the one "
             f"signed ({pushed}) or has a plain layer.",
-            fix="read image/registry/registry.log; rerun the image step.")
+            fix="read the registry's log; rerun the image step.")
     # image/oci/ is the encrypted image; the plain layout leaves the run folder
     shutil.rmtree(encrypted_layout, ignore_errors=True)
     shutil.rmtree(plain.layout, ignore_errors=True)

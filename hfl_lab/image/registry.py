@@ -23,6 +23,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -34,7 +35,7 @@ from hfl_lab._resources import ClosingContext
 from hfl_lab._x509 import certificate_builder, common_name
 from hfl_lab.image.tools import ToolRunner, secret_fd
 
-__all__ = ["LabRegistry"]
+__all__ = ["LabRegistry", "RegistryTarget"]
 
 _HOST = "127.0.0.1"
 # The registry runs under a shell that also reads its stdin, a pipe this process holds: when
@@ -46,6 +47,24 @@ _LIFELINE = (
     '"$@" </dev/null & registry=$!; exec 7<&0; '
     '(cat <&7 >/dev/null; kill "$registry" 2>/dev/null) & exec 7<&-; wait "$registry"'
 )
+
+
+@dataclass(frozen=True)
+class RegistryTarget:
+    """A registry the owner pushes to and checks the pushed image in: the run's own
+    (:attr:`LabRegistry.target`) or the user's, for a cluster (``host[:port]``). ``cert_dir``
+    holds the CA certificates its TLS is checked with (skopeo's ``--cert-dir``; an empty folder:
+    the system's CAs alone); ``tls_verify=False`` only for a registry without TLS (a test
+    cluster's)."""
+
+    address: str
+    cert_dir: Path
+    tls_verify: bool = True
+
+    def flags(self, side: str) -> list[str]:
+        """skopeo's TLS options for this registry as the ``src`` or ``dest`` of a copy."""
+        flags = [f"--{side}-cert-dir", str(self.cert_dir)]
+        return flags if self.tls_verify else [*flags, f"--{side}-tls-verify=false"]
 
 
 def _free_port() -> int:
@@ -94,6 +113,10 @@ class LabRegistry(ClosingContext):
     @property
     def address(self) -> str:
         return f"{_HOST}:{self.port}"
+
+    @property
+    def target(self) -> RegistryTarget:
+        return RegistryTarget(self.address, self.cert_dir)
 
     @property
     def running(self) -> bool:

@@ -9,20 +9,27 @@ row with its command, time and digest; the layers' media types are shown before 
 encryption. Where the tools are missing, the step says so and names ``make system-deps``. The
 reference values come from the measurement through ``hfl-lab attest policy
 --from-evidence``'s function, then are checked with ``hfl-lab attest verify``'s. On
-``kubernetes`` the container image is built, encrypted and signed with docker, skopeo and
-cosign when they are installed; otherwise each step says why it was skipped and what to run.
+``kubernetes`` the full image of native/image/Dockerfile goes through the same steps into the
+user's registry (``image``) where buildah or docker can build it here; otherwise each step says
+why it was skipped and what it would run. On both, where ``cosign`` is installed the pushed image
+is signed with cosign too and a ``sigstoreSigned`` policy is written; where it is not, the step
+says so and prints the commands.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hfl_lab._exceptions import ImageError
 from hfl_lab.attestation import policy_from_evidence, policy_text, verify_evidence
 from hfl_lab.backends.kubernetes import image as tools
+from hfl_lab.backends.kubernetes.settings import KubernetesSettings
+from hfl_lab.backends.kubernetes.workload_image import BUILD_TIMEOUT_S, publish_cluster_image
 from hfl_lab.config import LabConfig
 from hfl_lab.image import (
     SYSTEM_DEPS_FIX,
@@ -35,7 +42,11 @@ from hfl_lab.image import (
     missing_tools,
     publish_workload_image,
     pull_image,
+    require_tools,
 )
+from hfl_lab.image.container import BUILDERS, DOCKERFILE, build_commands, find_builder
+from hfl_lab.image.cosign import command_line as cosign_line
+from hfl_lab.image.cosign import cosign_sign, pinned_reference
 from hfl_lab.lab.notebook import Table
 from hfl_lab.lab.trust import OWNER_ROLE, VerdictView, lab_roles
 from hfl_lab.tee.policy import AttestationPolicy
@@ -92,6 +103,10 @@ class ImageReport:
     verdict: Verdict | None = None
     files: dict[str, str] = field(default_factory=dict)
     published: PublishedImage | None = None
+    #: kubernetes: the layer key this publication is encrypted for, in memory only (the
+    #: backend publishes the run's own image at start and registers that key itself; pass
+    #: this one to ``KubernetesBackend.register_layer_key`` to deploy this publication)
+    layer_key: LayerKey | None = field(default=None, repr=False)
 
     def timings(self) -> dict[str, float]:
         """Seconds to make the image (build to verify) and to pull it (pull + unpack), and its
@@ -194,26 +209,58 @@ def _tree_step() -> ImageStep:
     )
 
 
-def _tool_steps(config: LabConfig) -> list[ImageStep]:
-    tag = config.image
-    name = tag.rsplit(":", 1)[0] if ":" in tag.rsplit("/", 1)[-1] else tag
-    planned = [
-        ("build", "docker", tools.build_command(tag, _REPO)),
-        ("push", "docker", tools.push_command(tag)),
-        ("digest", "skopeo", tools.digest_command(tag)),
-        ("encrypt layers", "skopeo", tools.encrypt_command(
-            tag, f"{name}:encrypted", Path("image.key"), "hfl-lab")),
-        ("sign", "cosign", ["cosign", "sign", "--yes", "--key", "cosign.key", f"{name}@<digest>"]),
+def _cluster_pipeline(
+    config: LabConfig, out: Path, runner: ToolRunner | None = None,
+) -> tuple[list[ImageStep], PublishedImage | None, LayerKey | None]:
+    """On ``kubernetes``: the full image from native/image/Dockerfile through the same steps
+    as the local one, into the user's registry (``image``), where buildah or docker can build
+    it here; else each step skipped, saying why and what it would run."""
+    settings = KubernetesSettings.from_config(config)
+    runner = runner or ToolRunner(timeout_s=BUILD_TIMEOUT_S)
+    try:
+        builder = find_builder()
+        require_tools("skopeo", "gpg", "gpgconf")
+    except ImageError as error:
+        return [*_cluster_plan(settings, out, error), *_cosign_step(None, out)], None, None
+    key = LayerKey()
+    published = publish_cluster_image(settings, out, key, root=_REPO, runner=runner,
+                                      builder=builder)
+    details = {
+        "build: image": f"{builder}: {DOCKERFILE}, the participants' full image (Python, "
+        "TensorFlow, the lab)",
+        "build": "the built image as an OCI layout (image/build/, removed once encrypted)",
+        "encrypt": "skopeo: each layer encrypted (JWE) for a key made in memory; at the start "
+        "of training the backend publishes the run's own image with a fresh key and registers "
+        "it in the provisioned trust service for ps0 and the workers",
+        "push and sign": f"skopeo: pushed to {published.source.reference} and signed (GPG "
+        "simple signing, key made for this run); signature in image/signatures/",
+        "verify": "skopeo through image/policy.json into image/oci/",
+    }
+    steps = [ImageStep.from_record(r, details.get(r.step, "")) for r in runner.records]
+    steps.append(ImageStep(
+        "pin the run", "done", "the run deploys this digest; the encrypted+signed overlay's "
+        "initdata (MRCONFIGID) pins it", "", published.source.digest))
+    return [*steps, *_cosign_step(published, out)], published, key
+
+
+def _cluster_plan(settings: KubernetesSettings, out: Path, why: ImageError) -> list[ImageStep]:
+    layout = out / "build"
+    commands = [shlex.join(argv) for name in BUILDERS
+                for _, argv in build_commands(name, _REPO, layout)]
+    target = settings.image
+    trustee = tools.encrypt_command(target, f"{target}-encrypted", Path("image.key"),
+                                    "hfl-lab")
+    return [
+        ImageStep("build", "skipped", f"{why.message} Fix: {why.fix}", " ; ".join(commands)),
+        ImageStep("encrypt, push, sign, verify", "skipped",
+                  "needs the built image; then the same skopeo steps as the local image, into "
+                  f"{settings.registry_host or 'the registry of image'}",
+                  "hfl_lab.backends.kubernetes.workload_image.publish_cluster_image"),
+        ImageStep("image key in Trustee (CoCo guests)", "planned",
+                  "for guests whose image-rs asks Trustee's KBS for the key: encrypt with "
+                  "coco-keyprovider and register the key as kbs:///default/image_key/hfl-lab "
+                  "(k8s/README.md, 'The image key in Trustee')", shlex.join(trustee)),
     ]
-    steps = []
-    for step, tool, argv in planned:
-        command = " ".join(argv)
-        if shutil.which(tool) is None:
-            steps.append(ImageStep(step, "skipped", f"{tool} is not installed here: "
-                                   f"{tools.INSTALL[tool]}", command))
-        else:
-            steps.append(ImageStep(step, "planned", f"run with {tool} on the build host", command))
-    return steps
 
 
 def _local_pipeline(out: Path) -> tuple[list[ImageStep], PublishedImage | None]:
@@ -223,7 +270,7 @@ def _local_pipeline(out: Path) -> tuple[list[ImageStep], PublishedImage | None]:
     if missing:
         return [ImageStep("encrypted, signed image", "skipped",
                           f"{', '.join(missing)} not installed here: {SYSTEM_DEPS_FIX}",
-                          "make system-deps")], None
+                          "make system-deps"), *_cosign_step(None, out)], None
     runner = ToolRunner()
     key = LayerKey()
     with LabRegistry(out / "registry", runner) as registry:
@@ -232,6 +279,7 @@ def _local_pipeline(out: Path) -> tuple[list[ImageStep], PublishedImage | None]:
                                            runner=runner)
         pulled = pull_image(published.source, key.private_pem(), out / "pull-check",
                             who="the owner's check", runner=runner)
+        cosign = _cosign_step(published, out)  # while the registry serves
     del key
     labels = published.plain.config.get("config", {}).get("Labels") or {}
     files = labels.get("io.hfl-lab.workload.files", "?")
@@ -260,7 +308,7 @@ def _local_pipeline(out: Path) -> tuple[list[ImageStep], PublishedImage | None]:
     same = workload_digest(pulled.workload_root) == workload_digest(_REPO)
     steps.append(_measured_pull_step(pulled, same))
     shutil.rmtree(out / "pull-check", ignore_errors=True)  # decrypted code: not kept
-    return steps, published
+    return [*steps, *cosign], published
 
 
 def _measured_pull_step(pulled: PulledImage, same: bool) -> ImageStep:
@@ -273,16 +321,30 @@ def _measured_pull_step(pulled: PulledImage, same: bool) -> ImageStep:
                      "them would be refused", "", digest)
 
 
-def _cosign_step(published: PublishedImage | None) -> ImageStep:
-    target = (f"{published.source.reference.rsplit(':', 1)[0]}@{published.source.digest}"
-              if published is not None else "<image>@<digest>")
-    command = f"cosign sign --key cosign.key {target}"
-    if shutil.which("cosign") is None:
-        return ImageStep("sign (cosign)", "skipped",
-                         "cosign is not installed here, and Debian's skopeo has sigstore "
-                         f"signing disabled: {tools.INSTALL['cosign']}", command)
-    return ImageStep("sign (cosign)", "planned", "cosign is installed: run it on this digest "
-                     "and write a sigstoreSigned policy (not done by the lab yet)", command)
+def _cosign_step(published: PublishedImage | None, out: Path,
+                 runner: ToolRunner | None = None) -> list[ImageStep]:
+    """Where cosign is installed, sign the pushed image with it too and write the
+    ``sigstoreSigned`` policy; where it is not, say so and print the exact commands."""
+    if published is None:
+        commands = cosign_line("<registry>/<repository>@<digest>", Path("cosign.pub"))
+        return [ImageStep("sign (cosign)", "skipped", "no image was pushed to sign", commands)]
+    runner = runner or ToolRunner()
+    try:
+        signature = cosign_sign(published, out, runner)
+    except ImageError as error:
+        if shutil.which("cosign") is not None:
+            raise
+        pinned = pinned_reference(published.source.reference, published.source.digest)
+        commands = cosign_line(pinned, out / "cosign.pub")
+        return [ImageStep("sign (cosign)", "skipped", f"{error.message} Fix: {error.fix}",
+                          commands)]
+    details = {"cosign: key": "cosign: a key pair for this run (password in memory, key "
+               "file in a temporary folder removed after signing)",
+               "sign (cosign)": f"signed {signature.pinned}; the signature is in the registry",
+               "verify (cosign)": "cosign verify with cosign.pub; policy-sigstore.json "
+               "(sigstoreSigned) written"}
+    return [ImageStep.from_record(r, details.get(r.step, "")) for r in runner.records
+            if r.step in details]
 
 
 def measure_image(config: LabConfig, *, folder: str | Path | None = None) -> ImageReport:
@@ -294,11 +356,12 @@ def measure_image(config: LabConfig, *, folder: str | Path | None = None) -> Ima
     roles = [*lab_roles(config), OWNER_ROLE]
     measurements = {role: measure_workload(role=role, config=run) for role in roles}
     published: PublishedImage | None = None
+    layer_key: LayerKey | None = None
     if config.backend == "local":
         pipeline, published = _local_pipeline(out)
-        steps = [_tree_step(), *pipeline, _cosign_step(published)]
     else:
-        steps = [_tree_step(), *_tool_steps(config)]
+        pipeline, published, layer_key = _cluster_pipeline(config, out)
+    steps = [_tree_step(), *pipeline]
 
     # The reference TD: ps0, as the simulated TD reports it; the same functions as the CLI's.
     platform = SimulatedPlatform.generate()
@@ -325,6 +388,6 @@ def measure_image(config: LabConfig, *, folder: str | Path | None = None) -> Ima
         files.update({f"image_{k}": v for k, v in published.files.items()})
         files["pipeline"] = str(out / "pipeline.json")
     report = ImageReport(config.backend, steps, measurements, policy, text, verdict, files,
-                         published)
+                         published, layer_key)
     (out / "image.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report

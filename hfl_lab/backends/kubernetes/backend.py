@@ -21,6 +21,7 @@ owner's run folder (``vault/``, ``trust/``), where notebook 05 opens them exactl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import tempfile
 import threading
@@ -36,10 +37,18 @@ from hfl_lab.backends.kubernetes import bootstrap, provision, vault_copy
 from hfl_lab.backends.kubernetes import render as rendering
 from hfl_lab.backends.kubernetes.cluster_api import ClusterApi, object_path
 from hfl_lab.backends.kubernetes.kustomize import Manifest
+from hfl_lab.backends.kubernetes.measurements import SIGNED_OVERLAY
 from hfl_lab.backends.kubernetes.port_forward import LocalForward
 from hfl_lab.backends.kubernetes.preflight import check_vault, cluster_checks
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
+from hfl_lab.backends.kubernetes.workload_image import (
+    cluster_release_policy,
+    pinned_settings,
+    publish_cluster_image,
+)
 from hfl_lab.events import KINDS, LabEvent
+from hfl_lab.image import LayerKey, PublishedImage, missing_tools
+from hfl_lab.image.container import tool_inventory, usable_builders
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.sim.platform import SimulatedPlatform
 from hfl_lab.vault.attested_signers import AttestedSigners
@@ -163,6 +172,10 @@ class KubernetesBackend:
         self.rendered: rendering.RenderedRun | None = None
         #: why the trust service could not be provisioned (wait_ready raises it)
         self.provision_problem: BackendError | None = None
+        #: the encrypted, signed image this backend published at start (the encrypted+signed
+        #: overlay) and its layer key, in memory only, registered once the trust service is
+        self.published_image: PublishedImage | None = None
+        self.layer_key: LayerKey | None = None
 
     def __repr__(self) -> str:
         return (f"KubernetesBackend(namespace={self.settings.namespace!r}, "
@@ -262,7 +275,40 @@ class KubernetesBackend:
         return bootstrap.bootstrap_secrets(self.settings.namespace,
                                            None if self.settings.uses_tdx else self.platform)
 
+    def wants_image(self) -> bool:
+        """Whether start() publishes the participant image: the encrypted+signed overlay, an
+        image not yet pinned by digest, and ``workload_image`` on, or auto with skopeo, gnupg
+        and a builder here (``on`` without them is refused by :meth:`publish_image`)."""
+        if self.settings.overlay != SIGNED_OVERLAY or self.settings.image_ref.digest:
+            return False
+        mode = str(self.settings.lab_config.get("workload_image", "auto"))
+        if mode != "auto":
+            return mode == "on"
+        return not missing_tools(("skopeo", "gpg", "gpgconf")) and bool(
+            usable_builders(tool_inventory()))
+
+    def publish_image(self, builder: str | None = None) -> PublishedImage:
+        """Build native/image/Dockerfile, encrypt, push to the user's registry and sign
+        (:func:`.workload_image.publish_cluster_image`, into the run's ``image/``), then pin the
+        run to the signed digest; the layer key stays in memory until the trust service is
+        provisioned (:meth:`register_layer_key`)."""
+        folder = self.settings.image_dir or self._owner_path("image")
+        key = LayerKey()
+        published = publish_cluster_image(self.settings, folder, key, builder=builder)
+        self.settings = pinned_settings(dataclasses.replace(self.settings, image_dir=folder),
+                                        published)
+        self.published_image, self.layer_key = published, key
+        self.rendered = None
+        self._emit(LabEvent("log", "owner", {
+            "level": "info",
+            "message": f"participant image built, encrypted, pushed and signed: "
+            f"{self.settings.image}",
+        }))
+        return published
+
     def start(self) -> None:
+        if self.wants_image():
+            self.publish_image()
         objects = self.render()
         assert self.rendered is not None
         if self.rendered.volume_policy_error:
@@ -505,14 +551,44 @@ class KubernetesBackend:
         }))
         return detail
 
+    def register_layer_key(self, key: LayerKey) -> AttestationPolicy:
+        """Register the workload image's layer key (:func:`.workload_image.
+        publish_cluster_image` encrypted the image for its public half) in the run's
+        provisioned trust service, releasable to ps0 and the workers only, each held to its own
+        measurements (:func:`.workload_image.cluster_release_policy`); the release policy."""
+        if self.rendered is None:
+            self.render()
+        assert self.rendered is not None and self.policy is not None
+        release = cluster_release_policy(self.rendered)
+        with self.trust_endpoint() as address:
+            provision.register_layer_key(
+                address, self.policy, self.admin_token, key, release,
+                lab_root_der=self.platform.root_der if self.platform else None)
+        self._emit(LabEvent("log", "owner", {
+            "level": "info",
+            "message": "the workload image's layer key is registered in the trust service, "
+            f"releasable to {', '.join(sorted(release.roles))} after attestation",
+        }))
+        return release
+
     def _provision_in_background(self) -> None:
         try:
             self.provision_trust()
         except BackendError as error:
             self.provision_problem = error
             self._emit(LabEvent("log", "owner", {"level": "error", "message": str(error)}))
-        else:
-            self.provision_problem = None
+            return
+        self.provision_problem = None
+        if self.layer_key is None:
+            return
+        try:
+            self.register_layer_key(self.layer_key)
+        except BackendError as error:
+            # the guests of a TDX run take their image key from Trustee (k8s/README.md); the
+            # trust service's copy needs a policy that pins every participant's MR_TD
+            self._emit(LabEvent("log", "owner", {
+                "level": "warning",
+                "message": f"the layer key stays with the owner: {error}"}))
 
     def _monitor_loop(self) -> None:
         while not self._stop.wait(self.settings.poll_interval_s):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hfl_lab._exceptions import BackendError, ConfigError
+from hfl_lab.image import IMAGE_APP_ID, LAYER_KEY_NAME
 
 INSTALL = {
     "docker": "install Docker Engine (https://docs.docker.com/engine/install/) and start it.",
@@ -37,6 +38,12 @@ INSTALL = {
     "cosign": "install cosign (https://docs.sigstore.dev/cosign/system_config/installation/).",
 }
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+#: where a CoCo guest finds the image's artefacts in Trustee's KBS (its resource paths)
+SECURITY_POLICY_URI = "kbs:///default/security-policy/hfl-lab"
+SIGNATURE_KEY_URI = "kbs:///default/cosign-public-key/hfl-lab"
+LAYER_KEY_URI = "kbs:///default/image_key/hfl-lab"
+#: where the run's trust service holds the layer key (hfl_lab.image.layer_key's app and name)
+TRUST_SERVICE_KEY = f"{IMAGE_APP_ID}/{LAYER_KEY_NAME}"
 
 
 @dataclass(frozen=True)
@@ -206,9 +213,7 @@ def verify_image(image_name: str, digest: str, pubkey: Path) -> ToolRun:
 # -- KBS side: keys and signature policy --------------------------------------------------
 
 
-def signature_policy(
-    image_name: str, key_uri: str = "kbs:///default/cosign-public-key/hfl-lab"
-) -> dict[str, Any]:
+def signature_policy(image_name: str, key_uri: str = SIGNATURE_KEY_URI) -> dict[str, Any]:
     """containers-policy.json for image-rs: reject everything but ``image_name`` signed by us."""
     return {
         "default": [{"type": "reject"}],
@@ -253,8 +258,8 @@ def initdata_toml(kbs_url: str, image_name: str, digest: str | None,
     ]
     if digest is not None:
         policy = json.dumps(signature_policy(_pinned(image_name, digest).split("@")[0]))
-        parts.append('[image]\nimage_security_policy_uri = "kbs:///default/security-policy/'
-                     f'hfl-lab"\n# pinned: {image_name}@{digest}\n"""\n')
+        parts.append(f'[image]\nimage_security_policy_uri = "{SECURITY_POLICY_URI}"\n'
+                     f'# pinned: {image_name}@{digest}\n"""\n')
         parts.append(f"\"policy.json\" = '''{policy}'''\n")
     else:
         parts.append('"""\n')
@@ -263,6 +268,19 @@ def initdata_toml(kbs_url: str, image_name: str, digest: str | None,
             raise ConfigError(f"initdata file {name} holds ''', which TOML cannot quote here.")
         parts.append(f"\"{name}\" = '''\n{text}'''\n")
     return "".join(parts)
+
+
+def image_artefacts(reference: str, files: Mapping[str, str]) -> dict[str, Any]:
+    """What the encrypted+signed overlay's ``hfl-image`` ConfigMap says in ``image.yaml``: the
+    image the run deploys, its signature policies (``files``: ConfigMap key → what it is) and
+    where the layer key and the guest's policy are held."""
+    return {
+        "reference": reference,
+        "signature_policies": dict(files),
+        "layer_key": {"trust_service": TRUST_SERVICE_KEY, "trustee": LAYER_KEY_URI},
+        "security_policy": SECURITY_POLICY_URI,
+        "signature_key": SIGNATURE_KEY_URI,
+    }
 
 
 def initdata_reference_values(initdata: str) -> dict[str, list[str]]:

@@ -9,8 +9,15 @@ from typing import Any
 from hfl_lab._exceptions import ApiError
 from hfl_lab.backends.base import PreflightCheck
 from hfl_lab.backends.kubernetes.cluster_api import ClusterApi
+from hfl_lab.backends.kubernetes.measurements import SIGNED_OVERLAY
 from hfl_lab.backends.kubernetes.render import RenderedRun
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
+from hfl_lab.image.container import (
+    BUILDER_FIX,
+    tool_inventory,
+    tool_summary,
+    usable_builders,
+)
 
 #: the pod-index label that gives each worker its index is on by default from 1.28
 MIN_MINOR = 28
@@ -147,6 +154,33 @@ def check_registry(settings: KubernetesSettings, timeout_s: float = 5.0) -> Pref
     return PreflightCheck("registry", False, f"{url} answered {status}, not a registry.", fix)
 
 
+def check_image_tools(settings: KubernetesSettings,
+                      inventory: dict[str, str] | None = None) -> PreflightCheck:
+    """Which of skopeo, umoci, buildah, docker and cosign are on the owner's machine. Fails only
+    where this machine must make the image: the encrypted+signed overlay with an image not yet
+    pinned by digest (built, encrypted, pushed and signed here) and skopeo or a builder
+    missing."""
+    found = inventory if inventory is not None else tool_inventory()
+    detail = tool_summary(found)
+    if settings.overlay != SIGNED_OVERLAY or settings.image_ref.digest:
+        return PreflightCheck("image tools", True, detail)
+    fixes = []
+    if found.get("skopeo", "not installed") == "not installed":
+        fixes.append("install skopeo (apt-get install skopeo)")
+    if not usable_builders(found):
+        fixes.append(BUILDER_FIX)
+    if fixes:
+        return PreflightCheck(
+            "image tools", False,
+            f"{detail}: the {SIGNED_OVERLAY} overlay needs its image built, encrypted and "
+            "signed here (or image pinned by digest to one made elsewhere)",
+            "; ".join(fixes))
+    if found.get("cosign", "not installed") == "not installed":
+        detail += ("; the guest's sigstoreSigned policy needs a cosign signature: notebook 03 "
+                   "prints the command")
+    return PreflightCheck("image tools", True, detail)
+
+
 def check_vault(rendered: RenderedRun) -> PreflightCheck:
     """Whether the model volume can be guarded: ps0's measurements pinned by the run's policy."""
     if rendered.volume_policy is not None:
@@ -180,4 +214,5 @@ def cluster_checks(api: ClusterApi, settings: KubernetesSettings) -> list[Prefli
             checks.append(check_coco_operator(api))
         checks.append(check_nodes(api, settings.uses_tdx))
     checks.append(check_registry(settings))
+    checks.append(check_image_tools(settings))
     return checks

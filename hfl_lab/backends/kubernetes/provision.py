@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 
 from hfl_lab._exceptions import AttestationError, BackendError, HflLabError, PolicyViolation
+from hfl_lab.image import LayerKey
+from hfl_lab.image import register_layer_key as register_with
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.trust.client import TrustClient
 
@@ -52,6 +54,32 @@ def provision_trust(
         except HflLabError as error:
             raise _not_provisioned(address, error) from None
         time.sleep(retry_s)
+
+
+def register_layer_key(
+    address: str,
+    policy: AttestationPolicy,
+    admin_token: bytes,
+    key: LayerKey,
+    release: AttestationPolicy,
+    *,
+    lab_root_der: bytes | None = None,
+) -> None:
+    """As the owner: verify the (provisioned) trust service at ``address`` as :func:`
+    provision_trust` does, then register the image's layer key in its key broker under
+    ``release`` (the participants that may pull the image). Nothing is sent to a service that
+    fails the check."""
+    try:
+        with TrustClient.connect(address, policy, lab_root_der=lab_root_der, role="trust",
+                                 verifier_name=VERIFIER) as client:
+            register_with(client, key, release, admin_token)
+    except PolicyViolation as error:
+        raise BackendError(
+            f"the trust service refused the image's layer key: {error.message}",
+            fix=error.fix or "provision the trust service first (provision_trust()).",
+        ) from None
+    except HflLabError as error:
+        raise _not_provisioned(address, error) from None
 
 
 def _not_provisioned(address: str, error: HflLabError) -> BackendError:

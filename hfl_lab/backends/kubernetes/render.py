@@ -34,6 +34,7 @@ import base64
 import copy
 import dataclasses
 import gzip
+import json
 import os
 import re
 import tempfile
@@ -46,6 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hfl_lab._exceptions import ConfigError, VaultError
+from hfl_lab.backends.kubernetes import image as image_tools
 from hfl_lab.backends.kubernetes import kustomize, measurements
 from hfl_lab.backends.kubernetes.kustomize import Manifest
 from hfl_lab.backends.kubernetes.settings import KubernetesSettings
@@ -267,6 +269,7 @@ def run_kustomization(settings: KubernetesSettings, k8s_dir: Path, out_dir: Path
                     ],
                 )
             )
+    generators = _image_generator(settings, out_dir)
     policy_files = ["policy.yaml"]
     if vault:
         policy_files.append("volume_policy.yaml")
@@ -282,10 +285,60 @@ def run_kustomization(settings: KubernetesSettings, k8s_dir: Path, out_dir: Path
         "configMapGenerator": [
             {"name": "hfl-config", "behavior": "replace", "files": ["config.yaml"]},
             {"name": "hfl-policy", "behavior": "replace", "files": policy_files},
+            *generators,
         ],
         "generatorOptions": {"disableNameSuffixHash": True},
         "patches": patches,
     }
+
+
+#: the published image's public files the hfl-image ConfigMap carries: file → ConfigMap key
+IMAGE_FILES = {"policy.json": "policy.json", "policy-sigstore.json": "policy-sigstore.json",
+               "signer.asc": "signer.asc", "cosign.pub": "cosign.pub"}
+_IMAGE_FILE_MEANING = {
+    "policy.json": "signedBy the owner's GPG key made for the run (simple signing)",
+    "policy-sigstore.json": "sigstoreSigned by cosign.pub",
+    "signer.asc": "the owner's GPG public key",
+    "cosign.pub": "the owner's cosign public key",
+}
+
+
+def _published_digest(image_dir: Path) -> str | None:
+    """The signed digest ``image_dir/pipeline.json`` records (None: no readable record)."""
+    try:
+        record = json.loads((image_dir / "pipeline.json").read_text())
+        return str(record["source"]["digest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _image_generator(settings: KubernetesSettings, out_dir: Path) -> list[dict[str, Any]]:
+    """On the encrypted+signed overlay, when the run deploys the image published into
+    ``image_dir`` (its ``pipeline.json`` records the digest ``settings.image`` pins): the
+    ``hfl-image`` ConfigMap with its public signature policies and an ``image.yaml`` naming
+    the image and where its key is held, copied into the run folder's ``image/`` (kustomize
+    reads files under its root only)."""
+    if settings.overlay != measurements.SIGNED_OVERLAY or settings.image_dir is None:
+        return []
+    if not (settings.image_dir / "policy.json").is_file():
+        return []
+    if _published_digest(settings.image_dir) != settings.image_ref.digest:
+        return []  # the files describe another image than the one the run deploys
+    present = {name: key for name, key in IMAGE_FILES.items()
+               if (settings.image_dir / name).is_file()}
+    files = []
+    (out_dir / "image").mkdir(exist_ok=True)
+    for name, key in present.items():
+        local = f"image/{name}"
+        (out_dir / local).write_bytes((settings.image_dir / name).read_bytes())
+        files.append(f"{key}={local}")
+    document = image_tools.image_artefacts(
+        settings.image, {key: _IMAGE_FILE_MEANING[name] for name, key in present.items()})
+    (out_dir / "image" / "image.yaml").write_text(
+        "# The participant image of this run and where its keys are (public; hfl-lab)\n"
+        + yaml.safe_dump(document, sort_keys=False))
+    files.insert(0, "image.yaml=image/image.yaml")
+    return [{"name": "hfl-image", "behavior": "replace", "files": files}]
 
 
 def initdata_patches(initdata: dict[str, str], objects: list[Manifest]) -> list[dict[str, Any]]:

@@ -128,6 +128,11 @@ class KubernetesSettings:
     #: "" (default): a port-forward through the Kubernetes API server. Either way the path is
     #: untrusted: the owner verifies the service's evidence and pins its certificate first.
     trust_endpoint: str = ""
+    #: the run's ``image/`` folder where the owner published the encrypted, signed image
+    #: (notebook 03; :mod:`.workload_image`): the encrypted+signed overlay's ``hfl-image``
+    #: ConfigMap carries its public signature policies. None, or no ``policy.json`` there: the
+    #: overlay's placeholders, which refuse every image
+    image_dir: Path | None = None
     #: where the generated kustomization of a run is written; None: a temporary folder
     run_dir: Path | None = None
     poll_interval_s: float = 1.0
@@ -242,7 +247,8 @@ class KubernetesSettings:
     def from_config(cls, config: LabConfig) -> KubernetesSettings:
         """Settings from the lab's parameters: ``namespace``, ``workers``, ``image``,
         ``k8s_overlay``, ``runtime_class``, ``kubeconfig``, ``kube_context``, ``data_path`` (an
-        absolute path is a host path), ``policy_path`` (a YAML file, read now) and ``run_dir``;
+        absolute path is a host path), ``policy_path`` (a YAML file, read now) and ``run_dir``
+        (its ``k8s/`` the run's kustomization, its ``image/`` the published image's files);
         the rest keep their defaults. All of ``config`` becomes ``lab_config``."""
         kw: dict[str, Any] = {
             "namespace": config.namespace,
@@ -251,6 +257,7 @@ class KubernetesSettings:
             "overlay": config.k8s_overlay,
             "runtime_class": config.runtime_class,
             "run_dir": Path(config.run_dir) / "k8s",
+            "image_dir": Path(config.run_dir) / "image",
             "lab_config": {str(k): _plain(v) for k, v in config.to_dict().items()},
         }
         if config.kubeconfig is not None:

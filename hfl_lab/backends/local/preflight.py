@@ -12,6 +12,7 @@ from hfl_lab.backends.base import PreflightCheck
 from hfl_lab.backends.local.processes import free_port
 from hfl_lab.config import LabConfig
 from hfl_lab.image import PIPELINE_TOOLS, SYSTEM_DEPS_FIX, missing_tools
+from hfl_lab.image.container import tool_inventory, tool_summary
 from trainer.data import BATCHES_DIR, TEST_FILE, TRAIN_FILES
 
 
@@ -48,6 +49,10 @@ def local_checks(
         f"{cpus} cores for {processes} participant processes"
         + (" (they will share cores; training is slower)" if cpus < processes else "")))
     checks.append(_image_tools_check(config))
+    checks.append(PreflightCheck(
+        "container tools", True,
+        tool_summary(tool_inventory()) + " (local runs need skopeo and umoci; buildah or "
+        "docker build the cluster's image, cosign adds a sigstore signature)"))
     checks.append(PreflightCheck(
         "evidence", config.allow_simulated,
         "SIMULATED TDs (no TDX on this backend): real quote format, lab-local keys, "
