@@ -95,15 +95,10 @@ def test_command_builders_are_exact(tmp_path):
         image.encrypt_command("a", "b", Path("k"), "../etc", insecure=False)
 
 
-def test_kbs_resources_layout_and_policy(tmp_path):
-    paths = image.write_kbs_resources(tmp_path, "key1", bytes(32), b"PUB", "r.example.com/hfl")
-    assert paths["image_key"] == tmp_path / "default/image_key/key1"
-    assert stat.S_IMODE(paths["image_key"].stat().st_mode) == 0o600
-    policy = json.loads(paths["security_policy"].read_text())
+def test_the_signature_policy_refuses_all_but_the_signed_repository():
+    policy = image.signature_policy("r.example.com/hfl")
     assert policy["default"] == [{"type": "reject"}]
     assert policy["transports"]["docker"]["r.example.com/hfl"][0]["type"] == "sigstoreSigned"
-    with pytest.raises(ConfigError, match="32 bytes"):
-        image.write_kbs_resources(tmp_path, "key1", b"short", b"PUB", "r/x")
 
 
 def test_initdata_digest_is_a_valid_policy_reference_value():

@@ -221,32 +221,6 @@ def signature_policy(image_name: str, key_uri: str = SIGNATURE_KEY_URI) -> dict[
     }
 
 
-def write_kbs_resources(
-    repo_dir: Path, key_id: str, image_key: bytes, cosign_pub: bytes, image_name: str
-) -> dict[str, Path]:
-    """Lay out the KBS (trustee) resource repository the guest asks for.
-
-    ``default/image_key/<key_id>`` (32-byte AES key), ``default/cosign-public-key/hfl-lab`` and
-    ``default/security-policy/hfl-lab``; verdictd takes the same three files in its
-    ``keys/``, ``image/sigstore/`` and ``image/policy.json`` places.
-    """
-    if len(image_key) != 32:
-        raise ConfigError(f"the image key must be 32 bytes (A256GCM), got {len(image_key)}.")
-    paths = {
-        "image_key": repo_dir / "default" / "image_key" / key_id,
-        "cosign_public_key": repo_dir / "default" / "cosign-public-key" / "hfl-lab",
-        "security_policy": repo_dir / "default" / "security-policy" / "hfl-lab",
-    }
-    for path in paths.values():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(paths["image_key"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(image_key)
-    paths["cosign_public_key"].write_bytes(cosign_pub)
-    paths["security_policy"].write_text(json.dumps(signature_policy(image_name), indent=2))
-    return paths
-
-
 def initdata_toml(kbs_url: str, image_name: str, digest: str | None,
                   extra: Mapping[str, str] | None = None) -> str:
     """CoCo initdata for a pod: the KBS address, an image policy pinned to ``digest`` (when
