@@ -21,6 +21,8 @@ from hfl_lab.dashboard import Dashboard
 from hfl_lab.dashboard.figures import StepTimeFigure, robust_top
 from hfl_lab.dashboard.state import RunState
 from hfl_lab.events import LabEvent
+from hfl_lab.lab.attacks import AttackOutcome, AttackReport
+from hfl_lab.lab.board import AttestationBoard
 from hfl_lab.lab.coco import plan_coco_stack
 from hfl_lab.lab.session import NOTEBOOK_RUN_DIR, record_current_run, session_run
 from hfl_lab.lab.training import ensure_trained
@@ -237,3 +239,41 @@ def test_slow_steps_do_not_squash_the_step_time_plot() -> None:
     assert "slow step(s)" in series.get_title() and "left out" in bars.get_title()
     assert robust_top([50.0, 60.0, 55.0, 58.0]) is None  # nothing to clip
     assert state.step_time_means(20)["worker0"]["total_s"] > 0.2  # metrics.json: all steps
+
+
+# -- notebook 06's ending (issue 22, item 8) ------------------------------------------------------
+
+
+def test_the_final_matrix_names_attackers_by_their_attack(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    board = AttestationBoard(tmp_path, interactive=False)
+    for event in (_attested("lab", "trust"), _attested("trust", "ps0"),
+                  _attested("trust", "worker0", accepted=False),
+                  _attested("trust", "worker1", accepted=False),
+                  _attested("lab", "trust (MITM)", accepted=False),
+                  _attested("key-broker", "client without attestation", accepted=False)):
+        board.feed(event)
+    report = AttackReport([
+        AttackOutcome(name, "", True, "trust service", "refused",
+                      Verdict(subject=subject, verifier="trust"))
+        for name, subject in (("modified worker code", "worker0"), ("DEBUG TD", "worker1"),
+                              ("MITM server", "trust (MITM)"),
+                              ("client without attestation", "client without attestation"))
+    ])
+    board.close()
+    capsys.readouterr()
+
+    labels = report.subject_labels()
+    board.show_matrix(labels)
+    shown = capsys.readouterr().out
+
+    assert labels == {"worker0": "modified worker code (as worker0)",
+                      "worker1": "DEBUG TD (as worker1)",
+                      "trust (MITM)": "MITM server (as trust)"}
+    header = next(line for line in shown.splitlines() if line.startswith("verifier"))
+    assert "modified worker code (as worker0)" in header and "DEBUG TD (as worker1)" in header
+    assert "worker0 " not in header.replace("(as worker0)", "")  # no column named worker0
+    assert "ps0" in header  # the genuine control keeps its name
+    assert (tmp_path / "attestation_matrix.png").stat().st_size > 5_000
+    assert board.state.matrix[("trust", "worker0")].subject == "worker0"  # the record is kept
