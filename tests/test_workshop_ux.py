@@ -20,7 +20,7 @@ from hfl_lab.config import LabConfig
 from hfl_lab.dashboard import Dashboard
 from hfl_lab.dashboard.figures import StepTimeFigure, robust_top
 from hfl_lab.dashboard.state import RunState
-from hfl_lab.events import LabEvent
+from hfl_lab.events import LabEvent, startup_event
 from hfl_lab.lab.attacks import AttackOutcome, AttackReport
 from hfl_lab.lab.board import AttestationBoard
 from hfl_lab.lab.coco import plan_coco_stack
@@ -142,7 +142,7 @@ def test_the_progress_label_follows_the_start_up_until_the_first_step(tmp_path: 
     seen: list[str] = []
     start_up = [
         _lifecycle("trust", "starting", "launched"), _lifecycle("trust", "provisioning"),
-        _lifecycle("trust", "ready"),
+        _lifecycle("trust", "ready"), startup_event("the owner creates the model's LUKS volume"),
         _lifecycle("ps0", "starting", "launched"), _lifecycle("worker0", "starting", "launched"),
         _lifecycle("ps0", "starting", "pulling the workload image"),
         _attested("key-broker", "ps0"),
@@ -161,10 +161,12 @@ def test_the_progress_label_follows_the_start_up_until_the_first_step(tmp_path: 
     assert seen[0] == "start-up: trust service starting"
     assert seen[1] == "start-up: trust service attesting to the owner"
     assert seen[2] == "start-up: trust service up"
-    assert seen[6] == ("start-up: trust service up · ps0 image key released · "
+    assert seen[3] == "start-up: trust service up · the owner creates the model's LUKS volume"
+    assert seen[4] == "start-up: trust service up · ps0 starting"  # the owner's step is over
+    assert seen[7] == ("start-up: trust service up · ps0 image key released · "
                        "worker0 starting")
-    assert seen[7].startswith("start-up: trust service up · ps0 attesting")
-    assert seen[9] == "start-up: trust service up · ps0 ready · worker0 starting"
+    assert seen[8].startswith("start-up: trust service up · ps0 attesting")
+    assert seen[10] == "start-up: trust service up · ps0 ready · worker0 starting"
     assert seen[-1] == "start-up: trust service up · ps0 ready · worker0 refused"
     assert training.startswith("loss 2.300") and "start-up" not in training
 

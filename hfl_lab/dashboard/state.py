@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from hfl_lab.events import KINDS, LabEvent
+from hfl_lab.events import KINDS, STARTUP, LabEvent
 
 __all__ = ["STARTUP_LABEL", "STEP_PARTS", "AttestationRecord", "RunState"]
 
@@ -20,8 +20,8 @@ EVAL_KEYS = ("step", "loss", "accuracy", "num_samples")
 #: verdict labels of the attestation matrix
 PASS, FAIL, SIMULATED_PASS = "pass", "fail", "simulated-pass"
 _KEEP_PROBLEMS = 20
-#: the progress label of the lab's own start-up steps (before any participant runs)
-STARTUP_LABEL = "start-up"
+#: the progress label of the lab's own start-up steps (hfl_lab.events.startup_event)
+STARTUP_LABEL = STARTUP
 #: a participant's start-up stage after a lifecycle state (the trust service has its own words)
 _STAGE_OF_STATE = {"starting": "starting", "ready": "ready", "failed": "failed",
                    "exited": "exited", "done": "done"}
@@ -205,6 +205,7 @@ class RunState:
         if stage is None or self.startup.get(role) == stage:
             return False
         self.startup[role] = stage
+        self.startup_note = ""  # the lab's own step is over once a participant moves
         return True
 
     def _on_audit(self, event: LabEvent) -> set[str]:
@@ -263,8 +264,8 @@ class RunState:
         for stage, roles in by_stage.items():
             who = ", ".join(roles) if len(roles) <= 3 else f"{len(roles)} participants"
             parts.append(f"{who} {stage}")
-        if not parts:
-            return self.startup_note
+        if self.startup_note:
+            parts.append(self.startup_note)
         return " · ".join(parts)
 
     def verifiers(self) -> list[str]:

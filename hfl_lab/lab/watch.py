@@ -23,8 +23,7 @@ from hfl_lab._exceptions import BackendError
 from hfl_lab.backends import Backend
 from hfl_lab.config import LabConfig
 from hfl_lab.dashboard import Dashboard
-from hfl_lab.dashboard.state import STARTUP_LABEL
-from hfl_lab.events import LabEvent
+from hfl_lab.events import LabEvent, startup_event
 
 __all__ = ["RunWatch"]
 
@@ -98,8 +97,7 @@ class RunWatch:
     def start(self, ready_timeout_s: float, stage: str = "preparing the run") -> None:
         """``backend.start()`` and ``wait_ready`` on a thread; the events meanwhile go to the
         dashboard. Raises what the start-up raised."""
-        self.dashboard.feed(LabEvent("progress", "lab", {"done": 0, "total": 0, "unit": "",
-                                                         "label": STARTUP_LABEL, "stage": stage}))
+        self.dashboard.feed(startup_event(stage))
         self.dashboard.refresh(force=True)
         errors: list[BaseException] = []
 
