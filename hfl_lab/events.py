@@ -28,6 +28,17 @@ KINDS = {
 }
 
 
+#: the ``label`` of a progress event that names the lab's own start-up step in its ``stage``
+#: ("creating the model's LUKS volume"): what the run does before, or between, participants
+STARTUP = "start-up"
+
+
+def startup_event(stage: str) -> LabEvent:
+    """A progress event naming the start-up step the lab (the owner's side) is at."""
+    return LabEvent("progress", "lab", {"done": 0, "total": 0, "unit": "", "label": STARTUP,
+                                        "stage": stage})
+
+
 @dataclass(frozen=True)
 class LabEvent:
     """Something that happened in a run, from one source, at one time."""

@@ -387,6 +387,8 @@ def test_interactive_dashboard_with_fake_display(
     assert widget is not None
     assert "title=" in widget.table.value and "SIMULATED" in widget.table.value
     assert "is not in the policy" in widget.table.value  # refusal details on hover
+    assert widget.pairs.value == ("trust", "worker2")  # "checks of": the refusal, unasked
+    assert "<table>" in widget.details.value
     widget.pairs.value = ("trust", "worker2")
     assert "mr_td" in widget.details.value and "FAIL" in widget.details.value
     progress = board._progress

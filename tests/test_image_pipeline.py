@@ -282,9 +282,14 @@ def test_a_missing_tool_names_make_system_deps(monkeypatch: pytest.MonkeyPatch,
     assert shutil.which("skopeo") is None
 
 
-def test_notebook_03_report_shows_each_step_with_command_digest_and_time(tmp_path: Path) -> None:
-    # Arrange
-    config = LabConfig(run_dir=str(tmp_path / "run"), workers=1)
+def test_notebook_03_report_shows_each_step_with_command_digest_and_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Arrange: a run_dir relative to the kernel's folder, as the notebooks' default is in
+    # JupyterLab (umoci failed on it: `hfl-lab run` alone makes every path absolute)
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    config = LabConfig(run_dir="../run", workers=1)
 
     # Act
     report = measure_image(config)

@@ -199,6 +199,11 @@ class Dashboard(ClosingContext):
         self._unsaved.add(name)
 
     def _status(self) -> str:
+        if not self.state.workers and self.state.max_step == 0:
+            # before the first step: where the start-up is, so the first seconds do not look
+            # frozen (trust service up · ps0 attested · worker0 attesting …)
+            startup = self.state.startup_text()
+            return f"start-up: {startup}" if startup else ""
         parts = []
         for series in self.state.workers.values():
             losses = [v for v in series["loss"] if v is not None]

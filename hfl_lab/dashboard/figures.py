@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
@@ -16,6 +18,7 @@ __all__ = [
     "DashboardFigure",
     "LossFigure",
     "StepTimeFigure",
+    "robust_top",
     "save_png",
 ]
 
@@ -30,6 +33,8 @@ PART_COLORS = {
 }
 SIMULATED_BANNER = "SIMULATED TD evidence: proves what runs, not that it runs on TDX hardware"
 _DPI = 100
+#: head room above the slowest usual step when slow ones are clipped
+_TOP_MARGIN = 1.35
 
 
 def save_png(figure: Figure, path: Path) -> None:
@@ -109,7 +114,13 @@ class StepTimeFigure(DashboardFigure):
 
     def _draw(self, state: RunState) -> None:
         ax_bars, ax_series = self.figure.subplots(1, 2)
-        means = state.step_time_means(state.step_time_window)
+        window = state.step_time_window
+        totals = [t for role in state.workers for t in state.step_totals(role, window)
+                  if t is not None]
+        top = robust_top(totals)  # a slow step (a checkpoint) would make the mean misleading
+        cut = top / _TOP_MARGIN if top is not None else None
+        means = state.step_time_means(window, below_s=cut)
+        left_out = sum(1 for t in totals if cut is not None and t > cut)
         roles = sorted(means)
         for i, role in enumerate(roles):
             left = 0.0
@@ -126,21 +137,27 @@ class StepTimeFigure(DashboardFigure):
             ax_bars.text(left, i, f" {left:.0f} ms", va="center", fontsize="small")
         ax_bars.set_yticks(range(len(roles)), roles)
         ax_bars.set_xlabel("ms per step")
-        ax_bars.set_title(f"step time, mean of the last {state.step_time_window} steps")
+        title = f"step time, mean of the last {window} steps"
+        if left_out:
+            title += f"\n({left_out} slow step(s) left out, marked ▲ on the right)"
+        ax_bars.set_title(title, fontsize="medium")
         if roles:
             ax_bars.legend(fontsize="small", loc="best")
             ax_bars.margins(x=0.2)
         else:
             ax_bars.text(0.5, 0.5, "waiting for metrics…", ha="center", transform=ax_bars.transAxes)
+        lines: dict[str, list[tuple[float, float]]] = {}
         for role, series in sorted(state.workers.items()):
-            points = []
+            points: list[tuple[float, float]] = []
             for i, step in enumerate(series["step"]):
                 parts = [series[p][i] for p in STEP_PARTS]
-                if any(v is not None for v in parts):
+                if step is not None and any(v is not None for v in parts):
                     points.append((step, sum(v for v in parts if v is not None) * 1000))
             if points:
-                xs, ys = zip(*points, strict=True)
-                ax_series.plot(xs, ys, linewidth=1, label=role)
+                lines[role] = points
+        for role, points in lines.items():
+            xs, ys = zip(*points, strict=True)
+            ax_series.plot(xs, ys, linewidth=1, label=role)
         ax_series.set_xlabel("step")
         ax_series.set_ylabel("ms")
         ax_series.set_title("step time per worker")
@@ -148,6 +165,42 @@ class StepTimeFigure(DashboardFigure):
         if ax_series.lines:
             ax_series.set_ylim(bottom=0)
             ax_series.legend(fontsize="small")
+            _clip_slow_steps(ax_series, lines)
+
+
+def robust_top(values: Sequence[float]) -> float | None:
+    """An upper axis limit that keeps the usual steps readable, or None when no value is far
+    above them: a value over three times the median (the first step compiles the model, a
+    checkpoint step waits for the volume) would squash every other one."""
+    if len(values) < 4:
+        return None
+    ordered = sorted(values)
+    cut = 3 * ordered[len(ordered) // 2]
+    usual = [v for v in ordered if v <= cut]
+    if not usual or len(usual) == len(ordered) or usual[-1] <= 0:
+        return None
+    return usual[-1] * _TOP_MARGIN
+
+
+def _clip_slow_steps(ax: Axes, lines: dict[str, list[tuple[float, float]]]) -> None:
+    """Clip the step-time axis to :func:`robust_top`; each step above it is a marker at the top
+    with its time written beside it, so its value is still on the plot."""
+    top = robust_top([y for points in lines.values() for _, y in points])
+    if top is None:
+        return
+    ax.set_ylim(0, top)
+    colors = {line.get_label(): line.get_color() for line in ax.get_lines()}
+    slow = sorted(((y, x, role) for role, points in lines.items() for x, y in points if y > top),
+                  reverse=True)
+    for rank, (y, x, role) in enumerate(slow):
+        ax.plot([x], [top], marker="^", color=colors.get(role, "black"), markersize=7,
+                clip_on=False, zorder=5)
+        if rank < 4:  # the slowest few, written out; the rest are markers
+            ax.annotate(f"{y / 1000:.1f} s" if y >= 1000 else f"{y:.0f} ms", (x, top),
+                        xytext=(0, -12 - 10 * (rank % 2)), textcoords="offset points",
+                        ha="center", fontsize="x-small", color=colors.get(role, "black"))
+    ax.set_title(f"step time per worker ({len(slow)} slow step(s) marked ▲ above the axis)",
+                 fontsize="medium")
 
 
 class AttestationFigure(DashboardFigure):
@@ -194,7 +247,8 @@ class AttestationFigure(DashboardFigure):
                 )
         ax.set_xlim(0, len(subjects))
         ax.set_ylim(len(verifiers), 0)
-        ax.set_xticks([c + 0.5 for c in range(len(subjects))], subjects)
+        ax.set_xticks([c + 0.5 for c in range(len(subjects))],
+                      [textwrap.fill(s, 16) for s in subjects])  # long names: an attack's
         ax.set_yticks([r + 0.5 for r in range(len(verifiers))], verifiers)
         ax.tick_params(length=0)
         ax.set_xlabel("subject (evidence verified)")

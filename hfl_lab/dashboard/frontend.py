@@ -221,7 +221,10 @@ class AttestationWidget:
         if [o[1] for o in options] != [o[1] for o in self.pairs.options]:
             chosen = self.pairs.value
             self.pairs.options = options
-            if chosen in state.matrix:
+            if chosen not in state.matrix:  # a table from the start: a refusal, else the first
+                refused = [(r.verifier, r.subject) for r in state.refused]
+                chosen = refused[-1] if refused else options[0][1] if options else None
+            if chosen is not None:
                 self.pairs.value = chosen
         self._show(self.pairs.value)
 

@@ -8,9 +8,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from hfl_lab.events import KINDS, LabEvent
+from hfl_lab.events import KINDS, STARTUP, LabEvent
 
-__all__ = ["STEP_PARTS", "AttestationRecord", "RunState"]
+__all__ = ["STARTUP_LABEL", "STEP_PARTS", "AttestationRecord", "RunState"]
 
 #: the parts of one worker step, stacked in the step-time figure (metrics event keys)
 STEP_PARTS = ("compute_s", "push_s", "wait_s", "pull_s")
@@ -20,6 +20,15 @@ EVAL_KEYS = ("step", "loss", "accuracy", "num_samples")
 #: verdict labels of the attestation matrix
 PASS, FAIL, SIMULATED_PASS = "pass", "fail", "simulated-pass"
 _KEEP_PROBLEMS = 20
+#: the progress label of the lab's own start-up steps (hfl_lab.events.startup_event)
+STARTUP_LABEL = STARTUP
+#: a participant's start-up stage after a lifecycle state (the trust service has its own words)
+_STAGE_OF_STATE = {"starting": "starting", "ready": "ready", "failed": "failed",
+                   "exited": "exited", "done": "done"}
+#: stages a participant's verdicts still move on (later ones, e.g. checkpoint reports, do not)
+_BEFORE_READY = {"starting", "pulling the image", "image key released", "attesting"}
+_TRUST_STAGE = {"starting": "starting", "provisioning": "attesting to the owner",
+                "ready": "up", "failed": "failed", "exited": "stopped"}
 
 
 def number(value: Any) -> float | None:
@@ -80,6 +89,10 @@ class RunState:
         self.counts: Counter[str] = Counter()
         self.log_levels: Counter[str] = Counter()
         self.problems: list[str] = []
+        #: what each participant is doing while the run starts (role -> stage), in launch order
+        self.startup: dict[str, str] = {}
+        #: the lab's own start-up step before any participant runs ("preparing the run ...")
+        self.startup_note = ""
         self.max_step = 0
         self.events = 0
         self.ignored = 0
@@ -155,16 +168,45 @@ class RunState:
         )
         self.attestations.append(record)
         self.matrix[(record.verifier, record.subject)] = record
-        return {"attestation", "text"}
+        changed = {"attestation", "text"}
+        if (record.verifier in ("trust", "key-broker")
+                and self.startup.get(record.subject) in _BEFORE_READY):
+            if record.verifier == "trust":  # the trust service issues its mesh certificate
+                self.startup[record.subject] = "attested" if accepted else "refused"
+            elif accepted and self.startup[record.subject] == "pulling the image":
+                self.startup[record.subject] = "image key released"
+            changed.add("progress")
+        return changed
 
     def _on_lifecycle(self, event: LabEvent) -> set[str]:
+        state = str(event.data.get("state", ""))
+        detail = str(event.data.get("detail") or "")
         self.lifecycle[event.source] = {
-            "state": str(event.data.get("state", "")),
+            "state": state,
             "pid": event.data.get("pid"),
-            "detail": str(event.data.get("detail") or ""),
+            "detail": detail,
             "time": event.time,
         }
-        return {"text"} if self.lifecycle[event.source]["state"] == "failed" else set()
+        changed = {"text"} if state == "failed" else set()
+        if self._startup_stage(event.source, state, detail):
+            changed.add("progress")
+        return changed
+
+    def _startup_stage(self, role: str, state: str, detail: str) -> bool:
+        """Follow a participant through its start-up; False when its stage did not change."""
+        if role == "trust":
+            stage = _TRUST_STAGE.get(state, state or None)
+        elif state == "starting" and "image" in detail:
+            stage = "pulling the image"
+        elif state == "starting" and not detail and role in self.startup:
+            stage = "attesting"  # its workload's own first word: the next thing it does is attest
+        else:
+            stage = _STAGE_OF_STATE.get(state, state or None)
+        if stage is None or self.startup.get(role) == stage:
+            return False
+        self.startup[role] = stage
+        self.startup_note = ""  # the lab's own step is over once a participant moves
+        return True
 
     def _on_audit(self, event: LabEvent) -> set[str]:
         entry = {
@@ -187,6 +229,8 @@ class RunState:
             return self._ignore(event, "progress without a numeric 'done'")
         total = number(event.data.get("total"))
         label = str(event.data.get("label") or "training")
+        if label == STARTUP_LABEL:
+            self.startup_note = str(event.data.get("stage") or "")
         self.progress[label] = {
             "done": done,
             "total": total,
@@ -210,19 +254,45 @@ class RunState:
     def refused(self) -> list[AttestationRecord]:
         return [r for r in self.attestations if not r.accepted]
 
+    def startup_text(self) -> str:
+        """Where the start-up is: ``trust service up · ps0 attested · worker0 attesting``."""
+        parts = [f"trust service {self.startup['trust']}"] if "trust" in self.startup else []
+        by_stage: dict[str, list[str]] = {}  # participants at the same stage share one part
+        for role, stage in self.startup.items():
+            if role != "trust":
+                by_stage.setdefault(stage, []).append(role)
+        for stage, roles in by_stage.items():
+            who = ", ".join(roles) if len(roles) <= 3 else f"{len(roles)} participants"
+            parts.append(f"{who} {stage}")
+        if self.startup_note:
+            parts.append(self.startup_note)
+        return " · ".join(parts)
+
     def verifiers(self) -> list[str]:
         return sorted({v for v, _ in self.matrix})
 
     def subjects(self) -> list[str]:
         return sorted({s for _, s in self.matrix})
 
-    def step_time_means(self, window: int | None = None) -> dict[str, dict[str, float]]:
-        """Per role, the mean of each step part (and their total) over the last ``window`` steps."""
+    def step_totals(self, role: str, window: int | None = None) -> list[float | None]:
+        """A role's step times (the parts summed, seconds) over the last ``window`` steps."""
+        series = self.workers[role]
+        rows = zip(*(series[k][-window if window else None :] for k in STEP_PARTS), strict=True)
+        return [sum(v for v in row if v is not None) if any(v is not None for v in row) else None
+                for row in rows]
+
+    def step_time_means(self, window: int | None = None, *,
+                        below_s: float | None = None) -> dict[str, dict[str, float]]:
+        """Per role, the mean of each step part (and their total) over the last ``window`` steps;
+        with ``below_s``, of the steps that took at most that long."""
         out: dict[str, dict[str, float]] = {}
         for role, series in self.workers.items():
             means: dict[str, float] = {}
+            totals = self.step_totals(role, window)
             for key in STEP_PARTS:
-                values = [v for v in series[key][-window if window else None :] if v is not None]
+                values = [v for v, total in zip(series[key][-window if window else None :],
+                                                totals, strict=True)
+                          if v is not None and (below_s is None or (total or 0) <= below_s)]
                 if values:
                     means[key] = sum(values) / len(values)
             if means:

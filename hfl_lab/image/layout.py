@@ -123,6 +123,9 @@ def build_workload_image(
     """Build the workload image from ``root``'s measured files into the OCI layout ``layout``
     (made afresh) with umoci, rootless: a new image, one layer inserted at ``/app``, a config
     naming the entrypoint. Returns the image as read back."""
+    # absolute: umoci's rootless walk drops a leading "../" of the source it inserts
+    # (a notebook's run_dir, "../runs/lab", failed with "no such file or directory")
+    root, layout = root.resolve(), layout.resolve()
     if layout.exists():
         shutil.rmtree(layout)
     staging = layout.parent / f".{layout.name}.staging"

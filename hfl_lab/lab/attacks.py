@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -80,6 +81,8 @@ __all__ = [
 ]
 
 _REPO = Path(__file__).resolve().parents[2]
+#: a verdict subject that is a participant's role (an attacker posing as it)
+_POSED_AS = re.compile(r"^(trust|ps\d+|worker\d+)\b")
 #: the file whose one byte the modified worker changes (the worker's own code when present)
 TAMPERED_FILES = ("trainer/worker.py", "trainer/model.py", "trainer/__init__.py")
 
@@ -142,6 +145,21 @@ class AttackReport(TableReport):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         return path
+
+    def subject_labels(self) -> dict[str, str]:
+        """Each attacker that posed as a participant, named by its attack: ``worker0`` →
+        ``modified worker code (as worker0)``, so the real worker0 does not look refused.
+        Attacks on one role share its label."""
+        names: dict[str, list[str]] = {}
+        roles: dict[str, str] = {}
+        for o in self.outcomes:
+            subject = o.verdict.subject if o.verdict is not None else ""
+            posed = _POSED_AS.match(subject)
+            if posed is not None:
+                names.setdefault(subject, []).append(o.name)
+                roles[subject] = posed[1]
+        return {subject: f"{' / '.join(attacks)} (as {roles[subject]})"
+                for subject, attacks in names.items()}
 
     def raise_if_any_succeeded(self) -> None:
         accepted = [o.name for o in self.outcomes if not o.refused]

@@ -9,7 +9,9 @@ metrics.json and events.jsonl into its folder.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,9 @@ class AttestationBoard(ClosingContext):
         self._closed = False
         if self.interactive:
             self._widget = frontend.AttestationWidget()
-        if self.interactive or frontend.in_ipython_kernel():
+        if not self.interactive and frontend.in_ipython_kernel():
+            # headless, the figure is the live matrix; with a front end the widget is, and
+            # the figure once more would show every verdict twice
             self._view = frontend.FigureView(self.figure.figure, self.figure.filename)
         self._redraw()
 
@@ -91,13 +95,33 @@ class AttestationBoard(ClosingContext):
             self.save()
             self._events.close()
 
-    def show_matrix(self) -> None:
-        """Show the final matrix here, at the end: the saved figure in a notebook (the live one
-        is far above by then), its text form everywhere."""
-        self.save()
+    def show_matrix(self, labels: Mapping[str, str] | None = None) -> None:
+        """Show the final matrix here, at the end, once: the figure in a notebook (the live one
+        is far above by then), its text form headless.
+
+        ``labels`` names subjects by what they were (``AttackReport.subject_labels()``: an
+        attacker that posed as worker0 is its attack, so the real workers do not look failed);
+        attestation_matrix.png is redrawn with them.
+        """
+        with self._lock:
+            state = relabelled(self.state, labels or {})
+            self.figure.draw(state)
+            save_png(self.figure.figure, self.folder / self.figure.filename)
         show_image(self.folder / self.figure.filename)
         if not self.interactive:
-            show(_Text(matrix_text(self.state.to_metrics()["attestation_matrix"])))
+            show(_Text(matrix_text(state.to_metrics()["attestation_matrix"])))
+
+
+def relabelled(state: RunState, labels: Mapping[str, str]) -> RunState:
+    """A copy of ``state``'s verdicts with each subject in ``labels`` renamed."""
+    out = RunState(total_steps=state.total_steps)
+    for record in state.attestations:
+        subject = labels.get(record.subject, record.subject)
+        out.attestations.append(dataclasses.replace(record, subject=subject))
+    for (verifier, subject), record in state.matrix.items():
+        name = labels.get(subject, subject)
+        out.matrix[(verifier, name)] = dataclasses.replace(record, subject=name)
+    return out
 
 
 class _Text:

@@ -350,7 +350,7 @@ def _cosign_step(published: PublishedImage | None, out: Path,
 def measure_image(config: LabConfig, *, folder: str | Path | None = None) -> ImageReport:
     """Measure every role, derive the reference policy from the evidence, check it accepts;
     on ``local`` also make the workload image for real (see the module's docstring)."""
-    out = Path(folder) if folder is not None else Path(config.run_dir) / "image"
+    out = (Path(folder) if folder is not None else Path(config.run_dir) / "image").resolve()
     out.mkdir(parents=True, exist_ok=True)
     run = {"run_dir": str(Path(config.run_dir).resolve()), "workers": config.workers}
     roles = [*lab_roles(config), OWNER_ROLE]

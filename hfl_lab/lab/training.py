@@ -8,10 +8,9 @@ loss.png, step_time.png, attestation_matrix.png, metrics.json, events.jsonl and 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from hfl_lab.dashboard._files import jsonable
 from hfl_lab.events import LabEvent
 from hfl_lab.lab.notebook import Table, TableReport
 from hfl_lab.lab.session import missing_training, record_current_run
+from hfl_lab.lab.watch import RunWatch
 from trainer.data import load_cifar10
 
 __all__ = ["TrainingOutcome", "ensure_trained", "run_training", "total_steps"]
@@ -111,15 +111,6 @@ class TrainingOutcome(TableReport):
         )
 
 
-def _events(backend: Backend, idle_timeout_s: float) -> Iterator[LabEvent]:
-    """The backend's events; with an idle timeout where the backend takes one."""
-    method: Any = backend.events
-    if "idle_timeout_s" in inspect.signature(method).parameters:
-        events: Iterator[LabEvent] = method(idle_timeout_s=idle_timeout_s)
-        return events
-    return backend.events()
-
-
 def _result_dict(result: Any) -> dict[str, Any]:
     if result is None:
         return {}
@@ -131,60 +122,6 @@ def _result_dict(result: Any) -> dict[str, Any]:
         raw = dict(vars(result))
     out: dict[str, Any] = jsonable(raw)
     return out
-
-
-class _Readiness:
-    """Participants becoming ready: a line per change, and a progress event for the record."""
-
-    def __init__(self, dashboard: Dashboard) -> None:
-        self.dashboard = dashboard
-        self.last = (-1, -1)
-
-    def __call__(self, done: int, total: int, label: str) -> None:
-        if (done, total) == self.last:
-            return
-        self.last = (done, total)
-        self.dashboard.feed(
-            LabEvent("progress", "lab", {"done": done, "total": total, "unit": "participants",
-                                         "label": label})
-        )
-        if not self.dashboard.interactive:
-            print(f"{label}: {done}/{total}", flush=True)
-
-
-def _watch(backend: Backend, dashboard: Dashboard, config: LabConfig) -> dict[str, Any]:
-    """Feed every event to the dashboard until the training ended; ps0's 'done' data."""
-    deadline = time.monotonic() + config.timeout_s
-    done: dict[str, Any] | None = None
-    failed: dict[str, str] = {}
-    for event in _events(backend, config.timeout_s):
-        dashboard.feed(event)
-        if event.kind == "lifecycle":
-            state = event.data.get("state")
-            if state == "done" and event.source == "ps0":
-                done = dict(event.data)
-                if backend.name != "local":  # pods stay up after training; the run is over
-                    break
-            elif state == "failed" and event.source != "trust":
-                failed[event.source] = str(event.data.get("detail") or "no detail")
-        if time.monotonic() > deadline:
-            raise BackendError(
-                f"the training exceeded timeout_s={config.timeout_s:.0f} s.",
-                fix="raise timeout_s or train fewer steps.",
-            )
-    if done is None:
-        if failed:
-            role, detail = next(iter(failed.items()))
-            first_line = detail.splitlines()[0] if detail else "no detail"
-            raise BackendError(
-                f"the training did not finish: {', '.join(failed)} failed ({first_line})",
-                fix=f"read {config.run_dir}/logs/{role}.log; its last lines name the cause.",
-            )
-        raise BackendError(
-            "the training ended without ps0 reporting it was done.",
-            fix=f"read the participants' logs in {config.run_dir}/logs.",
-        )
-    return done
 
 
 #: backend attributes that say where the sealed model is and what the owner's trusted node needs:
@@ -235,9 +172,9 @@ def run_training(
     began = time.monotonic()
     dashboard = Dashboard(run_dir, total_steps=steps)
     try:
-        backend.start()
-        backend.wait_ready(READY_TIMEOUT_S, progress=_Readiness(dashboard))
-        done = _watch(backend, dashboard, config)
+        watch = RunWatch(backend, dashboard, config)  # events shown from the first second
+        watch.start(READY_TIMEOUT_S)
+        done = watch.until_done()
         result = _result_dict(getattr(backend, "result", None)) or {"details": done}
         final = result.get("final_step") or done.get("version") or steps
         dashboard.feed(

@@ -130,8 +130,8 @@ def mark_html(passed: bool) -> str:
     """A check's pass/fail mark as coloured text (✓/✗ are in every text font; the emoji marks
     were empty boxes in a browser without an emoji font)."""
     if passed:
-        return "<b style='color:#1a7f37' title='passed'>✓ pass</b>"
-    return "<b style='color:#cf222e' title='failed'>✗ FAIL</b>"
+        return "<b style='color:#1a7f37;white-space:nowrap' title='passed'>✓ pass</b>"
+    return "<b style='color:#cf222e;white-space:nowrap' title='failed'>✗ FAIL</b>"
 
 
 def value_html(value: object, width: int = 24) -> str:

@@ -60,7 +60,7 @@ from hfl_lab.backends.local.processes import (
     free_port,
 )
 from hfl_lab.config import LabConfig
-from hfl_lab.events import LabEvent
+from hfl_lab.events import LabEvent, startup_event
 from hfl_lab.image import LabRegistry, LayerKey, PublishedImage
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.sim.measure import TdMeasurements, measure_workload
@@ -201,7 +201,10 @@ class LocalBackend(ParticipantProcesses, OwnerSide, WorkloadImageSide):
             ps_port = free_port()
         self.trust_address = f"127.0.0.1:{trust_port}"
         self.ps_address = f"127.0.0.1:{ps_port}"
-        image = self._publish_image() if self.image_enabled() else {}
+        image = {}
+        if self.image_enabled():
+            self._put(startup_event("publishing the workload image (build, encrypt, sign, push)"))
+            image = self._publish_image()
         deployment = Deployment(
             trust_address=self.trust_address,
             ps_address=self.ps_address,
@@ -270,8 +273,10 @@ class LocalBackend(ParticipantProcesses, OwnerSide, WorkloadImageSide):
         # up, attested by the owner and provisioned before anyone else starts
         self._wait_roles(["trust"], self.connect_timeout_s, None)
         if self.vault_path is not None:
+            self._put(startup_event("the owner creates the model's LUKS volume"))
             self._provision_vault(self.vault_path)
         if self.published_image is not None:
+            self._put(startup_event("the owner registers the image's layer key"))
             self._register_layer_key()
         for role in self.training_roles:
             self._launch(self.participants[role])

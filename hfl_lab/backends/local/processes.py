@@ -112,6 +112,9 @@ class ParticipantProcesses:
 
     def _launch(self, p: ParticipantProcess) -> None:
         assert self.platform is not None
+        if self._torn_down:  # stopped while it started (the start-up runs on its own thread)
+            raise BackendError(f"the run was torn down before {p.role} could start.",
+                               fix="start a new run.")
         env = dict(os.environ)
         env.update(self.extra_env)
         env.pop(owner.OWNER_SECRET_ENV, None)  # the owner's credential stays with the owner
