@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from hfl_lab import AttestationError, BackendError
+from hfl_lab import AttestationError, BackendError, HflLabError
 from hfl_lab.backends.local import LocalBackend
 from hfl_lab.events import LabEvent
 from hfl_lab.tee import AttestationPolicy
@@ -247,3 +248,39 @@ def test_participants_re_attest_and_train_past_their_first_certificates_expiry(
     issued = [e for e in events if e.kind == "audit" and e.source == "trust"
               and e.data.get("action") == "issue_mesh_certificate" and e.data.get("allowed")]
     assert len(issued) > 3 + len(renewals) // 2
+
+
+def test_a_run_torn_down_during_its_start_up_leaves_no_participant(
+    tmp_path: Path, cifar_dir: Path
+) -> None:
+    """The notebook runs start() on its own thread; an interrupt tears the run down while that
+    thread is launching participants. None may start after the teardown and outlive it."""
+    backend = LocalBackend(quick_config(tmp_path, cifar_dir))
+    outcome: list[BaseException | None] = []
+
+    def start() -> None:
+        try:
+            backend.start()
+        except BaseException as error:  # the test reads what start() ended with
+            outcome.append(error)
+        else:
+            outcome.append(None)
+
+    starter = threading.Thread(target=start, name="start-up")
+    starter.start()
+    deadline = time.monotonic() + 120
+    while starter.is_alive() and time.monotonic() < deadline:
+        ps0 = backend.participants.get("ps0")
+        if ps0 is not None and ps0.process is not None:
+            break  # the workers are being launched now, on the start-up thread
+        time.sleep(0.005)  # the teardown may come at any point of the launches
+    backend.teardown()
+    starter.join(timeout=120)
+
+    assert not starter.is_alive(), "start() did not return after the teardown"
+    assert outcome and outcome[0] is not None, "start() reported a run that was torn down"
+    assert isinstance(outcome[0], HflLabError), repr(outcome[0])
+    alive = [p.role for p in backend.participants.values()
+             if p.process is not None and p.process.poll() is None]
+    assert alive == []
+    assert processes_mentioning(str(backend.config_path)) == []

@@ -95,6 +95,7 @@ class ParticipantProcesses:
     participants: dict[str, ParticipantProcess]
     _queue: queue.Queue[Any]
     _torn_down: bool
+    _lock: threading.Lock  # guards _torn_down against a launch on the start-up thread
     _done_event: LabEvent | None
     _training_ended: threading.Event
     # provided by OwnerSide: verify the trust service, hand it the owner's credential
@@ -112,9 +113,6 @@ class ParticipantProcesses:
 
     def _launch(self, p: ParticipantProcess) -> None:
         assert self.platform is not None
-        if self._torn_down:  # stopped while it started (the start-up runs on its own thread)
-            raise BackendError(f"the run was torn down before {p.role} could start.",
-                               fix="start a new run.")
         env = dict(os.environ)
         env.update(self.extra_env)
         env.pop(owner.OWNER_SECRET_ENV, None)  # the owner's credential stays with the owner
@@ -132,16 +130,22 @@ class ParticipantProcesses:
         p.ended.clear()
         p.state = "starting"
         p.starts += 1
-        log = p.log_path.open("a", encoding="utf-8")
-        log.write(f"--- start {p.starts}: python -m {' '.join(p.module_args)}\n")
-        log.flush()
-        process = subprocess.Popen(
-            [self.python, "-m", *p.module_args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=self.workload_root, env=env, text=True, bufsize=1,
-            start_new_session=True,  # own process group: teardown stops it and its children
-        )
-        p.process = process
+        # teardown marks the run under the same lock before it collects the processes to stop,
+        # so a start-up on its own thread either launches before (and is stopped) or not at all
+        with self._lock:
+            if self._torn_down:
+                raise BackendError(f"the run was torn down before {p.role} could start.",
+                                   fix="start a new run.")
+            log = p.log_path.open("a", encoding="utf-8")
+            log.write(f"--- start {p.starts}: python -m {' '.join(p.module_args)}\n")
+            log.flush()
+            process = subprocess.Popen(
+                [self.python, "-m", *p.module_args],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=self.workload_root, env=env, text=True, bufsize=1,
+                start_new_session=True,  # own process group: teardown stops it and its children
+            )
+            p.process = process
         bootstrap = {"platform": self.platform.export_secret().hex()}
         p.problem = None
         assert process.stdin is not None
