@@ -21,6 +21,7 @@ from hfl_lab._exceptions import ConfigError, HflLabError, WorkerError
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
 from trainer.data import BatchStream, load_cifar10, partition
+from trainer.flat import FlatLayout, FlatTensors, flat_layout
 from trainer.model import ResNet
 from trainer.optim import MomentumSGD, PiecewiseConstantSchedule
 from trainer.proto import parameter_server_pb2 as pb
@@ -114,14 +115,17 @@ class PsConnection:
         return reply
 
     def pull(
-        self, worker_id: str, min_version: int, specs: Sequence[TensorSpec], wire: int = 0
+        self, worker_id: str, min_version: int, specs: Sequence[TensorSpec], wire: int = 0,
+        *, flat: bool = True,
     ) -> Pulled:
+        """The parameters of ``min_version`` or later; as a flat stream unless ``flat`` is
+        False (the weights are then a ``FlatTensors`` when the model is all float32)."""
         started = time.perf_counter()
         first: float | None = None
         assembler = StreamAssembler(specs)
         stream = self._pull(
             pb.PullRequest(worker_id=worker_id, min_version=min_version,
-                           wire_dtype=wire),  # type: ignore[arg-type]
+                           wire_dtype=wire, flat=flat),  # type: ignore[arg-type]
             timeout=self.timeout_s,
         )
         for chunk in stream:
@@ -131,8 +135,8 @@ class PsConnection:
         decoded = assembler.finish()
         end = time.perf_counter()
         first = first or end
-        return Pulled(decoded.header.model_version, decoded.tensors, first - started,
-                      end - first, assembler.received_bytes)
+        return Pulled(decoded.header.model_version, decoded.tensors,  # type: ignore[arg-type]
+                      first - started, end - first, assembler.received_bytes)
 
     def push(
         self,
@@ -208,6 +212,7 @@ class Worker:
         self.summary = WorkerSummary()
         self._conn: PsConnection | None = None
         self._specs: list[TensorSpec] = []
+        self._layout: FlatLayout | None = None
         self._reply: pb.RegisterReply | None = None
         self._local_step = 0
 
@@ -236,6 +241,8 @@ class Worker:
                 fix="start every participant from the same config file.",
             )
         self._specs = specs
+        #: the model's tensors as one flat buffer: how updates travel (None: tensor by tensor)
+        self._layout = flat_layout(specs)
         self._reply = reply
         if self._on_registered is not None:
             self._on_registered(reply)
@@ -351,13 +358,19 @@ class Worker:
             step = version if mode == "sync" else self._local_step
             x, y = self.stream.batch(step)
             result = self.model.compute_gradients(x, y)
-            tensors = {**result.gradients, **result.non_trainable}
+            flat = getattr(result, "flat", None)  # a replayed result may have none
+            tensors = (flat if flat is not None and self._layout is not None
+                       and flat.layout.same_as(self._layout)
+                       else {**result.gradients, **result.non_trainable})
             loss, accuracy, samples = result.loss, result.accuracy, result.num_samples
             lr = self.schedule(version) if self.schedule is not None else 0.0
             kind = pb.UPDATE_KIND_GRADIENTS
         self._local_step += 1
         compute_s = time.perf_counter() - started
-        ordered = {spec.name: tensors[spec.name] for spec in self._specs}
+        ordered: Mapping[str, npt.NDArray[Any]] = (
+            tensors if isinstance(tensors, FlatTensors)
+            else self._layout.gather(tensors) if self._layout is not None
+            else {spec.name: tensors[spec.name] for spec in self._specs})
         header = pb.StreamHeader(
             kind=kind,
             model_version=version,
