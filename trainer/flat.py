@@ -152,7 +152,7 @@ class FlatTensors(Mapping[str, FloatArray]):
     """A name -> array mapping whose arrays are views of one flat float32 buffer (float64 for
     an aggregator's running sums)."""
 
-    __slots__ = ("buffer", "layout")
+    __slots__ = ("buffer", "layout", "whole")
 
     def __init__(self, buffer: npt.NDArray[Any], layout: FlatLayout) -> None:
         if (buffer.dtype not in (np.float32, np.float64) or buffer.ndim != 1
@@ -162,6 +162,8 @@ class FlatTensors(Mapping[str, FloatArray]):
                 f"{buffer.shape}.", fix="build the buffer from the model's FlatLayout.")
         self.buffer: FloatArray = buffer
         self.layout = layout
+        #: for a part (:attr:`trainable`, :attr:`non_trainable`): the tensors it is part of
+        self.whole: FlatTensors | None = None
 
     def __getitem__(self, name: str) -> FloatArray:
         start, end, shape = self.layout.index[name]
@@ -183,13 +185,17 @@ class FlatTensors(Mapping[str, FloatArray]):
     def trainable(self) -> FlatTensors:
         """The trainable tensors: a view of the buffer's first part."""
         part = self.layout.trainable
-        return FlatTensors(self.buffer[: part.size], part)
+        view = FlatTensors(self.buffer[: part.size], part)
+        view.whole = self
+        return view
 
     @property
     def non_trainable(self) -> FlatTensors:
         """The non-trainable tensors: a view of the buffer's second part."""
         part = self.layout.non_trainable
-        return FlatTensors(self.buffer[self.layout.trainable_size:], part)
+        view = FlatTensors(self.buffer[self.layout.trainable_size:], part)
+        view.whole = self
+        return view
 
     def copy(self) -> FlatTensors:
         return FlatTensors(self.buffer.copy(), self.layout)

@@ -237,6 +237,11 @@ class ParameterServer(rpc.ParameterServerServicer):
                                    and stats.layout.same_as(current.layout.non_trainable)))):
             return None
         layout = current.layout
+        whole = tensors.whole
+        if (update.mode is Mode.FEDAVG and whole is not None and isinstance(stats, FlatTensors)
+                and stats.whole is whole and whole.layout.same_as(layout)):
+            # one worker's model, as decoded from its push: the new weights as they are
+            return whole, None  # type: ignore[return-value]
         split = layout.trainable_size
         buffer = np.empty(layout.size, np.float32)
         saved = None
