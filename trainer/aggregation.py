@@ -173,6 +173,7 @@ class Aggregator:
         self._cond = threading.Condition()
         self._version = start_version
         self._closed = False
+        self._wakes = 0
         self._last: Update | None = None
         self._counts = dict.fromkeys(
             ("updates", "applied", "late_dropped", "stale_refused", "rejected"), 0
@@ -255,15 +256,23 @@ class Aggregator:
             return Outcome(Status.PENDING, self._version, staleness)
 
     def wait_for_version(self, version: int, timeout: float | None = None) -> bool:
-        """Block until the global version reaches ``version``; False on timeout or close."""
+        """Block until the global version reaches ``version``; False on timeout, close or
+        :meth:`wake`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._version < version and not self._closed:
+            woken = self._wakes
+            while self._version < version and not self._closed and self._wakes == woken:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 self._cond.wait(remaining)
             return self._version >= version
+
+    def wake(self) -> None:
+        """Return every :meth:`wait_for_version` now (a waiting call was cancelled)."""
+        with self._cond:
+            self._wakes += 1
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Refuse further submissions and wake every waiter."""

@@ -362,6 +362,10 @@ class ParameterServer(rpc.ParameterServerServicer):
     ) -> Iterator[bytes]:
         wanted = request.min_version
         deadline = time.monotonic() + self.max_pull_wait_s
+        if self.version < wanted:
+            # a worker that gives up a pull it started early (its push was refused) frees
+            # this thread and its pull quota at once, not at the next poll
+            context.add_callback(self.aggregator.wake)
         while self.version < wanted:
             if self.state is PsState.DONE or self.finished.is_set():
                 self.sessions.release(who)
