@@ -259,7 +259,8 @@ def measure_push_pull(ctx: BenchContext, *, arrays: Arrays, full_repeats: int) -
     return Measurement(2 * total / medians["ps"], 2 * total / medians["echo"])
 
 
-_P2 = ("PS push + pull of {size} float32 ({shapes}) through a real ParameterServer (FedAvg, "
+_P2 = ("PS push + pull of {size} float32 ({shapes}) as flat streams (the model's one buffer) "
+       "through a real ParameterServer (FedAvg, "
        "1 worker, attested mesh, client and ps0 in this process; worker-side encode/decode, "
        "PS decode, aggregation, encode included) ÷ a raw gRPC mutual-TLS echo of the same "
        "bytes in the same 1 MiB messages (client-stream upload + server-stream download, "
@@ -323,8 +324,8 @@ def ps_step(servicer: ParameterServer, pushes: Sequence[tuple[str, list[bytes]]]
 
 @benchmark(
     "P4",
-    what="ps0's work per sync step with 8 workers, ResNet-56, batch 128 per worker: decode 8 "
-    "chunked float32 pushes + Aggregator.submit ×8 + MomentumSGD apply (the real "
+    what="ps0's work per sync step with 8 workers, ResNet-56, batch 128 per worker: parse and "
+    "decode 8 flat float32 pushes + Aggregator.submit ×8 + MomentumSGD apply (the real "
     "ParameterServer's aggregator and _apply, without the transport), median over steps ÷ "
     "one worker's compute for its batch (set_weights + batch + compute_gradients, TensorFlow "
     "default threads), median, s",

@@ -3,6 +3,8 @@ bad per-tensor one gets, a good one trains, and pulls come back as one buffer.""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 from tests.mesh_support import Mesh, mesh_fixture
 from tests.test_ps_bad_input import good_update, header, push_code, start_ps
+from trainer.aggregation import Aggregator
 from trainer.flat import FlatTensors, flat_layout
 from trainer.model import ResNet
 from trainer.proto import parameter_server_pb2 as pb
@@ -85,3 +88,22 @@ def test_flat_pushes_are_validated_and_train(mesh: Mesh, model: ResNet) -> None:
     finally:
         conn.close()
         servicer.close()
+
+
+def test_a_waiting_pull_is_woken_when_its_caller_gives_up() -> None:
+    # Arrange: a pull's wait for a step that does not come (the worker's push was refused)
+    aggregator = Aggregator("sync", 2)
+    outcome: list[bool] = []
+    waiter = threading.Thread(target=lambda: outcome.append(
+        aggregator.wait_for_version(1, timeout=300)))
+    waiter.start()
+    # Act: the call is cancelled (PullParameters registered wake as its callback); woken
+    # again until it ends, as the waiter may not be waiting yet at the first wake
+    deadline = time.monotonic() + 60
+    while waiter.is_alive() and time.monotonic() < deadline:
+        aggregator.wake()
+        waiter.join(timeout=0.05)
+    # Assert: the wait ended without the step, long before its own timeout (300 s)
+    assert not waiter.is_alive()
+    assert outcome == [False]
+    assert aggregator.version == 0

@@ -276,9 +276,11 @@ class StreamAssembler:
         if partial is None:
             if flat.size:
                 raise _truncated("the final chunk arrived before any tensor data")
-            partial = self._receive(_Expected(TensorSpec("flat", "float32", (0,)),
-                                              DTYPE_TO_ENUM["float32"], {}, 0, 0),
-                                    next(iter(self._layout.flat_wires.values())))
+            if header.tensor_count != len(flat.entries) or header.total_bytes:
+                raise _invalid(None, "header disagrees with the stream",
+                               f"{header.tensor_count} tensors / {header.total_bytes} bytes",
+                               f"{len(flat.entries)} tensors / 0 bytes")
+            return DecodedStream(header, FlatTensors(np.empty(0, np.float32), flat))
         if partial.filled != partial.wire.nbytes:
             raise _truncated(
                 f"the final chunk arrived inside tensor '{self._flat_name(partial.filled)}' "

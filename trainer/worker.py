@@ -421,8 +421,10 @@ class Worker:
                                    learning_rate=lr, compute_seconds=compute_s),
         )
         # The next step's pull starts before this push: its call is set up, and ps0 waits in
-        # it, while ps0 takes and applies this update; one call's latency less per step.
-        self._prefetched = self._conn.start_pull(self.name, version + 1, self._specs)
+        # it, while ps0 takes and applies this update; one call's latency less per step. Not
+        # after the last step this worker was asked for: nobody would read it.
+        if self.max_steps is None or len(self.summary.steps) + 1 < self.max_steps:
+            self._prefetched = self._conn.start_pull(self.name, version + 1, self._specs)
         reply, push_s, sent = self._conn.push(
             ordered, header, wire_dtype=_WIRE_NAMES.get(config.wire_dtype, "float32"),
             chunk_bytes=config.chunk_bytes or (1 << 20),
