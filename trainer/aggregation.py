@@ -372,7 +372,7 @@ class Aggregator:
             if self._shapes is not None:  # fixed for the aggregator's life: remember
                 self._layouts_checked.add(layout)
         frozen = self._step_sums()[1]
-        stats = non_trainable or {}
+        stats = {} if non_trainable is None else non_trainable
         if self._contributors:
             if isinstance(frozen, FlatTensors) and isinstance(stats, FlatTensors):
                 if not frozen.layout.same_as(stats.layout):
@@ -396,7 +396,8 @@ class Aggregator:
         # Sync averages the K gradients equally; FedAvg weighs each model by its samples.
         weight = float(num_samples) if self.mode is Mode.FEDAVG else 1.0
         if isinstance(tensors, FlatTensors) and is_flat(non_trainable or {}):
-            self._accumulate_flat(tensors, non_trainable or {}, weight)
+            # an empty FlatTensors stays one: it still tells which buffer it is part of
+            self._accumulate_flat(tensors, {} if non_trainable is None else non_trainable, weight)
         elif self.rule is not Rule.MEAN:
             self._stack.append(({k: np.asarray(v) for k, v in tensors.items()},
                                 {k: np.asarray(v) for k, v in (non_trainable or {}).items()}))

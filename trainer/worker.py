@@ -93,8 +93,8 @@ class PendingPull:
         self.min_version = min_version
 
     def result(self) -> Pulled:
-        """The pulled parameters. ``wait_s`` counts from this call (or from the pull's start,
-        for a pull read at once) to the first chunk."""
+        """The pulled parameters. ``wait_s`` counts from this call to the first chunk: for a
+        pull started early, only the wait that was left."""
         started = time.perf_counter()
         first: float | None = None
         assembler = StreamAssembler(self._specs)
@@ -147,8 +147,8 @@ class PsConnection:
         self, worker_id: str, min_version: int, specs: Sequence[TensorSpec], wire: int = 0,
         *, flat: bool = True,
     ) -> Pulled:
-        """The parameters of ``min_version`` or later; as a flat stream unless ``flat`` is
-        False (the weights are then a ``FlatTensors`` when the model is all float32)."""
+        """The parameters of ``min_version`` or later, sent as a flat stream unless ``flat``
+        is False; either way the weights are a ``FlatTensors`` when the model is all float32."""
         return self.start_pull(worker_id, min_version, specs, wire, flat=flat).result()
 
     def start_pull(
