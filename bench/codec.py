@@ -63,7 +63,7 @@ def flat_arrays(total_bytes: int, tensor_bytes: int = 4_000_000, seed: int = 0) 
 
 
 def codec_round_trip(arrays: Arrays, specs: list[TensorSpec]) -> Arrays:
-    return decode_tensors(encode_tensors(arrays), specs).tensors
+    return dict(decode_tensors(encode_tensors(arrays), specs).tensors)
 
 
 def bytes_round_trip(arrays: Arrays) -> Arrays:

@@ -25,6 +25,7 @@ from bench.timing import interleaved_medians
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
 from trainer.aggregation import Mode
+from trainer.flat import FlatTensors, flat_layout
 from trainer.model import ResNet, VariableSpec, build_resnet
 from trainer.optim import MomentumSGD
 from trainer.proto import parameter_server_pb2 as pb
@@ -33,7 +34,8 @@ from trainer.ps_server import serve_ps, worker_peers
 from trainer.reference import train_reference
 from trainer.serving import channel_factory, parameter_server, schedule_for
 from trainer.tensor_decode import StreamAssembler
-from trainer.tensors import DEFAULT_CHUNK_BYTES, TensorSpec, encode_tensors
+from trainer.tensor_wire import WireChunk, parse_chunk, serialize_tensors
+from trainer.tensors import DEFAULT_CHUNK_BYTES, TensorSpec
 from trainer.worker import PsConnection, Worker, WorkerSummary, worker_batches
 
 Arrays = dict[str, npt.NDArray[Any]]
@@ -211,6 +213,10 @@ def raw_chunks(arrays: Arrays, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[b
 def measure_push_pull(ctx: BenchContext, *, arrays: Arrays, full_repeats: int) -> Measurement:
     total = sum(a.nbytes for a in arrays.values())
     specs = [TensorSpec.of(name, array) for name, array in arrays.items()]
+    layout = flat_layout(specs)
+    assert layout is not None  # float32 arrays
+    # what a worker pushes: its model's flat buffer (compute_gradients hands it out as one)
+    update = layout.gather(arrays)
     pki = PlainPki()
     echo, echo_port, _ = echo_server(pki.server_credentials("ps0"))
     plain = pki.channel(f"127.0.0.1:{echo_port}", "worker0", "ps0", MESSAGE_OPTIONS)
@@ -227,7 +233,7 @@ def measure_push_pull(ctx: BenchContext, *, arrays: Arrays, full_repeats: int) -
             def push_pull() -> None:
                 header = pb.StreamHeader(kind=pb.UPDATE_KIND_WEIGHTS, model_version=version[0],
                                          worker_id="worker0", num_samples=1)
-                reply, _, sent = conn.push(arrays, header)
+                reply, _, sent = conn.push(update, header)
                 pulled = conn.pull("worker0", version[0] + 1, specs)
                 if not reply.accepted or sent != total or pulled.nbytes != total:
                     raise AssertionError(f"push/pull moved {sent}/{pulled.nbytes} of {total} B")
@@ -253,7 +259,8 @@ def measure_push_pull(ctx: BenchContext, *, arrays: Arrays, full_repeats: int) -
     return Measurement(2 * total / medians["ps"], 2 * total / medians["echo"])
 
 
-_P2 = ("PS push + pull of {size} float32 ({shapes}) through a real ParameterServer (FedAvg, "
+_P2 = ("PS push + pull of {size} float32 ({shapes}) as flat streams (the model's one buffer) "
+       "through a real ParameterServer (FedAvg, "
        "1 worker, attested mesh, client and ps0 in this process; worker-side encode/decode, "
        "PS decode, aggregation, encode included) ÷ a raw gRPC mutual-TLS echo of the same "
        "bytes in the same 1 MiB messages (client-stream upload + server-stream download, "
@@ -273,29 +280,43 @@ def push_pull_throughput(ctx: BenchContext, *, model: str, full_repeats: int) ->
 
 
 def _pushes(specs: Sequence[TensorSpec], results: Sequence[Any], version: int,
-            chunk_bytes: int) -> Iterator[tuple[str, list[pb.TensorChunk]]]:
-    """What the workers stream to ps0 for step ``version``: their gradients and BN statistics."""
+            chunk_bytes: int) -> Iterator[tuple[str, list[bytes]]]:
+    """What the workers stream to ps0 for step ``version``: their gradients and BN statistics,
+    serialized as Worker._step sends them (the model's flat buffer)."""
+    layout = flat_layout(specs)
     for i, result in enumerate(results):
         tensors = {**result.gradients, **result.non_trainable}
-        ordered = {spec.name: tensors[spec.name] for spec in specs}
+        flat = result.flat
+        if flat is None or layout is None or not flat.layout.same_as(layout):
+            flat = layout.gather(tensors) if layout is not None else tensors
         header = pb.StreamHeader(kind=pb.UPDATE_KIND_GRADIENTS, model_version=version,
                                  worker_id=f"worker{i}", num_samples=result.num_samples)
-        yield f"worker{i}", list(encode_tensors(ordered, header=header, chunk_bytes=chunk_bytes))
+        yield f"worker{i}", [c.data for c in serialize_tensors(flat, header=header,
+                                                                chunk_bytes=chunk_bytes)]
 
 
-def ps_step(servicer: ParameterServer, pushes: Sequence[tuple[str, list[pb.TensorChunk]]],
+def ps_step(servicer: ParameterServer, pushes: Sequence[tuple[str, list[bytes]]],
             trainable: Sequence[str], frozen: Sequence[str]) -> None:
-    """ps0's work for one sync step, as PushUpdate does it without the transport: decode every
-    push, submit it to the aggregator; the last one completes the step and applies it."""
-    for worker, chunks in pushes:
+    """ps0's work for one sync step, as PushUpdate does it without the transport: parse and
+    decode every push (as ps_server's handler and PushUpdate do), submit it to the aggregator;
+    the last one completes the step and applies it."""
+    for worker, messages in pushes:
         assembler = StreamAssembler(servicer.specs)
-        for chunk in chunks:
+        for message in messages:
+            chunk: WireChunk = parse_chunk(message)
             assembler.add(chunk)
         decoded = assembler.finish()
+        tensors = decoded.tensors
+        if isinstance(tensors, FlatTensors):  # as PushUpdate: views of the buffer's two parts
+            update, stats = tensors.trainable, tensors.non_trainable
+        else:
+            update = {n: tensors[n] for n in trainable}  # type: ignore[assignment]
+            stats = {n: tensors[n] for n in frozen}  # type: ignore[assignment]
         outcome = servicer.aggregator.submit(
-            worker, decoded.header.model_version, {n: decoded.tensors[n] for n in trainable},
+            worker, decoded.header.model_version, update,
             num_samples=max(1, decoded.header.num_samples),
-            non_trainable={n: decoded.tensors[n] for n in frozen},
+            non_trainable=stats,
+            checked_finite=True,  # as PushUpdate: the decoder refused NaN/Inf already
         )
         if not outcome.accepted:
             raise AssertionError(f"{worker}'s update was refused: {outcome.reason}")
@@ -303,8 +324,8 @@ def ps_step(servicer: ParameterServer, pushes: Sequence[tuple[str, list[pb.Tenso
 
 @benchmark(
     "P4",
-    what="ps0's work per sync step with 8 workers, ResNet-56, batch 128 per worker: decode 8 "
-    "chunked float32 pushes + Aggregator.submit ×8 + MomentumSGD apply (the real "
+    what="ps0's work per sync step with 8 workers, ResNet-56, batch 128 per worker: parse and "
+    "decode 8 flat float32 pushes + Aggregator.submit ×8 + MomentumSGD apply (the real "
     "ParameterServer's aggregator and _apply, without the transport), median over steps ÷ "
     "one worker's compute for its batch (set_weights + batch + compute_gradients, TensorFlow "
     "default threads), median, s",

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hfl_lab._exceptions import ConfigError
+from trainer.flat import FlatLayout, FlatTensors, flat_squared_norm, is_flat
 
 __all__ = [
     "Aggregator",
@@ -84,8 +85,8 @@ class Update:
     mode: Mode
     base_version: int
     version: int
-    tensors: dict[str, FloatArray]
-    non_trainable: dict[str, FloatArray]
+    tensors: Mapping[str, FloatArray]
+    non_trainable: Mapping[str, FloatArray]
     contributors: tuple[str, ...]
     num_samples: int
     staleness: int = 0
@@ -167,9 +168,12 @@ class Aggregator:
             raise ConfigError("staleness_bound must be >= 0.", fix="use e.g. the worker count.")
         self._apply = apply
         self._shapes = dict(shapes) if shapes is not None else None
+        #: flat layouts found to match ``shapes`` (checked once, not per contribution)
+        self._layouts_checked: set[FlatLayout] = set()
         self._cond = threading.Condition()
         self._version = start_version
         self._closed = False
+        self._wakes = 0
         self._last: Update | None = None
         self._counts = dict.fromkeys(
             ("updates", "applied", "late_dropped", "stale_refused", "rejected"), 0
@@ -252,15 +256,23 @@ class Aggregator:
             return Outcome(Status.PENDING, self._version, staleness)
 
     def wait_for_version(self, version: int, timeout: float | None = None) -> bool:
-        """Block until the global version reaches ``version``; False on timeout or close."""
+        """Block until the global version reaches ``version``; False on timeout, close or
+        :meth:`wake`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._version < version and not self._closed:
+            woken = self._wakes
+            while self._version < version and not self._closed and self._wakes == woken:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 self._cond.wait(remaining)
             return self._version >= version
+
+    def wake(self) -> None:
+        """Return every :meth:`wait_for_version` now (a waiting call was cancelled)."""
+        with self._cond:
+            self._wakes += 1
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Refuse further submissions and wake every waiter."""
@@ -316,6 +328,8 @@ class Aggregator:
             return f"num_samples must be >= 1, got {num_samples}"
         if not tensors:
             return "no tensors submitted"
+        if isinstance(tensors, FlatTensors) and is_flat(non_trainable or {}):
+            return self._validate_flat(tensors, non_trainable, checked_finite)
         if self._shapes is not None:
             expected = self._shapes
         elif self._contributors:
@@ -340,6 +354,38 @@ class Aggregator:
                 return f"non-trainable {name!r} holds NaN or infinite values"
         return ""
 
+    def _validate_flat(self, tensors: FlatTensors, non_trainable: Tensors | None,
+                       checked_finite: bool) -> str:
+        """``_validate`` for flat contributions: a layout is checked once, the values at once."""
+        layout = tensors.layout
+        if layout not in self._layouts_checked:
+            if self._shapes is not None:
+                expected = self._shapes
+            elif self._contributors:
+                expected = {k: np.shape(v) for k, v in self._step_sums()[0].items()}
+            else:
+                expected = layout.shapes
+            if layout.shapes != {k: tuple(v) for k, v in expected.items()}:
+                diff = sorted(set(layout.shapes.items()) ^
+                              {(k, tuple(v)) for k, v in expected.items()})
+                return f"tensor names or shapes differ from the expected ones: {diff[:3]}"
+            if self._shapes is not None:  # fixed for the aggregator's life: remember
+                self._layouts_checked.add(layout)
+        frozen = self._step_sums()[1]
+        stats = {} if non_trainable is None else non_trainable
+        if self._contributors:
+            if isinstance(frozen, FlatTensors) and isinstance(stats, FlatTensors):
+                if not frozen.layout.same_as(stats.layout):
+                    return "non-trainable tensors differ from this step's other contributions"
+            elif stats.keys() != frozen.keys():
+                return "non-trainable names differ from this step's other contributions"
+        if not checked_finite:
+            for what, part in (("", tensors), ("non-trainable ", stats)):
+                if isinstance(part, FlatTensors) and not np.isfinite(part.buffer).all():
+                    first = int(np.flatnonzero(~np.isfinite(part.buffer))[0])
+                    return f"{what}{part.layout.name_at(first)!r} holds NaN or infinite values"
+        return ""
+
     def _accumulate(
         self,
         worker: str,
@@ -349,7 +395,10 @@ class Aggregator:
     ) -> None:
         # Sync averages the K gradients equally; FedAvg weighs each model by its samples.
         weight = float(num_samples) if self.mode is Mode.FEDAVG else 1.0
-        if self.rule is not Rule.MEAN:
+        if isinstance(tensors, FlatTensors) and is_flat(non_trainable or {}):
+            # an empty FlatTensors stays one: it still tells which buffer it is part of
+            self._accumulate_flat(tensors, {} if non_trainable is None else non_trainable, weight)
+        elif self.rule is not Rule.MEAN:
             self._stack.append(({k: np.asarray(v) for k, v in tensors.items()},
                                 {k: np.asarray(v) for k, v in (non_trainable or {}).items()}))
         elif not self._contributors:
@@ -370,11 +419,38 @@ class Aggregator:
         self._samples += num_samples
         self._contributors.append(worker)
 
+    def _accumulate_flat(self, tensors: FlatTensors, stats: Tensors, weight: float) -> None:
+        """One vectorized operation per part (trainable, non-trainable) and contribution."""
+        if self.rule is not Rule.MEAN:
+            self._stack.append((tensors, stats))  # type: ignore[arg-type]
+        elif not self._contributors:
+            self._single, self._nt_single = tensors, stats  # type: ignore[assignment]
+            self._single_weight = weight
+        else:
+            if self._single is not None:
+                self._sums = _flat_weighted(self._single, self._single_weight)  # type: ignore
+                self._nt_sums = _flat_weighted(self._nt_single, self._single_weight)  # type: ignore
+                self._single = None
+            for target, source in ((self._sums, tensors), (self._nt_sums, stats)):
+                if isinstance(target, FlatTensors) and isinstance(source, FlatTensors):
+                    if weight == 1.0:  # float32 -> float64 is exact: as the per-tensor sum
+                        target.buffer += source.buffer
+                    else:
+                        target.buffer += source.buffer.astype(np.float64) * weight
+
     def _complete(self, staleness: int) -> None:
         total = self._weight_total
-        if self._stack:
+        if self._stack and isinstance(self._stack[0][0], FlatTensors):
+            tensors = self._robust_flat([trainable for trainable, _ in self._stack])
+            frozen = self._robust_flat([stats for _, stats in self._stack])
+        elif isinstance(self._sums, FlatTensors):
+            tensors = _flat_mean(self._sums, total)
+            frozen = _flat_mean(self._nt_sums, total)
+        elif self._stack:
             tensors = self._robust([trainable for trainable, _ in self._stack])
             frozen = self._robust([stats for _, stats in self._stack])
+        elif isinstance(self._single, FlatTensors):  # one contributor: it is the mean
+            tensors, frozen = self._single, self._nt_single
         elif self._single is not None:  # one contributor: its values are the mean
             tensors = {k: v.astype(np.float32, copy=False) for k, v in self._single.items()}
             frozen = {k: v.astype(np.float32, copy=False) for k, v in self._nt_single.items()}
@@ -415,6 +491,36 @@ class Aggregator:
         return out
 
 
+    def _robust_flat(self, parts: list[Mapping[str, npt.NDArray[np.generic]]]
+                     ) -> Mapping[str, FloatArray]:
+        """``_robust`` over flat contributions: one stack, one median or sort, per part."""
+        if not isinstance(parts[0], FlatTensors):
+            return {}
+        layout = parts[0].layout
+        drop = trimmed_count(len(parts), self.trim_fraction)
+        stack = np.stack([np.asarray(p.buffer, dtype=np.float64)  # type: ignore[attr-defined]
+                          for p in parts])
+        if self.rule is Rule.MEDIAN:
+            value = np.median(stack, axis=0)
+        else:
+            value = np.sort(stack, axis=0)[drop:len(parts) - drop].mean(axis=0)
+        return FlatTensors(np.asarray(value, dtype=np.float32), layout)
+
+
+def _flat_weighted(values: Mapping[str, npt.NDArray[np.generic]],
+                   weight: float) -> Mapping[str, npt.NDArray[np.generic]]:
+    if not isinstance(values, FlatTensors):
+        return {}
+    return FlatTensors(values.buffer.astype(np.float64) * weight, values.layout)
+
+
+def _flat_mean(sums: Mapping[str, npt.NDArray[np.generic]],
+               total: float) -> Mapping[str, FloatArray]:
+    if not isinstance(sums, FlatTensors):
+        return {}
+    return FlatTensors((sums.buffer / total).astype(np.float32), sums.layout)
+
+
 def trimmed_count(contributions: int, fraction: float) -> int:
     """How many values ``trimmed_mean`` drops at each end: ``ceil(fraction x K)``, so that a
     fraction such as 0.2 trims one of three, and never so many that nothing is left."""
@@ -425,15 +531,22 @@ def trimmed_count(contributions: int, fraction: float) -> int:
 def l2_norm(tensors: Tensors) -> float:
     """The L2 norm of all ``tensors`` together, summed in float64 (finite float32 values never
     overflow it: 3.4e38 squared is about 1e77)."""
+    if isinstance(tensors, FlatTensors):
+        return math.sqrt(flat_squared_norm(tensors.buffer))
     return math.sqrt(sum(float(np.square(np.asarray(v), dtype=np.float64).sum())
                          for v in tensors.values()))
 
 
-def clip_to_norm(tensors: Tensors, bound: float) -> tuple[dict[str, FloatArray], float]:
+def clip_to_norm(tensors: Tensors, bound: float) -> tuple[Mapping[str, FloatArray], float]:
     """``tensors`` scaled down to L2 norm ``bound`` when their norm is above it, and that norm.
 
     Below the bound the arrays are returned as they came (as float32), bit for bit."""
     norm = l2_norm(tensors)
+    if isinstance(tensors, FlatTensors):
+        if norm <= bound:
+            return tensors, norm
+        scaled = (tensors.buffer.astype(np.float64) * (bound / norm)).astype(np.float32)
+        return FlatTensors(scaled, tensors.layout), norm
     if norm <= bound:
         return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}, norm
     scale = bound / norm

@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from trainer.flat import FlatLayout, FlatTensors, flat_layout  # noqa: E402
 from trainer.layers import FusedBatchNormalization  # noqa: E402
 
 __all__ = [
@@ -76,6 +77,9 @@ class GradientResult:
     num_samples: int
     gradients: Weights
     non_trainable: Weights
+    #: the gradients and statistics as one buffer in the model's flat layout, when it has one
+    #: (``gradients`` and ``non_trainable`` are views of it)
+    flat: FlatTensors | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,17 @@ class ResNet:
         self._step_fn = self._compile_step()
         self._predict_fn = self._compile_predict()
         self._assign_fn = self._compile_assign()
+        #: the variables as one flat float32 buffer, trainable first (trainer.flat)
+        self.flat_layout: FlatLayout | None = flat_layout(self._specs)
+        by_name = dict(self._named)
+        self._flat_assign_fn = (
+            self._compile_assign([by_name[name] for name, _, _, _ in self.flat_layout.entries])
+            if self.flat_layout is not None else None
+        )
+        #: compute_gradients' vector is laid out as flat_layout: hand it on as it is
+        self._step_is_flat = self.flat_layout is not None and [
+            (name, start, end, shape) for name, start, end, shape in self._step_layout
+        ] == list(self.flat_layout.entries)
 
     # ----------------------------------------------------------------- architecture
 
@@ -260,7 +275,14 @@ class ResNet:
         return {name: _to_numpy(var.value) for name, var in self._named}
 
     def set_weights(self, weights: Mapping[str, npt.ArrayLike], *, partial: bool = False) -> None:
-        """Assign variables from a name → array mapping; all names are required unless partial."""
+        """Assign variables from a name → array mapping; all names are required unless partial.
+
+        A :class:`~trainer.flat.FlatTensors` in this model's layout goes to TensorFlow as its
+        one buffer, without a copy on the way."""
+        if (isinstance(weights, FlatTensors) and self._flat_assign_fn is not None
+                and self.flat_layout is not None and weights.layout.same_as(self.flat_layout)):
+            self._flat_assign_fn(weights.buffer)
+            return
         named = self._named
         known = {name for name, _ in named}
         unknown = sorted(set(weights) - known)
@@ -349,9 +371,10 @@ class ResNet:
         )
         return compiled
 
-    def _compile_assign(self) -> Callable[..., Any]:
-        """Assign every variable from one flat float32 vector in a single call."""
-        variables = [var for _, var in self._named]
+    def _compile_assign(self, variables: list[Any] | None = None) -> Callable[..., Any]:
+        """Assign every variable (in this order) from one flat float32 vector in one call."""
+        if variables is None:
+            variables = [var for _, var in self._named]
         sizes = self._flat_sizes(variables)
 
         def assign(flat: tf.Tensor) -> None:
@@ -401,6 +424,8 @@ class ResNet:
             num_samples=len(labels),
             gradients={name: pieces[name] for name in self.trainable_names},
             non_trainable={name: pieces[name] for name in self.non_trainable_names},
+            flat=(FlatTensors(values, self.flat_layout)
+                  if self._step_is_flat and self.flat_layout is not None else None),
         )
 
     def predict_logits(self, x: npt.ArrayLike, batch_size: int = 256) -> FloatArray:

@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hfl_lab._exceptions import ConfigError
+from trainer.flat import FlatLayout, FlatTensors, flat_layout
 
 __all__ = [
     "DEFAULT_MOMENTUM",
@@ -107,6 +108,14 @@ def reference_schedule(
     )
 
 
+@dataclass(frozen=True)
+class _Trainable:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    trainable: bool = True
+
+
 class MomentumSGD:
     """TF MomentumOptimizer on numpy dicts: ``v = m*v + g; w -= lr*v`` with ``g += wd*w``.
 
@@ -139,9 +148,22 @@ class MomentumSGD:
         trainable = [v for v in variables if v.trainable]
         self._shapes = {v.name: tuple(v.shape) for v in trainable}
         self.decayed = frozenset(v.name for v in trainable if not v.batch_norm)
-        self._velocity: dict[str, FloatArray] = {
-            name: np.zeros(shape, np.float32) for name, shape in self._shapes.items()
-        }
+        layout = flat_layout([_Trainable(v.name, tuple(v.shape)) for v in trainable])
+        assert layout is not None  # float32 by construction; names are unique (a dict above)
+        #: the trainable variables as one flat buffer: gradients, velocity and weights alike
+        self.layout: FlatLayout = layout
+        self._velocity_flat: FloatArray = np.zeros(layout.size, np.float32)
+        self._velocity: dict[str, FloatArray] = dict(FlatTensors(self._velocity_flat, layout))
+        #: element ranges of the decayed variables, adjacent ones merged (batch norm's are not)
+        runs: list[list[int]] = []
+        for name, start, end, _ in layout.entries:
+            if name in self.decayed and end > start:
+                if runs and runs[-1][1] == start:
+                    runs[-1][1] = end
+                else:
+                    runs.append([start, end])
+        self._decay_runs = [(a, b) for a, b in runs]
+        self._scratch: FloatArray | None = None
         self.step = 0
 
     @property
@@ -178,14 +200,50 @@ class MomentumSGD:
         self.step += 1
         return updated
 
+    def apply_flat(self, weights: FloatArray, gradients: FloatArray,
+                   out: FloatArray | None = None) -> FloatArray:
+        """:meth:`apply` on flat buffers of :attr:`layout`: the same float operations, element
+        for element, as one vectorized operation each (weight decay: one per run of decayed
+        variables). The new weights go to ``out`` (a new buffer when None); the inputs are
+        left as they are."""
+        size = self.layout.size
+        if weights.shape != (size,) or gradients.shape != (size,):
+            raise ValueError(f"flat gradient {gradients.shape} / weight {weights.shape}, "
+                             f"expected ({size},)")
+        lr = np.float32(self.learning_rate)
+        m = np.float32(self.momentum)
+        wd = np.float32(self.weight_decay)
+        g = gradients
+        if wd and self._decay_runs:
+            if self._scratch is None:
+                self._scratch = np.empty(size, np.float32)
+            g = self._scratch
+            np.copyto(g, gradients)
+            for start, end in self._decay_runs:  # g + wd * w, as apply() computes it
+                g[start:end] += wd * weights[start:end]
+        v = self._velocity_flat
+        v *= m
+        v += g
+        new = np.empty(size, np.float32) if out is None else out
+        np.multiply(v, lr, out=new)
+        np.subtract(weights, new, out=new)
+        self.step += 1
+        return new
+
     def state(self) -> dict[str, npt.NDArray[np.generic]]:
         """Copy of the optimizer state (step and velocities) for a checkpoint."""
         state: dict[str, npt.NDArray[np.generic]] = {
             STATE_STEP: np.asarray(self.step, dtype=np.int64)
         }
-        for name, v in self._velocity.items():
-            state[STATE_VELOCITY + name] = v.copy()
+        copied = FlatTensors(self._velocity_flat.copy(), self.layout)  # one copy, then views
+        for name in self._velocity:
+            state[STATE_VELOCITY + name] = copied[name]
         return state
+
+    @property
+    def velocity(self) -> FlatTensors:
+        """The velocities as one flat buffer (a view: do not modify)."""
+        return FlatTensors(self._velocity_flat, self.layout)
 
     def load_state(self, state: Mapping[str, npt.ArrayLike]) -> None:
         """Restore :meth:`state` output; the variable set and shapes must match."""
@@ -195,6 +253,8 @@ class MomentumSGD:
                 fix="restore from a checkpoint written by MomentumSGD.state().",
             )
         velocity: dict[str, FloatArray] = {}
+        flat = np.zeros(self.layout.size, np.float32)
+        views = FlatTensors(flat, self.layout)
         for name, shape in self._shapes.items():
             key = STATE_VELOCITY + name
             if key not in state:
@@ -208,6 +268,8 @@ class MomentumSGD:
                     f"optimizer velocity of {name!r} has shape {value.shape}, expected {shape}.",
                     fix="restore from a checkpoint of a model with the same depth.",
                 )
-            velocity[name] = value
+            velocity[name] = views[name]
+            velocity[name][...] = value
+        self._velocity_flat = flat
         self._velocity = velocity
         self.step = int(np.asarray(state[STATE_STEP]))

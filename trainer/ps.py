@@ -23,6 +23,7 @@ from hfl_lab._exceptions import ConfigError, TensorValidationError
 from hfl_lab.events import LabEvent
 from hfl_lab.vault.checkpoints import CheckpointStore
 from trainer.aggregation import Aggregator, Mode, Outcome, Status, Update
+from trainer.flat import FlatTensors, flat_layout
 from trainer.optim import MomentumSGD
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.proto import parameter_server_pb2_grpc as rpc
@@ -102,9 +103,12 @@ class ParameterServer(rpc.ParameterServerServicer):
             )
         self._trainable = [s.name for s in self.specs if s.trainable]
         self._frozen = [s.name for s in self.specs if not s.trainable]
+        initial = {s.name: np.asarray(weights[s.name], dtype=np.float32) for s in self.specs}
+        #: the model as one flat buffer (trainable, then non-trainable) when it is all float32
+        self.layout = flat_layout(self.specs)
         self._snapshot: tuple[int, Weights] = (
             start_version,
-            {s.name: np.asarray(weights[s.name], dtype=np.float32) for s in self.specs},
+            self.layout.gather(initial) if self.layout is not None else initial,  # type: ignore
         )
         bad = non_finite(self._snapshot[1])
         if bad is not None:
@@ -193,14 +197,18 @@ class ParameterServer(rpc.ParameterServerServicer):
         started = time.perf_counter()
         _, current = self._snapshot
         saved = None
-        if update.mode is Mode.FEDAVG:
+        flat = self._apply_flat(update, current)
+        if flat is not None:
+            new, saved = flat
+        elif update.mode is Mode.FEDAVG:
             new = dict(current)
             new.update(update.tensors)
         else:
             saved = self.optimizer.state()
             with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
                 new = self.optimizer.apply(current, update.tensors)
-        new.update(update.non_trainable)
+        if flat is None:
+            new.update(update.non_trainable)
         self.screen.refuse_non_finite(update, new, saved)
         self._snapshot = (update.version, new)
         self.timings["update_s"] += time.perf_counter() - started
@@ -217,6 +225,35 @@ class ParameterServer(rpc.ParameterServerServicer):
             self._event("progress", done=version, total=opts.total_steps, unit="steps",
                         label="training", contributors=list(update.contributors),
                         staleness=update.staleness)
+
+    def _apply_flat(self, update: Update, current: Mapping[str, FloatArray]
+                    ) -> tuple[Weights, dict[str, Any] | None] | None:
+        """The new weights in one new flat buffer: the optimizer over the trainable part, the
+        averaged statistics copied over the rest; None when the update is not flat."""
+        tensors, stats = update.tensors, update.non_trainable
+        if not (isinstance(current, FlatTensors) and isinstance(tensors, FlatTensors)
+                and tensors.layout.same_as(current.layout.trainable)
+                and (not stats or (isinstance(stats, FlatTensors)
+                                   and stats.layout.same_as(current.layout.non_trainable)))):
+            return None
+        layout = current.layout
+        whole = tensors.whole
+        if (update.mode is Mode.FEDAVG and whole is not None and isinstance(stats, FlatTensors)
+                and stats.whole is whole and whole.layout.same_as(layout)):
+            # one worker's model, as decoded from its push: the new weights as they are
+            return whole, None  # type: ignore[return-value]
+        split = layout.trainable_size
+        buffer = np.empty(layout.size, np.float32)
+        saved = None
+        if update.mode is Mode.FEDAVG:
+            buffer[:split] = tensors.buffer
+        else:
+            saved = self.optimizer.state()
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused later
+                self.optimizer.apply_flat(current.buffer[:split], tensors.buffer,
+                                          out=buffer[:split])
+        buffer[split:] = stats.buffer if isinstance(stats, FlatTensors) else current.buffer[split:]
+        return FlatTensors(buffer, layout), saved  # type: ignore[return-value]
 
     def _finish(self, version: int) -> None:
         """Close aggregation, write the last checkpoint, evaluate, and announce ``done``."""
@@ -325,6 +362,10 @@ class ParameterServer(rpc.ParameterServerServicer):
     ) -> Iterator[bytes]:
         wanted = request.min_version
         deadline = time.monotonic() + self.max_pull_wait_s
+        if self.version < wanted:
+            # a worker that gives up a pull it started early (its push was refused) frees
+            # this thread and its pull quota at once, not at the next poll
+            context.add_callback(self.aggregator.wake)
         while self.version < wanted:
             if self.state is PsState.DONE or self.finished.is_set():
                 self.sessions.release(who)
@@ -346,7 +387,7 @@ class ParameterServer(rpc.ParameterServerServicer):
         if wire not in WIRE_NAMES:
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                          f"wire dtype {wire} is not float32, float16 or bfloat16", who)
-        version, chunks = self._chunks(wire)
+        version, chunks = self._chunks(wire, request.flat)
         if version >= self.options.total_steps:
             self.sessions.release(who)
         for chunk in chunks:
@@ -358,11 +399,14 @@ class ParameterServer(rpc.ParameterServerServicer):
         """After training: wait until every registered worker has been told it is over."""
         return self.sessions.wait_all_released(timeout_s)
 
-    def _chunks(self, wire: int) -> tuple[int, list[SerializedChunk]]:
-        """The current parameters as serialized chunks, made once per version and wire dtype."""
+    def _chunks(self, wire: int, flat: bool = False) -> tuple[int, list[SerializedChunk]]:
+        """The current parameters as serialized chunks, made once per version and wire dtype:
+        a flat stream when asked for (and the model has a flat form), else tensor by tensor."""
         version, weights = self._snapshot
-        return version, self._pull_cache.chunks(version, weights, WIRE_NAMES[wire], wire,
-                                                self.options.chunk_bytes, self.timings)
+        if isinstance(weights, FlatTensors) and not flat:
+            weights = dict(weights)
+        return version, self._pull_cache.chunks_for(version, weights, WIRE_NAMES[wire], wire,
+                                                    self.options.chunk_bytes, self.timings)
 
     def PushUpdate(
         self, request_iterator: Iterator[pb.TensorChunk | WireChunk],
@@ -404,8 +448,12 @@ class ParameterServer(rpc.ParameterServerServicer):
                 self._refuse(context, e.code, f"{e.message} {e.fix or ''}".strip(), who)
         tensors = decoded.tensors
         submitted = time.perf_counter()
-        trainable = self.screen.bounded(who, header.model_version,
-                                  {name: tensors[name] for name in self._trainable})
+        if isinstance(tensors, FlatTensors):  # views of the two parts of the buffer
+            trainable, frozen = tensors.trainable, tensors.non_trainable
+        else:
+            trainable = {name: tensors[name] for name in self._trainable}  # type: ignore
+            frozen = {name: tensors[name] for name in self._frozen}  # type: ignore
+        trainable = self.screen.bounded(who, header.model_version, trainable)  # type: ignore
         try:
             outcome = self.aggregator.submit(
                 who,
@@ -413,7 +461,7 @@ class ParameterServer(rpc.ParameterServerServicer):
                 trainable,
                 num_samples=self.screen.weight_of(who, header.num_samples,
                                                   self.sessions.index_of(who)),
-                non_trainable={name: tensors[name] for name in self._frozen},
+                non_trainable=frozen,
                 checked_finite=True,  # the stream decoder refused NaN/Inf already
             )
         except TensorValidationError as e:  # the step's new weights would be non-finite

@@ -29,6 +29,7 @@ from hfl_lab._exceptions import HflLabError
 from hfl_lab.events import LabEvent
 from hfl_lab.vault.checkpoints import CheckpointStore
 from trainer.checkpoint import TrainingState, encode_state
+from trainer.flat import FlatTensors
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.tensor_wire import SerializedChunk, serialize_tensors
 
@@ -263,6 +264,14 @@ class PullCache:
             chunks = encode()
             self._cached = (version, wire, chunks)
             return chunks
+
+    def chunks_for(self, version: int, weights: Mapping[str, npt.NDArray[np.float32]],
+                   wire_name: str, wire: int, chunk_bytes: int,
+                   timings: dict[str, float]) -> list[SerializedChunk]:
+        """:meth:`chunks`, cached apart for flat streams (``FlatTensors``) and tensor by
+        tensor ones (any other mapping)."""
+        key = wire if isinstance(weights, FlatTensors) else -1 - wire
+        return self.chunks(version, weights, wire_name, key, chunk_bytes, timings)
 
 
 class StreamQuota:

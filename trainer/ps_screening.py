@@ -8,6 +8,7 @@ refused); and the new global weights are checked finite before they are committe
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +19,7 @@ import numpy.typing as npt
 
 from hfl_lab._exceptions import TensorValidationError
 from trainer.aggregation import Mode, Update, clip_to_norm, l2_norm
+from trainer.flat import FlatTensors, all_finite, flat_squared_norm
 from trainer.optim import MomentumSGD
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.ps_jobs import kind_name
@@ -25,7 +27,7 @@ from trainer.ps_options import PsOptions
 
 __all__ = ["UpdateScreen", "non_finite", "overflow"]
 
-Weights = dict[str, npt.NDArray[np.float32]]
+Weights = Mapping[str, npt.NDArray[np.float32]]
 
 
 class UpdateScreen:
@@ -67,7 +69,7 @@ class UpdateScreen:
         finite, putting the optimizer back to ``saved`` first; they are never committed."""
         bad = non_finite(new)
         if bad is None and saved is not None:
-            bad = non_finite(self.optimizer.state())
+            bad = non_finite(self.optimizer.velocity)
         if bad is not None:
             if saved is not None:
                 self.optimizer.load_state(saved)
@@ -93,16 +95,37 @@ class UpdateScreen:
             if base != version:
                 return update  # not this round's model: the aggregator drops or refuses it
             bound *= self.local_reach(version)
+            if isinstance(update, FlatTensors) and isinstance(current, FlatTensors):
+                return self._bounded_flat(who, update, current, bound)
             change = {n: np.asarray(v, dtype=np.float64) - current[n] for n, v in update.items()}
             norm = l2_norm(change)
             if norm <= bound:
                 return update
             scale = bound / norm
             clipped = {n: (current[n] + change[n] * scale).astype(np.float32) for n in change}
+        self._scaled_down(who, norm, bound)
+        return clipped
+
+    def _bounded_flat(self, who: str, update: FlatTensors, current: FlatTensors,
+                      bound: float) -> Weights:
+        """FedAvg's bound on flat buffers: the change's norm without a float64 copy of it."""
+        base = current.trainable.buffer
+        if not update.layout.same_as(current.layout.trainable):
+            return update  # the aggregator refuses it
+        norm = math.sqrt(flat_squared_norm(update.buffer, base))
+        if norm <= bound:
+            return update
+        change = update.buffer.astype(np.float64) - base
+        change *= bound / norm
+        change += base
+        self._scaled_down(who, norm, bound)
+        return FlatTensors(change.astype(np.float32), update.layout)
+
+    def _scaled_down(self, who: str, norm: float, bound: float) -> None:
+        opts = self.options
         self._event("log", level="warning", peer=who, update_norm=norm, bound=bound,
                     message=f"the update from {who} has L2 norm {norm:.3g}, above the bound "
                     f"{bound:.3g} (max_update_norm {opts.max_update_norm:g}): scaled down to it")
-        return clipped
 
     def local_reach(self, version: int) -> float:
         """How far E local momentum-SGD steps of round ``version`` can move the weights per unit
@@ -133,6 +156,13 @@ class UpdateScreen:
 
 def non_finite(tensors: Mapping[str, npt.NDArray[Any]]) -> tuple[str, int] | None:
     """The first tensor holding NaN/Inf, and how many; None when all are finite."""
+    if isinstance(tensors, FlatTensors):
+        if all_finite(tensors.buffer):
+            return None
+        first = int(np.flatnonzero(~np.isfinite(tensors.buffer))[0])
+        name = tensors.layout.name_at(first)
+        value = tensors[name]
+        return name, int(value.size - np.count_nonzero(np.isfinite(value)))
     for name, value in tensors.items():
         finite = np.isfinite(value)
         if not finite.all():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 
 from hfl_lab._exceptions import ConfigError, TensorValidationError
+from trainer.flat import FlatLayout, FlatTensors, flat_layout
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.tensor_wire import WireChunk, WirePiece
 from trainer.tensors import (
@@ -33,10 +34,13 @@ _ALIGN = 64
 
 @dataclass(frozen=True)
 class DecodedStream:
-    """A validated tensor stream: its header and the tensors, in spec order."""
+    """A validated tensor stream: its header and the tensors, in spec order.
+
+    When every tensor is float32 the tensors are a :class:`~trainer.flat.FlatTensors`: views
+    of one flat buffer, trainable first (whichever way the stream was laid out)."""
 
     header: pb.StreamHeader
-    tensors: dict[str, Array] = field(default_factory=dict)
+    tensors: Mapping[str, Array] = field(default_factory=dict)
 
 
 def decode_tensors(
@@ -97,19 +101,37 @@ class _Layout:
     expected: dict[str, _Expected]  # in spec order
     memory_bytes: int
     model_bytes: int
+    #: the float32 model's flat layout: the tensors' slots follow it; None for other dtypes
+    flat: FlatLayout | None
+    #: a flat stream's accepted encodings, by wire dtype enum
+    flat_wires: dict[int, _Wire]
 
 
 @functools.lru_cache(maxsize=16)
 def _layout(specs: tuple[TensorSpec, ...], accepted: frozenset[str]) -> _Layout:
     """Worked out once per model, not per stream: a ResNet's 279 specs cost milliseconds."""
     expected: dict[str, _Expected] = {}
+    flat = flat_layout(specs)
     slot = 0
     for spec in specs:
+        if flat is not None:  # one contiguous float32 buffer: the tensors are its views
+            start = flat.index[spec.name][0] * 4
+            expected[spec.name] = _Expected.of(spec, accepted, start)
+            continue
         expected[spec.name] = _Expected.of(spec, accepted, slot)
         slot += -(-spec.nbytes // _ALIGN) * _ALIGN
     if len(expected) != len(specs):
         raise ConfigError("the expected tensor specs name a tensor twice.")
-    return _Layout(expected, slot, sum(e.nbytes for e in expected.values()))
+    if flat is not None:
+        slot = flat.size * 4
+    names = accepted & set(WIRE_DTYPES)
+    flat_wires = {
+        DTYPE_TO_ENUM[name]: _Wire(name, DTYPE_TO_ENUM[name],
+                                   (flat.size if flat else 0) * wire_itemsize(name),
+                                   wire_numpy_dtype(name))
+        for name in names
+    }
+    return _Layout(expected, slot, sum(e.nbytes for e in expected.values()), flat, flat_wires)
 
 
 @dataclass
@@ -135,6 +157,7 @@ class StreamAssembler:
         wire_dtypes: Iterable[str] = WIRE_DTYPES,
     ) -> None:
         layout = _layout(tuple(specs), frozenset(wire_dtypes))
+        self._layout = layout
         self._expected = layout.expected
         self._memory_bytes = layout.memory_bytes
         self._memory: Array | None = None
@@ -144,6 +167,9 @@ class StreamAssembler:
         self._done: dict[str, Array] = {}
         self._received = 0
         self._final = False
+        #: a flat stream (its header carries the layout digest): the one buffer being filled
+        self._flat: _Partial | None = None
+        self._flat_mode = False
 
     @property
     def received_bytes(self) -> int:
@@ -161,6 +187,11 @@ class StreamAssembler:
         pieces = chunk.pieces
         if not pieces and not chunk.final:
             raise _invalid(None, "chunk without tensor data", "at least one piece", "none")
+        if self._flat_mode:
+            for piece in pieces:
+                self._add_flat_piece(piece)
+            self._final = chunk.final
+            return
         # once per chunk, not per tensor: entering errstate costs more than a small tensor's
         # NaN/Inf check (_count_nonfinite's sum overflows or meets NaN on purpose)
         with np.errstate(all="ignore"):
@@ -194,10 +225,96 @@ class StreamAssembler:
         else:
             self._current = current
 
+    def _add_flat_piece(self, piece: pb.TensorPiece | WirePiece) -> None:
+        """A run of the flat buffer's wire bytes: the same checks as a tensor's piece."""
+        flat = self._layout.flat
+        assert flat is not None  # _take_header admits flat streams of float32 models only
+        if piece.name:
+            raise _invalid(piece.name, "named piece in a flat stream", "no name", "a name")
+        current = self._flat
+        if current is None:
+            wire = self._layout.flat_wires.get(piece.wire_dtype)
+            if wire is None:
+                allowed = " | ".join(sorted(w.name for w in self._layout.flat_wires.values()))
+                raise _invalid(None, "wire dtype not accepted", allowed,
+                               dtype_name(piece.wire_dtype))
+            total, offset = piece.total_bytes, piece.offset
+            if total > wire.nbytes:
+                raise _oversized(None, "more bytes announced than the model holds",
+                                 wire.nbytes, total)
+            if total != wire.nbytes or offset != 0:
+                raise _invalid(None, "first piece does not match the model's layout",
+                               f"{wire.nbytes} bytes from offset 0",
+                               f"{total} bytes from offset {offset}")
+            spec = TensorSpec("flat", "float32", (flat.size,))
+            current = self._flat = self._receive(_Expected(spec, DTYPE_TO_ENUM["float32"],
+                                                           {wire.enum: wire}, 0, flat.size * 4),
+                                                 wire)
+        elif piece.offset != current.filled or piece.wire_dtype != current.wire.enum:
+            raise _invalid(
+                self._flat_name(current.filled),
+                "piece out of order, overlapping or re-encoded",
+                f"offset {current.filled} in {current.wire.name}",
+                f"offset {piece.offset} in {dtype_name(piece.wire_dtype)}",
+            )
+        self._append(current, piece)
+
+    def _flat_name(self, wire_offset: int) -> str:
+        """The tensor at a byte offset of the flat stream's wire bytes."""
+        flat, partial = self._layout.flat, self._flat
+        if flat is None or partial is None:
+            return ""
+        return flat.name_at(wire_offset // partial.wire.numpy_dtype.itemsize)
+
+    def _finish_flat(self, header: pb.StreamHeader) -> DecodedStream:
+        flat, partial = self._layout.flat, self._flat
+        assert flat is not None
+        if not self._final:
+            detail = (f" inside tensor '{self._flat_name(partial.filled)}' ({partial.filled} "
+                      f"of {partial.wire.nbytes} bytes of the model)" if partial else "")
+            raise _truncated(f"the stream ended without its final chunk{detail}")
+        if partial is None:
+            if flat.size:
+                raise _truncated("the final chunk arrived before any tensor data")
+            if header.tensor_count != len(flat.entries) or header.total_bytes:
+                raise _invalid(None, "header disagrees with the stream",
+                               f"{header.tensor_count} tensors / {header.total_bytes} bytes",
+                               f"{len(flat.entries)} tensors / 0 bytes")
+            return DecodedStream(header, FlatTensors(np.empty(0, np.float32), flat))
+        if partial.filled != partial.wire.nbytes:
+            raise _truncated(
+                f"the final chunk arrived inside tensor '{self._flat_name(partial.filled)}' "
+                f"({partial.filled} of {partial.wire.nbytes} bytes of the model)"
+            )
+        if header.tensor_count != len(flat.entries) or header.total_bytes != self._received:
+            raise _invalid(
+                None,
+                "header disagrees with the stream",
+                f"{header.tensor_count} tensors / {header.total_bytes} bytes",
+                f"{len(flat.entries)} tensors / {self._received} bytes",
+            )
+        buffer = partial.home
+        with np.errstate(all="ignore"):
+            if partial.wire.name == "bfloat16":
+                np.copyto(buffer, bfloat16_bits_to_float32(partial.wire_array))
+            elif partial.wire.name == "float16":
+                np.copyto(buffer, partial.wire_array)
+            bad = _count_nonfinite(buffer)
+        if bad:  # which tensor: the first one holding NaN/Inf
+            first = int(np.flatnonzero(~np.isfinite(buffer))[0])
+            name = flat.name_at(first)
+            value = FlatTensors(buffer, flat)[name]
+            count = int(value.size - np.count_nonzero(np.isfinite(value)))
+            raise _invalid(name, "non-finite values", "finite values",
+                           f"{count} NaN/Inf of {value.size}")
+        return DecodedStream(header, FlatTensors(buffer, flat))
+
     def finish(self) -> DecodedStream:
         """Check that the stream was complete; return its header and tensors in spec order."""
         if self._header is None:
             raise _truncated("the stream ended before its first chunk")
+        if self._flat_mode:
+            return self._finish_flat(self._header)
         if not self._final:
             partial = self._current
             detail = (
@@ -234,6 +351,10 @@ class StreamAssembler:
                 f"{header.tensor_count} tensors / {header.total_bytes} bytes",
                 f"{len(self._done)} tensors / {self._received} bytes",
             )
+        flat = self._layout.flat
+        if flat is not None:  # the tensors are views of one buffer in the flat layout
+            memory = self._memory if self._memory is not None else np.empty(0, np.uint8)
+            return DecodedStream(header, FlatTensors(memory.view(np.float32), flat))
         return DecodedStream(header, {name: self._done[name] for name in self._expected})
 
     def _take_header(self, chunk: pb.TensorChunk | WireChunk) -> None:
@@ -247,6 +368,15 @@ class StreamAssembler:
                 self._limit,
                 header.total_bytes,
             )
+        if header.layout_digest:
+            flat = self._layout.flat
+            if flat is None or header.layout_digest != flat.digest:
+                raise _invalid(
+                    None, "flat stream of another model (layout digest)",
+                    flat.digest.hex()[:16] if flat else "a per-tensor stream",
+                    header.layout_digest.hex()[:16],
+                )
+            self._flat_mode = True
         self._header = header
 
     def _start(self, piece: pb.TensorPiece | WirePiece) -> _Partial:

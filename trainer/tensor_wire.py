@@ -85,7 +85,8 @@ def serialize_tensors(
             parts += _piece_parts(piece)
         if planned.final:
             parts.append(_FINAL_TRUE)
-        started = sum(1 for piece in planned.pieces if piece.offset == 0)
+        started = (planned.tensors_started if planned.tensors_started is not None
+                   else sum(1 for piece in planned.pieces if piece.offset == 0))
         size = sum(len(piece.data) for piece in planned.pieces)
         yield SerializedChunk(b"".join(parts), started, size)
 

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hfl_lab._exceptions import ConfigError, TensorValidationError
+from trainer.flat import FlatTensors
 from trainer.proto import parameter_server_pb2 as pb
 
 DEFAULT_CHUNK_BYTES: Final = 1 << 20
@@ -218,6 +219,8 @@ class PlannedChunk:
     header: pb.StreamHeader | None
     pieces: list[PlannedPiece]
     final: bool
+    #: tensors whose first byte is in this chunk (None: the pieces at offset 0)
+    tensors_started: int | None = None
 
 
 def encode_tensors(
@@ -261,16 +264,14 @@ def plan_chunks(
     wire_dtype: str = "float32",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Iterator[PlannedChunk]:
-    """The chunk layout of :func:`encode_tensors`, with each piece's data as an array view."""
-    if wire_dtype not in WIRE_DTYPES:
-        raise ConfigError(
-            f"wire dtype {wire_dtype!r} is unknown.", fix=f"use one of {WIRE_DTYPES}."
-        )
-    if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
-        raise ConfigError(
-            f"chunk size {chunk_bytes} B is outside 1 B .. {MAX_CHUNK_BYTES} B.",
-            fix="use the default of 1 MiB unless measurements say otherwise.",
-        )
+    """The chunk layout of :func:`encode_tensors`, with each piece's data as an array view.
+
+    :class:`~trainer.flat.FlatTensors` make a flat stream (:func:`plan_flat_chunks`)."""
+    if isinstance(tensors, FlatTensors):
+        yield from plan_flat_chunks(tensors, header=header, wire_dtype=wire_dtype,
+                                    chunk_bytes=chunk_bytes)
+        return
+    _check_stream_options(wire_dtype, chunk_bytes)
     wire_names = {name: _wire_dtype_of(name, array, wire_dtype) for name, array in tensors.items()}
     stream_header = pb.StreamHeader()
     if header is not None:
@@ -307,6 +308,76 @@ def plan_chunks(
             if offset >= total:
                 break
     yield PlannedChunk(first, pieces, final=True)
+
+
+def plan_flat_chunks(
+    tensors: FlatTensors,
+    *,
+    header: pb.StreamHeader | None = None,
+    wire_dtype: str = "float32",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[PlannedChunk]:
+    """A flat stream: the buffer's wire bytes in one piece per chunk, the layout's digest in
+    the header (see ``StreamHeader.layout_digest``)."""
+    _check_stream_options(wire_dtype, chunk_bytes)
+    layout = tensors.layout
+    wire = _flat_to_wire(tensors, wire_dtype).view(np.uint8)
+    itemsize = wire_itemsize(wire_dtype)
+    stream_header = pb.StreamHeader()
+    if header is not None:
+        stream_header.CopyFrom(header)
+    stream_header.tensor_count = len(layout.entries)
+    stream_header.total_bytes = total = len(wire)
+    stream_header.layout_digest = layout.digest
+    wire_enum = DTYPE_TO_ENUM[wire_dtype]
+    # whole elements per chunk, and room for the header and framing in the first
+    step = max(itemsize, (chunk_bytes - _PIECE_FRAMING_BYTES) // itemsize * itemsize)
+    first: pb.StreamHeader | None = stream_header
+    offset = 0
+    while True:
+        size = min(step, total - offset)
+        piece = PlannedPiece("", wire_enum, offset, total, wire[offset:offset + size])
+        end = offset + size
+        final = end >= total
+        started = layout.tensors_starting(offset // itemsize if offset else -1,
+                                          end // itemsize if not final else layout.size + 1)
+        yield PlannedChunk(first, [piece], final=final, tensors_started=started)
+        if final:
+            return
+        first, offset = None, end
+
+
+def _flat_to_wire(tensors: FlatTensors, wire_dtype: str) -> Array:
+    buffer = tensors.buffer
+    if wire_dtype == "float32":
+        return buffer.astype("<f4", copy=False)
+    if wire_dtype == "bfloat16":
+        return float32_to_bfloat16_bits(buffer).astype("<u2", copy=False)
+    with np.errstate(over="ignore"):  # overflow is reported below, with the fix
+        wire = buffer.astype("<f2")
+    if not np.isfinite(wire).all() and np.isfinite(buffer).all():
+        bad = int(np.flatnonzero(~np.isfinite(wire))[0])
+        name = tensors.layout.name_at(bad)
+        raise TensorValidationError(
+            f"tensor '{name}' has values beyond the float16 range (max |x| = "
+            f"{float(np.abs(tensors[name]).max()):.4g} > 65504).",
+            code=grpc.StatusCode.INVALID_ARGUMENT,
+            tensor=name,
+            fix="use wire dtype bfloat16 (float32 range) or float32 for this model.",
+        )
+    return wire
+
+
+def _check_stream_options(wire_dtype: str, chunk_bytes: int) -> None:
+    if wire_dtype not in WIRE_DTYPES:
+        raise ConfigError(
+            f"wire dtype {wire_dtype!r} is unknown.", fix=f"use one of {WIRE_DTYPES}."
+        )
+    if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ConfigError(
+            f"chunk size {chunk_bytes} B is outside 1 B .. {MAX_CHUNK_BYTES} B.",
+            fix="use the default of 1 MiB unless measurements say otherwise.",
+        )
 
 
 def _wire_dtype_of(name: str, array: Array, wire_dtype: str) -> str:

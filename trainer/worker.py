@@ -21,6 +21,7 @@ from hfl_lab._exceptions import ConfigError, HflLabError, WorkerError
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
 from trainer.data import BatchStream, load_cifar10, partition
+from trainer.flat import FlatLayout, FlatTensors, flat_layout
 from trainer.model import ResNet
 from trainer.optim import MomentumSGD, PiecewiseConstantSchedule
 from trainer.proto import parameter_server_pb2 as pb
@@ -29,7 +30,8 @@ from trainer.tensor_decode import StreamAssembler
 from trainer.tensor_wire import PULL_METHOD, PUSH_METHOD, parse_chunk, serialize_tensors
 from trainer.tensors import TensorSpec
 
-__all__ = ["PsConnection", "StepRecord", "Worker", "WorkerSummary", "worker_batches"]
+__all__ = ["PendingPull", "PsConnection", "StepRecord", "Worker", "WorkerSummary",
+           "worker_batches"]
 
 log = logging.getLogger("trainer.worker")
 
@@ -82,6 +84,34 @@ class Pulled:
     nbytes: int
 
 
+class PendingPull:
+    """A pull in flight: its stream is read, decoded and validated by :meth:`result`."""
+
+    def __init__(self, stream: Any, specs: Sequence[TensorSpec], min_version: int) -> None:
+        self._stream = stream
+        self._specs = specs
+        self.min_version = min_version
+
+    def result(self) -> Pulled:
+        """The pulled parameters. ``wait_s`` counts from this call to the first chunk: for a
+        pull started early, only the wait that was left."""
+        started = time.perf_counter()
+        first: float | None = None
+        assembler = StreamAssembler(self._specs)
+        for chunk in self._stream:
+            if first is None:
+                first = time.perf_counter()
+            assembler.add(chunk)
+        decoded = assembler.finish()
+        end = time.perf_counter()
+        first = first or end
+        return Pulled(decoded.header.model_version, decoded.tensors,  # type: ignore[arg-type]
+                      first - started, end - first, assembler.received_bytes)
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+
 class PsConnection:
     """The PS stub with chunked transfers, timing and byte counts.
 
@@ -114,25 +144,25 @@ class PsConnection:
         return reply
 
     def pull(
-        self, worker_id: str, min_version: int, specs: Sequence[TensorSpec], wire: int = 0
+        self, worker_id: str, min_version: int, specs: Sequence[TensorSpec], wire: int = 0,
+        *, flat: bool = True,
     ) -> Pulled:
-        started = time.perf_counter()
-        first: float | None = None
-        assembler = StreamAssembler(specs)
+        """The parameters of ``min_version`` or later, sent as a flat stream unless ``flat``
+        is False; either way the weights are a ``FlatTensors`` when the model is all float32."""
+        return self.start_pull(worker_id, min_version, specs, wire, flat=flat).result()
+
+    def start_pull(
+        self, worker_id: str, min_version: int, specs: Sequence[TensorSpec], wire: int = 0,
+        *, flat: bool = True,
+    ) -> PendingPull:
+        """:meth:`pull`, started now and read by :meth:`PendingPull.result` later: the call is
+        set up (and the PS starts waiting for ``min_version``) meanwhile."""
         stream = self._pull(
             pb.PullRequest(worker_id=worker_id, min_version=min_version,
-                           wire_dtype=wire),  # type: ignore[arg-type]
+                           wire_dtype=wire, flat=flat),  # type: ignore[arg-type]
             timeout=self.timeout_s,
         )
-        for chunk in stream:
-            if first is None:
-                first = time.perf_counter()
-            assembler.add(chunk)
-        decoded = assembler.finish()
-        end = time.perf_counter()
-        first = first or end
-        return Pulled(decoded.header.model_version, decoded.tensors, first - started,
-                      end - first, assembler.received_bytes)
+        return PendingPull(stream, specs, min_version)
 
     def push(
         self,
@@ -208,8 +238,11 @@ class Worker:
         self.summary = WorkerSummary()
         self._conn: PsConnection | None = None
         self._specs: list[TensorSpec] = []
+        self._layout: FlatLayout | None = None
         self._reply: pb.RegisterReply | None = None
         self._local_step = 0
+        #: the next step's pull, started before this step's push (see _step)
+        self._prefetched: PendingPull | None = None
 
     # -- connection ----------------------------------------------------------------------
 
@@ -236,6 +269,8 @@ class Worker:
                 fix="start every participant from the same config file.",
             )
         self._specs = specs
+        #: the model's tensors as one flat buffer: how updates travel (None: tensor by tensor)
+        self._layout = flat_layout(specs)
         self._reply = reply
         if self._on_registered is not None:
             self._on_registered(reply)
@@ -243,6 +278,7 @@ class Worker:
 
     def _reconnect(self, reason: str, *, first: bool = False) -> PsConnection:
         """(Re)connect with back-off: verify the PS's attestation again and re-register."""
+        self._drop_prefetched()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -304,6 +340,7 @@ class Worker:
             try:
                 record, next_version = self._step(mode, next_version)
             except grpc.RpcError as e:
+                self._drop_prefetched()
                 code = e.code()
                 if code == grpc.StatusCode.OUT_OF_RANGE:
                     self.summary.finished = True
@@ -330,14 +367,25 @@ class Worker:
             if next_version > total:
                 break
         self.summary.final_version = next_version
+        self._drop_prefetched()
         if self._conn is not None:
             self._conn.close()
         return self.summary
 
+    def _drop_prefetched(self) -> None:
+        pending, self._prefetched = self._prefetched, None
+        if pending is not None:
+            pending.cancel()
+
     def _step(self, mode: str, min_version: int) -> tuple[StepRecord | None, int]:
         assert self._conn is not None and self._reply is not None
         config = self._reply.config
-        pulled = self._conn.pull(self.name, min_version, self._specs)
+        pending, self._prefetched = self._prefetched, None
+        if pending is None or pending.min_version != min_version:
+            if pending is not None:
+                pending.cancel()
+            pending = self._conn.start_pull(self.name, min_version, self._specs)
+        pulled = pending.result()
         version = pulled.version
         if version >= config.total_steps:
             return None, version
@@ -351,13 +399,19 @@ class Worker:
             step = version if mode == "sync" else self._local_step
             x, y = self.stream.batch(step)
             result = self.model.compute_gradients(x, y)
-            tensors = {**result.gradients, **result.non_trainable}
+            flat = getattr(result, "flat", None)  # a replayed result may have none
+            tensors = (flat if flat is not None and self._layout is not None
+                       and flat.layout.same_as(self._layout)
+                       else {**result.gradients, **result.non_trainable})
             loss, accuracy, samples = result.loss, result.accuracy, result.num_samples
             lr = self.schedule(version) if self.schedule is not None else 0.0
             kind = pb.UPDATE_KIND_GRADIENTS
         self._local_step += 1
         compute_s = time.perf_counter() - started
-        ordered = {spec.name: tensors[spec.name] for spec in self._specs}
+        ordered: Mapping[str, npt.NDArray[Any]] = (
+            tensors if isinstance(tensors, FlatTensors)
+            else self._layout.gather(tensors) if self._layout is not None
+            else {spec.name: tensors[spec.name] for spec in self._specs})
         header = pb.StreamHeader(
             kind=kind,
             model_version=version,
@@ -366,6 +420,11 @@ class Worker:
             metrics=pb.StepMetrics(step=version, loss=loss, accuracy=accuracy,
                                    learning_rate=lr, compute_seconds=compute_s),
         )
+        # The next step's pull starts before this push: its call is set up, and ps0 waits in
+        # it, while ps0 takes and applies this update; one call's latency less per step. Not
+        # after the last step this worker was asked for: nobody would read it.
+        if self.max_steps is None or len(self.summary.steps) + 1 < self.max_steps:
+            self._prefetched = self._conn.start_pull(self.name, version + 1, self._specs)
         reply, push_s, sent = self._conn.push(
             ordered, header, wire_dtype=_WIRE_NAMES.get(config.wire_dtype, "float32"),
             chunk_bytes=config.chunk_bytes or (1 << 20),
