@@ -9,6 +9,7 @@ its modules on first import when they are missing or stale, and regenerates them
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -71,7 +72,6 @@ class ProtoPackage:
         """
         try:
             import grpc_tools  # type: ignore[import-untyped]
-            from grpc_tools import protoc
         except ImportError as exc:
             raise ConfigError(
                 "grpc_tools is not installed, so the gRPC modules cannot be generated.",
@@ -81,7 +81,7 @@ class ProtoPackage:
         well_known = Path(grpc_tools.__file__).resolve().parent / "_proto"
         with tempfile.TemporaryDirectory(dir=self.directory, prefix=".generate-") as tmp:
             args = [
-                "grpc_tools.protoc",
+                sys.executable, "-m", "grpc_tools.protoc",
                 f"-I{self.directory}",
                 f"-I{well_known}",
                 f"--python_out={tmp}",
@@ -89,12 +89,15 @@ class ProtoPackage:
                 f"--grpc_python_out={tmp}",
                 *(str(self.directory / f"{stem}.proto") for stem in self.stems),
             ]
-            status = protoc.main(args)
-            if status != 0:
+            # in its own process: protoc run in-process after the protobuf runtime (and other
+            # extension modules) were loaded crashed the interpreter (SIGSEGV) under pytest
+            done = subprocess.run(args, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                message = (done.stderr or done.stdout).strip()
                 raise ConfigError(
                     f"protoc failed on the .proto files in {self.directory} "
-                    f"(exit status {status}).",
-                    fix="correct the .proto file; protoc's message above names the line.",
+                    f"(exit status {done.returncode}): {message}",
+                    fix="correct the .proto file; protoc's message names the line.",
                 )
             for stem in self.stems:
                 self._postprocess(Path(tmp), stem)
