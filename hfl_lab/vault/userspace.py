@@ -3,6 +3,8 @@
 cryptsetup writes the LUKS header and key slots; this module unlocks the volume key in memory,
 decrypts the data segment (aes-xts-plain64) into an in-memory ext4 image, changes that image with
 debugfs, and writes back only the sectors that changed, re-encrypted, through the redo journal.
+Big files are allocated by debugfs but filled here (``extents``), and fresh ones go to disk in a
+few long encrypted runs outside the journal.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ import numpy.typing as npt
 from hfl_lab._exceptions import VaultError
 from hfl_lab.vault import journal
 from hfl_lab.vault.cryptsetup import create_volume_file
-from hfl_lab.vault.ext4_image import Ext4Image, check_path, memfd_with
+from hfl_lab.vault.ext4_image import Ext4Image, Extent, check_path, memfd_with
+from hfl_lab.vault.extents import (
+    Allocation,
+    allocation,
+    initialize_commands,
+    leaf_extents,
+    place,
+)
 from hfl_lab.vault.files import Data, Write, materialize
 from hfl_lab.vault.luks_header import LuksHeader, read_header
 from hfl_lab.vault.luks_keyslot import unlock_volume_key
@@ -33,9 +42,15 @@ _READ_CHUNK = 32 * 1024 * 1024
 _DIFF_CHUNK = 2048  # sectors compared per numpy call (1 MiB)
 # Fresh files at least this big have their data written in place rather than journaled.
 _IN_PLACE_MIN = 64 * 1024
+# Files at least this big are allocated by debugfs and filled by this process (see extents);
+# smaller ones are cheaper to hand to debugfs whole.
+_PREALLOCATE_MIN = 256 * 1024
 # Fresh data is encrypted and written in slices of this many sectors (8 MiB).
 _WRITE_SLICE_SECTORS = 16384
 _MIN_DATA = 4 * 1024 * 1024
+# Memory for the XTS tweaks of recently written sectors (see xts): with checkpoints taking turns
+# in the same blocks, their tweaks are made once rather than at every write.
+_TWEAK_CACHE_BYTES = 256 * 1024 * 1024
 LABEL = "hfl-model"
 
 Mask = npt.NDArray[np.bool_]
@@ -78,7 +93,6 @@ class UserspaceVolume:
                 "512-byte sectors only.",
                 fix="open it on the kernel data path, or create it with ModelVault.create.",
             )
-        self._xts = XtsCipher(key)
         size = os.fstat(fd).st_size
         self.data_size = header.data_size or size - header.data_offset
         if self.data_size < _MIN_DATA or self.data_size % SECTOR_SIZE:
@@ -86,6 +100,8 @@ class UserspaceVolume:
                 f"the volume file is truncated: its data segment is {self.data_size} bytes.",
                 fix="copy the complete volume file again (compare its size with the original).",
             )
+        cache = min(self.data_size, _TWEAK_CACHE_BYTES) if writable else 0
+        self._xts = XtsCipher(key, tweak_cache_bytes=cache)
         self._memfd = os.memfd_create("hfl-vault-image", os.MFD_CLOEXEC)
         os.ftruncate(self._memfd, self.data_size)
         self.image = Ext4Image(self._memfd, self.data_size)
@@ -259,44 +275,105 @@ class UserspaceVolume:
         if len(set(paths)) != len(paths):
             raise VaultError("one commit writes the same file twice.", fix="write each file once.")
         # Contents given as functions (a checkpoint's metadata, which waits for the payload's
-        # hash) are made while debugfs writes the others; everything still reaches the disk
-        # in the one transaction of _write_back.
+        # hash) are made while the others are stored: the data of fresh files even reaches the
+        # disk meanwhile (see _write_in_place), but nothing refers to it before the one
+        # transaction of _write_back commits.
         ready = [(path, data) for path, data in writes if not callable(data)]
         later = [(path, data) for path, data in writes if callable(data)]
-        big: list[str] = []
-        try:
-            freed = False
-            for batch, batch_deletes in ((ready, ()), (later, deletes)):
-                if batch or batch_deletes:
+        placed: dict[str, list[Extent]] = {}
+        in_place = np.zeros(self.data_size // SECTOR_SIZE, dtype=bool)
+        with ThreadPoolExecutor(1, thread_name_prefix="hfl-fsync") as flusher:
+            flushes: list[Future[None]] = []
+            try:
+                freed = False
+                for batch, batch_deletes in ((ready, ()), (later, deletes)):
+                    if not (batch or batch_deletes):
+                        continue
                     made = [(check_path(path), materialize(data)) for path, data in batch]
-                    fresh, replaced = self._apply(made, batch_deletes)
+                    fresh, replaced = self._apply(made, batch_deletes, placed)
                     # Fresh files go straight to their blocks only while those blocks are
                     # certainly free on disk: before this commit has removed anything.
                     if not freed:
                         sizes = {path: memoryview(data).nbytes for path, data in made}
-                        big += [path for path in fresh if sizes[path] >= _IN_PLACE_MIN]
+                        big = [path for path in fresh if sizes[path] >= _IN_PLACE_MIN]
+                        new = self._sectors_of(big, placed) & ~in_place
+                        flushes += self._write_in_place(new, flusher)
+                        in_place |= new
                     freed = freed or bool(replaced) or bool(batch_deletes)
-            in_place = self._sectors_of(big)
-            changed = self._changed_sectors(in_place)
-        except BaseException:
-            self.image.bytes[:] = self._shadow  # roll the image back to what is on disk
-            self.image.forget()
-            raise
-        self._write_back(changed, in_place)
+                changed = self._changed_sectors(in_place)
+                for flush in flushes:
+                    try:
+                        flush.result()  # the data is durable before the commit refers to it
+                    except OSError as error:
+                        raise self._write_failed(error) from error
+            except BaseException:
+                self.image.bytes[:] = self._shadow  # roll the image back to what is on disk
+                self.image.forget()
+                raise
+        self._write_back(changed)
 
     def _apply(
-        self, writes: Sequence[tuple[str, Data]], deletes: Sequence[str]
+        self,
+        writes: Sequence[tuple[str, Data]],
+        deletes: Sequence[str],
+        placed: dict[str, list[Extent]],
     ) -> tuple[list[str], list[str]]:
-        """Change the in-memory image with one debugfs run; returns (fresh, replaced) paths."""
-        fresh, commands = self._script(writes, deletes)
+        """Change the in-memory image; returns (fresh, replaced) paths, and adds the extents of
+        the big files it filled itself to ``placed``.
+
+        One debugfs run writes the small files and allocates the big ones, a second marks the
+        big ones' extents initialized; their data is then copied into the mapped image.
+        """
+        block = self.image.block_size
+        allocations = {
+            path: allocation(path, memoryview(data).nbytes, block)
+            for path, data in writes
+            if memoryview(data).nbytes >= _PREALLOCATE_MIN
+        }
+        fresh, commands = self._script(writes, deletes, allocations)
         with ExitStack() as stack:
-            fds = [stack.enter_context(memfd_with(data)) for _, data in writes]
+            empty = stack.enter_context(memfd_with(b""))
+            fds = [
+                empty if path in allocations else stack.enter_context(memfd_with(data))
+                for path, data in writes
+            ]
             sources = [f"/proc/self/fd/{fd}" for fd in fds]
-            self.image.run([c.format(*sources) for c in commands], write=True, pass_fds=fds)
+            outputs = self.image.run(
+                [c.format(*sources) for c in commands], write=True, pass_fds=sorted(set(fds))
+            )
+        contents = dict(writes)
+        finish: list[str] = []
+        rewritten: list[Data] = []
+        for path, allocated in allocations.items():
+            extents = leaf_extents(outputs[commands.index(f"ex {path}")], allocated.blocks)
+            if extents is None:
+                finish += self._rewrite_commands(allocated, len(rewritten))
+                rewritten.append(contents[path])
+                continue
+            finish += initialize_commands(path, extents)
+            placed[path] = [Extent(e.logical, e.physical, e.length, False) for _, e in extents]
+        if finish:
+            with ExitStack() as stack:
+                fds = [stack.enter_context(memfd_with(data)) for data in rewritten]
+                sources = [f"/proc/self/fd/{fd}" for fd in fds]
+                self.image.run([c.format(*sources) for c in finish], write=True, pass_fds=fds)
+        for path in allocations:
+            if path in placed:
+                place(self.image.bytes, block, placed[path], contents[path])
         return fresh, [path for path, _ in writes if path not in fresh]
 
+    @staticmethod
+    def _rewrite_commands(allocated: Allocation, source: int) -> list[str]:
+        """Give ``path`` its data the slow way: its blocks did not fit in its inode (a file
+        system too fragmented for four extents), so ``sif`` cannot initialize them."""
+        path = allocated.path
+        return [f"rm {path}", f"write {{{source}}} {path}", f"sif {path} mode 0100600"]
+
     def _script(
-        self, writes: Sequence[tuple[str, Data]], deletes: Sequence[str]
+        self,
+        writes: Sequence[tuple[str, Data]],
+        deletes: Sequence[str],
+        allocations: dict[str, Allocation],
     ) -> tuple[list[str], list[str]]:
         """debugfs commands: fresh files first, so they only take blocks free on disk."""
         paths = [check_path(path) for path, _ in writes]
@@ -317,30 +394,34 @@ class UserspaceVolume:
             index = paths.index(path)
             if path in replaced:
                 commands.append(f"rm {path}")
-            commands += [f"write {{{index}}} {path}", f"sif {path} mode 0100600"]
+            if path in allocations:
+                commands += allocations[path].commands(f"{{{index}}}")
+            else:
+                commands += [f"write {{{index}}} {path}", f"sif {path} mode 0100600"]
         for path in map(check_path, deletes):
             if path.rpartition("/")[2] in existing[path.rpartition("/")[0]]:
                 commands.append(f"rm {path}")
         return fresh, commands
 
-    def _sectors_of(self, paths: Sequence[str]) -> Mask:
-        """Mask of the sectors holding the data of ``paths``."""
+    def _sectors_of(self, paths: Sequence[str], known: dict[str, list[Extent]]) -> Mask:
+        """Mask of the sectors holding the data of ``paths`` (extents ``known`` or looked up)."""
         mask = np.zeros(self.data_size // SECTOR_SIZE, dtype=bool)
         per_block = self.image.block_size // SECTOR_SIZE
         for path in paths:
-            for extent in self.image.layout(path).extents:
+            extents = known[path] if path in known else self.image.layout(path).extents
+            for extent in extents:
                 start = extent.physical * per_block
                 mask[start : start + extent.length * per_block] = True
         return mask
 
     def _changed_sectors(self, known: Mask) -> npt.NDArray[np.int64]:
-        """Sectors whose plaintext differs from what is on disk. The ``known`` ones (data of
-        fresh files, written to free blocks) are taken as changed without comparing them."""
+        """Sectors whose plaintext differs from what is on disk, but for the ``known`` ones
+        (data of fresh files, already written to their free blocks)."""
         assert self._shadow is not None
         words = SECTOR_SIZE // 8
         now = self.image.bytes.view(np.uint64)
         before = self._shadow.view(np.uint64)
-        changed = known.copy()
+        changed = np.zeros_like(known)
 
         def compare(span: tuple[int, int]) -> None:
             # Most slices are unchanged: one flat comparison says so; only a changed slice is
@@ -360,32 +441,43 @@ class UserspaceVolume:
                 done.result()
         return np.flatnonzero(changed)
 
-    def _write_back(self, changed: npt.NDArray[np.int64], in_place: Mask) -> None:
-        """Encrypt the changed sectors; data of fresh files goes straight to its (free) blocks,
-        everything else through the journal, whose commit is the transaction's commit point."""
+    def _write_in_place(self, sectors: Mask, flusher: ThreadPoolExecutor) -> list[Future[None]]:
+        """Encrypt the data of fresh files straight into their blocks, which are free on disk,
+        and start flushing it; returns the flush to wait for before the commit point."""
+        runs = _runs(np.flatnonzero(sectors))
+        if not runs:
+            return []
+        try:
+            self._write_direct(runs)
+        except OSError as error:
+            raise self._write_failed(error) from error
+        flushed = [flusher.submit(os.fsync, self._fd)] if self.durable else []
+        # While the data is flushed, the shadow takes it in: those blocks are free in the state
+        # on disk, so the shadow stays a true copy of that state whether or not the transaction
+        # commits.
+        self._update_shadow(runs)
+        return flushed
+
+    def _write_back(self, changed: npt.NDArray[np.int64]) -> None:
+        """Encrypt the changed sectors into the journal, whose commit is the transaction's
+        commit point, and from there into the volume."""
         assert self._shadow is not None
-        direct_runs = _runs(changed[in_place[changed]])
-        journaled_runs = _runs(changed[~in_place[changed]])
+        journaled_runs = _runs(changed)
         journaled = self._encrypt_runs(journaled_runs)
         try:
-            self._write_direct(direct_runs)
-            with ThreadPoolExecutor(1, thread_name_prefix="hfl-fsync") as pool:
-                # While the fresh data is flushed, the shadow takes it in: those blocks are
-                # free in the state on disk, so the shadow stays a true copy of that state
-                # whether or not this transaction commits.
-                flushed = pool.submit(os.fsync, self._fd) if self.durable and direct_runs else None
-                self._update_shadow(direct_runs)
-                if flushed is not None:
-                    flushed.result()
             journal.commit(self.path, self._fd, self.uuid, journaled, durable=self.durable)
         except OSError as error:
             self.image.bytes[:] = self._shadow
             self.image.forget()
-            raise VaultError(
-                f"writing the volume failed ({error.strerror}); the previous state is kept.",
-                fix="free disk space or check the disk, then retry the write.",
-            ) from error
+            raise self._write_failed(error) from error
         self._update_shadow(journaled_runs)
+
+    @staticmethod
+    def _write_failed(error: OSError) -> VaultError:
+        return VaultError(
+            f"writing the volume failed ({error.strerror}); the previous state is kept.",
+            fix="free disk space or check the disk, then retry the write.",
+        )
 
     def _write_direct(self, runs: list[tuple[int, int]]) -> None:
         """Encrypt fresh data slice by slice and write each slice while the next is encrypted:
@@ -409,8 +501,8 @@ class UserspaceVolume:
                 if (previous := pending[turn]) is not None:
                     previous.result()  # its buffer is about to be reused
                 out = self._slice_buffers[turn].data[: (end - start) * SECTOR_SIZE]
-                sectors = np.arange(start, end, dtype=np.uint64) + np.uint64(self.header.iv_tweak)
-                self._xts.encrypt_into(image[start * SECTOR_SIZE : end * SECTOR_SIZE], out, sectors)
+                plain = image[start * SECTOR_SIZE : end * SECTOR_SIZE]
+                self._xts.encrypt_run(plain, out, self.header.iv_tweak + start)
                 run = journal.SectorRun(self.header.data_offset + start * SECTOR_SIZE, out)
                 pending[turn] = writer.submit(journal.write_sectors, self._fd, [run])
             for done in pending:
@@ -445,6 +537,7 @@ class UserspaceVolume:
     def close(self) -> None:
         """Forget the key and the decrypted image; release the file."""
         self._key[:] = bytes(len(self._key))
+        self._xts.forget_tweaks()
         self._shadow = None
         self._slice_buffers = None
         if self._memfd >= 0:
