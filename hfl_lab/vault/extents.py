@@ -30,7 +30,8 @@ _ROW = re.compile(
 # ee_start_lo), i.e. 32-bit words 3k+3 .. 3k+5 for entry k. ee_len above 32768 marks an
 # uninitialized extent of ee_len - 32768 blocks.
 _IN_INODE_ENTRIES = 4
-_UNINIT_LEN = 32768
+# debugfs names the 15 words of i_block as for block maps: 12 direct, then the indirect ones.
+_WORD_NAMES = {12: "IND", 13: "DIND", 14: "TIND"}
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ def initialize_commands(path: str, extents: Sequence[tuple[int, Extent]]) -> lis
     for entry, extent in extents:
         if extent.uninit:
             word = extent.length | (extent.physical >> 32) << 16
-            commands.append(f"sif {path} block[{3 * entry + 4}] {word}")
+            index = 3 * entry + 4
+            commands.append(f"sif {path} block[{_WORD_NAMES.get(index, index)}] {word}")
     return commands
 
 
