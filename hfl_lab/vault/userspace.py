@@ -286,11 +286,12 @@ class UserspaceVolume:
             flushes: list[Future[None]] = []
             try:
                 freed = False
-                for batch, batch_deletes in ((ready, ()), (later, deletes)):
-                    if not (batch or batch_deletes):
+                pending: list[str] = []  # metadata commands left for the next debugfs run
+                for batch, batch_deletes in ((ready, ()), (later, deletes), ((), ())):
+                    if not (batch or batch_deletes or pending):
                         continue
                     made = [(check_path(path), materialize(data)) for path, data in batch]
-                    fresh, replaced = self._apply(made, batch_deletes, placed)
+                    fresh, replaced, pending = self._apply(made, batch_deletes, placed, pending)
                     # Fresh files go straight to their blocks only while those blocks are
                     # certainly free on disk: before this commit has removed anything.
                     if not freed:
@@ -317,12 +318,15 @@ class UserspaceVolume:
         writes: Sequence[tuple[str, Data]],
         deletes: Sequence[str],
         placed: dict[str, list[Extent]],
-    ) -> tuple[list[str], list[str]]:
-        """Change the in-memory image; returns (fresh, replaced) paths, and adds the extents of
-        the big files it filled itself to ``placed``.
+        pending: Sequence[str],
+    ) -> tuple[list[str], list[str], list[str]]:
+        """Change the in-memory image with one debugfs run (``pending`` commands first);
+        returns the fresh and the replaced paths and the commands left for the next run.
 
-        One debugfs run writes the small files and allocates the big ones, a second marks the
-        big ones' extents initialized; their data is then copied into the mapped image.
+        Small files are written by debugfs; big ones are only allocated, their data is copied
+        into the mapped image here (extents added to ``placed``), and the commands that mark
+        their extents initialized are left for the next run: they change only the inode, which
+        reaches the disk with the rest of the metadata.
         """
         block = self.image.block_size
         allocations = {
@@ -330,37 +334,54 @@ class UserspaceVolume:
             for path, data in writes
             if memoryview(data).nbytes >= _PREALLOCATE_MIN
         }
-        fresh, commands = self._script(writes, deletes, allocations)
-        with ExitStack() as stack:
-            empty = stack.enter_context(memfd_with(b""))
-            fds = [
-                empty if path in allocations else stack.enter_context(memfd_with(data))
-                for path, data in writes
-            ]
-            sources = [f"/proc/self/fd/{fd}" for fd in fds]
-            outputs = self.image.run(
-                [c.format(*sources) for c in commands], write=True, pass_fds=sorted(set(fds))
-            )
+        fresh, folders, script = self._script(writes, deletes, allocations)
+        commands = [*pending, *script]
         contents = dict(writes)
-        finish: list[str] = []
+        sources = [b"" if path in allocations else data for path, data in writes]
+        outputs = self._run(commands, sources, folders)
+        left: list[str] = []
         rewritten: list[Data] = []
+        rewrite: list[str] = []
         for path, allocated in allocations.items():
             extents = leaf_extents(outputs[commands.index(f"ex {path}")], allocated.blocks)
             if extents is None:
-                finish += self._rewrite_commands(allocated, len(rewritten))
+                rewrite += self._rewrite_commands(allocated, len(rewritten))
                 rewritten.append(contents[path])
                 continue
-            finish += initialize_commands(path, extents)
+            left += initialize_commands(path, extents)
             placed[path] = [Extent(e.logical, e.physical, e.length, False) for _, e in extents]
-        if finish:
-            with ExitStack() as stack:
-                fds = [stack.enter_context(memfd_with(data)) for data in rewritten]
-                sources = [f"/proc/self/fd/{fd}" for fd in fds]
-                self.image.run([c.format(*sources) for c in finish], write=True, pass_fds=fds)
+        if rewrite:
+            self._run(rewrite, rewritten, folders)
         for path in allocations:
             if path in placed:
                 place(self.image.bytes, block, placed[path], contents[path])
-        return fresh, [path for path, _ in writes if path not in fresh]
+        return fresh, [path for path, _ in writes if path not in fresh], left
+
+    def _run(
+        self, commands: Sequence[str], sources: Sequence[Data], folders: Sequence[str]
+    ) -> list[str]:
+        """One debugfs write run; ``{i}`` in a command names a file holding ``sources[i]``.
+
+        The run ends by listing ``folders``, whose listings are remembered: the next commit
+        and the next read start with them, instead of with debugfs runs of their own.
+        """
+        listings = [self.image.listing_command(folder or "/") for folder in folders]
+        with ExitStack() as stack:
+            empty = stack.enter_context(memfd_with(b""))
+            fds = [
+                stack.enter_context(memfd_with(data)) if memoryview(data).nbytes else empty
+                for data in sources
+            ]
+            names = [f"/proc/self/fd/{fd}" for fd in fds]
+            outputs = self.image.run(
+                [c.format(*names) for c in commands] + listings,
+                write=True,
+                pass_fds=sorted({empty, *fds}),
+            )
+        if len(outputs) == len(commands) + len(listings):
+            for folder, output in zip(folders, outputs[len(commands) :], strict=True):
+                self.image.remember_listing(folder or "/", output)
+        return outputs[: len(commands)]
 
     @staticmethod
     def _rewrite_commands(allocated: Allocation, source: int) -> list[str]:
@@ -374,20 +395,22 @@ class UserspaceVolume:
         writes: Sequence[tuple[str, Data]],
         deletes: Sequence[str],
         allocations: dict[str, Allocation],
-    ) -> tuple[list[str], list[str]]:
-        """debugfs commands: fresh files first, so they only take blocks free on disk."""
+    ) -> tuple[list[str], list[str], list[str]]:
+        """The fresh paths, the folders touched, and the debugfs commands: fresh files first,
+        so they only take blocks free on disk."""
         paths = [check_path(path) for path, _ in writes]
         folders = sorted({path.rpartition("/")[0] for path in [*paths, *map(check_path, deletes)]})
         existing: dict[str, dict[str, int]] = {}
         commands: list[str] = []
         for folder in folders:
-            if folder and not self.image.exists(folder):
+            found = self.image.listing(folder or "/")
+            if found is None and folder:
                 parts = folder.strip("/").split("/")
                 for depth in range(1, len(parts) + 1):
                     prefix = "/" + "/".join(parts[:depth])
                     if not self.image.exists(prefix) and f"mkdir {prefix}" not in commands:
                         commands.append(f"mkdir {prefix}")
-            existing[folder] = self.list_dir(folder or "/")
+            existing[folder] = found or {}
         fresh = [p for p in paths if p.rpartition("/")[2] not in existing[p.rpartition("/")[0]]]
         replaced = [p for p in paths if p not in fresh]
         for path in [*fresh, *replaced]:
@@ -401,7 +424,7 @@ class UserspaceVolume:
         for path in map(check_path, deletes):
             if path.rpartition("/")[2] in existing[path.rpartition("/")[0]]:
                 commands.append(f"rm {path}")
-        return fresh, commands
+        return fresh, folders, commands
 
     def _sectors_of(self, paths: Sequence[str], known: dict[str, list[Extent]]) -> Mask:
         """Mask of the sectors holding the data of ``paths`` (extents ``known`` or looked up)."""
