@@ -23,6 +23,7 @@ import numpy.typing as npt
 from hfl_lab._exceptions import VaultError
 from hfl_lab.vault import journal
 from hfl_lab.vault.cryptsetup import create_volume_file
+from hfl_lab.vault.ext4_bitmap import used_blocks
 from hfl_lab.vault.ext4_image import Ext4Image, Extent, check_path, memfd_with
 from hfl_lab.vault.extents import (
     Allocation,
@@ -439,12 +440,20 @@ class UserspaceVolume:
 
     def _changed_sectors(self, known: Mask) -> npt.NDArray[np.int64]:
         """Sectors whose plaintext differs from what is on disk, but for the ``known`` ones
-        (data of fresh files, already written to their free blocks)."""
+        (data of fresh files, already written to their free blocks) and those of blocks the
+        file system does not use (whatever they hold, nothing refers to it; should a later
+        change use them, they are compared then)."""
         assert self._shadow is not None
         words = SECTOR_SIZE // 8
         now = self.image.bytes.view(np.uint64)
         before = self._shadow.view(np.uint64)
         changed = np.zeros_like(known)
+        relevant = ~known
+        used = used_blocks(self.image.bytes)
+        if used is not None:
+            per_block = self.image.block_size // SECTOR_SIZE
+            covered = min(relevant.size, used.size * per_block)
+            relevant[:covered] &= np.repeat(used, per_block)[:covered]
 
         def compare(span: tuple[int, int]) -> None:
             # Most slices are unchanged: one flat comparison says so; only a changed slice is
@@ -456,7 +465,7 @@ class UserspaceVolume:
 
         spans = [
             (at, min(end, at + _DIFF_CHUNK))
-            for start, end in _runs(np.flatnonzero(~known))
+            for start, end in _runs(np.flatnonzero(relevant))
             for at in range(start, end, _DIFF_CHUNK)
         ]
         with ThreadPoolExecutor(worker_count(), thread_name_prefix="hfl-diff") as pool:
