@@ -13,7 +13,7 @@ import fcntl
 import logging
 import os
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -283,7 +283,10 @@ class UserspaceVolume:
         later = [(path, data) for path, data in writes if callable(data)]
         placed: dict[str, list[Extent]] = {}
         in_place = np.zeros(self.data_size // SECTOR_SIZE, dtype=bool)
-        with ThreadPoolExecutor(1, thread_name_prefix="hfl-fsync") as flusher:
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="hfl-fsync") as flusher,
+            ThreadPoolExecutor(1, thread_name_prefix="hfl-shadow") as shadower,
+        ):
             flushes: list[Future[None]] = []
             try:
                 freed = False
@@ -299,7 +302,7 @@ class UserspaceVolume:
                         sizes = {path: memoryview(data).nbytes for path, data in made}
                         big = [path for path in fresh if sizes[path] >= _IN_PLACE_MIN]
                         new = self._sectors_of(big, placed) & ~in_place
-                        flushes += self._write_in_place(new, flusher)
+                        flushes += self._write_in_place(new, flusher, shadower)
                         in_place |= new
                     freed = freed or bool(replaced) or bool(batch_deletes)
                 changed = self._changed_sectors(in_place)
@@ -309,6 +312,7 @@ class UserspaceVolume:
                     except OSError as error:
                         raise self._write_failed(error) from error
             except BaseException:
+                wait(flushes)  # the shadow is complete before the image is rolled back to it
                 self.image.bytes[:] = self._shadow  # roll the image back to what is on disk
                 self.image.forget()
                 raise
@@ -473,9 +477,11 @@ class UserspaceVolume:
                 done.result()
         return np.flatnonzero(changed)
 
-    def _write_in_place(self, sectors: Mask, flusher: ThreadPoolExecutor) -> list[Future[None]]:
+    def _write_in_place(
+        self, sectors: Mask, flusher: ThreadPoolExecutor, shadower: ThreadPoolExecutor
+    ) -> list[Future[None]]:
         """Encrypt the data of fresh files straight into their blocks, which are free on disk,
-        and start flushing it; returns the flush to wait for before the commit point."""
+        and start flushing it; returns what to wait for before the commit point."""
         runs = _runs(np.flatnonzero(sectors))
         if not runs:
             return []
@@ -484,11 +490,10 @@ class UserspaceVolume:
         except OSError as error:
             raise self._write_failed(error) from error
         flushed = [flusher.submit(os.fsync, self._fd)] if self.durable else []
-        # While the data is flushed, the shadow takes it in: those blocks are free in the state
-        # on disk, so the shadow stays a true copy of that state whether or not the transaction
-        # commits.
-        self._update_shadow(runs)
-        return flushed
+        # While the data is flushed and the metadata made, the shadow takes the data in: those
+        # blocks are free in the state on disk, so the shadow stays a true copy of that state
+        # whether or not the transaction commits, and no diff of this commit looks at them.
+        return [*flushed, shadower.submit(self._update_shadow, runs)]
 
     def _write_back(self, changed: npt.NDArray[np.int64]) -> None:
         """Encrypt the changed sectors into the journal, whose commit is the transaction's

@@ -144,7 +144,9 @@ class XtsCipher:
         return table
 
     def forget_tweaks(self) -> None:
-        """Drop the cached tweaks (they are derived from the key)."""
+        """Overwrite and drop the cached tweaks: like the key, they must not outlive the volume."""
+        for table in self._windows.values():
+            table.fill(0)
         self._windows.clear()
 
     def _consecutive(self, data: Buffer, first: int) -> U64Array:
