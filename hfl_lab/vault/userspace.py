@@ -35,7 +35,7 @@ from hfl_lab.vault.extents import (
 from hfl_lab.vault.files import Data, Write, materialize
 from hfl_lab.vault.luks_header import LuksHeader, read_header
 from hfl_lab.vault.luks_keyslot import unlock_volume_key
-from hfl_lab.vault.xts import SECTOR_SIZE, XtsCipher, worker_count
+from hfl_lab.vault.xts import SECTOR_SIZE, TWEAK_WINDOW_BYTES, XtsCipher, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ _PREALLOCATE_MIN = 256 * 1024
 # Fresh data is encrypted and written in slices of this many sectors (8 MiB).
 _WRITE_SLICE_SECTORS = 16384
 _MIN_DATA = 4 * 1024 * 1024
-# Memory for the XTS tweaks of recently written sectors (see xts): with checkpoints taking turns
-# in the same blocks, their tweaks are made once rather than at every write.
-_TWEAK_CACHE_BYTES = 256 * 1024 * 1024
+# At most this much memory for the XTS tweaks of recently written sectors (see xts): with
+# checkpoints taking turns in the same blocks, their tweaks are made once, not at every write.
+_TWEAK_CACHE_MAX = 256 * 1024 * 1024
 LABEL = "hfl-model"
 
 Mask = npt.NDArray[np.bool_]
@@ -101,8 +101,8 @@ class UserspaceVolume:
                 f"the volume file is truncated: its data segment is {self.data_size} bytes.",
                 fix="copy the complete volume file again (compare its size with the original).",
             )
-        cache = min(self.data_size, _TWEAK_CACHE_BYTES) if writable else 0
-        self._xts = XtsCipher(key, tweak_cache_bytes=cache)
+        self._xts = XtsCipher(key)
+        self._largest_write = 0
         self._memfd = os.memfd_create("hfl-vault-image", os.MFD_CLOEXEC)
         os.ftruncate(self._memfd, self.data_size)
         self.image = Ext4Image(self._memfd, self.data_size)
@@ -527,6 +527,12 @@ class UserspaceVolume:
             for start, end in runs
             for at in range(start, end, _WRITE_SLICE_SECTORS)
         ]
+        total = sum(end - start for start, end in runs) * SECTOR_SIZE
+        self._largest_write = max(self._largest_write, total)
+        # Room for the tweaks of two such writes (the new checkpoint's blocks and those of the
+        # one before, which the next takes over), and the windows their edges share.
+        room = 2 * self._largest_write + 4 * TWEAK_WINDOW_BYTES
+        self._xts.limit_tweak_cache(min(room, _TWEAK_CACHE_MAX, self.data_size))
         if self._slice_buffers is None:
             size = _WRITE_SLICE_SECTORS * SECTOR_SIZE
             self._slice_buffers = (np.empty(size, np.uint8), np.empty(size, np.uint8))

@@ -33,6 +33,7 @@ _CHUNK_SECTORS = 1024
 _PARALLEL_MIN_SECTORS = 8192
 # Sectors whose tweaks are made and cached together (8 MiB of data, 8 MiB of tweaks).
 _WINDOW_SECTORS = 16384
+TWEAK_WINDOW_BYTES = _WINDOW_SECTORS * SECTOR_SIZE
 
 U64Array = npt.NDArray[np.uint64]
 Buffer = bytes | bytearray | memoryview
@@ -69,9 +70,9 @@ class XtsCipher:
         self._shift_left = shifts[None, :]
         self._shift_right = (np.uint64(64) - shifts)[None, :]
         self._shift_right[0, 0] = 0  # placeholder: column 0 of the carries is cleared after
-        window_bytes = _WINDOW_SECTORS * sector_size
-        self._cache_windows = tweak_cache_bytes // window_bytes
         self._windows: OrderedDict[int, U64Array] = OrderedDict()
+        self._cache_windows = 0
+        self.limit_tweak_cache(tweak_cache_bytes)
 
     def encrypt(self, data: Buffer, first_sector: int) -> bytearray:
         """Encrypt consecutive sectors starting at sector number ``first_sector``."""
@@ -140,8 +141,14 @@ class XtsCipher:
             self._tweaks(seeds[at : at + rows], table[at : at + rows], carry, scratch)
         self._windows[window] = table
         while len(self._windows) > self._cache_windows:
-            self._windows.popitem(last=False)
+            self._windows.popitem(last=False)[1].fill(0)
         return table
+
+    def limit_tweak_cache(self, nbytes: int) -> None:
+        """Keep the tweaks of at most ``nbytes`` of sectors (whole windows; 0: none)."""
+        self._cache_windows = nbytes // (_WINDOW_SECTORS * self.sector_size)
+        while len(self._windows) > self._cache_windows:
+            self._windows.popitem(last=False)[1].fill(0)
 
     def forget_tweaks(self) -> None:
         """Overwrite and drop the cached tweaks: like the key, they must not outlive the volume."""
