@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from hfl_lab.vault import ModelVault, new_passphrase
+from hfl_lab.vault import ModelVault, journal, new_passphrase
 from hfl_lab.vault import userspace as userspace_module
 from hfl_lab.vault.ext4_bitmap import used_blocks
 from hfl_lab.vault.ext4_image import memfd_with
@@ -150,19 +151,31 @@ def test_an_allocation_too_fragmented_for_the_inode_is_written_by_debugfs(
     # Arrange: every allocation reads as one that needs an extent tree block
     monkeypatch.setattr(userspace_module, "leaf_extents", lambda table, blocks: None)
     path, passphrase = tmp_path / "v.luks", new_passphrase()
-    payload = weights(1, 1_500_000)
+    payload, blob, old_state = weights(1, 1_500_000), os.urandom(800_000), os.urandom(700_000)
+    journaled: list[int] = []
+    real_commit = journal.commit
 
-    # Act
+    def spy(*args: Any, **kwargs: Any) -> None:
+        journaled.append(sum(len(run.data) for run in args[3]))
+        real_commit(*args, **kwargs)
+
+    # Act: a checkpoint; then a fresh big file in the commit that replaces another one
     with make_vault(path, passphrase) as vault:
         vault.write_checkpoint(1, payload, {})
+        vault.files.commit([("files/state.bin", old_state)])
+        monkeypatch.setattr(journal, "commit", spy)
+        vault.files.commit([("files/state.bin", os.urandom(700_000)), ("files/blob.bin", blob)])
     with ModelVault.open(path, passphrase, path_kind="userspace", read_only=True) as vault:
         latest = vault.latest_checkpoint()
+        read = vault.read_file("blob.bin")
         files = vault.files
         assert isinstance(files, UserspaceVolume)
         check = fsck(files)
 
-    # Assert
-    assert latest.payload == payload
+    # Assert: the data debugfs rewrote after the replaced file's removal, which may sit in
+    # blocks that file still had on disk, went through the journal, not straight to them
+    assert latest.payload == payload and read == blob
+    assert journaled and journaled[0] >= len(blob)
     assert check.returncode == 0, check.stdout + check.stderr
 
 

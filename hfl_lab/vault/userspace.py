@@ -326,7 +326,8 @@ class UserspaceVolume:
         pending: Sequence[str],
     ) -> tuple[list[str], list[str], list[str]]:
         """Change the in-memory image with one debugfs run (``pending`` commands first);
-        returns the fresh and the replaced paths and the commands left for the next run.
+        returns the fresh paths whose blocks were free on disk (taken before the run removed
+        anything), the replaced paths, and the commands left for the next run.
 
         Small files are written by debugfs; big ones are only allocated, their data is copied
         into the mapped image here (extents added to ``placed``), and the commands that mark
@@ -356,11 +357,13 @@ class UserspaceVolume:
             left += initialize_commands(path, extents)
             placed[path] = [Extent(e.logical, e.physical, e.length, False) for _, e in extents]
         if rewrite:
+            # After the first run's removals: these blocks may hold what is still on disk.
             self._run(rewrite, rewritten, folders)
         for path in allocations:
             if path in placed:
                 place(self.image.bytes, block, placed[path], contents[path])
-        return fresh, [path for path, _ in writes if path not in fresh], left
+        replaced = [path for path, _ in writes if path not in fresh]
+        return [path for path in fresh if path in placed or path not in allocations], replaced, left
 
     def _run(
         self, commands: Sequence[str], sources: Sequence[Data], folders: Sequence[str]
