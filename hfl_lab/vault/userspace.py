@@ -2,9 +2,10 @@
 
 cryptsetup writes the LUKS header and key slots; this module unlocks the volume key in memory,
 decrypts the data segment (aes-xts-plain64) into an in-memory ext4 image, changes that image with
-debugfs, and writes back only the sectors that changed, re-encrypted, through the redo journal.
-Big files are allocated by debugfs but filled here (``extents``), and fresh ones go to disk in a
-few long encrypted runs outside the journal.
+debugfs, and writes back, re-encrypted, only the sectors that changed in blocks the file system
+uses (``ext4_bitmap``), through the redo journal. Big files are allocated by debugfs but filled
+here (``extents``); the data of fresh ones goes to their free blocks in a few long encrypted runs
+outside the journal, before the journal commits the metadata that refers to it.
 """
 
 from __future__ import annotations
