@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from hfl_lab.vault import ModelVault, journal, new_passphrase
-from hfl_lab.vault import userspace as userspace_module
+from hfl_lab.vault import ModelVault, image_changes, journal, new_passphrase
 from hfl_lab.vault.ext4_bitmap import used_blocks
 from hfl_lab.vault.ext4_image import memfd_with
 from hfl_lab.vault.extents import leaf_extents
@@ -149,7 +148,7 @@ def test_an_allocation_too_fragmented_for_the_inode_is_written_by_debugfs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Arrange: every allocation reads as one that needs an extent tree block
-    monkeypatch.setattr(userspace_module, "leaf_extents", lambda table, blocks: None)
+    monkeypatch.setattr(image_changes, "leaf_extents", lambda table, blocks: None)
     path, passphrase = tmp_path / "v.luks", new_passphrase()
     payload, blob, old_state = weights(1, 1_500_000), os.urandom(800_000), os.urandom(700_000)
     journaled: list[int] = []

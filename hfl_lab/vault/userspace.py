@@ -3,9 +3,10 @@
 cryptsetup writes the LUKS header and key slots; this module unlocks the volume key in memory,
 decrypts the data segment (aes-xts-plain64) into an in-memory ext4 image, changes that image with
 debugfs, and writes back, re-encrypted, only the sectors that changed in blocks the file system
-uses (``ext4_bitmap``), through the redo journal. Big files are allocated by debugfs but filled
-here (``extents``); the data of fresh ones goes to their free blocks in a few long encrypted runs
-outside the journal, before the journal commits the metadata that refers to it.
+uses (``ext4_bitmap``), through the redo journal. Big files are allocated by debugfs and filled
+in the mapped image (``image_changes``); the data of fresh ones goes to their free blocks in a few
+long encrypted runs outside the journal, before the journal commits the metadata that refers to
+it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +25,9 @@ from hfl_lab._exceptions import VaultError
 from hfl_lab.vault import journal
 from hfl_lab.vault.cryptsetup import create_volume_file
 from hfl_lab.vault.ext4_bitmap import used_blocks
-from hfl_lab.vault.ext4_image import Ext4Image, Extent, check_path, memfd_with
-from hfl_lab.vault.extents import (
-    Allocation,
-    allocation,
-    initialize_commands,
-    leaf_extents,
-    place,
-)
-from hfl_lab.vault.files import Data, Write, materialize
+from hfl_lab.vault.ext4_image import Ext4Image, Extent, check_path
+from hfl_lab.vault.files import Write, materialize
+from hfl_lab.vault.image_changes import ImageChanges
 from hfl_lab.vault.luks_header import LuksHeader, read_header
 from hfl_lab.vault.luks_keyslot import unlock_volume_key
 from hfl_lab.vault.xts import SECTOR_SIZE, TWEAK_WINDOW_BYTES, XtsCipher, worker_count
@@ -44,9 +38,6 @@ _READ_CHUNK = 32 * 1024 * 1024
 _DIFF_CHUNK = 2048  # sectors compared per numpy call (1 MiB)
 # Fresh files at least this big have their data written in place rather than journaled.
 _IN_PLACE_MIN = 64 * 1024
-# Files at least this big are allocated by debugfs and filled by this process (see extents);
-# smaller ones are cheaper to hand to debugfs whole.
-_PREALLOCATE_MIN = 256 * 1024
 # Fresh data is encrypted and written in slices of this many sectors (8 MiB).
 _WRITE_SLICE_SECTORS = 16384
 _MIN_DATA = 4 * 1024 * 1024
@@ -107,6 +98,7 @@ class UserspaceVolume:
         self._memfd = os.memfd_create("hfl-vault-image", os.MFD_CLOEXEC)
         os.ftruncate(self._memfd, self.data_size)
         self.image = Ext4Image(self._memfd, self.data_size)
+        self._changes = ImageChanges(self.image)
         self._shadow: npt.NDArray[np.uint8] | None = None
         self._slice_buffers: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]] | None = None
 
@@ -296,13 +288,14 @@ class UserspaceVolume:
                     if not (batch or batch_deletes or pending):
                         continue
                     made = [(check_path(path), materialize(data)) for path, data in batch]
-                    fresh, replaced, pending = self._apply(made, batch_deletes, placed, pending)
+                    changes = self._changes.apply(made, batch_deletes, placed, pending)
+                    fresh, replaced, pending = changes
                     # Fresh files go straight to their blocks only while those blocks are
                     # certainly free on disk: before this commit has removed anything.
                     if not freed:
                         sizes = {path: memoryview(data).nbytes for path, data in made}
                         big = [path for path in fresh if sizes[path] >= _IN_PLACE_MIN]
-                        new = self._sectors_of(big, placed) & ~in_place
+                        new = self._changes.sectors_of(big, placed) & ~in_place
                         flushes += self._write_in_place(new, flusher, shadower)
                         in_place |= new
                     freed = freed or bool(replaced) or bool(batch_deletes)
@@ -318,133 +311,6 @@ class UserspaceVolume:
                 self.image.forget()
                 raise
         self._write_back(changed)
-
-    def _apply(
-        self,
-        writes: Sequence[tuple[str, Data]],
-        deletes: Sequence[str],
-        placed: dict[str, list[Extent]],
-        pending: Sequence[str],
-    ) -> tuple[list[str], list[str], list[str]]:
-        """Change the in-memory image with one debugfs run (``pending`` commands first);
-        returns the fresh paths whose blocks were free on disk (taken before the run removed
-        anything), the replaced paths, and the commands left for the next run.
-
-        Small files are written by debugfs; big ones are only allocated, their data is copied
-        into the mapped image here (extents added to ``placed``), and the commands that mark
-        their extents initialized are left for the next run: they change only the inode, which
-        reaches the disk with the rest of the metadata.
-        """
-        block = self.image.block_size
-        allocations = {
-            path: allocation(path, memoryview(data).nbytes, block)
-            for path, data in writes
-            if memoryview(data).nbytes >= _PREALLOCATE_MIN
-        }
-        fresh, folders, script = self._script(writes, deletes, allocations)
-        commands = [*pending, *script]
-        contents = dict(writes)
-        sources = [b"" if path in allocations else data for path, data in writes]
-        outputs = self._run(commands, sources, folders)
-        left: list[str] = []
-        rewritten: list[Data] = []
-        rewrite: list[str] = []
-        for path, allocated in allocations.items():
-            extents = leaf_extents(outputs[commands.index(f"ex {path}")], allocated.blocks)
-            if extents is None:
-                rewrite += self._rewrite_commands(allocated, len(rewritten))
-                rewritten.append(contents[path])
-                continue
-            left += initialize_commands(path, extents)
-            placed[path] = [Extent(e.logical, e.physical, e.length, False) for _, e in extents]
-        if rewrite:
-            # After the first run's removals: these blocks may hold what is still on disk.
-            self._run(rewrite, rewritten, folders)
-        for path in allocations:
-            if path in placed:
-                place(self.image.bytes, block, placed[path], contents[path])
-        replaced = [path for path, _ in writes if path not in fresh]
-        return [path for path in fresh if path in placed or path not in allocations], replaced, left
-
-    def _run(
-        self, commands: Sequence[str], sources: Sequence[Data], folders: Sequence[str]
-    ) -> list[str]:
-        """One debugfs write run; ``{i}`` in a command names a file holding ``sources[i]``.
-
-        The run ends by listing ``folders``, whose listings are remembered: the next commit
-        and the next read start with them, instead of with debugfs runs of their own.
-        """
-        listings = [self.image.listing_command(folder or "/") for folder in folders]
-        with ExitStack() as stack:
-            empty = stack.enter_context(memfd_with(b""))
-            fds = [
-                stack.enter_context(memfd_with(data)) if memoryview(data).nbytes else empty
-                for data in sources
-            ]
-            names = [f"/proc/self/fd/{fd}" for fd in fds]
-            outputs = self.image.run(
-                [c.format(*names) for c in commands] + listings,
-                write=True,
-                pass_fds=sorted({empty, *fds}),
-            )
-        if len(outputs) == len(commands) + len(listings):
-            for folder, output in zip(folders, outputs[len(commands) :], strict=True):
-                self.image.remember_listing(folder or "/", output)
-        return outputs[: len(commands)]
-
-    @staticmethod
-    def _rewrite_commands(allocated: Allocation, source: int) -> list[str]:
-        """Give ``path`` its data the slow way: its blocks did not fit in its inode (a file
-        system too fragmented for four extents), so ``sif`` cannot initialize them."""
-        path = allocated.path
-        return [f"rm {path}", f"write {{{source}}} {path}", f"sif {path} mode 0100600"]
-
-    def _script(
-        self,
-        writes: Sequence[tuple[str, Data]],
-        deletes: Sequence[str],
-        allocations: dict[str, Allocation],
-    ) -> tuple[list[str], list[str], list[str]]:
-        """The fresh paths, the folders touched, and the debugfs commands: fresh files first,
-        so they only take blocks free on disk."""
-        paths = [check_path(path) for path, _ in writes]
-        folders = sorted({path.rpartition("/")[0] for path in [*paths, *map(check_path, deletes)]})
-        existing: dict[str, dict[str, int]] = {}
-        commands: list[str] = []
-        for folder in folders:
-            found = self.image.listing(folder or "/")
-            if found is None and folder:
-                parts = folder.strip("/").split("/")
-                for depth in range(1, len(parts) + 1):
-                    prefix = "/" + "/".join(parts[:depth])
-                    if not self.image.exists(prefix) and f"mkdir {prefix}" not in commands:
-                        commands.append(f"mkdir {prefix}")
-            existing[folder] = found or {}
-        fresh = [p for p in paths if p.rpartition("/")[2] not in existing[p.rpartition("/")[0]]]
-        replaced = [p for p in paths if p not in fresh]
-        for path in [*fresh, *replaced]:
-            index = paths.index(path)
-            if path in replaced:
-                commands.append(f"rm {path}")
-            if path in allocations:
-                commands += allocations[path].commands(f"{{{index}}}")
-            else:
-                commands += [f"write {{{index}}} {path}", f"sif {path} mode 0100600"]
-        for path in map(check_path, deletes):
-            if path.rpartition("/")[2] in existing[path.rpartition("/")[0]]:
-                commands.append(f"rm {path}")
-        return fresh, folders, commands
-
-    def _sectors_of(self, paths: Sequence[str], known: dict[str, list[Extent]]) -> Mask:
-        """Mask of the sectors holding the data of ``paths`` (extents ``known`` or looked up)."""
-        mask = np.zeros(self.data_size // SECTOR_SIZE, dtype=bool)
-        per_block = self.image.block_size // SECTOR_SIZE
-        for path in paths:
-            extents = known[path] if path in known else self.image.layout(path).extents
-            for extent in extents:
-                start = extent.physical * per_block
-                mask[start : start + extent.length * per_block] = True
-        return mask
 
     def _changed_sectors(self, known: Mask) -> npt.NDArray[np.int64]:
         """Sectors whose plaintext differs from what is on disk, but for the ``known`` ones
