@@ -1,7 +1,8 @@
 """P6: a 100 MB checkpoint through the user-space LUKS path ÷ plain file I/O of the same bytes.
 
-Write: ``ModelVault.write_checkpoint`` on an open volume (XTS encryption, the redo journal,
-fsync; ``keep_last=1``, so each write also drops the previous checkpoint) against writing the
+Write: ``ModelVault.write_checkpoint`` on an open volume (debugfs allocates the payload's blocks,
+the data is encrypted straight into them, the metadata goes through the redo journal, fsync;
+``keep_last=1``, so each write also drops the previous checkpoint) against writing the
 same bytes to a new plain file with fsync (and then removing the previous one); each round
 writes new bytes, as training does. Read:
 ``latest_checkpoint()`` on the open volume (MAC check, copy out of the decrypted image, SHA-256
@@ -116,7 +117,8 @@ def _write_medians(
     "P6-write",
     what=_WHAT.format(
         what="write",
-        how="write_checkpoint(): ext4 image, XTS, journal, fsync",
+        how="write_checkpoint(): blocks allocated by debugfs and filled in place, XTS, journal, "
+        "fsync",
         plain="new file + fsync",
     ),
     unit="B/s",

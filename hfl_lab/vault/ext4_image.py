@@ -237,9 +237,13 @@ class Ext4Image:
 
     def list_dir(self, path: str) -> dict[str, int]:
         """Regular files in the directory ``path`` and their sizes; {} when it does not exist."""
-        found = self._read_only([f"ls -p {check_path(path)}"], path)
+        return self.listing(path) or {}
+
+    def listing(self, path: str) -> dict[str, int] | None:
+        """Regular files in the directory ``path`` and their sizes; None when it does not exist."""
+        found = self._read_only([self.listing_command(path)], path)
         if found is None:
-            return {}
+            return None
         files: dict[str, int] = {}
         for line in found[0].splitlines():
             # ls -p: /inode/mode/uid/gid/name/size/
@@ -247,6 +251,15 @@ class Ext4Image:
             if len(fields) >= 7 and fields[2].startswith("10"):
                 files[fields[5]] = int(fields[6])
         return files
+
+    @staticmethod
+    def listing_command(path: str) -> str:
+        return f"ls -p {check_path(path)}"
+
+    def remember_listing(self, path: str, output: str) -> None:
+        """Keep what ``listing_command(path)`` printed as the last command of a write run, so
+        the next ``listing(path)`` needs no debugfs run of its own."""
+        self._answers[(self.listing_command(path),)] = [output]
 
     def exists(self, path: str) -> bool:
         parent, _, name = check_path(path).rpartition("/")

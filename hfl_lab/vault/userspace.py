@@ -2,7 +2,11 @@
 
 cryptsetup writes the LUKS header and key slots; this module unlocks the volume key in memory,
 decrypts the data segment (aes-xts-plain64) into an in-memory ext4 image, changes that image with
-debugfs, and writes back only the sectors that changed, re-encrypted, through the redo journal.
+debugfs, and writes back, re-encrypted, only the sectors that changed in blocks the file system
+uses (``ext4_bitmap``), through the redo journal. Big files are allocated by debugfs and filled
+in the mapped image (``image_changes``); the data of fresh ones goes to their free blocks in a few
+long encrypted runs outside the journal, before the journal commits the metadata that refers to
+it.
 """
 
 from __future__ import annotations
@@ -11,8 +15,7 @@ import fcntl
 import logging
 import os
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +24,13 @@ import numpy.typing as npt
 from hfl_lab._exceptions import VaultError
 from hfl_lab.vault import journal
 from hfl_lab.vault.cryptsetup import create_volume_file
-from hfl_lab.vault.ext4_image import Ext4Image, check_path, memfd_with
-from hfl_lab.vault.files import Data, Write, materialize
+from hfl_lab.vault.ext4_bitmap import used_blocks
+from hfl_lab.vault.ext4_image import Ext4Image, Extent, check_path
+from hfl_lab.vault.files import Write, materialize
+from hfl_lab.vault.image_changes import ImageChanges
 from hfl_lab.vault.luks_header import LuksHeader, read_header
 from hfl_lab.vault.luks_keyslot import unlock_volume_key
-from hfl_lab.vault.xts import SECTOR_SIZE, XtsCipher, worker_count
+from hfl_lab.vault.xts import SECTOR_SIZE, TWEAK_WINDOW_BYTES, XtsCipher, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,9 @@ _IN_PLACE_MIN = 64 * 1024
 # Fresh data is encrypted and written in slices of this many sectors (8 MiB).
 _WRITE_SLICE_SECTORS = 16384
 _MIN_DATA = 4 * 1024 * 1024
+# At most this much memory for the XTS tweaks of recently written sectors (see xts): with
+# checkpoints taking turns in the same blocks, their tweaks are made once, not at every write.
+_TWEAK_CACHE_MAX = 256 * 1024 * 1024
 LABEL = "hfl-model"
 
 Mask = npt.NDArray[np.bool_]
@@ -78,7 +86,6 @@ class UserspaceVolume:
                 "512-byte sectors only.",
                 fix="open it on the kernel data path, or create it with ModelVault.create.",
             )
-        self._xts = XtsCipher(key)
         size = os.fstat(fd).st_size
         self.data_size = header.data_size or size - header.data_offset
         if self.data_size < _MIN_DATA or self.data_size % SECTOR_SIZE:
@@ -86,9 +93,12 @@ class UserspaceVolume:
                 f"the volume file is truncated: its data segment is {self.data_size} bytes.",
                 fix="copy the complete volume file again (compare its size with the original).",
             )
+        self._xts = XtsCipher(key)
+        self._largest_write = 0
         self._memfd = os.memfd_create("hfl-vault-image", os.MFD_CLOEXEC)
         os.ftruncate(self._memfd, self.data_size)
         self.image = Ext4Image(self._memfd, self.data_size)
+        self._changes = ImageChanges(self.image)
         self._shadow: npt.NDArray[np.uint8] | None = None
         self._slice_buffers: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]] | None = None
 
@@ -259,88 +269,65 @@ class UserspaceVolume:
         if len(set(paths)) != len(paths):
             raise VaultError("one commit writes the same file twice.", fix="write each file once.")
         # Contents given as functions (a checkpoint's metadata, which waits for the payload's
-        # hash) are made while debugfs writes the others; everything still reaches the disk
-        # in the one transaction of _write_back.
+        # hash) are made while the others are stored: the data of fresh files even reaches the
+        # disk meanwhile (see _write_in_place), but nothing refers to it before the one
+        # transaction of _write_back commits.
         ready = [(path, data) for path, data in writes if not callable(data)]
         later = [(path, data) for path, data in writes if callable(data)]
-        big: list[str] = []
-        try:
-            freed = False
-            for batch, batch_deletes in ((ready, ()), (later, deletes)):
-                if batch or batch_deletes:
+        placed: dict[str, list[Extent]] = {}
+        in_place = np.zeros(self.data_size // SECTOR_SIZE, dtype=bool)
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="hfl-fsync") as flusher,
+            ThreadPoolExecutor(1, thread_name_prefix="hfl-shadow") as shadower,
+        ):
+            flushes: list[Future[None]] = []
+            try:
+                freed = False
+                pending: list[str] = []  # metadata commands left for the next debugfs run
+                for batch, batch_deletes in ((ready, ()), (later, deletes), ((), ())):
+                    if not (batch or batch_deletes or pending):
+                        continue
                     made = [(check_path(path), materialize(data)) for path, data in batch]
-                    fresh, replaced = self._apply(made, batch_deletes)
+                    changes = self._changes.apply(made, batch_deletes, placed, pending)
+                    fresh, replaced, pending = changes
                     # Fresh files go straight to their blocks only while those blocks are
                     # certainly free on disk: before this commit has removed anything.
                     if not freed:
                         sizes = {path: memoryview(data).nbytes for path, data in made}
-                        big += [path for path in fresh if sizes[path] >= _IN_PLACE_MIN]
+                        big = [path for path in fresh if sizes[path] >= _IN_PLACE_MIN]
+                        new = self._changes.sectors_of(big, placed) & ~in_place
+                        flushes += self._write_in_place(new, flusher, shadower)
+                        in_place |= new
                     freed = freed or bool(replaced) or bool(batch_deletes)
-            in_place = self._sectors_of(big)
-            changed = self._changed_sectors(in_place)
-        except BaseException:
-            self.image.bytes[:] = self._shadow  # roll the image back to what is on disk
-            self.image.forget()
-            raise
-        self._write_back(changed, in_place)
-
-    def _apply(
-        self, writes: Sequence[tuple[str, Data]], deletes: Sequence[str]
-    ) -> tuple[list[str], list[str]]:
-        """Change the in-memory image with one debugfs run; returns (fresh, replaced) paths."""
-        fresh, commands = self._script(writes, deletes)
-        with ExitStack() as stack:
-            fds = [stack.enter_context(memfd_with(data)) for _, data in writes]
-            sources = [f"/proc/self/fd/{fd}" for fd in fds]
-            self.image.run([c.format(*sources) for c in commands], write=True, pass_fds=fds)
-        return fresh, [path for path, _ in writes if path not in fresh]
-
-    def _script(
-        self, writes: Sequence[tuple[str, Data]], deletes: Sequence[str]
-    ) -> tuple[list[str], list[str]]:
-        """debugfs commands: fresh files first, so they only take blocks free on disk."""
-        paths = [check_path(path) for path, _ in writes]
-        folders = sorted({path.rpartition("/")[0] for path in [*paths, *map(check_path, deletes)]})
-        existing: dict[str, dict[str, int]] = {}
-        commands: list[str] = []
-        for folder in folders:
-            if folder and not self.image.exists(folder):
-                parts = folder.strip("/").split("/")
-                for depth in range(1, len(parts) + 1):
-                    prefix = "/" + "/".join(parts[:depth])
-                    if not self.image.exists(prefix) and f"mkdir {prefix}" not in commands:
-                        commands.append(f"mkdir {prefix}")
-            existing[folder] = self.list_dir(folder or "/")
-        fresh = [p for p in paths if p.rpartition("/")[2] not in existing[p.rpartition("/")[0]]]
-        replaced = [p for p in paths if p not in fresh]
-        for path in [*fresh, *replaced]:
-            index = paths.index(path)
-            if path in replaced:
-                commands.append(f"rm {path}")
-            commands += [f"write {{{index}}} {path}", f"sif {path} mode 0100600"]
-        for path in map(check_path, deletes):
-            if path.rpartition("/")[2] in existing[path.rpartition("/")[0]]:
-                commands.append(f"rm {path}")
-        return fresh, commands
-
-    def _sectors_of(self, paths: Sequence[str]) -> Mask:
-        """Mask of the sectors holding the data of ``paths``."""
-        mask = np.zeros(self.data_size // SECTOR_SIZE, dtype=bool)
-        per_block = self.image.block_size // SECTOR_SIZE
-        for path in paths:
-            for extent in self.image.layout(path).extents:
-                start = extent.physical * per_block
-                mask[start : start + extent.length * per_block] = True
-        return mask
+                changed = self._changed_sectors(in_place)
+                for flush in flushes:
+                    try:
+                        flush.result()  # the data is durable before the commit refers to it
+                    except OSError as error:
+                        raise self._write_failed(error) from error
+            except BaseException:
+                wait(flushes)  # the shadow is complete before the image is rolled back to it
+                self.image.bytes[:] = self._shadow  # roll the image back to what is on disk
+                self.image.forget()
+                raise
+        self._write_back(changed)
 
     def _changed_sectors(self, known: Mask) -> npt.NDArray[np.int64]:
-        """Sectors whose plaintext differs from what is on disk. The ``known`` ones (data of
-        fresh files, written to free blocks) are taken as changed without comparing them."""
+        """Sectors whose plaintext differs from what is on disk, but for the ``known`` ones
+        (data of fresh files, already written to their free blocks) and those of blocks the
+        file system does not use (whatever they hold, nothing refers to it; should a later
+        change use them, they are compared then)."""
         assert self._shadow is not None
         words = SECTOR_SIZE // 8
         now = self.image.bytes.view(np.uint64)
         before = self._shadow.view(np.uint64)
-        changed = known.copy()
+        changed = np.zeros_like(known)
+        relevant = ~known
+        used = used_blocks(self.image.bytes)
+        if used is not None:
+            per_block = self.image.block_size // SECTOR_SIZE
+            covered = min(relevant.size, used.size * per_block)
+            relevant[:covered] &= np.repeat(used, per_block)[:covered]
 
         def compare(span: tuple[int, int]) -> None:
             # Most slices are unchanged: one flat comparison says so; only a changed slice is
@@ -352,7 +339,7 @@ class UserspaceVolume:
 
         spans = [
             (at, min(end, at + _DIFF_CHUNK))
-            for start, end in _runs(np.flatnonzero(~known))
+            for start, end in _runs(np.flatnonzero(relevant))
             for at in range(start, end, _DIFF_CHUNK)
         ]
         with ThreadPoolExecutor(worker_count(), thread_name_prefix="hfl-diff") as pool:
@@ -360,32 +347,44 @@ class UserspaceVolume:
                 done.result()
         return np.flatnonzero(changed)
 
-    def _write_back(self, changed: npt.NDArray[np.int64], in_place: Mask) -> None:
-        """Encrypt the changed sectors; data of fresh files goes straight to its (free) blocks,
-        everything else through the journal, whose commit is the transaction's commit point."""
+    def _write_in_place(
+        self, sectors: Mask, flusher: ThreadPoolExecutor, shadower: ThreadPoolExecutor
+    ) -> list[Future[None]]:
+        """Encrypt the data of fresh files straight into their blocks, which are free on disk,
+        and start flushing it; returns what to wait for before the commit point."""
+        runs = _runs(np.flatnonzero(sectors))
+        if not runs:
+            return []
+        try:
+            self._write_direct(runs)
+        except OSError as error:
+            raise self._write_failed(error) from error
+        flushed = [flusher.submit(os.fsync, self._fd)] if self.durable else []
+        # While the data is flushed and the metadata made, the shadow takes the data in: those
+        # blocks are free in the state on disk, so the shadow stays a true copy of that state
+        # whether or not the transaction commits, and no diff of this commit looks at them.
+        return [*flushed, shadower.submit(self._update_shadow, runs)]
+
+    def _write_back(self, changed: npt.NDArray[np.int64]) -> None:
+        """Encrypt the changed sectors into the journal, whose commit is the transaction's
+        commit point, and from there into the volume."""
         assert self._shadow is not None
-        direct_runs = _runs(changed[in_place[changed]])
-        journaled_runs = _runs(changed[~in_place[changed]])
+        journaled_runs = _runs(changed)
         journaled = self._encrypt_runs(journaled_runs)
         try:
-            self._write_direct(direct_runs)
-            with ThreadPoolExecutor(1, thread_name_prefix="hfl-fsync") as pool:
-                # While the fresh data is flushed, the shadow takes it in: those blocks are
-                # free in the state on disk, so the shadow stays a true copy of that state
-                # whether or not this transaction commits.
-                flushed = pool.submit(os.fsync, self._fd) if self.durable and direct_runs else None
-                self._update_shadow(direct_runs)
-                if flushed is not None:
-                    flushed.result()
             journal.commit(self.path, self._fd, self.uuid, journaled, durable=self.durable)
         except OSError as error:
             self.image.bytes[:] = self._shadow
             self.image.forget()
-            raise VaultError(
-                f"writing the volume failed ({error.strerror}); the previous state is kept.",
-                fix="free disk space or check the disk, then retry the write.",
-            ) from error
+            raise self._write_failed(error) from error
         self._update_shadow(journaled_runs)
+
+    @staticmethod
+    def _write_failed(error: OSError) -> VaultError:
+        return VaultError(
+            f"writing the volume failed ({error.strerror}); the previous state is kept.",
+            fix="free disk space or check the disk, then retry the write.",
+        )
 
     def _write_direct(self, runs: list[tuple[int, int]]) -> None:
         """Encrypt fresh data slice by slice and write each slice while the next is encrypted:
@@ -398,6 +397,12 @@ class UserspaceVolume:
             for start, end in runs
             for at in range(start, end, _WRITE_SLICE_SECTORS)
         ]
+        total = sum(end - start for start, end in runs) * SECTOR_SIZE
+        self._largest_write = max(self._largest_write, total)
+        # Room for the tweaks of two such writes (the new checkpoint's blocks and those of the
+        # one before, which the next takes over), and the windows their edges share.
+        room = 2 * self._largest_write + 4 * TWEAK_WINDOW_BYTES
+        self._xts.limit_tweak_cache(min(room, _TWEAK_CACHE_MAX, self.data_size))
         if self._slice_buffers is None:
             size = _WRITE_SLICE_SECTORS * SECTOR_SIZE
             self._slice_buffers = (np.empty(size, np.uint8), np.empty(size, np.uint8))
@@ -409,8 +414,8 @@ class UserspaceVolume:
                 if (previous := pending[turn]) is not None:
                     previous.result()  # its buffer is about to be reused
                 out = self._slice_buffers[turn].data[: (end - start) * SECTOR_SIZE]
-                sectors = np.arange(start, end, dtype=np.uint64) + np.uint64(self.header.iv_tweak)
-                self._xts.encrypt_into(image[start * SECTOR_SIZE : end * SECTOR_SIZE], out, sectors)
+                plain = image[start * SECTOR_SIZE : end * SECTOR_SIZE]
+                self._xts.encrypt_run(plain, out, self.header.iv_tweak + start)
                 run = journal.SectorRun(self.header.data_offset + start * SECTOR_SIZE, out)
                 pending[turn] = writer.submit(journal.write_sectors, self._fd, [run])
             for done in pending:
@@ -445,6 +450,7 @@ class UserspaceVolume:
     def close(self) -> None:
         """Forget the key and the decrypted image; release the file."""
         self._key[:] = bytes(len(self._key))
+        self._xts.forget_tweaks()
         self._shadow = None
         self._slice_buffers = None
         if self._memfd >= 0:
