@@ -19,7 +19,13 @@ import numpy.typing as npt
 
 from hfl_lab._exceptions import TensorValidationError
 from trainer.aggregation import Mode, Update, clip_to_norm, l2_norm
-from trainer.flat import FlatTensors, all_finite, flat_squared_norm
+from trainer.flat import (
+    FlatTensors,
+    all_finite,
+    below_bound,
+    flat_squared_norm,
+    quick_squared_norm,
+)
 from trainer.optim import MomentumSGD
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.ps_jobs import kind_name
@@ -87,6 +93,9 @@ class UpdateScreen:
         if bound <= 0:
             return update
         if opts.mode is not Mode.FEDAVG:
+            if isinstance(update, FlatTensors) and below_bound(
+                    quick_squared_norm(update.buffer), bound, update.layout.size):
+                return update  # clearly within the bound: no exact norm needed
             clipped, norm = clip_to_norm(update, bound)
             if norm <= bound:
                 return update
@@ -108,10 +117,14 @@ class UpdateScreen:
 
     def _bounded_flat(self, who: str, update: FlatTensors, current: FlatTensors,
                       bound: float) -> Weights:
-        """FedAvg's bound on flat buffers: the change's norm without a float64 copy of it."""
+        """FedAvg's bound on flat buffers: the change's norm without a float64 copy of it;
+        float32 blocks first (:func:`~trainer.flat.quick_squared_norm`), and the exact float64
+        norm only when that is not clearly below the bound, so the decision is the exact one."""
         base = current.trainable.buffer
         if not update.layout.same_as(current.layout.trainable):
             return update  # the aggregator refuses it
+        if below_bound(quick_squared_norm(update.buffer, base), bound, update.layout.size):
+            return update  # clearly within the bound (the usual case): no exact norm needed
         norm = math.sqrt(flat_squared_norm(update.buffer, base))
         if norm <= bound:
             return update
