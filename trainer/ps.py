@@ -23,6 +23,7 @@ from hfl_lab._exceptions import ConfigError, TensorValidationError
 from hfl_lab.events import LabEvent
 from hfl_lab.vault.checkpoints import CheckpointStore
 from trainer.aggregation import Aggregator, Mode, Outcome, Status, Update
+from trainer.buffer_pool import DECODE_POOL
 from trainer.flat import FlatTensors, flat_layout
 from trainer.optim import MomentumSGD
 from trainer.proto import parameter_server_pb2 as pb
@@ -209,7 +210,10 @@ class ParameterServer(rpc.ParameterServerServicer):
                 new = self.optimizer.apply(current, update.tensors)
         if flat is None:
             new.update(update.non_trainable)
-        self.screen.refuse_non_finite(update, new, saved)
+        if flat is None or new is not getattr(update.tensors, "whole", None):
+            self.screen.refuse_non_finite(update, new, saved)
+        # else: one worker's decoded push, adopted whole; the stream decoder (or the
+        # aggregator's validation) found both its parts finite already
         self._snapshot = (update.version, new)
         self.timings["update_s"] += time.perf_counter() - started
         self.timings["updates"] += 1
@@ -243,7 +247,7 @@ class ParameterServer(rpc.ParameterServerServicer):
             # one worker's model, as decoded from its push: the new weights as they are
             return whole, None  # type: ignore[return-value]
         split = layout.trainable_size
-        buffer = np.empty(layout.size, np.float32)
+        buffer = DECODE_POOL.take_floats(layout.size)  # an earlier version's, once unused
         saved = None
         if update.mode is Mode.FEDAVG:
             buffer[:split] = tensors.buffer
