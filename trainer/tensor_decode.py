@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +136,27 @@ def _layout(specs: tuple[TensorSpec, ...], accepted: frozenset[str]) -> _Layout:
     return _Layout(expected, slot, sum(e.nbytes for e in expected.values()), flat, flat_wires)
 
 
+#: _layout_for's memo: id of a caller's specs sequence -> (its specs then, accepted, layout)
+_BY_CALLER: dict[int, tuple[tuple[TensorSpec, ...], Iterable[str], _Layout]] = {}
+
+
+def _layout_for(specs: Sequence[TensorSpec], wire_dtypes: Iterable[str]) -> _Layout:
+    """:func:`_layout`, found by the identity of the caller's specs: the PS and a worker pass
+    the same list to every stream, and hashing a ResNet's 279 specs for the cache's key cost
+    a quarter of a millisecond per stream. The entry holds the specs it was made for and
+    counts only while the sequence holds the very same objects."""
+    entry = _BY_CALLER.get(id(specs))
+    if (entry is not None and entry[1] is wire_dtypes and len(entry[0]) == len(specs)
+            and all(map(operator.is_, entry[0], specs))):
+        return entry[2]
+    snapshot = tuple(specs)
+    layout = _layout(snapshot, frozenset(wire_dtypes))
+    if len(_BY_CALLER) >= 64:
+        _BY_CALLER.clear()
+    _BY_CALLER[id(specs)] = (snapshot, wire_dtypes, layout)
+    return layout
+
+
 @dataclass
 class _Partial:
     """A tensor being received: its wire bytes land straight in ``wire_array``'s memory."""
@@ -157,7 +179,7 @@ class StreamAssembler:
         size_margin: float = DEFAULT_SIZE_MARGIN,
         wire_dtypes: Iterable[str] = WIRE_DTYPES,
     ) -> None:
-        layout = _layout(tuple(specs), frozenset(wire_dtypes))
+        layout = _layout_for(specs, wire_dtypes)
         self._layout = layout
         self._expected = layout.expected
         self._memory_bytes = layout.memory_bytes
