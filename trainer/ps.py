@@ -32,6 +32,7 @@ from trainer.ps_jobs import (
     EventLog,
     Housekeeper,
     PullCache,
+    SerializedStream,
     StreamQuota,
     event_json,
 )
@@ -58,7 +59,7 @@ from trainer.ps_sessions import (
     refusal_for,
 )
 from trainer.tensor_decode import StreamAssembler
-from trainer.tensor_wire import SerializedChunk, WireChunk
+from trainer.tensor_wire import WireChunk
 from trainer.tensors import TensorSpec, check_model_version
 
 __all__ = ["ParameterServer", "PsOptions", "PsState"]
@@ -403,7 +404,7 @@ class ParameterServer(rpc.ParameterServerServicer):
         """After training: wait until every registered worker has been told it is over."""
         return self.sessions.wait_all_released(timeout_s)
 
-    def _chunks(self, wire: int, flat: bool = False) -> tuple[int, list[SerializedChunk]]:
+    def _chunks(self, wire: int, flat: bool = False) -> tuple[int, SerializedStream]:
         """The current parameters as serialized chunks, made once per version and wire dtype:
         a flat stream when asked for (and the model has a flat form), else tensor by tensor."""
         version, weights = self._snapshot
