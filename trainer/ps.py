@@ -425,7 +425,8 @@ class ParameterServer(rpc.ParameterServerServicer):
         context: grpc.ServicerContext,
     ) -> Any:
         started = time.perf_counter()
-        assembler = StreamAssembler(self.specs)
+        probe = self.screen.norm_probe()
+        assembler = StreamAssembler(self.specs, on_elements=probe)
         try:
             for chunk in request_iterator:
                 assembler.add(chunk)
@@ -458,7 +459,8 @@ class ParameterServer(rpc.ParameterServerServicer):
         else:
             trainable = {name: tensors[name] for name in self._trainable}  # type: ignore
             frozen = {name: tensors[name] for name in self._frozen}  # type: ignore
-        trainable = self.screen.bounded(who, header.model_version, trainable)  # type: ignore
+        trainable = self.screen.bounded(who, header.model_version, trainable,  # type: ignore
+                                        probe)
         try:
             outcome = self.aggregator.submit(
                 who,

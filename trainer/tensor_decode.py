@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 
 from hfl_lab._exceptions import ConfigError, TensorValidationError
 from trainer.buffer_pool import DECODE_POOL
@@ -178,8 +179,13 @@ class StreamAssembler:
         *,
         size_margin: float = DEFAULT_SIZE_MARGIN,
         wire_dtypes: Iterable[str] = WIRE_DTYPES,
+        on_elements: Callable[[npt.NDArray[np.float32], int], None] | None = None,
     ) -> None:
+        """``on_elements(values, start)`` sees each run of a float32 flat stream's elements as
+        they arrive (``values`` is a view of the buffer from element ``start`` on, not yet
+        validated): a caller's own pass over them while they are in the cache."""
         layout = _layout_for(specs, wire_dtypes)
+        self._on_elements = on_elements
         self._layout = layout
         self._expected = layout.expected
         self._memory_bytes = layout.memory_bytes
@@ -294,9 +300,12 @@ class StreamAssembler:
         it); :meth:`_finish_flat` then counts exactly."""
         done = partial.filled // 4
         if done > self._summed:
+            values = partial.home[self._summed:done]
             with np.errstate(all="ignore"):
-                if not np.isfinite(np.add.reduce(partial.home[self._summed:done])):
+                if not np.isfinite(np.add.reduce(values)):
                     self._suspect = True
+            if self._on_elements is not None:
+                self._on_elements(values, self._summed)
             self._summed = done
 
     def _flat_name(self, wire_offset: int) -> str:
