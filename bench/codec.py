@@ -1,4 +1,5 @@
-"""Supplementary X-codec figures: trainer.tensors encode+decode ÷ a plain bytes round trip."""
+"""Supplementary X-codec figures: the flat tensor stream workers and ps0 exchange, serialized
+and decoded (trainer.tensor_wire + trainer.tensor_decode) ÷ a plain bytes round trip."""
 
 from __future__ import annotations
 
@@ -9,14 +10,19 @@ import numpy.typing as npt
 
 from bench.registry import BenchContext, Measurement, benchmark
 from bench.timing import interleaved_medians
-from trainer.tensor_decode import decode_tensors
-from trainer.tensors import TensorSpec, encode_tensors
+from trainer.flat import FlatTensors, flat_layout
+from trainer.proto import parameter_server_pb2 as pb
+from trainer.tensor_decode import StreamAssembler
+from trainer.tensor_wire import parse_chunk, serialize_tensors
+from trainer.tensors import DEFAULT_CHUNK_BYTES, TensorSpec
 
 Arrays = dict[str, npt.NDArray[Any]]
 
 _WHAT = (
-    "trainer.tensors encode+decode (1 MiB chunks, float32 wire, full validation) of {size} "
-    "float32 ({shapes}) ÷ tobytes + np.frombuffer of the same arrays, in B/s"
+    "flat tensor stream as workers push and pull it: serialize_tensors of the model's flat "
+    "buffer into 1 MiB messages, parse_chunk of each, StreamAssembler (float32 wire, full "
+    "validation incl. NaN/Inf, into reused memory) of {size} float32 ({shapes}) ÷ tobytes + "
+    "np.frombuffer of the same arrays, in B/s"
 )
 
 
@@ -62,8 +68,18 @@ def flat_arrays(total_bytes: int, tensor_bytes: int = 4_000_000, seed: int = 0) 
     }
 
 
-def codec_round_trip(arrays: Arrays, specs: list[TensorSpec]) -> Arrays:
-    return dict(decode_tensors(encode_tensors(arrays), specs).tensors)
+def codec_round_trip(tensors: FlatTensors, specs: list[TensorSpec]) -> FlatTensors:
+    """What a push or a pull does to the tensors besides TLS and the socket: the messages are
+    bytes, as gRPC sends and receives them (``PsConnection``, ``add_parameter_server``)."""
+    header = pb.StreamHeader(kind=pb.UPDATE_KIND_WEIGHTS, model_version=1)
+    messages = [chunk.data for chunk in serialize_tensors(tensors, header=header,
+                                                          chunk_bytes=DEFAULT_CHUNK_BYTES)]
+    assembler = StreamAssembler(specs)
+    for message in messages:
+        assembler.add(parse_chunk(message))
+    decoded = assembler.finish().tensors
+    assert isinstance(decoded, FlatTensors)
+    return decoded
 
 
 def bytes_round_trip(arrays: Arrays) -> Arrays:
@@ -76,12 +92,16 @@ def bytes_round_trip(arrays: Arrays) -> Arrays:
 def measure_codec(ctx: BenchContext, *, arrays: Arrays, full_repeats: int) -> Measurement:
     specs = [TensorSpec.of(name, array) for name, array in arrays.items()]
     total = sum(array.nbytes for array in arrays.values())
-    result = codec_round_trip(arrays, specs)
+    layout = flat_layout(specs)
+    assert layout is not None  # float32 arrays
+    flat = layout.gather(arrays)  # a worker's model hands out this buffer as it is
+    result = codec_round_trip(flat, specs)
     for name, array in arrays.items():  # a fast codec that loses data would be no figure
         np.testing.assert_array_equal(result[name], array)
+    del result  # its memory is the next round's, as a PS's or worker's would be
     medians = interleaved_medians(
         {
-            "codec": lambda: codec_round_trip(arrays, specs),
+            "codec": lambda: codec_round_trip(flat, specs),
             "bytes": lambda: bytes_round_trip(arrays),
         },
         repeats=ctx.repeats(full_repeats),

@@ -20,8 +20,8 @@ import numpy.typing as npt
 
 from hfl_lab._exceptions import ConfigError
 
-__all__ = ["FlatLayout", "FlatTensors", "all_finite", "flat_layout", "flat_squared_norm",
-           "is_flat"]
+__all__ = ["QUICK_NORM_MARGIN", "FlatLayout", "FlatTensors", "all_finite", "below_bound",
+           "flat_layout", "flat_squared_norm", "is_flat", "quick_squared_norm"]
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -219,6 +219,49 @@ def flat_squared_norm(buffer: npt.NDArray[np.float32],
         np.square(part, out=part)
         total += float(np.add.reduce(part))
     return total
+
+
+#: :func:`quick_squared_norm`'s relative error is below this (see there): a sum this much
+#: below a bound is below it exactly too
+QUICK_NORM_MARGIN = 1e-5
+
+
+def quick_squared_norm(buffer: npt.NDArray[np.float32],
+                       minus: npt.NDArray[np.float32] | None = None) -> float:
+    """:func:`flat_squared_norm` at half the memory traffic, to within a relative 1e-5.
+
+    Each block's difference, squares and sum stay float32 (numpy's pairwise summation); the
+    block sums add up in float64. The float32 rounding of the difference and the square cost
+    2^-24 each and the pairwise sum of a block under 30 roundings of 2^-24: under 2e-6 of the
+    sum in all, which is far inside :data:`QUICK_NORM_MARGIN`. A block whose float32 sum is
+    not finite (its squares overflow float32: values beyond 1.8e19) is summed again in
+    float64, as :func:`flat_squared_norm` does. Squares below float32's smallest subnormal
+    (values under 1e-22) count as zero: each adds under 1.5e-45 to the true sum.
+    """
+    total = 0.0
+    scratch = np.empty(min(_BLOCK, len(buffer)), dtype=np.float32)
+    for start in range(0, len(buffer), _BLOCK):
+        block = buffer[start:start + _BLOCK]
+        other = None if minus is None else minus[start:start + _BLOCK]
+        part = scratch[: len(block)]
+        with np.errstate(over="ignore", invalid="ignore"):
+            if other is None:
+                np.multiply(block, block, out=part)
+            else:
+                np.subtract(block, other, out=part)
+                np.multiply(part, part, out=part)
+            value = float(np.add.reduce(part))
+        if not math.isfinite(value):
+            value = flat_squared_norm(block, other)
+        total += value
+    return total
+
+
+def below_bound(squared: float, bound: float, size: int) -> bool:
+    """True when a :func:`quick_squared_norm` of ``size`` elements shows the exact norm to be
+    at most ``bound`` (False: the exact norm decides)."""
+    limit = bound * bound * (1 - QUICK_NORM_MARGIN) - size * 1.5e-45  # subnormals lost
+    return squared <= limit
 
 
 def all_finite(buffer: npt.NDArray[np.floating[Any]]) -> bool:

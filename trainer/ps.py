@@ -23,6 +23,7 @@ from hfl_lab._exceptions import ConfigError, TensorValidationError
 from hfl_lab.events import LabEvent
 from hfl_lab.vault.checkpoints import CheckpointStore
 from trainer.aggregation import Aggregator, Mode, Outcome, Status, Update
+from trainer.buffer_pool import DECODE_POOL
 from trainer.flat import FlatTensors, flat_layout
 from trainer.optim import MomentumSGD
 from trainer.proto import parameter_server_pb2 as pb
@@ -31,6 +32,7 @@ from trainer.ps_jobs import (
     EventLog,
     Housekeeper,
     PullCache,
+    SerializedStream,
     StreamQuota,
     event_json,
 )
@@ -57,7 +59,7 @@ from trainer.ps_sessions import (
     refusal_for,
 )
 from trainer.tensor_decode import StreamAssembler
-from trainer.tensor_wire import SerializedChunk, WireChunk
+from trainer.tensor_wire import WireChunk
 from trainer.tensors import TensorSpec, check_model_version
 
 __all__ = ["ParameterServer", "PsOptions", "PsState"]
@@ -209,7 +211,10 @@ class ParameterServer(rpc.ParameterServerServicer):
                 new = self.optimizer.apply(current, update.tensors)
         if flat is None:
             new.update(update.non_trainable)
-        self.screen.refuse_non_finite(update, new, saved)
+        if flat is None or new is not getattr(update.tensors, "whole", None):
+            self.screen.refuse_non_finite(update, new, saved)
+        # else: one worker's decoded push, adopted whole; the stream decoder (or the
+        # aggregator's validation) found both its parts finite already
         self._snapshot = (update.version, new)
         self.timings["update_s"] += time.perf_counter() - started
         self.timings["updates"] += 1
@@ -243,7 +248,7 @@ class ParameterServer(rpc.ParameterServerServicer):
             # one worker's model, as decoded from its push: the new weights as they are
             return whole, None  # type: ignore[return-value]
         split = layout.trainable_size
-        buffer = np.empty(layout.size, np.float32)
+        buffer = DECODE_POOL.take_floats(layout.size)  # an earlier version's, once unused
         saved = None
         if update.mode is Mode.FEDAVG:
             buffer[:split] = tensors.buffer
@@ -399,7 +404,7 @@ class ParameterServer(rpc.ParameterServerServicer):
         """After training: wait until every registered worker has been told it is over."""
         return self.sessions.wait_all_released(timeout_s)
 
-    def _chunks(self, wire: int, flat: bool = False) -> tuple[int, list[SerializedChunk]]:
+    def _chunks(self, wire: int, flat: bool = False) -> tuple[int, SerializedStream]:
         """The current parameters as serialized chunks, made once per version and wire dtype:
         a flat stream when asked for (and the model has a flat form), else tensor by tensor."""
         version, weights = self._snapshot
@@ -420,7 +425,8 @@ class ParameterServer(rpc.ParameterServerServicer):
         context: grpc.ServicerContext,
     ) -> Any:
         started = time.perf_counter()
-        assembler = StreamAssembler(self.specs)
+        probe = self.screen.norm_probe()
+        assembler = StreamAssembler(self.specs, on_elements=probe)
         try:
             for chunk in request_iterator:
                 assembler.add(chunk)
@@ -453,7 +459,8 @@ class ParameterServer(rpc.ParameterServerServicer):
         else:
             trainable = {name: tensors[name] for name in self._trainable}  # type: ignore
             frozen = {name: tensors[name] for name in self._frozen}  # type: ignore
-        trainable = self.screen.bounded(who, header.model_version, trainable)  # type: ignore
+        trainable = self.screen.bounded(who, header.model_version, trainable,  # type: ignore
+                                        probe)
         try:
             outcome = self.aggregator.submit(
                 who,

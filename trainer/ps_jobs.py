@@ -5,7 +5,8 @@
   evaluations waiting, only the newest runs. A failed job is reported through ``on_failure``
   and the thread goes on serving.
 - :class:`EventLog`: the numbered events ``WatchEvents`` streams.
-- :class:`PullCache`: one version's parameters, serialized once for every pull.
+- :class:`PullCache`: one version's parameters, serialized once for every pull, as the first
+  pull streams them (:class:`SerializedStream`).
 - :class:`StreamQuota`: how many long calls (pulls, event watches) each role holds at once.
 """
 
@@ -34,7 +35,7 @@ from trainer.proto import parameter_server_pb2 as pb
 from trainer.tensor_wire import SerializedChunk, serialize_tensors
 
 __all__ = ["CheckpointJob", "EvaluationJob", "EventLog", "Housekeeper", "Job", "PullCache",
-           "StreamQuota"]
+           "SerializedStream", "StreamQuota"]
 
 log = logging.getLogger("trainer.ps")
 
@@ -226,34 +227,86 @@ class EventLog:
                 yield s, event
 
 
+class SerializedStream:
+    """One version's chunks, made as the first reader needs them and kept for every reader.
+
+    A chunk goes out as soon as it is made, so gRPC sends it while the next one is made
+    (the whole list first cost a 100 MB pull 14 ms before its first byte moved). Whichever
+    reader is ahead makes the next chunk, under a lock held for that chunk only, never
+    while a reader waits on the network; the others read what is made. An error making a
+    chunk reaches every reader that gets that far.
+    """
+
+    def __init__(self, source: Iterator[SerializedChunk],
+                 spent: Callable[[float], None] | None = None) -> None:
+        self._source = source
+        self._spent = spent
+        self._chunks: list[SerializedChunk] = []
+        self._done = False
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[SerializedChunk]:
+        index = 0
+        while True:
+            if index < len(self._chunks):
+                yield self._chunks[index]
+                index += 1
+                continue
+            with self._lock:
+                if index < len(self._chunks):
+                    continue
+                if self._error is not None:
+                    raise self._error
+                if self._done:
+                    return
+                self._chunks.extend(self._make_one())
+
+    def _make_one(self) -> list[SerializedChunk]:
+        started = time.perf_counter()
+        try:
+            return [next(self._source)]
+        except StopIteration:
+            self._done = True
+            return []
+        except BaseException as e:
+            self._error = e
+            raise
+        finally:
+            if self._spent is not None:
+                self._spent(time.perf_counter() - started)
+
+
 class PullCache:
     """The parameters of one version as serialized chunks, made once per version and wire
-    dtype, so every worker's pull of that version is sent the same bytes objects."""
+    dtype (as the first pull streams them: :class:`SerializedStream`), so every worker's pull
+    of that version is sent the same bytes objects."""
 
     def __init__(self) -> None:
-        self._cached: tuple[int, int, list[SerializedChunk]] | None = None
+        self._cached: tuple[int, int, SerializedStream] | None = None
         self._lock = threading.Lock()
 
     def chunks(self, version: int, weights: Mapping[str, npt.NDArray[np.float32]],
                wire_name: str, wire: int, chunk_bytes: int,
-               timings: dict[str, float]) -> list[SerializedChunk]:
+               timings: dict[str, float]) -> SerializedStream:
         """``weights`` of ``version`` as ``TensorChunk`` messages on the ``wire_name`` dtype."""
 
-        def encode() -> list[SerializedChunk]:
-            started = time.perf_counter()
-            chunks = list(serialize_tensors(
+        def encode() -> Iterator[SerializedChunk]:
+            return serialize_tensors(
                 weights,
                 header=pb.StreamHeader(kind=pb.UPDATE_KIND_WEIGHTS, model_version=version),
                 wire_dtype=wire_name, chunk_bytes=chunk_bytes,
-            ))
-            timings["encode_s"] += time.perf_counter() - started
-            return chunks
+            )
 
-        return self.get(version, wire, encode)
+        def spent(seconds: float) -> None:
+            timings["encode_s"] += seconds
+
+        return self.get(version, wire, encode, spent)
 
     def get(
-        self, version: int, wire: int, encode: Callable[[], list[SerializedChunk]]
-    ) -> list[SerializedChunk]:
+        self, version: int, wire: int, encode: Callable[[], Iterator[SerializedChunk]],
+        spent: Callable[[float], None] | None = None,
+    ) -> SerializedStream:
         cached = self._cached
         if cached is not None and cached[0] == version and cached[1] == wire:
             return cached[2]
@@ -261,13 +314,13 @@ class PullCache:
             cached = self._cached
             if cached is not None and cached[0] == version and cached[1] == wire:
                 return cached[2]
-            chunks = encode()
-            self._cached = (version, wire, chunks)
-            return chunks
+            stream = SerializedStream(encode(), spent)
+            self._cached = (version, wire, stream)
+            return stream
 
     def chunks_for(self, version: int, weights: Mapping[str, npt.NDArray[np.float32]],
                    wire_name: str, wire: int, chunk_bytes: int,
-                   timings: dict[str, float]) -> list[SerializedChunk]:
+                   timings: dict[str, float]) -> SerializedStream:
         """:meth:`chunks`, cached apart for flat streams (``FlatTensors``) and tensor by
         tensor ones (any other mapping)."""
         key = wire if isinstance(weights, FlatTensors) else -1 - wire

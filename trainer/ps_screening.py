@@ -19,15 +19,52 @@ import numpy.typing as npt
 
 from hfl_lab._exceptions import TensorValidationError
 from trainer.aggregation import Mode, Update, clip_to_norm, l2_norm
-from trainer.flat import FlatTensors, all_finite, flat_squared_norm
+from trainer.flat import (
+    FlatTensors,
+    all_finite,
+    below_bound,
+    flat_squared_norm,
+    quick_squared_norm,
+)
 from trainer.optim import MomentumSGD
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.ps_jobs import kind_name
 from trainer.ps_options import PsOptions
 
-__all__ = ["UpdateScreen", "non_finite", "overflow"]
+__all__ = ["NormProbe", "UpdateScreen", "non_finite", "overflow"]
 
 Weights = Mapping[str, npt.NDArray[np.float32]]
+
+
+class NormProbe:
+    """The quick squared norm (:func:`~trainer.flat.quick_squared_norm`) of a flat push's
+    trainable part, less the global weights of ``version`` in FedAvg, summed chunk by chunk
+    as the push arrives (``StreamAssembler``'s ``on_elements``): most of the bound's pass
+    then runs while the rest of the push is still on the network."""
+
+    def __init__(self, size: int, version: int, base: FlatTensors | None) -> None:
+        self.size = size  # elements of the trainable part
+        self.version = version
+        self.base = base  # FedAvg: the global weights the change is measured from
+        self.covered = 0  # elements summed, in order from the first; -1: not in order
+        self.squared = 0.0
+
+    def __call__(self, values: npt.NDArray[np.float32], start: int) -> None:
+        end = min(start + len(values), self.size)
+        if end <= start or self.covered < 0:
+            return
+        if start != self.covered:
+            self.covered = -1
+            return
+        minus = None if self.base is None else self.base.buffer[start:end]
+        self.squared += quick_squared_norm(values[: end - start], minus)
+        self.covered = end
+
+    def squared_norm(self, update: FlatTensors, base: FlatTensors | None) -> float | None:
+        """The summed quick norm if it covers all of ``update`` from ``base``, else None."""
+        if self.covered != update.layout.size or self.base is not base:
+            return None
+        return self.squared
 
 
 class UpdateScreen:
@@ -75,7 +112,17 @@ class UpdateScreen:
                 self.optimizer.load_state(saved)
             raise overflow(update, *bad)
 
-    def bounded(self, who: str, version: int, update: Weights) -> Weights:
+    def norm_probe(self) -> NormProbe | None:
+        """A :class:`NormProbe` for the next push, or None when no bound applies or the
+        model has no flat form."""
+        version, current = self._snapshot()
+        if self.options.max_update_norm <= 0 or not isinstance(current, FlatTensors):
+            return None
+        base = current if self.options.mode is Mode.FEDAVG else None
+        return NormProbe(current.layout.trainable_size, version, base)
+
+    def bounded(self, who: str, version: int, update: Weights,
+                probe: NormProbe | None = None) -> Weights:
         """``update`` scaled down to ``max_update_norm`` when its L2 norm is above it.
 
         Clipped rather than refused: an honest gradient spike still counts, scaled, and a
@@ -87,6 +134,12 @@ class UpdateScreen:
         if bound <= 0:
             return update
         if opts.mode is not Mode.FEDAVG:
+            if isinstance(update, FlatTensors):
+                squared = None if probe is None else probe.squared_norm(update, None)
+                if squared is None:
+                    squared = quick_squared_norm(update.buffer)
+                if below_bound(squared, bound, update.layout.size):
+                    return update  # clearly within the bound: no exact norm needed
             clipped, norm = clip_to_norm(update, bound)
             if norm <= bound:
                 return update
@@ -96,7 +149,7 @@ class UpdateScreen:
                 return update  # not this round's model: the aggregator drops or refuses it
             bound *= self.local_reach(version)
             if isinstance(update, FlatTensors) and isinstance(current, FlatTensors):
-                return self._bounded_flat(who, update, current, bound)
+                return self._bounded_flat(who, update, current, bound, probe)
             change = {n: np.asarray(v, dtype=np.float64) - current[n] for n, v in update.items()}
             norm = l2_norm(change)
             if norm <= bound:
@@ -107,11 +160,18 @@ class UpdateScreen:
         return clipped
 
     def _bounded_flat(self, who: str, update: FlatTensors, current: FlatTensors,
-                      bound: float) -> Weights:
-        """FedAvg's bound on flat buffers: the change's norm without a float64 copy of it."""
+                      bound: float, probe: NormProbe | None = None) -> Weights:
+        """FedAvg's bound on flat buffers: the change's norm without a float64 copy of it;
+        float32 blocks first (:func:`~trainer.flat.quick_squared_norm`), and the exact float64
+        norm only when that is not clearly below the bound, so the decision is the exact one."""
         base = current.trainable.buffer
         if not update.layout.same_as(current.layout.trainable):
             return update  # the aggregator refuses it
+        squared = None if probe is None else probe.squared_norm(update, current)
+        if squared is None:
+            squared = quick_squared_norm(update.buffer, base)
+        if below_bound(squared, bound, update.layout.size):
+            return update  # clearly within the bound (the usual case): no exact norm needed
         norm = math.sqrt(flat_squared_norm(update.buffer, base))
         if norm <= bound:
             return update
