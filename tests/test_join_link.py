@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from hfl_lab import ConfigError
+from hfl_lab import AttestationError, ConfigError
 from hfl_lab.config.join_link import JOIN_LINK_PREFIX, JoinLink, enrollment_key
 
 NOW = 1_800_000_000.0
@@ -18,7 +18,7 @@ EXPECT = {"mr_td": "ab" * 48, "mr_config_id": "cd" * 48}
 def _issue(key: bytes, slot: str = "worker1", ttl_s: float = 600.0) -> JoinLink:
     return JoinLink.issue(key, trust_address="10.23.0.1:50051", ps_address="10.23.0.1:50052",
                           trust_measurements=EXPECT, policy_sha256="ef" * 32, slot=slot,
-                          ttl_s=ttl_s, now=NOW)
+                          lab_root_sha256="12" * 32, ttl_s=ttl_s, now=NOW)
 
 
 def _edit(text: str, **changes: object) -> str:
@@ -37,7 +37,7 @@ def test_a_link_round_trips_as_one_compact_line_and_the_host_accepts_it() -> Non
     parsed = JoinLink.parse(f"  {text}\n", now=NOW + 1)
 
     assert text.startswith(JOIN_LINK_PREFIX) and "\n" not in text and " " not in text
-    assert len(text) < 700  # two 48-byte measurements and a digest, in hex
+    assert len(text) < 800  # two 48-byte measurements and two digests, in hex
     assert parsed == link
     assert parsed.trust_address == "10.23.0.1:50051" and parsed.slot == "worker1"
     parsed.check_enrollment(key, now=NOW + 1)
@@ -78,6 +78,7 @@ def test_a_malformed_link_is_refused_with_the_fix(text: str, words: str) -> None
         ({"expect": {"mr_td": "ab" * 48}}, "exactly mr_td, mr_config_id"),
         ({"expect": {"mr_td": "AB" * 48, "mr_config_id": "cd" * 48}}, "lowercase hex"),
         ({"policy": "ef"}, "policy digest"),
+        ({"root": "12"}, "lab root digest"),
         ({"exp": "soon"}, "wrong type"),
         ({"extra": 1}, "unknown extra"),
         ({"code": ""}, "enrollment code"),
@@ -123,10 +124,11 @@ def test_the_joiner_refuses_a_trust_service_naming_the_differing_measurement() -
     link = _issue(enrollment_key())
 
     link.check_trust_service(dict(EXPECT))
-    with pytest.raises(ConfigError, match="mr_config_id is eeeeeeeeeeeeeeee") as info:
+    with pytest.raises(AttestationError, match="mr_config_id is eeeeeeeeeeeeeeee") as info:
         link.check_trust_service({"mr_td": "ab" * 48, "mr_config_id": "ee" * 48})
     assert "do not join" in str(info.value)
-    with pytest.raises(ConfigError, match=r"mr_td is \(missing\)"):
+    assert info.value.check == "mr_config_id" and info.value.expected == "cd" * 48
+    with pytest.raises(AttestationError, match=r"mr_td is \(missing\)"):
         link.check_trust_service({"mr_config_id": "cd" * 48})
 
 

@@ -4,15 +4,17 @@ link it did not issue; bad host parameters are refused before anything starts.""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import socket
 from pathlib import Path
 
 import pytest
 
-from hfl_lab import ConfigError
+from hfl_lab import AttestationError, ConfigError
 from hfl_lab.cli import main
 from hfl_lab.events import LabEvent
+from hfl_lab.lab.joining import verify_host
 from hfl_lab.lab.workshop import HostedRun, SlotBoard
 from tests.local_support import quick_config
 
@@ -57,6 +59,16 @@ def test_the_host_serves_on_its_address_and_prints_one_link_per_slot(
         # the policy names every slot's role, bound to its measurements
         assert backend.policy is not None
         assert {"worker0", "worker1", "worker2", "ps0"} <= set(backend.policy.roles)
+        # the joiner's first step: the trust service is the one the link names
+        verdict = verify_host(links[0])
+        assert verdict.accepted and verdict.simulated
+        assert verdict.measurements["mr_config_id"] == trust["mr_config_id"]
+        wrong = dict(links[0].trust_measurements, mr_config_id="ee" * 48)
+        with pytest.raises(AttestationError, match="mr_config_id is ") as info:
+            verify_host(dataclasses.replace(links[0], trust_measurements=wrong))
+        assert info.value.check == "mr_config_id" and info.value.actual == trust["mr_config_id"]
+        with pytest.raises(AttestationError, match="root the join link does not name"):
+            verify_host(dataclasses.replace(links[0], lab_root_sha256="00" * 32))
         other = HostedRun(config, address=HOST, slots=3)
         with pytest.raises(ConfigError, match="not issued by this host"):
             other.check_enrollment(links[0].encode())

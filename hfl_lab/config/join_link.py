@@ -11,6 +11,7 @@ A link is ``hfl-join:`` followed by the base64url (unpadded) encoding of a compa
     policy   SHA-256 (hex) of the run's signed attestation policy
     slot     the participant name the joiner takes (``worker3``)
     exp      expiry, Unix seconds
+    root     SHA-256 (hex) of the simulated lab platform's root certificate; empty for real TDX
     code     the enrollment code: a random nonce (base64url)
     mac      HMAC-SHA256 of everything above, keyed with the host's enrollment key (base64url)
 
@@ -38,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hfl_lab._exceptions import ConfigError
+from hfl_lab._exceptions import AttestationError, ConfigError
 
 __all__ = ["JOIN_LINK_PREFIX", "JoinLink", "enrollment_key"]
 
@@ -47,7 +48,7 @@ VERSION = 1
 #: links are short-lived: a workshop hands them out minutes before the run
 DEFAULT_TTL_S = 3600.0
 MAX_LINK_CHARS = 4096
-_FIELDS = ("v", "trust", "ps", "expect", "policy", "slot", "exp", "code", "mac")
+_FIELDS = ("v", "trust", "ps", "expect", "policy", "slot", "exp", "root", "code", "mac")
 _MEASUREMENTS = {"mr_td": 48, "mr_config_id": 48}
 _SLOT = re.compile(r"^worker[0-9]{1,4}$")
 _HEX = re.compile(r"^[0-9a-f]*$")
@@ -91,6 +92,9 @@ class JoinLink:
     policy_sha256: str
     slot: str
     expires_at: float
+    #: SHA-256 (hex) of the simulated lab platform's root certificate that signs the trust
+    #: service's evidence; empty: real TDX evidence, verified against Intel's root
+    lab_root_sha256: str = ""
     code: str = ""
     mac: str = field(default="", repr=False)
 
@@ -111,6 +115,10 @@ class JoinLink:
                 raise ConfigError(
                     f"the join link's expected {name} must be {2 * size} lowercase hex digits.",
                     fix=_FIX_NEW_LINK)
+        if self.lab_root_sha256 and (len(self.lab_root_sha256) != 64
+                                     or not _HEX.match(self.lab_root_sha256)):
+            raise ConfigError("the join link's lab root digest must be 64 lowercase hex digits "
+                              "(or empty for real TDX).", fix=_FIX_NEW_LINK)
         if len(self.policy_sha256) != 64 or not _HEX.match(self.policy_sha256):
             raise ConfigError("the join link's policy digest must be 64 lowercase hex digits.",
                               fix=_FIX_NEW_LINK)
@@ -120,7 +128,8 @@ class JoinLink:
     @classmethod
     def issue(cls, key: bytes, *, trust_address: str, ps_address: str,
               trust_measurements: Mapping[str, str], policy_sha256: str, slot: str,
-              ttl_s: float = DEFAULT_TTL_S, now: float | None = None) -> JoinLink:
+              lab_root_sha256: str = "", ttl_s: float = DEFAULT_TTL_S,
+              now: float | None = None) -> JoinLink:
         """A new link for ``slot``, with a fresh enrollment code, MAC'd with the host's key."""
         if ttl_s <= 0:
             raise ConfigError(f"a join link's lifetime must be positive, got {ttl_s} s.",
@@ -129,6 +138,7 @@ class JoinLink:
         link = cls(trust_address=trust_address, ps_address=ps_address,
                    trust_measurements=dict(trust_measurements), policy_sha256=policy_sha256,
                    slot=slot, expires_at=float(int(start + ttl_s)),
+                   lab_root_sha256=lab_root_sha256,
                    code=_b64(secrets.token_bytes(12)))
         return replace(link, mac=link._mac(key))
 
@@ -152,7 +162,8 @@ class JoinLink:
     def _payload(self) -> dict[str, Any]:
         return {"v": VERSION, "trust": self.trust_address, "ps": self.ps_address,
                 "expect": dict(self.trust_measurements), "policy": self.policy_sha256,
-                "slot": self.slot, "exp": int(self.expires_at), "code": self.code,
+                "slot": self.slot, "exp": int(self.expires_at), "root": self.lab_root_sha256,
+                "code": self.code,
                 "mac": self.mac}
 
     def encode(self) -> str:
@@ -200,7 +211,7 @@ class JoinLink:
                 + (f"unknown {', '.join(extra)}" if extra else "") + ".",
                 fix=_FIX_NEW_LINK)
         exp, expect = payload["exp"], payload["expect"]
-        texts = ("trust", "ps", "policy", "slot", "code", "mac")
+        texts = ("trust", "ps", "policy", "slot", "root", "code", "mac")
         if (not isinstance(exp, int) or isinstance(exp, bool) or not isinstance(expect, dict)
                 or any(not isinstance(payload[f], str) for f in texts)):
             raise ConfigError("the join link is damaged: a field has the wrong type.",
@@ -209,7 +220,8 @@ class JoinLink:
             raise ConfigError("the join link has no valid enrollment code.", fix=_FIX_NEW_LINK)
         link = cls(trust_address=payload["trust"], ps_address=payload["ps"],
                    trust_measurements=expect, policy_sha256=payload["policy"],
-                   slot=payload["slot"], expires_at=float(exp), code=payload["code"],
+                   slot=payload["slot"], expires_at=float(exp),
+                   lab_root_sha256=payload["root"], code=payload["code"],
                    mac=payload["mac"])
         link._check_expiry(time.time() if now is None else now)
         return link
@@ -228,9 +240,10 @@ class JoinLink:
         for name in _MEASUREMENTS:
             want, got = self.trust_measurements[name], str(measured.get(name, ""))
             if not hmac.compare_digest(want, got):
-                raise ConfigError(
+                raise AttestationError(
                     f"the host's trust service at {self.trust_address} is not the one the "
                     f"join link names: {name} is {got[:16] or '(missing)'}..., the link "
                     f"expects {want[:16]}....",
+                    check=name, expected=want, actual=got or None,
                     fix="do not join: ask the host whether its trust service was changed, and "
                     "get a link printed by the running host.")

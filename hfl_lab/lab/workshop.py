@@ -141,12 +141,15 @@ class HostedRun:
                               fix=f"use one of {', '.join(self.board.slots)}.")
         policy = self.backend.policy_path.read_bytes()
         trust = self.backend.measurements["trust"]
+        platform = self.backend.platform
+        assert platform is not None  # prepared by start()
         return JoinLink.issue(
             self._key, trust_address=self.backend.trust_address,
             ps_address=self.backend.ps_address,
             trust_measurements={"mr_td": trust.mr_td.hex(),
                                 "mr_config_id": trust.mr_config_id.hex()},
             policy_sha256=hashlib.sha256(policy).hexdigest(), slot=slot,
+            lab_root_sha256=hashlib.sha256(platform.root_der).hexdigest(),
             ttl_s=self.link_ttl_s, now=now)
 
     def check_enrollment(self, text: str, *, now: float | None = None) -> JoinLink:
