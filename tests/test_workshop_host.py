@@ -47,6 +47,7 @@ def test_the_host_serves_on_its_address_and_prints_one_link_per_slot(
         # no worker was launched here: the slots are for joiners
         assert set(backend.participants) == {"trust", "ps0"}
         assert run.config.workers == 3 and run.config.sync_quorum == 2
+        assert run.config.quorum_rule == "live"
         assert [link.slot for link in links] == ["worker0", "worker1", "worker2"]
         policy = hashlib.sha256(backend.policy_path.read_bytes()).hexdigest()
         trust = backend.measurements["trust"].summary()

@@ -25,8 +25,8 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="worker slots, one join link each (default 2)")
     parser.add_argument(
         "--quorum", type=int, default=None, metavar="K",
-        help="sync aggregation: contributions per step (default 1, so a worker that leaves "
-        "never stalls the run; K = N waits for every slot at every step)",
+        help="sync/fedavg: contributions per step, from the workers live now (default: all "
+        "of them; a worker that leaves stops counting once its session lease lapses)",
     )
     parser.add_argument("--link-ttl", type=float, default=3600.0, metavar="SECONDS",
                         help="how long the join links are valid (default 3600)")

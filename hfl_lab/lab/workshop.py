@@ -4,9 +4,10 @@ join link per worker slot, and the participants as they join, attest, train and 
 ``hfl-lab host`` and a workshop notebook call :class:`HostedRun`. It reuses the local backend
 (:class:`~hfl_lab.backends.local.LocalBackend` with ``remote_workers``): the same launch, policy
 and vault code, but the worker slots are measured into the policy and left for joiners. The
-quorum rule is the host's: ``quorum`` (``sync_quorum``, K) contributions per step, so with K
-below the number of slots a worker that leaves never stalls the run (the others fill the
-quorum); K equal to the slots waits for every slot at every step.
+quorum rule is the host's: ``quorum`` (``sync_quorum``, K; default all slots) contributions per
+step from the workers live now (``quorum_rule: live``): a worker that joins late counts from its
+registration, and one that leaves stops holding the step once its session lease lapses, so it
+never stalls the run.
 """
 
 from __future__ import annotations
@@ -100,14 +101,14 @@ class HostedRun:
         if slots < 1:
             raise ConfigError(f"a hosted run needs at least one worker slot, got {slots}.",
                               fix="pass --slots N with N >= 1 (one per attendee).")
-        if config.aggregation != "sync" and quorum is not None:
+        if config.aggregation == "async" and quorum is not None:
             raise ConfigError(
-                f"the quorum is a rule of sync aggregation; this run aggregates "
-                f"{config.aggregation!r}.",
+                "the quorum is a rule of sync and fedavg aggregation; this run aggregates "
+                "'async' (every update applies on its own).",
                 fix="leave the quorum out, or host with -p aggregation=sync.")
-        changes: dict[str, Any] = {"workers": slots}
-        if config.aggregation == "sync":
-            changes["sync_quorum"] = quorum if quorum is not None else 1
+        changes: dict[str, Any] = {"workers": slots, "quorum_rule": "live"}
+        if quorum is not None:
+            changes["sync_quorum"] = quorum
         self.config = config.replace(**changes)
         self.link_ttl_s = link_ttl_s
         self.backend = LocalBackend(self.config, listen_host=address, remote_workers=True)
