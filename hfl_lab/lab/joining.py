@@ -1,5 +1,5 @@
-"""The joiner's first step (issue 23 item 3): verify the host's trust service against the join
-link before sending it anything.
+"""Joining a hosted run (issue 23 item 3): verify the host's trust service against the join
+link before sending it anything, enroll with the link, start this site's worker TD.
 
 The trust service's RA-TLS certificate carries its TDX evidence. The joiner reads it from the
 TLS handshake (nothing of its own is sent), compares the measurements with the ones the link
@@ -12,20 +12,23 @@ the certificate's key bound into REPORTDATA.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
 from hfl_lab._exceptions import AttestationError, QuoteFormatError
 from hfl_lab.attestation.api import parse_address
 from hfl_lab.attestation.evidence_input import LoadedEvidence, load_certificate_evidence
+from hfl_lab.backends.local.joiner import JoinedWorker
 from hfl_lab.config.join_link import JoinLink
 from hfl_lab.ratls import fetch_server_certificate, verify_certificate
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.reports import TdReport10
 from hfl_lab.tee.verdict import Verdict
 from hfl_lab.tee.verifier import Verifier
+from hfl_lab.trust.client import TrustClient
 
-__all__ = ["link_policy", "verify_host"]
+__all__ = ["JoinedWorker", "connect_host", "join_run", "link_policy", "verify_host"]
 
 TRUST_ROLE = "trust"
 _FIX_ASK_HOST = ("do not join: ask the host whether its trust service was changed, and get a "
@@ -91,3 +94,32 @@ def _lab_root(link: JoinLink, loaded: LoadedEvidence) -> bytes | None:
             f"{link.lab_root_sha256[:16]}...).",
             check="root", expected=link.lab_root_sha256, actual=digest, fix=_FIX_ASK_HOST)
     return root
+
+
+def connect_host(link: JoinLink, *, timeout_s: float = 10.0) -> TrustClient:
+    """A client of the host's trust service, pinned to the certificate that passed
+    :func:`verify_host`."""
+    verify_host(link, timeout_s=timeout_s)
+    host, port = parse_address(link.trust_address)
+    cert = fetch_server_certificate(host, port, timeout=timeout_s)
+    loaded = load_certificate_evidence(cert, source=link.trust_address,
+                                       encoding="tls-handshake")
+    return TrustClient.connect(link.trust_address, link_policy(link),
+                               lab_root_der=_lab_root(link, loaded), role=TRUST_ROLE,
+                               verifier_name="joiner")
+
+
+def join_run(link_text: str, *, run_dir: str | Path, data_path: str | None = None,
+             timeout_s: float = 10.0, workload_root: Path | None = None) -> JoinedWorker:
+    """``hfl-lab join``: check the link, verify the host, enroll, start this site's worker TD.
+
+    Returns the started worker; read its :meth:`~JoinedWorker.events`, and :meth:`stop` it to
+    leave. ``workload_root``: the checkout the worker runs (default: this one); its code is what
+    the worker's TD measures."""
+    link = JoinLink.parse(link_text)
+    with connect_host(link, timeout_s=timeout_s) as trust:
+        documents = trust.enroll(link.encode())
+    worker = JoinedWorker(link.slot, documents, run_dir=Path(run_dir), data_path=data_path,
+                          workload_root=workload_root)
+    worker.start()
+    return worker

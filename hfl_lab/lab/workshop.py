@@ -106,7 +106,10 @@ class HostedRun:
                 "the quorum is a rule of sync and fedavg aggregation; this run aggregates "
                 "'async' (every update applies on its own).",
                 fix="leave the quorum out, or host with -p aggregation=sync.")
-        changes: dict[str, Any] = {"workers": slots, "quorum_rule": "live"}
+        # joiners run the checkout they have; pulling the run's workload image from the
+        # host's registry over the network is a later step
+        changes: dict[str, Any] = {"workers": slots, "quorum_rule": "live",
+                                   "workload_image": "off"}
         if quorum is not None:
             changes["sync_quorum"] = quorum
         self.config = config.replace(**changes)
@@ -131,6 +134,8 @@ class HostedRun:
         """Start the trust service and ps0, wait until both serve, issue one link per slot."""
         self.backend.start()
         self.backend.wait_ready(timeout_s, progress)
+        with self.backend.trust_client() as trust:
+            trust.open_enrollment(self._key, self.backend.admin_token)
         for slot in self.board.slots:
             self.links[slot] = self.issue_link(slot)
         return list(self.links.values())
