@@ -50,7 +50,8 @@ def _cmd_join(args: argparse.Namespace) -> int:
                 detail = event.data.get("detail") or event.data.get("reason") or ""
                 state = event.data.get("state") or (
                     "accepted" if event.data.get("accepted") else "refused")
-                print(f"{PROG} join: {event.source} {state}: {detail}", file=sys.stderr,
+                pid = f" (pid {event.data['pid']})" if event.data.get("pid") else ""
+                print(f"{PROG} join: {event.source} {state}{pid}: {detail}", file=sys.stderr,
                       flush=True)
     except KeyboardInterrupt:
         print(f"{PROG} join: leaving the run", file=sys.stderr)
