@@ -217,6 +217,9 @@ def test_three_joiners_in_their_own_namespaces(network: list[str], tmp_path: Pat
                 p.wait(timeout=30)
 
     assert any(f"done at step {STEPS}" in x for x in err.lines), err.lines[-10:]
+    assert any(f"step {STEPS}/{STEPS}" in x for x in err.lines), "the host shows the progress"
+    quorums = [x.split("quorum K=", 1)[1][:1] for x in err.lines if "quorum K=" in x]
+    assert quorums[-2:] == ["2", "1"], f"K rose with worker1, fell when worker0 left: {quorums}"
     early, late = _steps(j0_out.lines), _steps(j1_out.lines)
     assert late[0][0] >= 5, "worker1 joined late: it started from the run's step"
     first = sum(loss for _, loss in early[:5]) / 5

@@ -120,6 +120,9 @@ def test_the_board_follows_a_slot_through_attestation_registration_and_training(
         board.update(LabEvent("attestation", "trust",
                               {"subject": "unknown", "accepted": False,
                                "reason": "mr_td does not match"})),
+        board.update(LabEvent("log", "ps0", {"level": "info", "message":
+                                             "quorum K=1 of the live workers (rule K=2) at "
+                                             "step 9"})),
     ]
 
     assert lines[:3] == ["worker1: attested (evidence accepted)",
@@ -127,6 +130,7 @@ def test_the_board_follows_a_slot_through_attestation_registration_and_training(
                          "worker1: training (step 5)"]
     assert lines[3] is None
     assert lines[4] == "refused unknown: mr_td does not match"
+    assert lines[5] is not None and lines[5].startswith("quorum K=1 of the live workers")
     assert board.rows()[0]["state"] == "waiting"
     assert board.rows()[1] == {"slot": "worker1", "state": "training", "step": 6,
                                "detail": "step 5"}

@@ -52,10 +52,16 @@ def _cmd_host(args: argparse.Namespace) -> int:
               f"{run.backend.ps_address}; give each attendee one line:", file=sys.stderr)
         for link in links:
             print(f"{link.slot}  {link.encode()}", flush=True)
+        shown = -1  # the last tenth of the run whose step was printed
         try:
             for event, line in run.events():
                 if line is not None:
                     print(f"{PROG} host: {line}", file=sys.stderr, flush=True)
+                elif event.kind == "progress" and event.source == "ps0":
+                    done, total = int(event.data.get("done", 0)), int(event.data.get("total", 0))
+                    if total and done * 10 // total > shown:
+                        shown = done * 10 // total
+                        print(f"{PROG} host: step {done}/{total}", file=sys.stderr, flush=True)
                 elif event.kind == "lifecycle" and event.source in ("trust", "ps0"):
                     print(f"{PROG} host: {event.source} {event.data.get('state')}: "
                           f"{event.data.get('detail', '')}", file=sys.stderr, flush=True)

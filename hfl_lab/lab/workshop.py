@@ -73,6 +73,8 @@ class SlotBoard:
             slot = self.slots.get(peer)
             if slot is not None and "registered" in message:
                 return self._set(slot, "joined", message)
+            if message.startswith("quorum K="):
+                return message  # who counts changed: a worker joined or its lease lapsed
             return None
         if event.kind == "metrics":
             role = str(data.get("role", event.source))
