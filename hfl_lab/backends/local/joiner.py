@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Mapping
@@ -125,7 +126,10 @@ class JoinedWorker(ParticipantProcesses):
                 return
         p = self.participants.get(self.slot)
         if p is not None and p.process is not None and p.process.poll() is None:
-            self.kill(self.slot, signal.SIGTERM)
+            try:
+                self.kill(self.slot, signal.SIGTERM)
+            except subprocess.TimeoutExpired:
+                self.kill(self.slot, signal.SIGKILL)
         with self._lock:
             self._torn_down = True
         self._queue.put(END_OF_EVENTS)
