@@ -59,6 +59,7 @@ from hfl_lab.backends.local.processes import (
     ParticipantProcess,
     ParticipantProcesses,
     free_port,
+    wait_for_group_exit,
 )
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent, startup_event
@@ -391,6 +392,7 @@ class LocalBackend(ParticipantProcesses, OwnerSide, WorkloadImageSide):
                 # the process group may hold children (e.g. a compiler) that outlived the leader
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.process.pid, signal.SIGKILL)
+                wait_for_group_exit(p.process.pid, timeout_s=5)  # their copies of its files too
                 for stream in (p.process.stdin, p.process.stdout, p.process.stderr):
                     with contextlib.suppress(OSError, ValueError):
                         if stream is not None:

@@ -291,6 +291,11 @@ class ParticipantProcesses:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.process.pid, sig)
             p.process.wait(timeout=30)
+            if sig == signal.SIGKILL:
+                # a child forked a moment before (on its way to exec debugfs) holds copies of
+                # the participant's files, the model volume's lock included, until it has
+                # exited too: return only when nothing of the participant is left
+                wait_for_group_exit(p.process.pid, timeout_s=30)
 
     def restart(self, role: str) -> None:
         """Start a participant again with the same command (after it died or was killed)."""
@@ -307,6 +312,33 @@ class ParticipantProcesses:
             raise ConfigError(f"no participant {role!r} in this run.",
                               fix=f"use one of {', '.join(self.participants) or '(none yet)'}.")
         return self.participants[role]
+
+
+def wait_for_group_exit(pgid: int, *, timeout_s: float) -> bool:
+    """Wait until no live process (zombies aside) is in process group ``pgid``; False when
+    some still is after ``timeout_s``. Reads /proc (the local backend runs on Linux)."""
+    deadline = time.monotonic() + timeout_s
+    while _group_members(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
 
 
 def _parse_event(text: str) -> LabEvent | None:
