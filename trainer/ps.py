@@ -313,6 +313,19 @@ class ParameterServer(rpc.ParameterServerServicer):
                 self._refuse_with(context, refusal, caller.role)
             yield caller.role
 
+    def _fit_quorum(self) -> None:
+        """``quorum_rule: live``: K of the workers live now (at least 1, at most the run's K),
+        so a worker that left stops counting once its lease lapses, and one that joins counts
+        from its registration."""
+        if not self.options.live_quorum or self.options.mode is Mode.ASYNC:
+            return
+        rule = self.options.quorum or self.options.num_workers
+        quorum = max(1, min(rule, self.sessions.live_count()))
+        if quorum != self.aggregator.quorum:
+            self.aggregator.set_quorum(quorum)
+            self._event("log", level="info", message=f"quorum K={quorum} of the live workers "
+                        f"(rule K={rule}) at step {self.version}")
+
     def _refuse_with(self, context: grpc.ServicerContext, refusal: Refusal, who: str) -> NoReturn:
         self._refuse(context, refusal.code, refusal.message, who)
 
@@ -343,6 +356,7 @@ class ParameterServer(rpc.ParameterServerServicer):
             how = "re-registered with a newer certificate" if superseded else "re-registered"
         self._event("log", level="info", message=f"{name} {how} at step {self.version}",
                     peer=name)
+        self._fit_quorum()
         return pb.RegisterReply(
             worker_id=name,
             aggregation=MODES[self.options.mode],
@@ -387,6 +401,7 @@ class ParameterServer(rpc.ParameterServerServicer):
                 self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                              f"step {wanted} did not come within {self.max_pull_wait_s:g} s (the "
                              f"PS is at step {self.version}); pull again", who)
+            self._fit_quorum()  # a worker that left must not hold this step
             self.aggregator.wait_for_version(wanted, timeout=min(0.5, left))
         wire = request.wire_dtype or WIRE[self.options.wire_dtype]
         if wire not in WIRE_NAMES:

@@ -234,6 +234,13 @@ class SessionTable:
         with self._lock:
             return all(r.released for r in self._workers.values())
 
+    def live_count(self) -> int:
+        """Registered workers that are still here: not told the run finished, and calling
+        (a call in flight, or one within the lease)."""
+        with self._lock:
+            return sum(1 for r in self._workers.values()
+                       if not r.released and r.session.live(self.lease_s))
+
     def records(self) -> list[WorkerRecord]:
         """A snapshot of the registered workers (for the Status RPC)."""
         with self._lock:

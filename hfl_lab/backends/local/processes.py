@@ -101,8 +101,15 @@ class ParticipantProcesses:
     # provided by OwnerSide: verify the trust service, hand it the owner's credential
     _provision_trust: Callable[[ParticipantProcess], None]
 
+    #: hosted run (``hfl-lab host``): the worker slots are filled by joiners over the network,
+    #: so this backend launches the trust service and ps0 only
+    remote_workers: bool = False
+
     @property
     def roles(self) -> list[str]:
+        """The participants this backend launches and waits for."""
+        if self.remote_workers:
+            return ["trust", "ps0"]
         return ["trust", "ps0", *(f"worker{i}" for i in range(self.config.workers))]
 
     @property
