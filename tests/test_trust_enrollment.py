@@ -15,13 +15,15 @@ import pytest
 from hfl_lab import AttestationError, ConfigError, PolicyViolation
 from hfl_lab.config.join_link import JoinLink, enrollment_key
 from hfl_lab.ratls import RaTlsIdentity
+from hfl_lab.tee import SimulatedPlatform
+from hfl_lab.tee.sim.platform import slot_of
 from hfl_lab.trust.client import TrustClient
 from hfl_lab.trust.enrollment import EnrollmentDesk, RunDocuments
 from hfl_lab.trust.service import TrustService, serve
 from tests.td_support import PLATFORM, lab_policy, provider
 
 DOCUMENTS = RunDocuments(config_yaml="deployment: {}\nlab: {}\n", policy_yaml="tee_type: TDX\n",
-                         policy_signature="ab" * 32, bootstrap=b'{"platform": "00"}')
+                         policy_signature="ab" * 32)
 
 
 def link_for(key: bytes, slot: str = "worker0", ttl_s: float = 600.0) -> JoinLink:
@@ -36,7 +38,7 @@ def hosted(tmp_path: Path) -> Iterator[tuple[TrustService, TrustClient, bytes]]:
     service = TrustService(policy=lab_policy(), admin_token=admin,
                            lab_root_der=PLATFORM.root_der, owner_key=os.urandom(32),
                            state_path=tmp_path / "trust.sealed",
-                           enrollment=EnrollmentDesk(DOCUMENTS))
+                           enrollment=EnrollmentDesk(DOCUMENTS, PLATFORM))
     identity = RaTlsIdentity()
     identity.make_certificate(provider("trust"), subject_cn="trust", role="trust")
     server, port = serve(service, identity.certificate_pem, identity.private_key_pem())
@@ -57,7 +59,10 @@ def test_a_valid_link_gets_the_run_documents_once_the_owner_opened_enrollment(ho
     client.open_enrollment(key, admin)
     documents = client.enroll(link.encode())
 
-    assert documents == DOCUMENTS
+    assert dataclasses.replace(documents, bootstrap=b"") == DOCUMENTS
+    platform = SimulatedPlatform.from_secret(
+        bytes.fromhex(json.loads(documents.bootstrap)["platform"]))
+    assert slot_of(platform.pck_cert) == "worker1", "keys for the link's slot alone"
     assert service.enrollment is not None and service.enrollment.enrolled == {"worker1": 1}
     audit = [json.dumps(e) for e in client.audit(admin)]
     assert any('"enroll"' in e and '"allowed": true' in e for e in audit)
@@ -103,4 +108,7 @@ def test_the_desk_refuses_a_short_key() -> None:
 
 
 def test_documents_never_show_the_bootstrap_in_their_repr() -> None:
-    assert "platform" not in repr(DOCUMENTS)
+    secret = PLATFORM.for_slot("worker0").export_secret()
+    documents = dataclasses.replace(DOCUMENTS, bootstrap=secret)
+
+    assert "keys" not in repr(documents) and secret.decode()[:40] not in repr(documents)

@@ -18,7 +18,6 @@ audit records, lifecycle) go to stdout as JSON lines.
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +30,6 @@ from hfl_lab.trust.service import TrustService, serve
 from hfl_lab.vault.keyrelease import VOLUME_SECRET_NAME, check_release_policy
 from hfl_lab.vault.model_vault import new_passphrase
 from trainer.participant import (
-    Bootstrap,
     Emitter,
     Participant,
     load_run_policy,
@@ -94,7 +92,7 @@ def run_trust(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitt
         on_event=emitter.emit,
         cert_lifetime_s=config.lab.cert_lifetime_s,
         state_path=Path(args.state) if args.state else None,
-        enrollment=EnrollmentDesk(_run_documents(args, boot)),
+        enrollment=EnrollmentDesk(_run_documents(args), boot.platform),
     )
     me.identity.make_certificate(me.provider, subject_cn="trust", role="trust")
     address_host = config.deployment.trust_address.rpartition(":")[0]
@@ -120,17 +118,14 @@ def run_trust(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitt
     return 0
 
 
-def _run_documents(args: argparse.Namespace, boot: Bootstrap) -> RunDocuments:
+def _run_documents(args: argparse.Namespace) -> RunDocuments:
     """What a joiner of a hosted run receives: the config and policy this service started
-    with, byte for byte, and in a simulated run the lab platform's keys (a bootstrap line)."""
+    with, byte for byte (the enrollment desk adds, in a simulated run, keys for its slot)."""
     signature = Path(args.policy + SIGNATURE_SUFFIX)
-    bootstrap = (json.dumps({"platform": boot.platform.export_secret().hex()}).encode()
-                 if boot.platform is not None else b"")
     return RunDocuments(
         config_yaml=Path(args.config).read_text(encoding="utf-8"),
         policy_yaml=Path(args.policy).read_text(encoding="utf-8"),
         policy_signature=signature.read_text().strip() if signature.exists() else "",
-        bootstrap=bootstrap,
     )
 
 
