@@ -106,6 +106,57 @@ def test_the_live_rule_counts_who_is_here_as_workers_join_and_leave(
     servicer.close()
 
 
+def test_a_worker_that_leaves_stops_counting_at_once(mesh: Mesh, model: ResNet) -> None:
+    servicer, address = start_ps(mesh, model, quorum_rule="live")  # leases stay 30 s
+    grads = update(model)
+    worker0, worker1 = joined(mesh, address, 0), joined(mesh, address, 1)
+    assert servicer.aggregator.quorum == 2
+
+    worker0.push(grads, header(0, "worker0"))
+    assert servicer.version == 0, "the step waits for worker1"
+    worker1.leave("stopped")  # Ctrl-C on worker1's laptop
+
+    assert servicer.aggregator.quorum == 1 and servicer.version == 1, "no lease to wait out"
+    logged = [e.data.get("message", "") for _, e in servicer.events.follow(
+        0, active=lambda: True, finished=lambda: True)]
+    assert "worker1 left at step 0 (stopped)" in logged
+    worker0.close()
+    worker1.close()
+    servicer.close()
+
+
+def test_a_minimum_of_live_workers_holds_the_run_until_they_are_here(
+    mesh: Mesh, model: ResNet
+) -> None:
+    servicer, address = start_ps(mesh, model, quorum_rule="live", min_live_workers=2)
+    grads = update(model)
+
+    worker0 = joined(mesh, address, 0)
+    worker0.push(grads, header(0, "worker0"))
+    assert servicer.aggregator.quorum == 2 and servicer.version == 0, "held: 1 of 2 live"
+
+    worker1 = joined(mesh, address, 1)
+    worker1.push(grads, header(0, "worker1"))
+    assert servicer.version == 1
+
+    worker1.leave("left after 1 steps")
+    worker0.push(grads, header(1, "worker0"))
+    assert servicer.aggregator.quorum == 2 and servicer.version == 1, "held again"
+    logged = [e.data.get("message", "") for _, e in servicer.events.follow(
+        0, active=lambda: True, finished=lambda: True)]
+    assert any("holding until 1 more worker(s) join" in m for m in logged)
+    worker0.close()
+    worker1.close()
+    servicer.close()
+
+
+def test_a_minimum_needs_the_live_rule_and_enough_workers() -> None:
+    with pytest.raises(ConfigError, match="min_live_workers=2 needs quorum_rule 'live'"):
+        LabConfig(workers=2, min_live_workers=2)
+    with pytest.raises(ConfigError, match="at most the 2 workers"):
+        LabConfig(workers=2, quorum_rule="live", min_live_workers=3)
+
+
 def test_an_unknown_quorum_rule_is_refused() -> None:
     with pytest.raises(ConfigError, match="quorum_rule"):
         LabConfig(quorum_rule="some")

@@ -136,6 +136,8 @@ class ParameterServer(rpc.ParameterServerServicer):
         self.sessions = SessionTable(session_lease_s)
         self.screen = UpdateScreen(options, optimizer, lambda: self._snapshot, self._event)
         self._lock = threading.Lock()
+        #: the live quorum and live count last announced (``_fit_quorum``)
+        self._live_seen: tuple[int, int] = (0, -1)
         self._pull_cache = PullCache()
         #: long calls per role (see MAX_PULLS_PER_ROLE) and how long each may last
         self.pull_quota = StreamQuota(MAX_PULLS_PER_ROLE, "pulls in flight", "pull once at a "
@@ -315,16 +317,24 @@ class ParameterServer(rpc.ParameterServerServicer):
 
     def _fit_quorum(self) -> None:
         """``quorum_rule: live``: K of the workers live now (at least 1, at most the run's K),
-        so a worker that left stops counting once its lease lapses, and one that joins counts
-        from its registration."""
+        so a worker that leaves stops counting at once (Leave) or when its lease lapses, and
+        one that joins counts from its registration. With ``min_live_workers`` M, K is at
+        least M: no step completes while fewer than M are live (the run holds)."""
         if not self.options.live_quorum or self.options.mode is Mode.ASYNC:
             return
         rule = self.options.quorum or self.options.num_workers
-        quorum = max(1, min(rule, self.sessions.live_count()))
+        live = self.sessions.live_count()
+        floor = min(self.options.min_live, self.options.num_workers)
+        quorum = max(1, floor, min(rule, live))
+        with self._lock:
+            changed, self._live_seen = (quorum, live) != self._live_seen, (quorum, live)
         if quorum != self.aggregator.quorum:
             self.aggregator.set_quorum(quorum)
+        if changed:
+            held = (f"; holding until {floor - live} more worker(s) join"
+                    if live < floor else "")
             self._event("log", level="info", message=f"quorum K={quorum} of the live workers "
-                        f"(rule K={rule}) at step {self.version}")
+                        f"(rule K={rule}, {live} live) at step {self.version}{held}")
 
     def _refuse_with(self, context: grpc.ServicerContext, refusal: Refusal, who: str) -> NoReturn:
         self._refuse(context, refusal.code, refusal.message, who)
@@ -552,6 +562,17 @@ class ParameterServer(rpc.ParameterServerServicer):
                 if not kinds or event.kind in kinds:
                     yield pb.Event(seq=seq, kind=event.kind, timestamp=event.time,
                                    source=event.source, payload_json=event_json(event.data))
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> Any:
+        """A worker leaves: it stops counting towards a live quorum now, not when its lease
+        lapses, so the others' next step does not wait for it."""
+        reason = request.reason[:200]
+        with self._session_call(context) as who:
+            self.sessions.leave(who)
+        self._event("log", level="info", message=f"{who} left at step {self.version}"
+                    + (f" ({reason})" if reason else ""), peer=who)
+        self._fit_quorum()
+        return pb.Ack(ok=True, detail="left")
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> Any:
         caller_role(context)

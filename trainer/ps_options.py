@@ -49,6 +49,8 @@ class PsOptions:
     quorum: int | None = None
     #: sync/fedavg: K counts the workers live now (``quorum_rule: live``), capped at K
     live_quorum: bool = False
+    #: with ``live_quorum``: no step completes while fewer workers are live
+    min_live: int = 1
     staleness_bound: int | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     wire_dtype: str = "float32"
@@ -93,6 +95,7 @@ class PsOptions:
             total_steps=total_steps,
             quorum=lab.quorum if lab.aggregation != "async" else None,
             live_quorum=lab.quorum_rule == "live" and lab.aggregation != "async",
+            min_live=lab.min_live_workers,
             staleness_bound=lab.staleness_bound,
             chunk_bytes=lab.chunk_bytes,
             wire_dtype=lab.wire_dtype,

@@ -28,6 +28,10 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="sync/fedavg: contributions per step, from the workers live now (default: all "
         "of them; a worker that leaves stops counting once its session lease lapses)",
     )
+    parser.add_argument(
+        "--min-workers", type=int, default=1, metavar="M",
+        help="no step completes while fewer than M workers are live: training waits for M "
+        "attendees and holds when too many left (default 1: never holds)")
     parser.add_argument("--link-ttl", type=float, default=3600.0, metavar="SECONDS",
                         help="how long the join links are valid (default 3600)")
     parser.set_defaults(handler=_cmd_host)
@@ -44,7 +48,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     with HostedRun(config, address=args.address, slots=args.slots, quorum=args.quorum,
-                   link_ttl_s=args.link_ttl) as run:
+                   min_workers=args.min_workers, link_ttl_s=args.link_ttl) as run:
         print(f"{PROG} host: starting the trust service and ps0 on {args.address} "
               f"({run.config.describe()})", file=sys.stderr)
         links = run.start()

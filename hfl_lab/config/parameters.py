@@ -110,6 +110,10 @@ class LabParameters:
         "joins late counts from its registration; what a hosted run uses)",
         choices=("fixed", "live"),
     )
+    min_live_workers: int = _param(
+        1, "quorum_rule 'live': no step completes while fewer workers are live (a workshop "
+        "that waits for its attendees, and holds when too many left); 1 never holds", ge=1,
+    )
     max_staleness: int | None = _param(
         None, "async: oldest accepted gradient, in versions; default the worker count", ge=0
     )

@@ -73,6 +73,8 @@ class SlotBoard:
             slot = self.slots.get(peer)
             if slot is not None and "registered" in message:
                 return self._set(slot, "joined", message)
+            if slot is not None and " left at step " in message:
+                return self._set(slot, "left", message.split(" ", 1)[1])
             if message.startswith("quorum K="):
                 return message  # who counts changed: a worker joined or its lease lapsed
             return None
@@ -99,7 +101,11 @@ class HostedRun:
     """The trust service and ps0 of one run on ``address``, waiting for ``slots`` joiners."""
 
     def __init__(self, config: LabConfig, *, address: str, slots: int,
-                 quorum: int | None = None, link_ttl_s: float = DEFAULT_TTL_S) -> None:
+                 quorum: int | None = None, min_workers: int = 1,
+                 link_ttl_s: float = DEFAULT_TTL_S) -> None:
+        """``quorum``: K contributions per step from the workers live now (default: all of
+        them); ``min_workers``: no step completes while fewer are live (the run waits for its
+        attendees, and holds when too many left)."""
         if slots < 1:
             raise ConfigError(f"a hosted run needs at least one worker slot, got {slots}.",
                               fix="pass --slots N with N >= 1 (one per attendee).")
@@ -114,6 +120,8 @@ class HostedRun:
                                    "workload_image": "off"}
         if quorum is not None:
             changes["sync_quorum"] = quorum
+        if min_workers != 1:
+            changes["min_live_workers"] = min_workers
         self.config = config.replace(**changes)
         self.link_ttl_s = link_ttl_s
         self.backend = LocalBackend(self.config, listen_host=address, remote_workers=True)
