@@ -4,6 +4,7 @@ and of a trust service whose measurements differ from the link's."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 
 import pytest
@@ -135,3 +136,17 @@ def test_the_joiner_refuses_a_trust_service_naming_the_differing_measurement() -
 def test_a_link_needs_a_positive_lifetime() -> None:
     with pytest.raises(ConfigError, match="lifetime must be positive"):
         _issue(enrollment_key(), ttl_s=0)
+
+
+def test_the_joiners_policy_for_the_host_comes_from_the_link_alone() -> None:
+    from hfl_lab.lab.joining import link_policy  # the lab layer (gRPC, the verifier)
+
+    simulated = link_policy(_issue(enrollment_key()))
+    hardware = link_policy(dataclasses.replace(_issue(enrollment_key()), lab_root_sha256=""))
+
+    assert simulated.allow_simulated and simulated.pccs_url is None
+    assert not hardware.allow_simulated
+    assert hardware.pccs_url == "https://api.trustedservices.intel.com", "Intel's collateral"
+    for policy in (simulated, hardware):
+        assert policy.roles["trust"]["mr_config_id"] == (EXPECT["mr_config_id"],)
+        assert policy.mr_td == (EXPECT["mr_td"],)

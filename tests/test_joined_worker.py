@@ -1,6 +1,7 @@
 """What a joiner refuses to start from before launching anything: documents without a lab
-section, a slot the run lacks, an unreadable bootstrap, a run with hardware evidence (joining
-from a TDX guest is not built yet)."""
+section, a slot the run lacks, an unreadable bootstrap, a hardware run on a machine that is no
+TDX guest; and which evidence it starts its worker with (its slot's simulated keys, or the TDX
+guest's configfs-tsm)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from hfl_lab.trust.enrollment import RunDocuments
 from tests.td_support import PLATFORM
 
 CONFIG = yaml.safe_dump({"deployment": {}, "lab": LabConfig(workers=2).to_dict()})
-BOOT = b'{"platform": "' + PLATFORM.export_secret().hex().encode() + b'"}'
+BOOT = b'{"platform": "' + PLATFORM.for_slot("worker1").export_secret().hex().encode() + b'"}'
 
 
 def documents(config: str = CONFIG, bootstrap: bytes = BOOT) -> RunDocuments:
@@ -29,7 +30,7 @@ def documents(config: str = CONFIG, bootstrap: bytes = BOOT) -> RunDocuments:
     [("worker0", documents(config="just text"), "without a 'lab' section"),
      ("worker2", documents(), "has 2 slots, not worker2"),
      ("worker0", documents(bootstrap=b"{not json"), "bootstrap this joiner cannot read"),
-     ("worker0", documents(bootstrap=b""), "joining a TDX run from a TDX guest")],
+     ("worker0", documents(bootstrap=b""), "this machine is no TDX guest")],
 )
 def test_a_joiner_refuses_documents_it_cannot_start_from(tmp_path: Path, slot: str,
                                                          docs: RunDocuments, words: str) -> None:
@@ -44,4 +45,19 @@ def test_a_joiner_takes_the_platform_from_the_bootstrap(tmp_path: Path) -> None:
 
     assert worker.platform is not None and worker.platform.root_der == PLATFORM.root_der
     assert worker.roles == ["worker1"] and worker.index == 1
-    assert "platform" not in repr(worker).replace("<platform in memory>", "")
+    assert "keys\"" not in repr(worker) and "<slot keys in memory>" in repr(worker)
+    assert worker.evidence == "simulated"
+
+
+def test_a_joiner_of_a_hardware_run_on_a_tdx_guest_quotes_with_configfs_tsm(
+    tmp_path: Path
+) -> None:
+    tsm = tmp_path / "tsm" / "report"  # the kernel's interface, as a TDX guest has it
+    tsm.mkdir(parents=True)
+
+    worker = JoinedWorker("worker1", documents(bootstrap=b""), run_dir=tmp_path / "joiner",
+                          configfs_root=tsm)
+
+    assert worker.platform is None and worker.evidence == "configfs-tsm"
+    assert "configfs-tsm" in repr(worker)
+

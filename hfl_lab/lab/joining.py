@@ -31,6 +31,7 @@ from hfl_lab.trust.client import TrustClient
 __all__ = ["JoinedWorker", "connect_host", "join_run", "link_policy", "verify_host"]
 
 TRUST_ROLE = "trust"
+INTEL_PCS = "https://api.trustedservices.intel.com"
 _FIX_ASK_HOST = ("do not join: ask the host whether its trust service was changed, and get a "
                  "link printed by the running host.")
 
@@ -41,6 +42,9 @@ def link_policy(link: JoinLink) -> AttestationPolicy:
         "tee_type": "TDX",
         "mr_td": [link.trust_measurements["mr_td"]],
         "allow_simulated": bool(link.lab_root_sha256),
+        # a hardware host's quote is checked against Intel's collateral (public, signed by
+        # Intel: any PCCS serves the same); a simulated one against the lab's
+        **({} if link.lab_root_sha256 else {"pccs_url": INTEL_PCS}),
         "allow_debug": False,
         "roles": {TRUST_ROLE: {"mr_config_id": link.trust_measurements["mr_config_id"]}},
     })

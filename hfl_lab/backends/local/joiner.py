@@ -31,6 +31,8 @@ from hfl_lab.backends.local.processes import (
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
 from hfl_lab.tee.policy import SIGNATURE_SUFFIX
+from hfl_lab.tee.providers.configfs_tsm import DEFAULT_ROOT as TSM_ROOT
+from hfl_lab.tee.providers.configfs_tsm import ConfigfsTsmProvider
 from hfl_lab.tee.sim.platform import SimulatedPlatform
 from hfl_lab.trust.enrollment import RunDocuments
 
@@ -44,7 +46,8 @@ class JoinedWorker(ParticipantProcesses):
 
     def __init__(self, slot: str, documents: RunDocuments, *, run_dir: Path,
                  data_path: str | None = None, python: str | None = None,
-                 workload_root: Path | None = None, env: Mapping[str, str] | None = None) -> None:
+                 workload_root: Path | None = None, env: Mapping[str, str] | None = None,
+                 configfs_root: Path = TSM_ROOT) -> None:
         self.slot = slot
         self.index = int(slot.removeprefix("worker"))
         self.run_dir = Path(run_dir).expanduser().resolve()
@@ -60,11 +63,15 @@ class JoinedWorker(ParticipantProcesses):
             raise ConfigError(f"the hosted run has {self.config.workers} slots, not {slot}.",
                               fix="use a link the host printed for this run.")
         self.platform = _platform(documents.bootstrap)
-        if self.platform is None:
+        #: simulated: the slot's keys from the host; hardware: this TDX guest's own quotes
+        self.evidence = "simulated" if self.platform is not None else "configfs-tsm"
+        if self.platform is None and not ConfigfsTsmProvider.available(configfs_root):
             raise ConfigError(
-                "the hosted run sent no lab platform: it runs with hardware evidence, and "
-                "joining a TDX run from a TDX guest (configfs-tsm) is not built yet.",
-                fix="join a simulated run for now (the host's allow_simulated: true).")
+                "the hosted run takes hardware TDX evidence (its host sent no simulated keys), "
+                f"and this machine is no TDX guest: {configfs_root} (configfs-tsm, Linux 6.7+) "
+                "is missing or not writable.",
+                fix="join from a TDX guest (a TD with configfs-tsm mounted), or ask the host "
+                "for a simulated run (allow_simulated: true) to join from a laptop.")
         self._documents = documents
         self.participants: dict[str, ParticipantProcess] = {}
         self._queue: queue.Queue[Any] = queue.Queue()
@@ -74,7 +81,8 @@ class JoinedWorker(ParticipantProcesses):
         self._training_ended = threading.Event()
 
     def __repr__(self) -> str:
-        return f"JoinedWorker({self.slot}, {str(self.run_dir)!r}, <platform in memory>)"
+        keys = "<slot keys in memory>" if self.platform is not None else "configfs-tsm"
+        return f"JoinedWorker({self.slot}, {str(self.run_dir)!r}, {keys})"
 
     @property
     def roles(self) -> list[str]:
@@ -100,7 +108,7 @@ class JoinedWorker(ParticipantProcesses):
         if self.data_path:
             args += ["--data", str(self.data_path)]
         p = ParticipantProcess(self.slot, args, {"HFL_LAB_ROLE": self.slot,
-                                                 "HFL_LAB_EVIDENCE": "simulated"})
+                                                 "HFL_LAB_EVIDENCE": self.evidence})
         self.participants[self.slot] = p
         self._launch(p)
 

@@ -119,7 +119,6 @@ class ParticipantProcesses:
     # ------------------------------------------------------------------ processes
 
     def _launch(self, p: ParticipantProcess) -> None:
-        assert self.platform is not None
         env = dict(os.environ)
         env.update(self.extra_env)
         env.pop(owner.OWNER_SECRET_ENV, None)  # the owner's credential stays with the owner
@@ -153,7 +152,9 @@ class ParticipantProcesses:
                 start_new_session=True,  # own process group: teardown stops it and its children
             )
             p.process = process
-        bootstrap = {"platform": self.platform.export_secret().hex()}
+        # a TDX guest's participant (a joiner of a hardware run) gets an empty bootstrap
+        bootstrap = ({"platform": self.platform.export_secret().hex()}
+                     if self.platform is not None else {})
         p.problem = None
         assert process.stdin is not None
         try:
