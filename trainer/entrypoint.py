@@ -8,6 +8,7 @@ away, and 130 on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -26,6 +27,7 @@ from trainer.participant import (
     MeshSession,
     Participant,
     configure_logging,
+    load_run_policy,
     measured_argv,
     read_bootstrap,
 )
@@ -60,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="a worker (worker<N>)")
     worker.add_argument("--index", type=int, required=True, help="worker index N (0-based)")
     worker.add_argument("--config", required=True, help="the run's participant config file")
+    worker.add_argument("--policy", default=None,
+                        help="the run's signed policy file (default: deployment.policy_path); "
+                        "a joiner of a hosted run keeps its copy in its own folder")
+    worker.add_argument("--data", default=None,
+                        help="this site's CIFAR-10 folder (default: the config's data_path); "
+                        "the data are the site's own, the shard is still chosen by --index")
     add_trust_parser(sub)
     return parser
 
@@ -100,10 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _participant(role: str, args_list: Sequence[str], config: ParticipantConfig,
-                 emitter: Emitter) -> Participant:
+                 emitter: Emitter, policy_path: str | None = None) -> Participant:
     boot = read_bootstrap()
     emitter.lifecycle("starting")
-    return Participant(role, config, measured_argv("trainer", args_list), boot, emitter)
+    policy = load_run_policy(config, policy_path) if policy_path else None
+    return Participant(role, config, measured_argv("trainer", args_list), boot, emitter,
+                       policy=policy)
 
 
 def open_checkpoint_store(
@@ -179,7 +189,10 @@ def run_worker(args: argparse.Namespace, args_list: Sequence[str], emitter: Emit
     run_from_image(role, args_list, config, emitter)  # with an image: pull, exec, no return
     from trainer.serving import build_worker  # lazy: TensorFlow
 
-    participant = _participant(role, args_list, config, emitter)
+    if args.data:
+        # the site's own copy of the data; the measured document (MR_CONFIG_ID) is unchanged
+        config = dataclasses.replace(config, lab=config.lab.replace(data_path=args.data))
+    participant = _participant(role, args_list, config, emitter, args.policy)
     trust = participant.connect_trust()
     session = MeshSession(participant, trust, participant.attest(trust),
                           every_s=config.lab.reattest_every_s)

@@ -136,6 +136,8 @@ class ParameterServer(rpc.ParameterServerServicer):
         self.sessions = SessionTable(session_lease_s)
         self.screen = UpdateScreen(options, optimizer, lambda: self._snapshot, self._event)
         self._lock = threading.Lock()
+        #: the live quorum and live count last announced (``_fit_quorum``)
+        self._live_seen: tuple[int, int] = (0, -1)
         self._pull_cache = PullCache()
         #: long calls per role (see MAX_PULLS_PER_ROLE) and how long each may last
         self.pull_quota = StreamQuota(MAX_PULLS_PER_ROLE, "pulls in flight", "pull once at a "
@@ -313,6 +315,27 @@ class ParameterServer(rpc.ParameterServerServicer):
                 self._refuse_with(context, refusal, caller.role)
             yield caller.role
 
+    def _fit_quorum(self) -> None:
+        """``quorum_rule: live``: K of the workers live now (at least 1, at most the run's K),
+        so a worker that leaves stops counting at once (Leave) or when its lease lapses, and
+        one that joins counts from its registration. With ``min_live_workers`` M, K is at
+        least M: no step completes while fewer than M are live (the run holds)."""
+        if not self.options.live_quorum or self.options.mode is Mode.ASYNC:
+            return
+        rule = self.options.quorum or self.options.num_workers
+        live = self.sessions.live_count()
+        floor = min(self.options.min_live, self.options.num_workers)
+        quorum = max(1, floor, min(rule, live))
+        with self._lock:
+            changed, self._live_seen = (quorum, live) != self._live_seen, (quorum, live)
+        if quorum != self.aggregator.quorum:
+            self.aggregator.set_quorum(quorum)
+        if changed:
+            held = (f"; holding until {floor - live} more worker(s) join"
+                    if live < floor else "")
+            self._event("log", level="info", message=f"quorum K={quorum} of the live workers "
+                        f"(rule K={rule}, {live} live) at step {self.version}{held}")
+
     def _refuse_with(self, context: grpc.ServicerContext, refusal: Refusal, who: str) -> NoReturn:
         self._refuse(context, refusal.code, refusal.message, who)
 
@@ -343,6 +366,7 @@ class ParameterServer(rpc.ParameterServerServicer):
             how = "re-registered with a newer certificate" if superseded else "re-registered"
         self._event("log", level="info", message=f"{name} {how} at step {self.version}",
                     peer=name)
+        self._fit_quorum()
         return pb.RegisterReply(
             worker_id=name,
             aggregation=MODES[self.options.mode],
@@ -387,6 +411,7 @@ class ParameterServer(rpc.ParameterServerServicer):
                 self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                              f"step {wanted} did not come within {self.max_pull_wait_s:g} s (the "
                              f"PS is at step {self.version}); pull again", who)
+            self._fit_quorum()  # a worker that left must not hold this step
             self.aggregator.wait_for_version(wanted, timeout=min(0.5, left))
         wire = request.wire_dtype or WIRE[self.options.wire_dtype]
         if wire not in WIRE_NAMES:
@@ -537,6 +562,17 @@ class ParameterServer(rpc.ParameterServerServicer):
                 if not kinds or event.kind in kinds:
                     yield pb.Event(seq=seq, kind=event.kind, timestamp=event.time,
                                    source=event.source, payload_json=event_json(event.data))
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> Any:
+        """A worker leaves: it stops counting towards a live quorum now, not when its lease
+        lapses, so the others' next step does not wait for it."""
+        reason = request.reason[:200]
+        with self._session_call(context) as who:
+            self.sessions.leave(who)
+        self._event("log", level="info", message=f"{who} left at step {self.version}"
+                    + (f" ({reason})" if reason else ""), peer=who)
+        self._fit_quorum()
+        return pb.Ack(ok=True, detail="left")
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> Any:
         caller_role(context)

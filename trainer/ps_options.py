@@ -47,6 +47,10 @@ class PsOptions:
     num_workers: int
     total_steps: int
     quorum: int | None = None
+    #: sync/fedavg: K counts the workers live now (``quorum_rule: live``), capped at K
+    live_quorum: bool = False
+    #: with ``live_quorum``: no step completes while fewer workers are live
+    min_live: int = 1
     staleness_bound: int | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     wire_dtype: str = "float32"
@@ -90,6 +94,8 @@ class PsOptions:
             num_workers=lab.workers,
             total_steps=total_steps,
             quorum=lab.quorum if lab.aggregation != "async" else None,
+            live_quorum=lab.quorum_rule == "live" and lab.aggregation != "async",
+            min_live=lab.min_live_workers,
             staleness_bound=lab.staleness_bound,
             chunk_bytes=lab.chunk_bytes,
             wire_dtype=lab.wire_dtype,

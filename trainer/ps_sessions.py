@@ -100,6 +100,7 @@ class WorkerRecord:
     last_version: int = 0
     last_seen: float = field(default_factory=time.time)
     released: bool = False  # was told that training finished
+    left: bool = False  # said it leaves (Leave): no longer counts as live
 
 
 def caller_identity(context: grpc.ServicerContext) -> Caller:
@@ -233,6 +234,20 @@ class SessionTable:
     def all_released(self) -> bool:
         with self._lock:
             return all(r.released for r in self._workers.values())
+
+    def live_count(self) -> int:
+        """Registered workers that are still here: not told the run finished, not left, and
+        calling (a call in flight, or one within the lease)."""
+        with self._lock:
+            return sum(1 for r in self._workers.values()
+                       if not r.released and not r.left and r.session.live(self.lease_s))
+
+    def leave(self, who: str) -> None:
+        """``who`` left the run: it stops counting as live now (a rejoin registers anew)."""
+        with self._lock:
+            record = self._workers.get(who)
+            if record is not None:
+                record.left = True
 
     def records(self) -> list[WorkerRecord]:
         """A snapshot of the registered workers (for the Status RPC)."""

@@ -23,8 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hfl_lab._exceptions import ConfigError
-from hfl_lab.tee.policy import AttestationPolicy
+from hfl_lab.tee.policy import SIGNATURE_SUFFIX, AttestationPolicy
 from hfl_lab.trust.broker import DEFAULT_APP_ID
+from hfl_lab.trust.enrollment import EnrollmentDesk, RunDocuments
 from hfl_lab.trust.service import TrustService, serve
 from hfl_lab.vault.keyrelease import VOLUME_SECRET_NAME, check_release_policy
 from hfl_lab.vault.model_vault import new_passphrase
@@ -91,6 +92,7 @@ def run_trust(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitt
         on_event=emitter.emit,
         cert_lifetime_s=config.lab.cert_lifetime_s,
         state_path=Path(args.state) if args.state else None,
+        enrollment=EnrollmentDesk(_run_documents(args), boot.platform),
     )
     me.identity.make_certificate(me.provider, subject_cn="trust", role="trust")
     address_host = config.deployment.trust_address.rpartition(":")[0]
@@ -114,6 +116,17 @@ def run_trust(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitt
         server.stop(1).wait()
     emitter.lifecycle("exited", detail=f"issued {service.issued} mesh certificates")
     return 0
+
+
+def _run_documents(args: argparse.Namespace) -> RunDocuments:
+    """What a joiner of a hosted run receives: the config and policy this service started
+    with, byte for byte (the enrollment desk adds, in a simulated run, keys for its slot)."""
+    signature = Path(args.policy + SIGNATURE_SUFFIX)
+    return RunDocuments(
+        config_yaml=Path(args.config).read_text(encoding="utf-8"),
+        policy_yaml=Path(args.policy).read_text(encoding="utf-8"),
+        policy_signature=signature.read_text().strip() if signature.exists() else "",
+    )
 
 
 def _generate_volume_passphrase(service: TrustService, release: AttestationPolicy,

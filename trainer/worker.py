@@ -136,6 +136,10 @@ class PsConnection:
     def close(self) -> None:
         self.channel.close()
 
+    def leave(self, reason: str, timeout_s: float = 5.0) -> None:
+        """Tell the PS this worker leaves the run (it stops counting towards the quorum)."""
+        self.stub.Leave(pb.LeaveRequest(reason=reason), timeout=timeout_s)
+
     def register(self, name: str, index: int) -> pb.RegisterReply:
         reply: pb.RegisterReply = self.stub.Register(
             pb.RegisterRequest(role="worker", name=name, worker_index=index),
@@ -326,6 +330,37 @@ class Worker:
     # -- training --------------------------------------------------------------------------
 
     def run(self) -> WorkerSummary:
+        """Train until the PS says the run is over (or ``max_steps``); on Ctrl-C/SIGTERM
+        (KeyboardInterrupt) or ``max_steps`` tell the PS this worker leaves, so a live quorum
+        stops waiting for it at once."""
+        try:
+            summary = self._run()
+        except KeyboardInterrupt:
+            self._leave("stopped")
+            raise
+        if self.max_steps is not None and len(summary.steps) >= self.max_steps \
+                and not summary.finished:
+            self._leave(f"left after {len(summary.steps)} steps")
+        if self._conn is not None:
+            self._conn.close()
+        return summary
+
+    def _leave(self, reason: str) -> None:
+        self._drop_prefetched()
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            conn.leave(reason)
+        except grpc.RpcError as e:  # the PS is gone or the run is over: nothing to tell
+            log.info("%s: could not tell the PS it leaves (%s)", self.name, e.code().name)
+        else:
+            self._event("log", level="info", message=f"{self.name} left the run ({reason})")
+        finally:
+            conn.close()
+            self._conn = None
+
+    def _run(self) -> WorkerSummary:
         self._conn = self._reconnect("starting", first=True)
         assert self._reply is not None
         mode = _MODE_NAMES.get(self._reply.aggregation, "sync")
@@ -368,8 +403,6 @@ class Worker:
                 break
         self.summary.final_version = next_version
         self._drop_prefetched()
-        if self._conn is not None:
-            self._conn.close()
         return self.summary
 
     def _drop_prefetched(self) -> None:

@@ -126,6 +126,18 @@ def _register_check(parser: argparse.ArgumentParser) -> None:
     register(parser)
 
 
+def _register_host(parser: argparse.ArgumentParser) -> None:
+    from hfl_lab.cli.host import register  # lazy, and a cycle: see above
+
+    register(parser)
+
+
+def _register_join(parser: argparse.ArgumentParser) -> None:
+    from hfl_lab.cli.join import register  # lazy, and a cycle: see above
+
+    register(parser)
+
+
 def _register_lab(parser: argparse.ArgumentParser) -> None:
     from hfl_lab.cli.lab import register  # lazy, and a cycle: see above
 
@@ -144,6 +156,16 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         _register_check,
     ),
     Subcommand("lab", "start JupyterLab on the lab's notebooks", _register_lab),
+    Subcommand(
+        "host",
+        "host a cross-silo run: trust service and ps0 on an address, one join link per slot",
+        _register_host,
+    ),
+    Subcommand(
+        "join",
+        "join a hosted run with one worker TD: verify the host, attest, train, Ctrl-C leaves",
+        _register_join,
+    ),
     Subcommand(
         "attest",
         "would the lab trust this evidence? verify, show, endpoint, policy",

@@ -96,6 +96,13 @@ class LabConfig(LabParameters, metaclass=_ValidatingMeta):
                 f"sync_quorum must be ≤ workers ({self.workers}), got {self.sync_quorum}.",
                 fix=f"use a quorum from 1 to {self.workers}, or None for all workers.",
             )
+        if self.min_live_workers > 1 and (self.quorum_rule != "live"
+                                          or self.min_live_workers > self.workers):
+            raise ConfigError(
+                f"min_live_workers={self.min_live_workers} needs quorum_rule 'live' and at most "
+                f"the {self.workers} workers (quorum_rule is {self.quorum_rule!r}).",
+                fix="set quorum_rule: live (a hosted run does) and min_live_workers <= workers.",
+            )
         self._check_robustness()
         if (self.lr_boundaries is None) != (self.lr_values is None):
             raise ConfigError(

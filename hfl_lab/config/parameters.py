@@ -104,6 +104,16 @@ class LabParameters:
     sync_quorum: int | None = _param(
         None, "K of N: contributions per update (sync/fedavg); default all workers", ge=1
     )
+    quorum_rule: str = _param(
+        "fixed", "sync/fedavg: K of the N workers per update ('fixed'), or of the workers live "
+        "now, K capped at their number ('live': one that leaves never stalls the run, one that "
+        "joins late counts from its registration; what a hosted run uses)",
+        choices=("fixed", "live"),
+    )
+    min_live_workers: int = _param(
+        1, "quorum_rule 'live': no step completes while fewer workers are live (a workshop "
+        "that waits for its attendees, and holds when too many left); 1 never holds", ge=1,
+    )
     max_staleness: int | None = _param(
         None, "async: oldest accepted gradient, in versions; default the worker count", ge=0
     )

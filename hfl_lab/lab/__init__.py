@@ -7,6 +7,7 @@
     04 training             run_training(config)
     05 retrieval            session_run(config), ensure_trained(...), retrieve_and_evaluate(...)
     06 attacks & defenses   run_attacks(trust), AttestationBoard(folder)
+    hfl-lab host / join     HostedRun(config, address=..., slots=N).start(), join_run(link)
     hfl-lab run             run_lab(config)
 """
 
@@ -15,6 +16,7 @@ from hfl_lab.lab.attacks import ATTACKS, AttackOutcome, AttackReport, run_attack
 from hfl_lab.lab.board import AttestationBoard
 from hfl_lab.lab.coco import CocoPlan, coco_stack
 from hfl_lab.lab.image import ImageReport, measure_image
+from hfl_lab.lab.joining import join_run
 from hfl_lab.lab.notebook import Table, brief_errors, show, show_image
 from hfl_lab.lab.preflight import PreflightReport, run_preflight
 from hfl_lab.lab.retrieval import RetrievalReport, retrieve_and_evaluate
@@ -22,6 +24,7 @@ from hfl_lab.lab.sequence import NOTEBOOKS, LabRun, run_lab
 from hfl_lab.lab.session import session_run
 from hfl_lab.lab.training import TrainingOutcome, ensure_trained, run_training
 from hfl_lab.lab.trust import LabTrustService, VerdictView, VolumeReport, create_model_volume
+from hfl_lab.lab.workshop import HostedRun
 
 __all__ = [
     "ATTACKS",
@@ -30,6 +33,7 @@ __all__ = [
     "AttackReport",
     "AttestationBoard",
     "CocoPlan",
+    "HostedRun",
     "ImageReport",
     "LabRun",
     "LabTrustService",
@@ -44,6 +48,7 @@ __all__ = [
     "create_backend",
     "create_model_volume",
     "ensure_trained",
+    "join_run",
     "measure_image",
     "retrieve_and_evaluate",
     "run_attacks",

@@ -25,7 +25,7 @@ from hfl_lab.tee.evidence import Evidence
 from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.quote import Quote
 from hfl_lab.tee.reports import TdReport10, td_attribute_flags
-from hfl_lab.tee.sim.platform import SIMULATED_MARKER
+from hfl_lab.tee.sim.platform import SIMULATED_MARKER, slot_of
 from hfl_lab.tee.verdict import Verdict
 
 _REFERENCE_FIELDS = ("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_seam", "mr_config_id", "xfam")
@@ -152,6 +152,8 @@ class Verifier:
         self._check_tee_type(verdict, quote)
         self._check_simulated(verdict, lab_signed)
         report = self._check_dcap(verdict, quote, evidence, lab_signed, now_s)
+        if lab_signed:
+            self._check_slot(verdict, quote, role)
         self._check_tcb(verdict, report)
         if isinstance(quote.body, TdReport10):
             td = quote.body
@@ -173,6 +175,22 @@ class Verifier:
         except QuoteFormatError:
             return None
         return certs[-1].public_bytes(serialization.Encoding.DER) if certs else None
+
+    @staticmethod
+    def _check_slot(v: Verdict, quote: Quote, role: str | None) -> None:
+        """A joiner's simulated PCK certificate names the one participant it may attest as
+        (issue 23): its evidence is refused for any other role, or for none."""
+        try:
+            certs = quote.signature_data.pck_certificates()
+        except QuoteFormatError:
+            return  # no chain: the dcap check has refused it already
+        slot = slot_of(certs[0]) if certs else None
+        if slot is None:
+            return
+        v.add("slot", role == slot, f"evidence for {role or '(no role)'}",
+              f"a joiner's key for {slot} only",
+              "" if role == slot else f"signed with the simulated key enrolled for {slot}: "
+              f"accepted for {slot} alone, never as {role or 'an unnamed role'}")
 
     @staticmethod
     def _check_tee_type(v: Verdict, quote: Quote) -> None:

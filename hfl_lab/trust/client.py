@@ -22,6 +22,7 @@ from hfl_lab.tee.policy import AttestationPolicy
 from hfl_lab.tee.verdict import Verdict
 from hfl_lab.tee.verifier import Verifier
 from hfl_lab.trust.broker import release_context
+from hfl_lab.trust.enrollment import RunDocuments
 from hfl_lab.trust.owner_gate import admin_metadata
 from hfl_lab.trust.proto import trust_pb2 as pb
 from hfl_lab.trust.proto import trust_pb2_grpc as rpc
@@ -215,6 +216,20 @@ class TrustClient(ClosingContext):
             ),
             metadata=admin_metadata(admin_token),
         )
+
+    def open_enrollment(self, enrollment_key: bytes, admin_token: bytes) -> None:
+        """The owner: honour join links MAC'd with ``enrollment_key`` (a hosted run)."""
+        self._call(self.stub.OpenEnrollment,
+                   pb.OpenEnrollmentRequest(enrollment_key=enrollment_key),
+                   metadata=admin_metadata(admin_token))
+
+    def enroll(self, join_link: str) -> RunDocuments:
+        """A joiner: present the link, receive the run's documents (see
+        :mod:`hfl_lab.trust.enrollment`)."""
+        reply = self._call(self.stub.Enroll, pb.EnrollRequest(join_link=join_link))
+        return RunDocuments(config_yaml=reply.config_yaml, policy_yaml=reply.policy_yaml,
+                            policy_signature=reply.policy_signature,
+                            bootstrap=bytes(reply.bootstrap))
 
     def audit(self, admin_token: bytes, since: int = 0) -> Iterator[dict[str, Any]]:
         stream = self.stub.ReadAudit(

@@ -34,6 +34,7 @@ from hfl_lab.tee.verdict import Verdict
 from hfl_lab.tee.verifier import Verifier
 from hfl_lab.trust.audit import AuditLog
 from hfl_lab.trust.broker import REQUESTER_ROLE, KeyBroker
+from hfl_lab.trust.enrollment import EnrollmentDesk
 from hfl_lab.trust.mesh_ca import MeshCA
 from hfl_lab.trust.nonces import (
     CHALLENGE_BURST,
@@ -75,6 +76,7 @@ MAX_KEY_BYTES = 1024
 MAX_NONCE_BYTES = 64
 MAX_SECRET_BYTES = 64 * 1024
 MAX_POLICY_CHARS = 256 * 1024
+MAX_JOIN_LINK_CHARS = 4096
 #: the largest request the service reads at all; gRPC refuses bigger ones unread
 MAX_REQUEST_BYTES = 1 << 20
 #: who may report a model volume's checkpoint head: the parameter server
@@ -125,6 +127,7 @@ class TrustService(rpc.TrustServiceServicer):
         min_state_counter: int | None = None,
         challenges_per_s: float = CHALLENGES_PER_S,
         challenge_burst: int = CHALLENGE_BURST,
+        enrollment: EnrollmentDesk | None = None,
     ) -> None:
         """With ``admin_token`` the service is provisioned from the start (in-process use);
         without it, ``policy_key`` (the owner's public key from the measured config) names the
@@ -134,6 +137,8 @@ class TrustService(rpc.TrustServiceServicer):
         has seen (see :mod:`hfl_lab.trust.sealed`); a state file with a lower one is refused as
         rolled back."""
         self.gate = OwnerGate(admin_token, policy_key)
+        #: join links of a hosted run (None: this service hands joiners nothing)
+        self.enrollment = enrollment
         self.on_provisioned = on_provisioned
         self.policy = policy
         self.lab_root_der = lab_root_der
@@ -423,6 +428,42 @@ class TrustService(rpc.TrustServiceServicer):
             if not request.follow or not context.is_active():
                 return
             time.sleep(0.2)
+
+    def OpenEnrollment(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._require_admin(context, "open_enrollment")
+        if self.enrollment is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this trust service was started without an enrollment desk. Fix: "
+                          "start it through the local backend (hfl-lab host)")
+        try:
+            self.enrollment.open(bytes(request.enrollment_key))
+        except HflLabError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"enrollment refused: {e}")
+        self.audit.record("open_enrollment", subject="owner", allowed=True,
+                          reason="join links MAC'd with the host's key are honoured")
+        return pb.AdminReply(ok=True, detail="enrollment open")
+
+    def Enroll(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """A joiner's link → the run's documents; every answer is audited, no secret logged."""
+        self._require_provisioned(context)
+        self._check_sizes(context, "enroll", "anonymous",
+                          join_link=(request.join_link, MAX_JOIN_LINK_CHARS))
+        if self.enrollment is None:
+            self._deny(context, grpc.StatusCode.FAILED_PRECONDITION, "anonymous", "enroll",
+                       "this trust service takes no joiners: its run is not hosted. Fix: ask "
+                       "the host for a link of a run started with `hfl-lab host`")
+        try:
+            link, documents = self.enrollment.enroll(request.join_link)
+        except HflLabError as e:
+            self._deny(context, grpc.StatusCode.PERMISSION_DENIED, "anonymous", "enroll",
+                       f"join link refused: {e}")
+        self.audit.record("enroll", subject=link.slot, allowed=True,
+                          reason=f"join link for {link.slot} (code {link.code[:6]}...) accepted; "
+                          "the worker must still attest")
+        return pb.EnrollReply(slot=link.slot, config_yaml=documents.config_yaml,
+                              policy_yaml=documents.policy_yaml,
+                              policy_signature=documents.policy_signature,
+                              bootstrap=documents.bootstrap)
 
     def _deny(self, context: grpc.ServicerContext, code: grpc.StatusCode, subject: str,
               action: str, reason: str) -> NoReturn:

@@ -103,6 +103,10 @@ def test_an_unprovisioned_service_serves_nothing(waiting: Unprovisioned) -> None
             "RegisterSecret": code_of(lambda: stub.RegisterSecret(
                 pb.RegisterSecretRequest(app_id="a", name="b", secret=b"s"),
                 metadata=admin_metadata(TOKEN))),
+            "OpenEnrollment": code_of(lambda: stub.OpenEnrollment(
+                pb.OpenEnrollmentRequest(enrollment_key=b"k" * 32),
+                metadata=admin_metadata(TOKEN))),
+            "Enroll": code_of(lambda: stub.Enroll(pb.EnrollRequest(join_link="hfl-join:x"))),
         }
     held = all(c == grpc.StatusCode.UNAVAILABLE for c in codes.values())
     record("R8", "calls to a trust service its owner has not provisioned", tried=len(codes),

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ipaddress
 import os
 import queue
 import signal
@@ -104,6 +105,8 @@ class LocalBackend(ParticipantProcesses, OwnerSide, WorkloadImageSide):
         workload_root: Path | None = None,
         env: Mapping[str, str] | None = None,
         connect_timeout_s: float = 120.0,
+        listen_host: str = "127.0.0.1",
+        remote_workers: bool = False,
     ) -> None:
         if config.backend != "local":
             raise ConfigError(
@@ -116,6 +119,10 @@ class LocalBackend(ParticipantProcesses, OwnerSide, WorkloadImageSide):
         self.workload_root = workload_root or WORKLOAD_ROOT
         self.extra_env = dict(env or {})
         self.connect_timeout_s = connect_timeout_s
+        #: the address the trust service and ps0 listen on and are reached at; a hosted run
+        #: (``hfl-lab host``) names one that joiners on other machines reach
+        self.listen_host = _check_listen_host(listen_host)
+        self.remote_workers = remote_workers
         self.platform: SimulatedPlatform | None = None
         #: the owner's admin credential for the trust service (memory only), derived from the
         #: session's owner secret and this run's public salt (see hfl_lab.owner) in prepare()
@@ -197,11 +204,12 @@ class LocalBackend(ParticipantProcesses, OwnerSide, WorkloadImageSide):
         # public: what the owner's trusted node needs to verify ps0's evidence offline
         AttestedSigners.write_platform(self.trust_dir, self.platform.root_der,
                                        self.platform.collateral_json)
-        trust_port, ps_port = free_port(), free_port()
+        host = self.listen_host
+        trust_port, ps_port = free_port(host), free_port(host)
         while ps_port == trust_port:
-            ps_port = free_port()
-        self.trust_address = f"127.0.0.1:{trust_port}"
-        self.ps_address = f"127.0.0.1:{ps_port}"
+            ps_port = free_port(host)
+        self.trust_address = f"{host}:{trust_port}"
+        self.ps_address = f"{host}:{ps_port}"
         image = {}
         if self.image_enabled():
             self._put(startup_event("publishing the workload image (build, encrypt, sign, push)"))
@@ -237,7 +245,8 @@ class LocalBackend(ParticipantProcesses, OwnerSide, WorkloadImageSide):
                 root=self.workload_root,
             )
             env = {"HFL_LAB_ROLE": role, "HFL_LAB_EVIDENCE": "simulated"}
-            self.participants[role] = ParticipantProcess(role, args, env)
+            if role in self.roles:  # a hosted run's worker slots are measured, not launched
+                self.participants[role] = ParticipantProcess(role, args, env)
         if self.config.policy_path:
             self.policy = AttestationPolicy.load(self.config.policy_path)
         else:
@@ -393,3 +402,22 @@ class LocalBackend(ParticipantProcesses, OwnerSide, WorkloadImageSide):
         self._stop_registry()
         self._queue.put(END_OF_EVENTS)
         atexit.unregister(self.teardown)
+
+
+def _check_listen_host(host: str) -> str:
+    """An IPv4 address to listen on and to be reached at (it goes into every join link)."""
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ConfigError(
+            f"the listen address must be an IPv4 address, got {host!r}.",
+            fix="name this machine's address on the network the joiners use, e.g. "
+            "--address 192.168.1.20 (`ip -4 addr` lists them).",
+        ) from None
+    if address.is_unspecified:
+        raise ConfigError(
+            f"the listen address {host} is not an address a joiner can reach.",
+            fix="name this machine's address on the joiners' network (`ip -4 addr` lists "
+            "them); the join links carry it.",
+        )
+    return str(address)

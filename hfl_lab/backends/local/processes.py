@@ -101,8 +101,15 @@ class ParticipantProcesses:
     # provided by OwnerSide: verify the trust service, hand it the owner's credential
     _provision_trust: Callable[[ParticipantProcess], None]
 
+    #: hosted run (``hfl-lab host``): the worker slots are filled by joiners over the network,
+    #: so this backend launches the trust service and ps0 only
+    remote_workers: bool = False
+
     @property
     def roles(self) -> list[str]:
+        """The participants this backend launches and waits for."""
+        if self.remote_workers:
+            return ["trust", "ps0"]
         return ["trust", "ps0", *(f"worker{i}" for i in range(self.config.workers))]
 
     @property
@@ -112,7 +119,6 @@ class ParticipantProcesses:
     # ------------------------------------------------------------------ processes
 
     def _launch(self, p: ParticipantProcess) -> None:
-        assert self.platform is not None
         env = dict(os.environ)
         env.update(self.extra_env)
         env.pop(owner.OWNER_SECRET_ENV, None)  # the owner's credential stays with the owner
@@ -146,7 +152,9 @@ class ParticipantProcesses:
                 start_new_session=True,  # own process group: teardown stops it and its children
             )
             p.process = process
-        bootstrap = {"platform": self.platform.export_secret().hex()}
+        # a TDX guest's participant (a joiner of a hardware run) gets an empty bootstrap
+        bootstrap = ({"platform": self.platform.export_secret().hex()}
+                     if self.platform is not None else {})
         p.problem = None
         assert process.stdin is not None
         try:

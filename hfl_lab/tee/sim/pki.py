@@ -17,13 +17,16 @@ from hfl_lab.tee.sgx_extension import SGX_EXTENSION_OID, PckExtension
 ORG = "HFL-TDX Lab (SIMULATED TD, not secure)"
 
 
-def name(common_name: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
-        ]
-    )
+def name(common_name: str, pseudonym: str | None = None) -> x509.Name:
+    """A lab name; ``pseudonym`` (X.520 pseudonym) names the one participant a joiner's PCK
+    certificate may attest as."""
+    attributes = [
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
+    ]
+    if pseudonym is not None:
+        attributes.append(x509.NameAttribute(NameOID.PSEUDONYM, pseudonym))
+    return x509.Name(attributes)
 
 
 def _builder(
@@ -65,9 +68,10 @@ def leaf_certificate(
     issuer_key: ec.EllipticCurvePrivateKey,
     validity: tuple[dt.datetime, dt.datetime],
     pck_extension: PckExtension | None = None,
+    pseudonym: str | None = None,
 ) -> x509.Certificate:
     """A signing leaf: a TCB signing certificate, or a PCK certificate with the SGX extension."""
-    builder = _builder(name(subject), issuer_cert.subject, public_key, *validity)
+    builder = _builder(name(subject, pseudonym), issuer_cert.subject, public_key, *validity)
     builder = builder.add_extension(
         x509.BasicConstraints(ca=False, path_length=None), critical=True
     ).add_extension(_leaf_usage(), critical=True)

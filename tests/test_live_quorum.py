@@ -1,0 +1,162 @@
+"""Membership that changes during a run (issue 23 item 4): with ``quorum_rule: live`` sync
+aggregation takes K of the workers live now, so a worker that joins late counts from its
+registration and one that leaves stops holding the step once its lease lapses; with the
+default ``fixed`` rule the step waits for K of N whoever is there."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hfl_lab import ConfigError
+from hfl_lab.config import LabConfig
+from tests.mesh_support import Mesh, mesh_fixture
+from trainer.model import ResNet
+from trainer.proto import parameter_server_pb2 as pb
+from trainer.ps import ParameterServer
+from trainer.serving import model_specs, parameter_server
+from trainer.worker import PsConnection
+
+
+@pytest.fixture(scope="module")
+def model() -> ResNet:
+    return ResNet(8, seed=0)
+
+
+@pytest.fixture()
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    yield from mesh_fixture(tmp_path, workers=2)
+
+
+def start_ps(mesh: Mesh, model: ResNet, **params: Any) -> tuple[ParameterServer, str]:
+    config = LabConfig.profile("quick", depth=8, workers=2, steps=10, eval_every=0,
+                               checkpoint_every=0, **params)
+    servicer = parameter_server(config, num_train=1000, model=model)
+    return servicer, mesh.serve(servicer, num_workers=2)
+
+
+def update(model: ResNet) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {s.name: (rng.standard_normal(s.shape) * 0.01).astype(np.float32)
+            for s in model_specs(model)}
+
+
+def header(version: int, worker: str) -> pb.StreamHeader:
+    return pb.StreamHeader(kind=pb.UPDATE_KIND_GRADIENTS, model_version=version,
+                           worker_id=worker, num_samples=8)
+
+
+def joined(mesh: Mesh, address: str, index: int) -> PsConnection:
+    conn = PsConnection(mesh.connect(f"worker{index}", address)())
+    conn.register(f"worker{index}", index)
+    return conn
+
+
+def test_the_fixed_rule_waits_for_a_worker_that_has_not_joined(
+    mesh: Mesh, model: ResNet
+) -> None:
+    servicer, address = start_ps(mesh, model)  # K = N = 2, fixed
+    worker0 = joined(mesh, address, 0)
+
+    reply, _, _ = worker0.push(update(model), header(0, "worker0"))
+
+    assert reply.accepted and servicer.version == 0, "the step waits for worker1"
+    assert servicer.aggregator.quorum == 2
+    worker0.close()
+    servicer.close()
+
+
+def test_the_live_rule_counts_who_is_here_as_workers_join_and_leave(
+    mesh: Mesh, model: ResNet
+) -> None:
+    servicer, address = start_ps(mesh, model, quorum_rule="live")  # K = N = 2, live
+    grads = update(model)
+
+    # alone at first: K is 1, worker0's step completes by itself
+    worker0 = joined(mesh, address, 0)
+    assert servicer.aggregator.quorum == 1
+    reply, _, _ = worker0.push(grads, header(0, "worker0"))
+    assert reply.accepted and servicer.version == 1
+
+    # worker1 joins late: K is 2 again, the step waits for both
+    worker1 = joined(mesh, address, 1)
+    assert servicer.aggregator.quorum == 2
+    worker0.push(grads, header(1, "worker0"))
+    assert servicer.version == 1
+    worker1.push(grads, header(1, "worker1"))
+    assert servicer.version == 2
+
+    # worker1 leaves (goes quiet): once its lease lapses the step no longer waits for it;
+    # worker0's pull waits on the PS's condition, no sleep here
+    servicer.sessions.lease_s = 0.3
+    worker0.push(grads, header(2, "worker0"))
+    pulled = worker0.pull("worker0", 3, model_specs(model))
+
+    assert pulled.version == 3
+    assert servicer.aggregator.quorum == 1
+    logged = [e.data.get("message", "") for _, e in servicer.events.follow(
+        0, active=lambda: True, finished=lambda: True)]
+    assert any("quorum K=1 of the live workers" in m for m in logged)
+    worker0.close()
+    worker1.close()
+    servicer.close()
+
+
+def test_a_worker_that_leaves_stops_counting_at_once(mesh: Mesh, model: ResNet) -> None:
+    servicer, address = start_ps(mesh, model, quorum_rule="live")  # leases stay 30 s
+    grads = update(model)
+    worker0, worker1 = joined(mesh, address, 0), joined(mesh, address, 1)
+    assert servicer.aggregator.quorum == 2
+
+    worker0.push(grads, header(0, "worker0"))
+    assert servicer.version == 0, "the step waits for worker1"
+    worker1.leave("stopped")  # Ctrl-C on worker1's laptop
+
+    assert servicer.aggregator.quorum == 1 and servicer.version == 1, "no lease to wait out"
+    logged = [e.data.get("message", "") for _, e in servicer.events.follow(
+        0, active=lambda: True, finished=lambda: True)]
+    assert "worker1 left at step 0 (stopped)" in logged
+    worker0.close()
+    worker1.close()
+    servicer.close()
+
+
+def test_a_minimum_of_live_workers_holds_the_run_until_they_are_here(
+    mesh: Mesh, model: ResNet
+) -> None:
+    servicer, address = start_ps(mesh, model, quorum_rule="live", min_live_workers=2)
+    grads = update(model)
+
+    worker0 = joined(mesh, address, 0)
+    worker0.push(grads, header(0, "worker0"))
+    assert servicer.aggregator.quorum == 2 and servicer.version == 0, "held: 1 of 2 live"
+
+    worker1 = joined(mesh, address, 1)
+    worker1.push(grads, header(0, "worker1"))
+    assert servicer.version == 1
+
+    worker1.leave("left after 1 steps")
+    worker0.push(grads, header(1, "worker0"))
+    assert servicer.aggregator.quorum == 2 and servicer.version == 1, "held again"
+    logged = [e.data.get("message", "") for _, e in servicer.events.follow(
+        0, active=lambda: True, finished=lambda: True)]
+    assert any("holding until 1 more worker(s) join" in m for m in logged)
+    worker0.close()
+    worker1.close()
+    servicer.close()
+
+
+def test_a_minimum_needs_the_live_rule_and_enough_workers() -> None:
+    with pytest.raises(ConfigError, match="min_live_workers=2 needs quorum_rule 'live'"):
+        LabConfig(workers=2, min_live_workers=2)
+    with pytest.raises(ConfigError, match="at most the 2 workers"):
+        LabConfig(workers=2, quorum_rule="live", min_live_workers=3)
+
+
+def test_an_unknown_quorum_rule_is_refused() -> None:
+    with pytest.raises(ConfigError, match="quorum_rule"):
+        LabConfig(quorum_rule="some")
