@@ -176,3 +176,24 @@ def test_more_stand_ins_than_slots_are_refused_before_any_starts(tmp_path: Path)
     with pytest.raises(ConfigError, match="count >= 0"):
         LocalJoiners.start(run, -1, folder=tmp_path)  # type: ignore[arg-type]
     assert not list(tmp_path.iterdir())
+
+
+def test_with_a_front_end_the_participants_table_is_a_widget_that_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hfl_lab.dashboard import frontend
+
+    shown: list[object] = []
+    monkeypatch.setattr(frontend, "display", lambda obj, **kw: shown.append(obj))
+    board = SlotBoard.for_slots(2)
+    dashboard = WorkshopDashboard(tmp_path, board, total_steps=10, interactive=True)
+    table = dashboard._table
+    before = table.value
+
+    for event in _hosted_run_events()[:6]:  # up to worker1's refusal
+        dashboard.feed(event)
+    dashboard.close()
+
+    assert table in shown and "hand out the join links" in before
+    assert "worker1" in table.value and "expected f1bccc69…, got 8d7e4a54…" in table.value
+    assert "#ffebe9" in table.value  # the refused row stands out
