@@ -242,7 +242,7 @@ def watch_workshop(run: HostedRun, joiners: LocalJoiners | None = None, *,
     accuracy = (done.get("evaluation") or {}).get("accuracy")
     metrics = state.to_metrics()
     outcome = WorkshopOutcome(
-        Path(config.run_dir), steps, done.get("version"), time.monotonic() - began,
+        Path(config.run_dir).resolve(), steps, done.get("version"), time.monotonic() - began,
         global_loss, float(accuracy) if isinstance(accuracy, int | float) else None,
         run.board.rows(), list(run.board.refusals), len(state.attestations),
         len(state.refused), state.simulated,
