@@ -117,8 +117,13 @@ def test_the_headless_dashboard_is_readable_text_and_writes_the_run_record(
 
     with WorkshopDashboard(tmp_path, board, total_steps=10, interactive=False,
                            stream=out) as dashboard:
-        dashboard.feed_all(_hosted_run_events())
+        events = _hosted_run_events()
+        dashboard.feed_all(events[:4])  # the services are up, nobody has joined
+        waiting = dashboard._status()
+        dashboard.feed_all(events[4:])
     text = out.getvalue()
+
+    assert waiting == "waiting for joiners (0 of 2 slots taken)"
 
     assert "● worker0: attested (evidence accepted)" in text
     assert "● worker1: refused (mr_td: expected f1bccc69…, got 8d7e4a54…)" in text

@@ -133,6 +133,14 @@ class WorkshopDashboard(Dashboard):
             if self._table is not None:
                 self._table.value = self.board.table()._repr_html_()
 
+    def _status(self) -> str:
+        if self.state.max_step == 0 and not any(s.appeared for s in self.board.slots.values()):
+            # the services are up and the links out: the room is what the run waits for
+            up = self.state.startup.get("ps0") == "ready"
+            taken = f"0 of {len(self.board.slots)} slots taken"
+            return f"waiting for joiners ({taken})" if up else super()._status()
+        return super()._status()
+
     def save(self) -> None:
         with self._lock:
             super().save()
