@@ -179,7 +179,7 @@ def test_more_stand_ins_than_slots_are_refused_before_any_starts(tmp_path: Path)
     with pytest.raises(ConfigError, match="at most 1"):
         LocalJoiners.start(run, 3, folder=tmp_path)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="count >= 0"):
-        LocalJoiners.start(run, -1, folder=tmp_path)  # type: ignore[arg-type]
+        LocalJoiners.start(run, -2, folder=tmp_path)  # type: ignore[arg-type]
     assert not list(tmp_path.iterdir())
 
 

@@ -34,6 +34,8 @@ EDITED_FILE = "trainer/worker.py"
 EDIT = "# an attendee's edit: one comment line, and the worker's MR_TD is another\n"
 #: stand-ins a headless run starts when the notebook leaves the count to the lab
 HEADLESS_JOINERS = 2
+#: the notebook's ``local_joiners: int = -1``: HEADLESS_JOINERS headless, none with a front end
+AUTO = -1
 
 
 def edited_workload(dest: Path, root: Path = WORKLOAD_ROOT) -> Path:
@@ -101,16 +103,17 @@ class LocalJoiners(ClosingContext, TableReport):
         self._scratch = scratch
 
     @classmethod
-    def start(cls, run: HostedRun, count: int | None = None, *, modified: bool = True,
+    def start(cls, run: HostedRun, count: int = AUTO, *, modified: bool = True,
               folder: str | Path | None = None) -> LocalJoiners:
-        """Join ``count`` of the run's slots from here (None: two when headless, none with a
-        front end, where attendees join); with ``modified`` the last of two or more runs edited
-        code."""
-        if count is None:
+        """Join ``count`` of the run's slots from here (``AUTO``, -1: two when headless, none
+        with a front end, where attendees join); with ``modified`` the last of two or more runs
+        edited code."""
+        if count == AUTO:
             count = 0 if frontend.has_front_end() else min(HEADLESS_JOINERS, len(run.links))
         if count < 0:
-            raise ConfigError(f"local_joiners must be None or a count >= 0, got {count}.",
-                              fix="pass 0 (the attendees join), 2, or None (2 when headless).")
+            raise ConfigError(f"local_joiners must be -1 (automatic) or a count >= 0, got "
+                              f"{count}.",
+                              fix="pass 0 (the attendees join), 2, or -1 (2 when headless).")
         slots = list(run.links)
         if count > len(slots):
             raise ConfigError(
