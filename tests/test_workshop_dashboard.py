@@ -19,7 +19,7 @@ from hfl_lab.dashboard.text import matrix_text
 from hfl_lab.events import LabEvent
 from hfl_lab.lab.stand_ins import EDITED_FILE, LocalJoiners, edited_workload
 from hfl_lab.lab.workshop import SlotBoard
-from hfl_lab.lab.workshop_view import JoinLinks, WorkshopDashboard
+from hfl_lab.lab.workshop_view import JoinLinks, WorkshopDashboard, host_workshop
 from hfl_lab.tee.sim.measure import source_files
 
 EXPECTED, GOT = "f1bccc69" + "ab" * 44, "8d7e4a54" + "cd" * 44
@@ -202,3 +202,24 @@ def test_with_a_front_end_the_participants_table_is_a_widget_that_grows(
     assert table in shown and "hand out the join links" in before
     assert "worker1" in table.value and "expected f1bccc69…, got 8d7e4a54…" in table.value
     assert "#ffebe9" in table.value  # the refused row stands out
+
+
+def test_a_run_folder_that_held_a_hosted_run_is_refused_before_anything_starts(
+    tmp_path: Path, cifar_dir: Path,
+) -> None:
+    from tests.local_support import quick_config
+
+    config = quick_config(tmp_path, cifar_dir)
+    ended = Path(config.run_dir)
+    (ended / "checkpoints").mkdir(parents=True)
+    (ended / "checkpoints" / "step-000000000040").mkdir()
+
+    with pytest.raises(ConfigError, match="already holds a hosted run") as held:
+        host_workshop(config, address="127.0.0.23", slots=2)
+    with pytest.raises(ConfigError, match="quorum must be 0"):
+        host_workshop(quick_config(tmp_path / "new", cifar_dir), address="127.0.0.23",
+                      slots=2, quorum=-1)
+
+    assert "new folder" in str(held.value)
+    assert sorted(p.name for p in ended.iterdir()) == ["checkpoints"]  # nothing was started
+    assert not (tmp_path / "new" / "run").exists()
