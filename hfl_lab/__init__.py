@@ -21,12 +21,15 @@ if TYPE_CHECKING:  # the lazily loaded names below, for type checkers and IDEs
         ATTACKS,
         AttestationBoard,
         HostedRun,
+        JoinLinks,
         LabTrustService,
+        LocalJoiners,
         VerdictView,
         brief_errors,
         coco_stack,
         create_model_volume,
         ensure_trained,
+        host_workshop,
         join_run,
         measure_image,
         retrieve_and_evaluate,
@@ -37,6 +40,7 @@ if TYPE_CHECKING:  # the lazily loaded names below, for type checkers and IDEs
         session_run,
         show,
         show_image,
+        watch_workshop,
     )
 
 __version__ = "0.1.0"
@@ -52,8 +56,10 @@ __all__ = [
     "HostedRun",
     "ImageError",
     "ImageRefused",
+    "JoinLinks",
     "LabConfig",
     "LabTrustService",
+    "LocalJoiners",
     "PolicyViolation",
     "QuoteFormatError",
     "VaultError",
@@ -63,6 +69,7 @@ __all__ = [
     "coco_stack",
     "create_model_volume",
     "ensure_trained",
+    "host_workshop",
     "join_run",
     "measure_image",
     "retrieve_and_evaluate",
@@ -75,6 +82,7 @@ __all__ = [
     "show_image",
     "summarize_run",
     "validate_notebook_parameters",
+    "watch_workshop",
 ]
 
 #: where the notebooks' API (the names in ``__all__`` not defined above) is found, in order

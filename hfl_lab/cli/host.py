@@ -71,7 +71,9 @@ def _cmd_host(args: argparse.Namespace) -> int:
                           f"{event.data.get('detail', '')}", file=sys.stderr, flush=True)
         except KeyboardInterrupt:
             print(f"{PROG} host: stopping", file=sys.stderr)
+            print(run.board.table().to_text(), file=sys.stderr)
             return ExitCode.SUCCESS
+        print(run.board.table().to_text(), file=sys.stderr, flush=True)
         result = run.backend.result
     if result is None:
         print(f"{PROG}: error: the run ended without ps0's result. Fix: read the logs in "

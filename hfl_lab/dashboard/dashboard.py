@@ -6,7 +6,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -38,7 +38,8 @@ class Dashboard(ClosingContext):
     ``interactive=None`` detects a front end (:func:`frontend.has_front_end`): with one, the
     progress bar and attestation matrix are widgets; without one they are text on ``stream``
     (default stdout). Figures are displayed (and updated in place) whenever an IPython kernel
-    runs the code, so papermill notebooks keep the last frame.
+    runs the code, so papermill notebooks keep the last frame. ``shown`` limits the figures
+    displayed (e.g. a hosted run has no worker step times); every PNG is written all the same.
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class Dashboard(ClosingContext):
         step_time_window: int = 20,
         stream: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shown: Sequence[str] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,8 +88,8 @@ class Dashboard(ClosingContext):
         else:
             self._progress = frontend.TextProgress(self.state.total_steps, self._stream)
         if self.interactive or frontend.in_ipython_kernel():
-            shown = ["loss", "step_time"] + ([] if self.interactive else ["attestation"])
-            for name in shown:
+            names = ["loss", "step_time"] + ([] if self.interactive else ["attestation"])
+            for name in (n for n in names if shown is None or n in shown):
                 figure = self.figures[name]
                 self._views[name] = frontend.FigureView(figure.figure, figure.filename)
                 self._draw(name)  # the first frame fixes the figure's place in the output

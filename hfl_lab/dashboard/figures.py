@@ -230,6 +230,10 @@ class AttestationFigure(DashboardFigure):
                 )
                 if record is None:
                     text = "—"
+                elif record.verdict == FAIL and record.difference:
+                    # which measurement, expected vs got: what a room reads off the screen
+                    name, _, values = record.difference.partition(": ")
+                    text = "FAIL\n" + name + "\n" + values.replace(", ", "\n")
                 elif record.verdict == FAIL:
                     text = "FAIL\n" + textwrap.shorten(record.reason, 60, placeholder="…")
                     text = "\n".join(textwrap.wrap(text, 20)[:4])

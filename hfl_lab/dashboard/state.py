@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from hfl_lab.events import KINDS, STARTUP, LabEvent
 
-__all__ = ["STARTUP_LABEL", "STEP_PARTS", "AttestationRecord", "RunState"]
+__all__ = ["STARTUP_LABEL", "STEP_PARTS", "AttestationRecord", "RunState", "check_difference"]
 
 #: the parts of one worker step, stacked in the step-time figure (metrics event keys)
 STEP_PARTS = ("compute_s", "push_s", "wait_s", "pull_s")
@@ -29,6 +30,26 @@ _STAGE_OF_STATE = {"starting": "starting", "ready": "ready", "failed": "failed",
 _BEFORE_READY = {"starting", "pulling the image", "image key released", "attesting"}
 _TRUST_STAGE = {"starting": "starting", "provisioning": "attesting to the owner",
                 "ready": "up", "failed": "failed", "exited": "stopped"}
+
+
+#: hex digits of a measurement a refusal shows (the whole value is in the checks)
+_SHORT_HEX = 8
+
+
+def _short(value: Any) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= _SHORT_HEX + 2 else text[:_SHORT_HEX] + "…"
+
+
+def check_difference(checks: Iterable[Mapping[str, Any]]) -> str:
+    """The first failed check that compares values, short: ``mr_td: expected f1bccc69…, got
+    8d7e4a54…``; "" when no failed check names both (a refusal for another reason)."""
+    for check in checks:
+        expected, actual = check.get("expected"), check.get("actual")
+        if check.get("passed") is True or expected in (None, "") or actual in (None, ""):
+            continue
+        return f"{check.get('name', '?')}: expected {_short(expected)}, got {_short(actual)}"
+    return ""
 
 
 def number(value: Any) -> float | None:
@@ -51,6 +72,11 @@ class AttestationRecord:
     time: float
     checks: tuple[dict[str, Any], ...] = ()
     measurements: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def difference(self) -> str:
+        """What differed, short (``mr_td: expected f1bccc69…, got 8d7e4a54…``), or ""."""
+        return "" if self.accepted else check_difference(self.checks)
 
     @property
     def verdict(self) -> str:

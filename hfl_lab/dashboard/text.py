@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hfl_lab._exceptions import ConfigError
-from hfl_lab.dashboard.state import AttestationRecord
+from hfl_lab.dashboard.state import AttestationRecord, check_difference
 
 __all__ = ["attestation_line", "event_text", "matrix_text", "summarize_run", "text_summary"]
 
@@ -19,7 +19,10 @@ def attestation_line(record: AttestationRecord) -> str:
     """``✓ worker0 → ps0: PASS (SIMULATED)`` or ``✗ … : FAIL — reason``."""
     mark = "✗" if record.verdict == "fail" else "✓"
     line = f"{mark} attestation {record.verifier} → {record.subject}: {_MARKS[record.verdict]}"
-    return line + (f" — {record.reason}" if record.verdict == "fail" else "")
+    if record.verdict != "fail":
+        return line
+    difference = record.difference
+    return line + f" — {record.reason}" + (f" ({difference})" if difference else "")
 
 
 def matrix_text(matrix: Mapping[str, Any]) -> str:
@@ -40,7 +43,10 @@ def matrix_text(matrix: Mapping[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     refused = [c for c in cells.values() if c["verdict"] == "fail"]
-    lines += [f"  refused {c['verifier']} → {c['subject']}: {c['reason']}" for c in refused]
+    for c in refused:
+        difference = check_difference(c.get("checks", []))
+        lines.append(f"  refused {c['verifier']} → {c['subject']}: {c['reason']}"
+                     + (f" ({difference})" if difference else ""))
     return "\n".join(lines)
 
 

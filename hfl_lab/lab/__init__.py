@@ -8,6 +8,8 @@
     05 retrieval            session_run(config), ensure_trained(...), retrieve_and_evaluate(...)
     06 attacks & defenses   run_attacks(trust), AttestationBoard(folder)
     hfl-lab host / join     HostedRun(config, address=..., slots=N).start(), join_run(link)
+    07 workshop             host_workshop(config, ...), JoinLinks(run.links.values()),
+                            LocalJoiners.start(run), watch_workshop(run, joiners)
     hfl-lab run             run_lab(config)
 """
 
@@ -22,9 +24,11 @@ from hfl_lab.lab.preflight import PreflightReport, run_preflight
 from hfl_lab.lab.retrieval import RetrievalReport, retrieve_and_evaluate
 from hfl_lab.lab.sequence import NOTEBOOKS, LabRun, run_lab
 from hfl_lab.lab.session import session_run
+from hfl_lab.lab.stand_ins import LocalJoiners
 from hfl_lab.lab.training import TrainingOutcome, ensure_trained, run_training
 from hfl_lab.lab.trust import LabTrustService, VerdictView, VolumeReport, create_model_volume
 from hfl_lab.lab.workshop import HostedRun
+from hfl_lab.lab.workshop_view import JoinLinks, WorkshopOutcome, host_workshop, watch_workshop
 
 __all__ = [
     "ATTACKS",
@@ -35,19 +39,23 @@ __all__ = [
     "CocoPlan",
     "HostedRun",
     "ImageReport",
+    "JoinLinks",
     "LabRun",
     "LabTrustService",
+    "LocalJoiners",
     "PreflightReport",
     "RetrievalReport",
     "Table",
     "TrainingOutcome",
     "VerdictView",
     "VolumeReport",
+    "WorkshopOutcome",
     "brief_errors",
     "coco_stack",
     "create_backend",
     "create_model_volume",
     "ensure_trained",
+    "host_workshop",
     "join_run",
     "measure_image",
     "retrieve_and_evaluate",
@@ -58,4 +66,5 @@ __all__ = [
     "session_run",
     "show",
     "show_image",
+    "watch_workshop",
 ]

@@ -25,6 +25,7 @@ from hfl_lab.owner import ensure_owner_secret
 
 __all__ = [
     "NOTEBOOKS",
+    "WORKSHOP_NOTEBOOKS",
     "LabRun",
     "NotebookRun",
     "notebook_parameters",
@@ -41,6 +42,9 @@ NOTEBOOKS = (
     "05_model_retrieval",
     "06_attacks_and_defenses",
 )
+#: notebooks outside ``hfl-lab run``'s sequence: 07 hosts a run on the room's network and waits
+#: for attendees (headless, joiners on this machine stand in for them); run it on its own
+WORKSHOP_NOTEBOOKS = ("07_workshop",)
 EXECUTED_DIR = "notebooks"
 RECORD = "run.json"
 

@@ -23,9 +23,18 @@ from hfl_lab.backends.base import ProgressCallback
 from hfl_lab.backends.local import LocalBackend
 from hfl_lab.config import LabConfig
 from hfl_lab.config.join_link import DEFAULT_TTL_S, JoinLink, enrollment_key
+from hfl_lab.dashboard.state import check_difference
 from hfl_lab.events import LabEvent
+from hfl_lab.lab.notebook import Table
 
-__all__ = ["HostedRun", "SlotBoard", "SlotState"]
+__all__ = ["SLOT_STATES", "HostedRun", "SlotBoard", "SlotState"]
+
+
+#: the states a slot goes through, in the order a room sees them
+SLOT_STATES = ("waiting", "attested", "refused", "joined", "training", "left", "done")
+#: row colours of the participants table (HTML form)
+_STATE_COLORS = {"refused": "#ffebe9", "training": "#dafbe1", "done": "#dafbe1",
+                 "left": "#eaeef2", "attested": "#fff8c5", "joined": "#fff8c5"}
 
 
 @dataclass
@@ -33,9 +42,19 @@ class SlotState:
     """What the host knows of one worker slot: its state and the last thing that happened."""
 
     slot: str
-    state: str = "waiting"  # waiting | attested | refused | joined | training | left
+    state: str = "waiting"  # one of SLOT_STATES
     step: int | None = None
     detail: str = ""
+    #: whether a participant ever showed up in this slot (the table lists only those)
+    appeared: bool = False
+    #: the trust service's latest verdict on this slot's evidence: "", "pass" or "FAIL"
+    verdict: str = ""
+
+
+def _refusal(data: dict[str, Any]) -> str:
+    """A refusal, short: the differing measurement, expected vs got, else the reason."""
+    checks = [c for c in data.get("checks") or () if isinstance(c, dict)]
+    return check_difference(checks) or str(data.get("reason", "")) or "refused"
 
 
 @dataclass
@@ -55,29 +74,40 @@ class SlotBoard:
         data = event.data
         if event.kind == "attestation" and event.source == "trust":
             subject, accepted = str(data.get("subject", "")), bool(data.get("accepted"))
-            reason = str(data.get("reason", ""))
             slot = self.slots.get(subject)
             if slot is None:
                 if accepted:
                     return None  # ps0, or the owner's own checks
-                self.refusals.append(f"{subject or '(unknown)'}: {reason}")
-                return f"refused {subject or '(unknown)'}: {reason}"
-            if accepted and slot.state in ("waiting", "left", "refused"):
+                refusal = f"{subject or '(unknown)'}: {_refusal(data)}"
+                self.refusals.append(refusal)
+                return f"refused {refusal}"
+            slot.appeared = True
+            slot.verdict = "pass" if accepted else "FAIL"
+            if accepted and slot.state in ("waiting", "left", "refused", "done"):
                 return self._set(slot, "attested", "evidence accepted")
             if not accepted:
-                return self._set(slot, "refused", reason)
+                return self._set(slot, "refused", _refusal(data))
             return None
         if event.kind == "log" and event.source == "ps0":
             peer = str(data.get("peer", ""))
             message = str(data.get("message", ""))
             slot = self.slots.get(peer)
             if slot is not None and "registered" in message:
+                slot.appeared = True
                 return self._set(slot, "joined", message)
             if slot is not None and " left at step " in message:
                 return self._set(slot, "left", message.split(" ", 1)[1])
             if message.startswith("quorum K="):
                 return message  # who counts changed: a worker joined or its lease lapsed
             return None
+        if event.kind == "progress" and event.source == "ps0":
+            return self._contributed(data.get("contributors"), int(data.get("done", 0) or 0))
+        if event.kind == "lifecycle" and event.source == "ps0" and data.get("state") == "done":
+            ended = [s for s in self.slots.values() if s.state == "training"]
+            for slot in ended:
+                self._set(slot, "done", f"trained until step {slot.step}")
+            return (f"the run is done: {', '.join(s.slot for s in ended)} trained until the end"
+                    if ended else None)
         if event.kind == "metrics":
             role = str(data.get("role", event.source))
             slot = self.slots.get(role)
@@ -85,8 +115,23 @@ class SlotBoard:
                 return None
             slot.step = int(data.get("step", 0))
             if slot.state != "training":
+                slot.appeared = True
                 return self._set(slot, "training", f"step {slot.step}")
         return None
+
+    def _contributed(self, contributors: object, step: int) -> str | None:
+        """ps0's step and who contributed to it: those slots are training."""
+        if not isinstance(contributors, list):
+            return None
+        lines = []
+        for name in contributors:
+            slot = self.slots.get(str(name))
+            if slot is None:
+                continue
+            slot.step, slot.appeared = step, True
+            if slot.state != "training":
+                lines.append(self._set(slot, "training", f"first update in step {step}"))
+        return "; ".join(lines) or None
 
     def _set(self, slot: SlotState, state: str, detail: str) -> str:
         slot.state, slot.detail = state, detail
@@ -95,6 +140,21 @@ class SlotBoard:
     def rows(self) -> list[dict[str, Any]]:
         return [{"slot": s.slot, "state": s.state, "step": s.step, "detail": s.detail}
                 for s in self.slots.values()]
+
+    def table(self) -> Table:
+        """A row per participant that appeared (and per refused stranger), as a room reads it."""
+        appeared = [s for s in self.slots.values() if s.appeared]
+        table = Table(("participant", "state", "step", "attestation", "detail"),
+                      title=f"participants: {len(appeared)} of {len(self.slots)} slots taken")
+        for s in appeared:
+            table.add(s.slot, s.state, "" if s.step is None else s.step, s.verdict, s.detail,
+                      color=_STATE_COLORS.get(s.state, ""))
+        for refusal in self.refusals:
+            subject, _, detail = refusal.partition(": ")
+            table.add(subject, "refused", "", "FAIL", detail, color=_STATE_COLORS["refused"])
+        if not appeared and not self.refusals:
+            table.note = "nobody has joined yet: hand out the join links"
+        return table
 
 
 class HostedRun:
