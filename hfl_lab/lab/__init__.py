@@ -8,6 +8,7 @@
     05 retrieval            session_run(config), ensure_trained(...), retrieve_and_evaluate(...)
     06 attacks & defenses   run_attacks(trust), AttestationBoard(folder)
     hfl-lab host / join     HostedRun(config, address=..., slots=N).start(), join_run(link)
+    join --kubernetes       join_kubernetes(link, out_dir, RemoteWorkerSite(...))
     hfl-lab run             run_lab(config)
 """
 
@@ -16,7 +17,7 @@ from hfl_lab.lab.attacks import ATTACKS, AttackOutcome, AttackReport, run_attack
 from hfl_lab.lab.board import AttestationBoard
 from hfl_lab.lab.coco import CocoPlan, coco_stack
 from hfl_lab.lab.image import ImageReport, measure_image
-from hfl_lab.lab.joining import join_run
+from hfl_lab.lab.joining import RemoteWorkerSite, join_kubernetes, join_run
 from hfl_lab.lab.notebook import Table, brief_errors, show, show_image
 from hfl_lab.lab.preflight import PreflightReport, run_preflight
 from hfl_lab.lab.retrieval import RetrievalReport, retrieve_and_evaluate
@@ -38,6 +39,7 @@ __all__ = [
     "LabRun",
     "LabTrustService",
     "PreflightReport",
+    "RemoteWorkerSite",
     "RetrievalReport",
     "Table",
     "TrainingOutcome",
@@ -48,6 +50,7 @@ __all__ = [
     "create_backend",
     "create_model_volume",
     "ensure_trained",
+    "join_kubernetes",
     "join_run",
     "measure_image",
     "retrieve_and_evaluate",
