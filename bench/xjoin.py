@@ -10,8 +10,9 @@ gradient of their own shard. Every TD here is SIMULATED (lab-local attestation k
 
 The run, in order:
 
-1. one joiner joins alone (its time is the baseline), then the other 19 at once; a joiner that
-   registered holds its first step at a start gate, so the joins meet a PS that does not train;
+1. 3 joiners join one at a time (their median time is the baseline), then the other 17 at
+   once; a joiner that registered holds its first step at a start gate, so the joins meet a
+   PS that does not train;
 2. the gate opens: ``warmup_steps``, then ``timed_steps`` with every joiner (the step time by
    ps0's own clock, median of its progress spans);
 3. 5 joiners leave at once after the same step (their Worker loop returns, as a joiner's does
@@ -20,9 +21,9 @@ The run, in order:
 
 Figures (``python -m bench --only X-join`` writes all four):
 
-- ``X-join``: joins per second of the 19 that joined at once (first start to last
-  registration; a join is verify host + enroll + attest + register), baseline the one that
-  joined alone (1 ÷ its join time): the ratio is what joining together gains over one by one;
+- ``X-join``: joins per second of the 17 that joined at once (first start to last
+  registration; a join is verify host + enroll + attest + register), baseline 1 ÷ the median
+  join time of the 3 that joined one at a time: the ratio is what joining together gains;
 - ``X-join-step``: the sync step time with 20 joined workers (s);
 - ``X-join-resume``: seconds from the 5 leaving until ps0 completed its first step without them;
 - ``X-join-after``: the step time with the 15 left, baseline the step time with 20.
@@ -37,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class Plan:
 
     joiners: int = 20
     leavers: int = 5
+    alone: int = 3  # the first joiners join one at a time (the baseline), the others at once
     depth: int = 20
     batch_size: int = 32  # of the replayed gradients only
     warmup_steps: int = 5
@@ -77,7 +79,7 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(warmup_steps=2, timed_steps=12, after_steps=8, windows=3)
+QUICK = Plan(alone=2, warmup_steps=2, timed_steps=12, after_steps=8, windows=3)
 
 
 @dataclass
@@ -86,7 +88,7 @@ class XJoinResult:
 
     plan: Plan
     joiners: dict[str, SimulatedJoiner] = field(default_factory=dict)
-    solo: JoinTimes | None = None
+    solo: list[JoinTimes] = field(default_factory=list)  # the joiners that joined one by one
     burst_s: float = 0.0  # the simultaneous joiners: first start to last registration
     attested: set[str] = field(default_factory=set)  # slots the trust service accepted
     step_windows: list[float] = field(default_factory=list)  # steps/s, all joined
@@ -100,15 +102,21 @@ class XJoinResult:
 
     @property
     def burst(self) -> list[JoinTimes]:
-        return [j.times for j in self.joiners.values() if j.times is not self.solo]
+        return [j.times for j in self.joiners.values() if j.index >= self.plan.alone]
 
     @property
     def joins_per_s(self) -> float:
         return len(self.burst) / self.burst_s if self.burst_s > 0 else 0.0
 
     @property
+    def solo_join_s(self) -> float:
+        """The median join time of the joiners that joined one at a time."""
+        times = [t.total for t in self.solo if t.total > 0]
+        return statistics.median(times) if times else 0.0
+
+    @property
     def solo_joins_per_s(self) -> float:
-        return 1.0 / self.solo.total if self.solo is not None and self.solo.total > 0 else 0.0
+        return 1.0 / self.solo_join_s if self.solo_join_s > 0 else 0.0
 
     @property
     def step_s(self) -> float:
@@ -154,8 +162,9 @@ class XJoinResult:
                            t >= self.left_at else line for t, line in self.quorum_log[-4:])
         return (
             f"X-join (SIMULATED TDs): {self.registered} of {plan.joiners} joiners registered, "
-            f"{len(self.attested)} attested; one alone in {self.solo.total if self.solo else 0:.2f}"
-            f" s, {len(self.burst)} at once in {self.burst_s:.2f} s = "
+            f"{len(self.attested)} attested; {len(self.solo)} one at a time in "
+            f"{self.solo_join_s:.2f} s each (median), {len(self.burst)} at once in "
+            f"{self.burst_s:.2f} s = "
             f"{self.joins_per_s:.2f} joins/s (median stages: "
             + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in stages.items())
             + f"); step with {plan.joiners}: {1e3 * self.step_s:.1f} ms; {plan.leavers} left "
@@ -189,8 +198,10 @@ class _Collector:
         return self.events
 
 
-def run_xjoin(lab: LabConfig, plan: Plan, run_dir: Path) -> XJoinResult:
-    """One X-join run (see the module doc) on ``lab``'s data, model and aggregation."""
+def run_xjoin(lab: LabConfig, plan: Plan, run_dir: Path,
+              say: Callable[[str], None] = lambda line: None) -> XJoinResult:
+    """One X-join run (see the module doc) on ``lab``'s data, model and aggregation; ``say``
+    gets a line at each stage."""
     config = lab.replace(workers=plan.joiners, steps=plan.last_step + 50, run_dir=str(run_dir))
     replays = GradientReplays(config).models(plan.joiners)
     result = XJoinResult(plan)
@@ -241,15 +252,22 @@ def run_xjoin(lab: LabConfig, plan: Plan, run_dir: Path) -> XJoinResult:
     opened = time.time()
     with HostedRun(config, address=plan.host, slots=plan.joiners) as run:
         links = [link.encode() for link in run.start(timeout_s=plan.timeout_s)]
+        say(f"host ready at {run.backend.trust_address}: {len(links)} join links")
         collector = _Collector(run)
         threads = [threading.Thread(target=life, args=(i, link), name=f"joiner-{i}",
                                     daemon=True) for i, link in enumerate(links)]
         try:
-            threads[0].start()
-            wait_registered(1)
-            for t in threads[1:]:
+            for count, t in enumerate(threads[:plan.alone], start=1):
+                t.start()
+                wait_registered(count)
+            say(f"{plan.alone} joined one at a time; the other {plan.joiners - plan.alone} "
+                "join at once")
+            for t in threads[plan.alone:]:
                 t.start()
             wait_registered(plan.joiners)
+            say(f"{sum(1 for j in result.joiners.values() if j.times.registered)} joined, "
+                f"{len(result.failures)} failed; training, {plan.leavers} leave after step "
+                f"{plan.leave_step - 1}")
             opened = time.time()
             gate.set()
             deadline = time.monotonic() + plan.timeout_s
@@ -268,8 +286,7 @@ def run_xjoin(lab: LabConfig, plan: Plan, run_dir: Path) -> XJoinResult:
 def _measure(result: XJoinResult, events: Sequence[LabEvent], opened: float,
              leavers: range) -> None:
     plan = result.plan
-    solo = result.joiners.get("worker0")
-    result.solo = solo.times if solo is not None else None
+    result.solo = [j.times for j in result.joiners.values() if j.index < plan.alone]
     starts = [t.started for t in result.burst]
     ends = [t.registered for t in result.burst if t.registered]
     if starts and ends:
@@ -334,7 +351,8 @@ class _Session:
                 workload_image="off", timeout_s=900.0)
             started = time.monotonic()
             with tempfile.TemporaryDirectory(prefix="bench-xjoin-") as tmp:
-                result = run_xjoin(lab, plan, Path(tmp))
+                result = run_xjoin(lab, plan, Path(tmp), say=lambda line: print(
+                    f"  X-join: {line}", file=sys.stderr, flush=True))
             print(f"  {result.report()} ({time.monotonic() - started:.0f} s)", file=sys.stderr,
                   flush=True)
             problems = result.problems()
@@ -361,9 +379,10 @@ _HOW = ("one hosted run (HostedRun: real trust service and ps0 processes, sync, 
 
 
 @benchmark("X-join", unit="joins/s", goal="report", what=(
-    f"joins per second of {FULL.joiners - 1} joiners joining at once (verify host + enroll + "
-    "attest + register; first start to last registration), after one joined alone; baseline "
-    f"1 / the lone joiner's join time (ratio: the gain of joining together); {_HOW}"))
+    f"joins per second of {FULL.joiners - FULL.alone} joiners joining at once (verify host + "
+    "enroll + attest + register; first start to last registration), after "
+    f"{FULL.alone} joined one at a time; baseline 1 / the median join time of those "
+    f"{FULL.alone} (ratio: the gain of joining together); {_HOW}"))
 def joins_per_second(ctx: BenchContext) -> Measurement:
     result = _result(ctx)
     return Measurement(result.joins_per_s, result.solo_joins_per_s)

@@ -18,7 +18,7 @@ from tests.local_support import quick_config
 
 pytestmark = pytest.mark.slow
 
-PLAN = Plan(joiners=4, leavers=1, depth=8, warmup_steps=1, timed_steps=3, after_steps=3,
+PLAN = Plan(joiners=4, leavers=1, alone=1, depth=8, warmup_steps=1, timed_steps=3, after_steps=3,
             windows=2, host="127.0.0.44", timeout_s=240.0)
 
 
@@ -33,7 +33,8 @@ def test_four_joiners_attest_train_and_the_run_goes_on_when_one_leaves(
     assert result.problems() == [], result.report()
     assert result.warnings == [], result.warnings
     assert result.attested == {f"worker{i}" for i in range(PLAN.joiners)}
-    assert result.solo is not None and result.solo.registered
+    assert len(result.solo) == 1 and result.solo[0].registered
+    assert len(result.burst) == 3
     for joiner in result.joiners.values():
         times = joiner.times
         assert times.started <= times.verified <= times.enrolled <= times.attested \
