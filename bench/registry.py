@@ -12,8 +12,8 @@ from hfl_lab._exceptions import ConfigError
 
 #: modules of this package that hold tools, not benchmarks
 _NOT_BENCHMARKS = frozenset(
-    {"__main__", "plain_participant", "registry", "report", "runner", "simulated_workers",
-     "support", "timing"}
+    {"__main__", "plain_participant", "registry", "report", "runner", "simulated_joiners",
+     "simulated_workers", "support", "timing"}
 )
 
 
@@ -74,17 +74,24 @@ class Registry:
         return len(self._benchmarks)
 
     def select(self, ids: Iterable[str] | None) -> list[Benchmark]:
-        """The benchmarks named in ``ids`` (all when None), in registration order."""
+        """The benchmarks named in ``ids`` (all when None), in registration order. An id also
+        names its family: ``X-join`` selects ``X-join`` and every ``X-join-...`` (the figures
+        one measurement writes together)."""
         if ids is None:
             return list(self)
         wanted = set(ids)
-        unknown = sorted(wanted - self._benchmarks.keys())
+
+        def named(bench_id: str, name: str) -> bool:
+            return bench_id == name or bench_id.startswith(name + "-")
+
+        unknown = sorted(name for name in wanted
+                         if not any(named(bench_id, name) for bench_id in self._benchmarks))
         if unknown:
             raise ConfigError(
                 f"unknown benchmark id(s): {', '.join(unknown)}.",
                 fix=f"choose among {', '.join(self._benchmarks) or 'none registered'}.",
             )
-        return [bench for bench in self if bench.id in wanted]
+        return [bench for bench in self if any(named(bench.id, name) for name in wanted)]
 
 
 REGISTRY = Registry()

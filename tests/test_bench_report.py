@@ -205,6 +205,23 @@ def test_runner_measures_registered_benchmarks_and_survives_a_crash() -> None:
         benchmark("X-one", what="again", unit="s", registry=registry)(broken)
 
 
+def test_an_id_selects_its_family_of_figures() -> None:
+    registry = Registry()
+
+    def fake(ctx: BenchContext) -> Measurement:
+        return Measurement(1.0)
+
+    for bench_id in ("X-join", "X-join-step", "X-join-resume", "X-joint", "P7-2w", "P7-4w"):
+        benchmark(bench_id, what=bench_id, unit="s", registry=registry)(fake)
+
+    assert [b.id for b in registry.select(["X-join"])] == ["X-join", "X-join-step",
+                                                           "X-join-resume"]
+    assert [b.id for b in registry.select(["P7-4w", "X-join-step"])] == ["X-join-step", "P7-4w"]
+    assert [b.id for b in registry.select(["P7"])] == ["P7-2w", "P7-4w"]
+    with pytest.raises(ConfigError, match="X-jo"):
+        registry.select(["X-jo"])
+
+
 def test_cli_markdown_and_unknown_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = tmp_path / "results.json"
     write_results([record("P1-resnet56")], results)

@@ -10,6 +10,7 @@
     hfl-lab host / join     HostedRun(config, address=..., slots=N).start(), join_run(link)
     07 workshop             host_workshop(config, ...), JoinLinks(run.links.values()),
                             LocalJoiners.start(run), watch_workshop(run, joiners)
+    join --kubernetes       join_kubernetes(link, out_dir, RemoteWorkerSite(...))
     hfl-lab run             run_lab(config)
 """
 
@@ -18,7 +19,7 @@ from hfl_lab.lab.attacks import ATTACKS, AttackOutcome, AttackReport, run_attack
 from hfl_lab.lab.board import AttestationBoard
 from hfl_lab.lab.coco import CocoPlan, coco_stack
 from hfl_lab.lab.image import ImageReport, measure_image
-from hfl_lab.lab.joining import join_run
+from hfl_lab.lab.joining import RemoteWorkerSite, join_kubernetes, join_run
 from hfl_lab.lab.notebook import Table, brief_errors, show, show_image
 from hfl_lab.lab.preflight import PreflightReport, run_preflight
 from hfl_lab.lab.retrieval import RetrievalReport, retrieve_and_evaluate
@@ -44,6 +45,7 @@ __all__ = [
     "LabTrustService",
     "LocalJoiners",
     "PreflightReport",
+    "RemoteWorkerSite",
     "RetrievalReport",
     "Table",
     "TrainingOutcome",
@@ -56,6 +58,7 @@ __all__ = [
     "create_model_volume",
     "ensure_trained",
     "host_workshop",
+    "join_kubernetes",
     "join_run",
     "measure_image",
     "retrieve_and_evaluate",

@@ -19,6 +19,13 @@ from cryptography.hazmat.primitives import serialization
 from hfl_lab._exceptions import AttestationError, QuoteFormatError
 from hfl_lab.attestation.api import parse_address
 from hfl_lab.attestation.evidence_input import LoadedEvidence, load_certificate_evidence
+from hfl_lab.backends.kubernetes.cluster_api import ClusterApi
+from hfl_lab.backends.kubernetes.remote_worker import (
+    RemoteWorker,
+    RemoteWorkerSite,
+    apply_remote_worker,
+    render_remote_worker,
+)
 from hfl_lab.backends.local.joiner import JoinedWorker
 from hfl_lab.config.join_link import JoinLink
 from hfl_lab.ratls import fetch_server_certificate, verify_certificate
@@ -28,7 +35,8 @@ from hfl_lab.tee.verdict import Verdict
 from hfl_lab.tee.verifier import Verifier
 from hfl_lab.trust.client import TrustClient
 
-__all__ = ["JoinedWorker", "connect_host", "join_run", "link_policy", "verify_host"]
+__all__ = ["JoinedWorker", "RemoteWorker", "RemoteWorkerSite", "connect_host", "join_kubernetes",
+           "join_run", "link_policy", "verify_host"]
 
 TRUST_ROLE = "trust"
 INTEL_PCS = "https://api.trustedservices.intel.com"
@@ -127,3 +135,19 @@ def join_run(link_text: str, *, run_dir: str | Path, data_path: str | None = Non
                           workload_root=workload_root)
     worker.start()
     return worker
+
+
+def join_kubernetes(link_text: str, out_dir: str | Path, site: RemoteWorkerSite, *,
+                    apply: bool = False, kubeconfig: str | None = None,
+                    context: str | None = None, timeout_s: float = 10.0) -> RemoteWorker:
+    """``hfl-lab join <link> --kubernetes <dir>``: check the link, verify the host, enroll, and
+    render this site's worker as a pod of its own cluster into ``out_dir`` (see
+    :mod:`hfl_lab.backends.kubernetes.remote_worker`); with ``apply``, create its bootstrap
+    Secret (from memory) and its objects in the cluster of ``kubeconfig``/``context``."""
+    link = JoinLink.parse(link_text)
+    with connect_host(link, timeout_s=timeout_s) as trust:
+        documents = trust.enroll(link.encode())
+    remote = render_remote_worker(link, documents, site, Path(out_dir))
+    if apply:
+        apply_remote_worker(ClusterApi.connect(kubeconfig, context), remote, documents)
+    return remote
