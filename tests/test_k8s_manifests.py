@@ -227,6 +227,12 @@ def test_ingress_passes_tls_through_and_network_policy_denies_by_default(tmp_pat
         ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"]
         == "GRPCS"
     )
+    # passthrough routes by SNI; a mesh channel's is the participant name it checks
+    # (grpc.ssl_target_name_override), the certificate fetch's the address's host name
+    routes = {r["host"]: r["http"]["paths"][0]["backend"]["service"]["name"]
+              for r in ingress["spec"]["rules"]}
+    assert {h: routes.get(h) for h in ("ps0", "trust")} == {"ps0": "ps0", "trust": "trust"}
+    kubernetes_validate.validate(ingress, K8S_SCHEMA_VERSION, strict=True)
     deny = by_kind(objects, "NetworkPolicy", "default-deny")["spec"]
     assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     for name in ("trust", "ps", "worker"):

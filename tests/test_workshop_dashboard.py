@@ -99,7 +99,7 @@ def test_a_slot_that_leaves_and_rejoins_is_followed() -> None:
                                                 "message": "worker0 left at step 7"}))
     back = board.update(_accepted("trust", "worker0"))
 
-    assert left == "worker0: left (worker0 left at step 7)"
+    assert left == "worker0: left (left at step 7)"
     assert back == "worker0: attested (evidence accepted)"
 
 
