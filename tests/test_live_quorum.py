@@ -50,6 +50,12 @@ def header(version: int, worker: str) -> pb.StreamHeader:
                            worker_id=worker, num_samples=8)
 
 
+def logged_messages(servicer: ParameterServer) -> list[str]:
+    """What ps0 has logged so far (its event log, read to the end without waiting)."""
+    return [e.data.get("message", "") for _, e in servicer.events.follow(
+        0, active=lambda: True, finished=lambda: True)]
+
+
 def joined(mesh: Mesh, address: str, index: int) -> PsConnection:
     conn = PsConnection(mesh.connect(f"worker{index}", address)())
     conn.register(f"worker{index}", index)
@@ -98,8 +104,7 @@ def test_the_live_rule_counts_who_is_here_as_workers_join_and_leave(
 
     assert pulled.version == 3
     assert servicer.aggregator.quorum == 1
-    logged = [e.data.get("message", "") for _, e in servicer.events.follow(
-        0, active=lambda: True, finished=lambda: True)]
+    logged = logged_messages(servicer)
     assert any("quorum K=1 of the live workers" in m for m in logged)
     worker0.close()
     worker1.close()
@@ -117,8 +122,7 @@ def test_a_worker_that_leaves_stops_counting_at_once(mesh: Mesh, model: ResNet) 
     worker1.leave("stopped")  # Ctrl-C on worker1's laptop
 
     assert servicer.aggregator.quorum == 1 and servicer.version == 1, "no lease to wait out"
-    logged = [e.data.get("message", "") for _, e in servicer.events.follow(
-        0, active=lambda: True, finished=lambda: True)]
+    logged = logged_messages(servicer)
     assert "worker1 left at step 0 (stopped)" in logged
     worker0.close()
     worker1.close()
@@ -142,8 +146,7 @@ def test_a_minimum_of_live_workers_holds_the_run_until_they_are_here(
     worker1.leave("left after 1 steps")
     worker0.push(grads, header(1, "worker0"))
     assert servicer.aggregator.quorum == 2 and servicer.version == 1, "held again"
-    logged = [e.data.get("message", "") for _, e in servicer.events.follow(
-        0, active=lambda: True, finished=lambda: True)]
+    logged = logged_messages(servicer)
     assert any("holding until 1 more worker(s) join" in m for m in logged)
     worker0.close()
     worker1.close()

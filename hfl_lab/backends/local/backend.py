@@ -298,22 +298,10 @@ class LocalBackend(ParticipantProcesses, OwnerSide, WorkloadImageSide):
 
     def events(self, idle_timeout_s: float | None = None) -> Iterator[LabEvent]:
         """Events until ps0 and every worker have exited (the trust service keeps running)."""
-        while True:
-            try:
-                item = self._queue.get(timeout=idle_timeout_s)
-            except queue.Empty:
-                return
-            if item is END_OF_EVENTS:
-                self._finish_result()
-                # what the readers still had
-                while True:
-                    try:
-                        rest = self._queue.get_nowait()
-                    except queue.Empty:
-                        return
-                    if rest is not END_OF_EVENTS:
-                        yield rest
-            yield item
+        return super().events(idle_timeout_s)
+
+    def _at_end(self) -> None:
+        self._finish_result()
 
     def run_training(
         self,

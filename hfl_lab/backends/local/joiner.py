@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +111,6 @@ class JoinedWorker(ParticipantProcesses):
                                                  "HFL_LAB_EVIDENCE": self.evidence})
         self.participants[self.slot] = p
         self._launch(p)
-
-    def events(self, idle_timeout_s: float | None = None) -> Iterator[LabEvent]:
-        """The worker's events until it has exited."""
-        while True:
-            try:
-                item = self._queue.get(timeout=idle_timeout_s)
-            except queue.Empty:
-                return
-            if item is END_OF_EVENTS:
-                return
-            yield item
 
     @property
     def process(self) -> ParticipantProcess:

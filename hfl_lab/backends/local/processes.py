@@ -24,7 +24,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -98,6 +98,28 @@ class ParticipantProcesses:
     _lock: threading.Lock  # guards _torn_down against a launch on the start-up thread
     _done_event: LabEvent | None
     _training_ended: threading.Event
+
+    def events(self, idle_timeout_s: float | None = None) -> Iterator[LabEvent]:
+        """The participants' events until the end is queued (then what the readers still
+        had), or until none came for ``idle_timeout_s``."""
+        while True:
+            try:
+                item = self._queue.get(timeout=idle_timeout_s)
+            except queue.Empty:
+                return
+            if item is END_OF_EVENTS:
+                self._at_end()
+                while True:
+                    try:
+                        rest = self._queue.get_nowait()
+                    except queue.Empty:
+                        return
+                    if rest is not END_OF_EVENTS:
+                        yield rest
+            yield item
+
+    def _at_end(self) -> None:
+        """What to do once the end is queued, before the last events are handed out."""
     # provided by OwnerSide: verify the trust service, hand it the owner's credential
     _provision_trust: Callable[[ParticipantProcess], None]
 
