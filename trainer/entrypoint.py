@@ -209,13 +209,14 @@ def run_worker(args: argparse.Namespace, args_list: Sequence[str], emitter: Emit
 
     worker = build_worker(config, participant, lambda: session.creds, args.index,
                           emit=emitter.emit, on_registered=registered,
-                          generation=lambda: session.generation)
+                          generation=lambda: session.generation,
+                          reattest=lambda: session.reconnect(config.deployment.connect_timeout_s))
     started = time.monotonic()
     try:
         summary = worker.run()
     finally:
         session.stop()
-        trust.close()
+        session.client.close()  # the trust client now (reconnect() may have replaced it)
     emitter.lifecycle(
         "exited",
         detail=f"{len(summary.steps)} steps in {time.monotonic() - started:.1f} s, "

@@ -425,6 +425,21 @@ class MeshSession:
                    f"{time.strftime('%H:%M:%S', time.localtime(creds.not_after))}")
         return True
 
+    def reconnect(self, deadline_s: float = 120.0) -> bool:
+        """The trust service came back as a new process (a new key, a new mesh CA: peers it
+        certified since refuse this participant's certificate): verify it again, then attest
+        to it; True if a new certificate replaced the old one."""
+        p = self.participant
+        try:
+            client = p.connect_trust(deadline_s=deadline_s)
+        except HflLabError as e:
+            p.emit.log(f"{p.role}: the trust service did not come back verified: {e}",
+                       level="error")
+            return False
+        old, self.client = self.client, client
+        old.close()
+        return self.renew()
+
     def start(self) -> None:
         """Renew in the background every ``every_s`` seconds (0: never)."""
         if self.every_s <= 0 or self._thread is not None:

@@ -173,6 +173,7 @@ def build_worker(
     emit: Callable[[LabEvent], None] | None = None,
     on_registered: Callable[[pb.RegisterReply], None] | None = None,
     generation: Callable[[], int] | None = None,
+    reattest: Callable[[], bool] | None = None,
 ) -> Worker:
     lab = config.lab
     stream, num_train = worker_batches(lab, index)
@@ -184,4 +185,5 @@ def build_worker(
         schedule=schedule_for(lab, num_train), momentum=lab.momentum,
         weight_decay=lab.weight_decay, emit=emit, on_registered=on_registered,
         reconnect_timeout_s=config.deployment.connect_timeout_s, generation=generation,
+        reattest=reattest,
     )

@@ -20,6 +20,7 @@ import numpy.typing as npt
 from hfl_lab._exceptions import ConfigError, HflLabError, WorkerError
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
+from hfl_lab.trust.mesh import MESH_CA_CHECK
 from trainer.data import BatchStream, load_cifar10, partition
 from trainer.flat import FlatLayout, FlatTensors, flat_layout
 from trainer.model import ResNet
@@ -223,6 +224,7 @@ class Worker:
         reconnect_timeout_s: float = 120.0,
         max_steps: int | None = None,
         generation: Callable[[], int] | None = None,
+        reattest: Callable[[], bool] | None = None,
     ) -> None:
         self.index = index
         self.name = f"worker{index}"
@@ -238,6 +240,9 @@ class Worker:
         self.max_steps = max_steps
         #: the mesh identity's renewal count: a change means "reconnect with the new certificate"
         self._generation = generation
+        #: attest again with a trust service that came back (ps0's certificate is from
+        #: another mesh CA than this worker's): True when new credentials are in place
+        self._reattest = reattest
         self._seen_generation = generation() if generation is not None else 0
         self.summary = WorkerSummary()
         self._conn: PsConnection | None = None
@@ -302,7 +307,15 @@ class Worker:
                 if not retry or time.monotonic() + delay > deadline:
                     raise self._fatal(e) from None
             except HflLabError as e:
-                if getattr(e, "check", None) != "connection" or time.monotonic() > deadline:
+                check = getattr(e, "check", None)
+                if check == MESH_CA_CHECK and self._reattest is not None \
+                        and time.monotonic() < deadline:
+                    self._event("log", level="warning", message=(
+                        f"{self.name}: ps0's certificate is from another mesh CA (the trust "
+                        "service restarted?); attesting again"))
+                    if self._reattest() and self._generation is not None:
+                        self._seen_generation = self._generation()
+                elif check != "connection" or time.monotonic() > deadline:
                     raise
             else:
                 if not first:

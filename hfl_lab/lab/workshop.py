@@ -88,6 +88,8 @@ class SlotBoard:
             if not accepted:
                 return self._set(slot, "refused", _refusal(data))
             return None
+        if event.kind == "log" and event.source == "host":
+            return str(data.get("message", ""))  # a crashed trust service or ps0 brought back
         if event.kind == "log" and event.source == "ps0":
             peer = str(data.get("peer", ""))
             message = str(data.get("message", ""))
@@ -187,8 +189,11 @@ class HostedRun:
         self.backend = LocalBackend(self.config, listen_host=address, remote_workers=True)
         self.board = SlotBoard.for_slots(slots)
         self.links: dict[str, JoinLink] = {}
-        #: the host's enrollment key: memory only, a restarted host issues new links
+        #: the host's enrollment key: memory only, a restarted host issues new links (a
+        #: restarted trust service or ps0 keeps them: the backend brings them back, and the
+        #: trust service's enrollment is reopened with this key)
         self._key = enrollment_key()
+        self.backend.on_restarted = self._reopen_enrollment
 
     def __repr__(self) -> str:
         return f"HostedRun({self.backend.trust_address or '(not started)'}, <key in memory>)"
@@ -209,6 +214,14 @@ class HostedRun:
         for slot in self.board.slots:
             self.links[slot] = self.issue_link(slot)
         return list(self.links.values())
+
+    def _reopen_enrollment(self, role: str) -> str | None:
+        """After a trust service restart: honour this run's links again."""
+        if role != "trust":
+            return "joiners reconnect to it"
+        with self.backend.trust_client() as trust:
+            trust.open_enrollment(self._key, self.backend.admin_token)
+        return "enrollment open again: the join links still work"
 
     def issue_link(self, slot: str, *, now: float | None = None) -> JoinLink:
         """A fresh join link for ``slot`` (e.g. after the first one expired)."""

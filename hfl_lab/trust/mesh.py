@@ -68,6 +68,10 @@ def dynamic_server_credentials(current: Callable[[], MeshCredentials]) -> grpc.S
     )
 
 
+#: the check a peer fails whose certificate another mesh CA issued
+MESH_CA_CHECK = "mesh_ca"
+
+
 class PeerCheck:
     """Verifies a peer's mesh certificate and its embedded evidence, once per certificate."""
 
@@ -94,10 +98,12 @@ class PeerCheck:
         if cached is not None and cert.not_valid_after_utc.timestamp() > self.verifier.clock():
             return cached
         role = role_of(cert)
-        reason = ""
+        reason, check = "", "peer"
         verdict: Verdict | None = None
         if not issued_by(cert, self.ca_pem):
-            reason = "certificate not issued by this lab's mesh CA"
+            # also what a restarted trust service (a new mesh CA) looks like to a participant
+            # that still holds the old one: it attests again (Worker._reconnect)
+            reason, check = "certificate not issued by this lab's mesh CA", MESH_CA_CHECK
         elif not self.allowed_roles(role):
             reason = f"role {role or '(none)'} may not use this service"
         else:
@@ -116,7 +122,7 @@ class PeerCheck:
                 self.refused += 1
             if self.on_refusal is not None:
                 self.on_refusal(reason)
-            raise AttestationError(f"peer {role or '?'} refused: {reason}", check="peer")
+            raise AttestationError(f"peer {role or '?'} refused: {reason}", check=check)
         with self._lock:
             self._accepted[fingerprint] = verdict
         return verdict

@@ -73,6 +73,8 @@ from trainer.participant_config import Deployment, ParticipantConfig
 __all__ = ["LocalBackend", "ParticipantProcess", "TrainingResult", "free_port"]
 
 WORKLOAD_ROOT = Path(__file__).resolve().parents[3]
+#: how many times a hosted run brings a crashed trust service or ps0 back before it gives up
+HOSTED_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -302,6 +304,13 @@ class LocalBackend(ParticipantProcesses, OwnerSide, WorkloadImageSide):
 
     def _at_end(self) -> None:
         self._finish_result()
+
+    def _restart_after_failure(self, p: ParticipantProcess) -> bool:
+        """A hosted run (``remote_workers``) brings its crashed trust service or ps0 back, up
+        to HOSTED_RESTARTS times, while training is not done: the joiners are on other
+        machines and reconnect (ps0) or attest again (the trust service) on their own."""
+        return (self.remote_workers and p.role in ("trust", "ps0")
+                and self._done_event is None and p.starts <= HOSTED_RESTARTS)
 
     def run_training(
         self,

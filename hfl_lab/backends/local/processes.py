@@ -98,6 +98,9 @@ class ParticipantProcesses:
     _lock: threading.Lock  # guards _torn_down against a launch on the start-up thread
     _done_event: LabEvent | None
     _training_ended: threading.Event
+    #: called with the role when a restarted participant serves again; what it returns is
+    #: added to the "is back" line (a hosted run reopens enrollment there)
+    on_restarted: Callable[[str], str | None] | None = None
 
     def events(self, idle_timeout_s: float | None = None) -> Iterator[LabEvent]:
         """The participants' events until the end is queued (then what the readers still
@@ -241,6 +244,39 @@ class ParticipantProcesses:
                              name="trust-provision").start()
         if state == "done" and p.role == "ps0":
             self._done_event = event
+        if state == "ready" and p.starts > 1:
+            threading.Thread(target=self._back_again, args=(p,), daemon=True,
+                             name=f"{p.role}-back").start()
+
+    def _restart_after_failure(self, p: ParticipantProcess) -> bool:
+        """Whether a participant that failed is brought back at once (a hosted run's trust
+        service and ps0 are: LocalBackend); here: no, the failure ends the run."""
+        return False
+
+    def _back_again(self, p: ParticipantProcess) -> None:
+        """A restarted participant serves again: say so (and let the owner of the run act)."""
+        message = f"{p.role} is back (start {p.starts})"
+        hook = self.on_restarted
+        if hook is not None:
+            try:
+                done = hook(p.role)
+            except HflLabError as e:
+                message += f"; {e}"
+            else:
+                message += f"; {done}" if done else ""
+        self._put(LabEvent("log", "host", {"level": "warning", "message": message,
+                                           "peer": p.role}))
+
+    def _restart_failed(self, p: ParticipantProcess) -> None:
+        try:
+            self.restart(p.role)
+        except HflLabError as e:  # torn down meanwhile, or it would not start
+            self._put(LabEvent("log", "host", {"level": "error", "peer": p.role,
+                                               "message": f"{p.role} not restarted: {e}"}))
+            p.ended.set()
+            if all(self.participants[r].ended.is_set() for r in self.training_roles):
+                self._training_ended.set()
+                self._queue.put(END_OF_EVENTS)
 
     def _watch(self, p: ParticipantProcess, process: subprocess.Popen[str],
                readers: Sequence[threading.Thread], log: IO[str]) -> None:
@@ -257,6 +293,14 @@ class ParticipantProcesses:
             self._put(LabEvent("lifecycle", p.role,
                                {"state": "failed", "pid": process.pid, "exit_code": code,
                                 "detail": detail}))
+            if self._restart_after_failure(p):
+                self._put(LabEvent("log", "host", {
+                    "level": "warning", "peer": p.role,
+                    "message": f"{p.role} failed (exit code {code}); restarting it: its "
+                    "participants reconnect and attest again"}))
+                threading.Thread(target=self._restart_failed, args=(p,), daemon=True,
+                                 name=f"{p.role}-restart").start()
+                return
         elif p.state not in ("exited", "failed"):
             p.state = "exited"
             self._put(LabEvent("lifecycle", p.role,
