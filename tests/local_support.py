@@ -10,8 +10,10 @@ from typing import Any
 from hfl_lab.backends.local import LocalBackend
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
+from tests.vault_support import FAST_KDF
 
 #: `hfl-lab run --profile quick`, small enough for 2 cores: ResNet-8, a few steps, an 8 MB volume
+#: whose key slot takes PBKDF2 at the LUKS minimum (no calibration: seconds per open saved)
 SMALL_LAB_RUN: dict[str, Any] = {
     "depth": 8,
     "steps": 8,
@@ -19,6 +21,7 @@ SMALL_LAB_RUN: dict[str, Any] = {
     "eval_every": 4,
     "checkpoint_every": 4,
     "vault_size_mb": 8,
+    "vault_kdf_iterations": FAST_KDF,
 }
 
 
@@ -27,12 +30,15 @@ def quick_config(tmp_path: Path, cifar_dir: Path, **overrides: Any) -> LabConfig
     (``workload_image="on"``/``"auto"``): the pull is the subject of
     tests/test_image_local_backend.py, and the whole-lab run (``hfl-lab run``, its default
     ``auto``) does it too; elsewhere it would only add a registry, a publish and an extra
-    interpreter start per participant to every run of a suite that must fit 2 cores."""
+    interpreter start per participant to every run of a suite that must fit 2 cores. The
+    volume's key slot takes PBKDF2 at the LUKS minimum, as in the vault tests: cryptsetup's
+    calibration and a 500 ms unlock at each open cost seconds on every run's critical path,
+    and no test here is about the count."""
     values: dict[str, Any] = {
         "workload_image": "off",
         "depth": 8, "workers": 2, "steps": 50, "batch_size": 32, "learning_rate": 0.02,
         "eval_every": 0, "checkpoint_every": 25, "data_path": str(cifar_dir),
-        "run_dir": str(tmp_path / "run"), "timeout_s": 600.0,
+        "run_dir": str(tmp_path / "run"), "timeout_s": 600.0, "vault_kdf_iterations": FAST_KDF,
     }
     values.update(overrides)
     return LabConfig.profile("quick", **values)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,10 @@ def test_ps0_checkpoints_into_the_volume_and_nowhere_else(sealed_run: LocalBacke
     dump = subprocess.run(["cryptsetup", "luksDump", str(sealed_run.vault_path)],
                           capture_output=True, text=True)
     assert dump.returncode == 0 and "LUKS header information" in dump.stdout
+    # the key slot takes the PBKDF2 count the config fixed (vault_kdf_iterations), not a
+    # calibrated one
+    slot = re.search(r"Key Slot 0: ENABLED\s+Iterations:\s+(\d+)", dump.stdout)
+    assert slot is not None and int(slot[1]) == sealed_run.config.vault_kdf_iterations
     log = (run / "logs" / "ps0.log").read_text()
     assert "opened the model volume model.luks with the attested key release" in log
 
