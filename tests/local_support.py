@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hfl_lab.backends.local import LocalBackend
+from hfl_lab.backends.local import LocalBackend, TrainingResult
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
 from tests.vault_support import FAST_KDF
@@ -85,3 +86,29 @@ def read_until(
         seen.append(event)
         if until(event):
             return
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A local run trained to its end and torn down, with what was seen of it."""
+
+    backend: LocalBackend
+    result: TrainingResult
+    events: list[LabEvent]
+    #: hex of the run's secrets (the owner's admin credential, the platform's signing key), to
+    #: look for in its files
+    secrets: list[str]
+
+    @property
+    def config(self) -> LabConfig:
+        return self.backend.config
+
+
+def run_to_the_end(config: LabConfig) -> FinishedRun:
+    """Train ``config`` on the local backend to its end, every event kept; torn down after."""
+    events: list[LabEvent] = []
+    with LocalBackend(config) as backend:
+        result = backend.run_training(on_event=events.append)
+        assert backend.platform is not None
+        secrets = [backend.admin_token.hex(), backend.platform.export_secret().hex()]
+    return FinishedRun(backend, result, events, secrets)
