@@ -213,30 +213,6 @@ def test_no_participant_outlives_a_launcher_killed_with_sigkill(
     assert processes_mentioning(registry) == []
 
 
-def test_a_restarted_parameter_server_resumes_from_its_checkpoint_and_workers_carry_on(
-    tmp_path: Path, cifar_dir: Path
-) -> None:
-    config = quick_config(tmp_path, cifar_dir, steps=80, checkpoint_every=10)
-    seen: list[LabEvent] = []
-    with LocalBackend(config) as backend:
-        events = started(backend)
-        read_until(events, seen,
-                   lambda e: e.kind == "log" and e.data.get("checkpoint_step", 0) >= 20)
-        backend.kill("ps0")
-        backend.restart("ps0")
-        for event in events:
-            seen.append(event)
-        result = backend.result
-
-    assert result is not None and result.final_step == config.steps
-    resumed = [e for e in seen if e.kind == "log" and e.source == "ps0"
-               and "resumed from the checkpoint" in e.data.get("message", "")]
-    assert resumed, "ps0 resumed from its checkpoint"
-    exits = [e for e in seen if e.kind == "lifecycle" and e.source.startswith("worker")
-             and e.data.get("state") == "exited"]
-    assert len(exits) == 2 and all(e.data["reconnects"] >= 1 for e in exits)
-
-
 def test_participants_re_attest_and_train_past_their_first_certificates_expiry(
     tmp_path: Path, cifar_dir: Path
 ) -> None:
