@@ -19,6 +19,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
+def shared_bytecode_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One bytecode cache for every Python process the tests start, where the environment
+    forbids writing bytecode beside the sources (PYTHONDONTWRITEBYTECODE=1, as in CI, whose
+    venv is installed with pip --no-compile).
+
+    Without it each of the suite's processes that imports TensorFlow (every ps0 and worker of
+    every end-to-end run, each restart, each notebook kernel) compiled TensorFlow's and Keras'
+    sources again: ~6 of its ~10 CPU seconds of start-up. With PYTHONPYCACHEPREFIX the first
+    process writes the bytecode into this session's temporary folder, not into the venv or the
+    checkout (whose files the simulated TDs measure), and the others read it."""
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE") or os.environ.get("PYTHONPYCACHEPREFIX"):
+        yield  # bytecode is written (beside the sources, or where the environment says)
+        return
+    saved = os.environ.pop("PYTHONDONTWRITEBYTECODE")
+    os.environ["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.mktemp("bytecode"))
+    try:
+        yield
+    finally:
+        os.environ.pop("PYTHONPYCACHEPREFIX", None)
+        os.environ["PYTHONDONTWRITEBYTECODE"] = saved
+
+
+@pytest.fixture(scope="session", autouse=True)
 def owner_session() -> None:
     """One lab session for the whole test run: every notebook kernel a test starts inherits
     the owner secret, as under `hfl-lab run` (see hfl_lab.owner)."""
