@@ -13,8 +13,32 @@ import pytest
 
 if TYPE_CHECKING:
     from hfl_lab.tee import SimulatedPlatform, SimulatedTdProvider, TdMeasurements
+    from tests.local_support import FinishedRun
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_bytecode_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One bytecode cache for every Python process the tests start, where the environment
+    forbids writing bytecode beside the sources (PYTHONDONTWRITEBYTECODE=1, as in CI, whose
+    venv is installed with pip --no-compile).
+
+    Without it each of the suite's processes that imports TensorFlow (every ps0 and worker of
+    every end-to-end run, each restart, each notebook kernel) compiled TensorFlow's and Keras'
+    sources again: ~6 of its ~10 CPU seconds of start-up. With PYTHONPYCACHEPREFIX the first
+    process writes the bytecode into this session's temporary folder, not into the venv or the
+    checkout (whose files the simulated TDs measure), and the others read it."""
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE") or os.environ.get("PYTHONPYCACHEPREFIX"):
+        yield  # bytecode is written (beside the sources, or where the environment says)
+        return
+    saved = os.environ.pop("PYTHONDONTWRITEBYTECODE")
+    os.environ["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.mktemp("bytecode"))
+    try:
+        yield
+    finally:
+        os.environ.pop("PYTHONPYCACHEPREFIX", None)
+        os.environ["PYTHONDONTWRITEBYTECODE"] = saved
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -70,6 +94,18 @@ def lab_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                           timeout=900, check=False)
     assert done.returncode == 0, f"hfl-lab run failed:\n{done.stderr[-4000:]}"
     yield run_dir
+
+
+@pytest.fixture(scope="session")
+def sync_run(tmp_path_factory: pytest.TempPathFactory, cifar_dir: Path) -> FinishedRun:
+    """One sync run of ``quick_config`` (ResNet-8, the trust service, ps0 and 2 workers, the
+    model sealed in its volume) for the whole session. tests/test_local_backend.py checks the
+    training and the mesh on it, tests/test_local_vault.py the sealed model; both only read
+    what it left, and each run of its own cost ~25 s of a 2-core CI."""
+    from tests.local_support import quick_config, run_to_the_end
+
+    tmp = tmp_path_factory.mktemp("sync")
+    return run_to_the_end(quick_config(tmp, cifar_dir, aggregation="sync", vault_size_mb=16))
 
 
 # Times inside / outside the collateral windows in ../shared/attestation/README.md

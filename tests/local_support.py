@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hfl_lab.backends.local import LocalBackend
+from hfl_lab.backends.local import LocalBackend, TrainingResult
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
+from tests.vault_support import FAST_KDF
 
 #: `hfl-lab run --profile quick`, small enough for 2 cores: ResNet-8, a few steps, an 8 MB volume
+#: whose key slot takes PBKDF2 at the LUKS minimum (no calibration: seconds per open saved)
 SMALL_LAB_RUN: dict[str, Any] = {
     "depth": 8,
     "steps": 8,
@@ -19,6 +22,7 @@ SMALL_LAB_RUN: dict[str, Any] = {
     "eval_every": 4,
     "checkpoint_every": 4,
     "vault_size_mb": 8,
+    "vault_kdf_iterations": FAST_KDF,
 }
 
 
@@ -27,12 +31,15 @@ def quick_config(tmp_path: Path, cifar_dir: Path, **overrides: Any) -> LabConfig
     (``workload_image="on"``/``"auto"``): the pull is the subject of
     tests/test_image_local_backend.py, and the whole-lab run (``hfl-lab run``, its default
     ``auto``) does it too; elsewhere it would only add a registry, a publish and an extra
-    interpreter start per participant to every run of a suite that must fit 2 cores."""
+    interpreter start per participant to every run of a suite that must fit 2 cores. The
+    volume's key slot takes PBKDF2 at the LUKS minimum, as in the vault tests: cryptsetup's
+    calibration and a 500 ms unlock at each open cost seconds on every run's critical path,
+    and no test here is about the count."""
     values: dict[str, Any] = {
         "workload_image": "off",
         "depth": 8, "workers": 2, "steps": 50, "batch_size": 32, "learning_rate": 0.02,
         "eval_every": 0, "checkpoint_every": 25, "data_path": str(cifar_dir),
-        "run_dir": str(tmp_path / "run"), "timeout_s": 600.0,
+        "run_dir": str(tmp_path / "run"), "timeout_s": 600.0, "vault_kdf_iterations": FAST_KDF,
     }
     values.update(overrides)
     return LabConfig.profile("quick", **values)
@@ -79,3 +86,29 @@ def read_until(
         seen.append(event)
         if until(event):
             return
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A local run trained to its end and torn down, with what was seen of it."""
+
+    backend: LocalBackend
+    result: TrainingResult
+    events: list[LabEvent]
+    #: hex of the run's secrets (the owner's admin credential, the platform's signing key), to
+    #: look for in its files
+    secrets: list[str]
+
+    @property
+    def config(self) -> LabConfig:
+        return self.backend.config
+
+
+def run_to_the_end(config: LabConfig) -> FinishedRun:
+    """Train ``config`` on the local backend to its end, every event kept; torn down after."""
+    events: list[LabEvent] = []
+    with LocalBackend(config) as backend:
+        result = backend.run_training(on_event=events.append)
+        assert backend.platform is not None
+        secrets = [backend.admin_token.hex(), backend.platform.export_secret().hex()]
+    return FinishedRun(backend, result, events, secrets)

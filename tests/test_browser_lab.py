@@ -28,6 +28,8 @@ from typing import Any
 
 import pytest
 
+from tests.vault_support import FAST_KDF
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 NOTEBOOKS = ("00_preflight", "01_coco_stack", "02_trust_and_volume", "03_image",
@@ -36,7 +38,7 @@ TRAINING = "04_federated_training"
 STEPS = 8
 #: small sizes in every workspace notebook's parameters (all take every LabConfig name)
 PARAMS = {"depth": 8, "steps": STEPS, "batch_size": 16, "eval_every": 4, "checkpoint_every": 4,
-          "vault_size_mb": 8}
+          "vault_size_mb": 8, "vault_kdf_iterations": FAST_KDF}
 #: generous: a whole notebook on a busy 2-core machine; only a hung one reaches it
 NOTEBOOK_TIMEOUT_S = 480
 #: the notebooks whose screenshot is kept (04 also mid-run)

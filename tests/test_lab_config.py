@@ -145,6 +145,7 @@ def test_paths_and_lists_are_normalized(tmp_path: Path) -> None:
         ({"momentum": 1.0}, "momentum must be ≥ 0 and < 1"),
         ({"epochs": 0, "steps": None}, "epochs must be > 0"),
         ({"vault_size_mb": 4}, "vault_size_mb must be ≥ 8"),
+        ({"vault_kdf_iterations": 999}, "vault_kdf_iterations must be ≥ 1000"),
         ({"chunk_bytes": 100}, "chunk_bytes must be ≥ 4096"),
         ({"dirichlet_alpha": 0.0}, "dirichlet_alpha must be > 0"),
     ],

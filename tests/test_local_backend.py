@@ -19,10 +19,12 @@ from hfl_lab.backends.local import LocalBackend
 from hfl_lab.events import LabEvent
 from hfl_lab.tee import AttestationPolicy
 from tests.local_support import (
+    FinishedRun,
     mean_loss_by_step,
     processes_mentioning,
     quick_config,
     read_until,
+    run_to_the_end,
     started,
 )
 from trainer.checkpoint import decode_state
@@ -30,25 +32,8 @@ from trainer.checkpoint import decode_state
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize(
-    ("mode", "overrides"),
-    [
-        ("sync", {}),
-        ("async", {}),
-        ("fedavg", {"steps": 25, "local_steps": 2, "learning_rate": 0.05}),
-    ],
-)
-def test_training_over_the_attested_mesh(
-    tmp_path: Path, cifar_dir: Path, mode: str, overrides: dict[str, object]
-) -> None:
-    config = quick_config(tmp_path, cifar_dir, aggregation=mode, **overrides)
-    events: list[LabEvent] = []
-    with LocalBackend(config) as backend:
-        result = backend.run_training(on_event=events.append)
-        config_path = str(backend.config_path)
-        assert backend.platform is not None
-        secrets = [backend.admin_token.hex(), backend.platform.export_secret().hex()]
-
+def check_training_over_the_attested_mesh(run: FinishedRun) -> None:
+    config, result, events = run.config, run.result, run.events
     losses = mean_loss_by_step(events)
     assert len(losses) >= 20
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, losses
@@ -67,11 +52,11 @@ def test_training_over_the_attested_mesh(
     assert all(e.data.get("simulated") for e in events if e.kind == "attestation")
 
     # the checkpoint is the final model, and resumable
-    with backend.model_store() as store:
+    with run.backend.model_store() as store:
         latest = store.load_latest()
     assert latest is not None and decode_state(latest.payload).version == config.steps
     assert (Path(config.run_dir) / "logs" / "ps0.log").stat().st_size > 0
-    assert processes_mentioning(config_path) == []
+    assert processes_mentioning(str(run.backend.config_path)) == []
 
     # no secret of the run in any file of the run folder (logs, config, policy, checkpoints),
     # nor in the events; no private key in PEM form either
@@ -80,8 +65,28 @@ def test_training_over_the_attested_mesh(
     texts = [f.read_bytes() for f in files] + [e.to_json().encode() for e in events]
     for text in texts:
         assert b"PRIVATE KEY" not in text
-        for secret in secrets:
+        for secret in run.secrets:
             assert secret.encode() not in text and bytes.fromhex(secret) not in text
+
+
+def test_sync_training_over_the_attested_mesh(sync_run: FinishedRun) -> None:
+    """On the session's shared sync run (tests/conftest.py), which test_local_vault reads too."""
+    assert sync_run.config.aggregation == "sync"
+    check_training_over_the_attested_mesh(sync_run)
+
+
+@pytest.mark.parametrize(
+    ("mode", "overrides"),
+    [
+        ("async", {}),
+        ("fedavg", {"steps": 25, "local_steps": 2, "learning_rate": 0.05}),
+    ],
+)
+def test_training_over_the_attested_mesh(
+    tmp_path: Path, cifar_dir: Path, mode: str, overrides: dict[str, object]
+) -> None:
+    config = quick_config(tmp_path, cifar_dir, aggregation=mode, **overrides)
+    check_training_over_the_attested_mesh(run_to_the_end(config))
 
 
 def test_sync_with_a_backup_worker_survives_a_killed_worker_that_rejoins(
@@ -206,30 +211,6 @@ def test_no_participant_outlives_a_launcher_killed_with_sigkill(
         time.sleep(0.2)
     assert processes_mentioning(config_path) == []
     assert processes_mentioning(registry) == []
-
-
-def test_a_restarted_parameter_server_resumes_from_its_checkpoint_and_workers_carry_on(
-    tmp_path: Path, cifar_dir: Path
-) -> None:
-    config = quick_config(tmp_path, cifar_dir, steps=80, checkpoint_every=10)
-    seen: list[LabEvent] = []
-    with LocalBackend(config) as backend:
-        events = started(backend)
-        read_until(events, seen,
-                   lambda e: e.kind == "log" and e.data.get("checkpoint_step", 0) >= 20)
-        backend.kill("ps0")
-        backend.restart("ps0")
-        for event in events:
-            seen.append(event)
-        result = backend.result
-
-    assert result is not None and result.final_step == config.steps
-    resumed = [e for e in seen if e.kind == "log" and e.source == "ps0"
-               and "resumed from the checkpoint" in e.data.get("message", "")]
-    assert resumed, "ps0 resumed from its checkpoint"
-    exits = [e for e in seen if e.kind == "lifecycle" and e.source.startswith("worker")
-             and e.data.get("state") == "exited"]
-    assert len(exits) == 2 and all(e.data["reconnects"] >= 1 for e in exits)
 
 
 def test_participants_re_attest_and_train_past_their_first_certificates_expiry(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from hfl_lab._exceptions import VaultError
 from hfl_lab.backends.local import LocalBackend
 from hfl_lab.vault import AttestedSigners, ModelVault, retrieve_as_owner
 from hfl_lab.vault.keyrelease import _from_sealed_state
-from tests.local_support import quick_config
+from tests.local_support import FinishedRun
 from trainer.checkpoint import decode_state
 
 pytestmark = pytest.mark.slow
@@ -48,16 +49,13 @@ print(json.dumps({"step": model.step, "ok": model.provenance.ok,
 
 
 @pytest.fixture(scope="module")
-def sealed_run(tmp_path_factory: pytest.TempPathFactory, cifar_dir: Path) -> LocalBackend:
-    tmp = tmp_path_factory.mktemp("sealed")
-    config = quick_config(tmp, cifar_dir, steps=20, checkpoint_every=10, vault_size_mb=16)
-    backend = LocalBackend(config)
-    try:
-        result = backend.run_training()
-    finally:
-        backend.teardown()
-    assert result.final_step == 20 and result.checkpoint_step == 20
-    return backend
+def sealed_run(sync_run: FinishedRun) -> LocalBackend:
+    """The session's shared sync run (tests/conftest.py; test_local_backend checks its
+    training): ps0 checkpointed into the volume, which the tests here only copy and read."""
+    config, result = sync_run.config, sync_run.result
+    assert config.vault and config.steps == 2 * config.checkpoint_every  # two checkpoints
+    assert result.final_step == config.steps and result.checkpoint_step == config.steps
+    return sync_run.backend
 
 
 def _retrieve_elsewhere(backend: LocalBackend, volume: Path,
@@ -77,6 +75,10 @@ def test_ps0_checkpoints_into_the_volume_and_nowhere_else(sealed_run: LocalBacke
     dump = subprocess.run(["cryptsetup", "luksDump", str(sealed_run.vault_path)],
                           capture_output=True, text=True)
     assert dump.returncode == 0 and "LUKS header information" in dump.stdout
+    # the key slot takes the PBKDF2 count the config fixed (vault_kdf_iterations), not a
+    # calibrated one
+    slot = re.search(r"Key Slot 0: ENABLED\s+Iterations:\s+(\d+)", dump.stdout)
+    assert slot is not None and int(slot[1]) == sealed_run.config.vault_kdf_iterations
     log = (run / "logs" / "ps0.log").read_text()
     assert "opened the model volume model.luks with the attested key release" in log
 
@@ -90,7 +92,7 @@ def test_another_process_of_the_session_retrieves_the_model_and_verifies_its_pro
 
     assert done.returncode == 0, done.stdout + done.stderr
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert found["step"] == 20 and found["ok"], found
+    assert found["step"] == sealed_run.config.steps and found["ok"], found
     assert "provenance intact: 2 signed records" in found["summary"]
 
 

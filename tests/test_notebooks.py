@@ -258,7 +258,10 @@ def test_retrieval_notebook_on_its_own_names_the_runs_and_trains_only_when_asked
     ensure_kernel()
     (tmp_path / "earlier").mkdir()
     (tmp_path / "earlier" / "training.json").write_text("{}")
-    params = {**SMALL, "run_dir": str(tmp_path / "alone")}
+    # the training 05 starts runs without the workload image (as tests/local_support's
+    # quick_config): the pull is the whole-lab run's subject (lab_run, notebook 03), and here it
+    # would only add a publish and an interpreter start per participant
+    params = {**SMALL, "run_dir": str(tmp_path / "alone"), "workload_image": "off"}
 
     # a run folder without a training (a typo, say) is an error naming the runs there are
     with pytest.raises(PapermillExecutionError) as missing:

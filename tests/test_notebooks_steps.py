@@ -14,6 +14,7 @@ from hfl_lab.config import LabConfig
 from hfl_lab.lab.coco import coco_stack, plan_coco_stack
 from hfl_lab.lab.sequence import LabRun, NotebookRun
 from hfl_lab.lab.summary import write_summary
+from tests.vault_support import FAST_KDF
 
 
 class FakeCluster(ClusterApi):
@@ -116,7 +117,7 @@ def test_a_sealed_model_is_retrieved_by_the_authorized_owner_and_evaluated(
     trust = LabTrustService.start(config, state_path=state, owner_key=owner_key)
     with trust, trust.client() as client:
         provision_vault(client, trust.admin_token, volume, size_mb=8,
-                        release_policy=trust.volume_release_policy())
+                        release_policy=trust.volume_release_policy(), kdf_iterations=FAST_KDF)
         with open_vault_for_ps(client, "ps0", trust.provider("ps0"), volume) as vault:
             vault.write_checkpoint(1, encode_state(TrainingState(1, weights)), {})
     TrainingOutcome(run, 1, 1.0, {"final_step": 1, "evaluation": {}}, config=config.to_dict(),

@@ -194,6 +194,11 @@ class LabParameters:
     cert_lifetime_s: float = _param(900.0, "lifetime of mesh certificates, seconds", gt=0)
     vault: bool = _param(True, "store checkpoints in the LUKS model vault")
     vault_size_mb: int = _param(64, "size of the LUKS volume file, MB", ge=8, le=1 << 20)
+    vault_kdf_iterations: int | None = _param(
+        None, "PBKDF2 count of the volume's key slot (local backend, notebook 02); default: "
+        "calibrated by cryptsetup to 500 ms. The passphrase is 32 random bytes, so the tests "
+        "use the LUKS minimum", ge=1000,
+    )
     workload_image: str = _param(
         "auto",
         "local: ps0 and the workers pull the encrypted, signed workload image (key by attested "

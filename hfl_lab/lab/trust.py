@@ -306,6 +306,7 @@ def create_model_volume(trust: LabTrustService, folder: str | Path | None = None
         info = provision_vault(
             client, trust.admin_token, path, size_mb=size,
             release_policy=trust.volume_release_policy(),
+            kdf_iterations=trust.config.vault_kdf_iterations,
         )
         with open_vault_for_ps(client, "ps0", trust.provider("ps0"), path) as vault:
             opened = vault.volume_uuid == info.uuid

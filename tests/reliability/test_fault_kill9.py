@@ -122,6 +122,10 @@ def test_kill9_a_worker_the_controller_restarts_it_and_the_run_completes(
 def test_kill9_the_ps_it_resumes_from_its_newest_checkpoint(
     tmp_path: Path, cifar_dir: Path
 ) -> None:
+    """The restarted ps0 resumes from its newest intact checkpoint, and the workers carry on:
+    each reconnects (with back-off, re-verifying ps0) and trains to the end. (This case also
+    holds what test_local_backend's "a restarted parameter server resumes from its checkpoint
+    and workers carry on" checked with a run of its own.)"""
     config = fault_config(tmp_path, cifar_dir)
     at = fault_step("ps", EVERY + 1, STEPS - 10)
     seen: list[LabEvent] = []
@@ -144,6 +148,9 @@ def test_kill9_the_ps_it_resumes_from_its_newest_checkpoint(
     assert resumed == [before.newest], f"resumed from {resumed}, newest intact {before.newest}"
     assert lost_steps - in_write <= config.checkpoint_every, f"{lost_steps} steps lost"
     assert entry["held"] == 1
+    exits = [e for e in seen if e.kind == "lifecycle" and e.source.startswith("worker")
+             and e.data.get("state") == "exited"]
+    assert len(exits) == 2 and all(e.data["reconnects"] >= 1 for e in exits), exits
 
 
 def test_kill9_the_trust_service_training_goes_on_and_it_comes_back(

@@ -94,6 +94,7 @@ class OwnerSide:
             self.vault_info = provision_vault(
                 client, self.admin_token, path, size_mb=self.config.vault_size_mb,
                 release_policy=self.volume_release_policy(), reuse=path.exists(),
+                kdf_iterations=self.config.vault_kdf_iterations,
             )
             observe_trust_state(client, self.owner_counter(), _STATE)
         info = self.vault_info
