@@ -184,7 +184,14 @@ class Verifier:
             certs = quote.signature_data.pck_certificates()
         except QuoteFormatError:
             return  # no chain: the dcap check has refused it already
-        slot = slot_of(certs[0]) if certs else None
+        try:
+            slot = slot_of(certs[0]) if certs else None
+        except ValueError:  # a subject the parser cannot read: never one the lab issued
+            v.add("slot", False, f"evidence for {role or '(no role)'}",
+                  "an unreadable PCK certificate subject",
+                  "the PCK certificate's subject cannot be parsed, so whom it may attest as "
+                  "is unknown")
+            return
         if slot is None:
             return
         v.add("slot", role == slot, f"evidence for {role or '(no role)'}",

@@ -10,6 +10,7 @@ certified for its slot alone, and every verifier refuses that key's evidence for
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -93,3 +94,28 @@ def test_evidence_of_a_joiners_key_without_a_role_is_refused() -> None:
 
     assert not verdict.accepted
     assert any(c.name == "slot" and not c.passed for c in verdict.checks)
+
+
+def test_a_pck_certificate_whose_subject_cannot_be_read_is_refused_not_raised() -> None:
+    """Found by the quote fuzzer: the slot check reads the PCK certificate's subject, which
+    the parser decodes lazily; an unreadable one must refuse the evidence, not crash."""
+    import base64
+
+    evidence = provider("worker0").get_evidence(bytes(64))
+    quote = evidence.quote
+    pem_start = quote.index(b"-----BEGIN CERTIFICATE-----\n")
+    pem_end = quote.index(b"-----END CERTIFICATE-----", pem_start)
+    body = quote[pem_start + 28:pem_end]
+    der = bytearray(base64.b64decode(body))
+    name = b"HFL Lab SIMULATED SGX PCK Certificate"
+    at = der.index(name)  # the subject's common name (the issuer is the PCK Platform CA)
+    der[at - 2] = 0x01  # its UTF8String tag becomes BOOLEAN: not a readable name
+    broken = base64.encodebytes(bytes(der)).replace(b"\n", b"")
+    lines = b"\n".join(broken[i:i + 64] for i in range(0, len(broken), 64)) + b"\n"
+    assert len(lines) == len(body)
+    tampered = quote[:pem_start + 28] + lines + quote[pem_end:]
+
+    verdict = lab_verifier(policy=lab_policy(*ROLES)).verify(
+        dataclasses.replace(evidence, quote=tampered), role="worker0")
+
+    assert not verdict.accepted
