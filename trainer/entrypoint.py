@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from trainer.participant import (
     Emitter,
     MeshSession,
     Participant,
+    StopFlag,
     configure_logging,
     load_run_policy,
     measured_argv,
@@ -72,13 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(args_list)
     configure_logging()
     role = {"ps": "ps0", "trust": "trust"}.get(args.role) or f"worker{args.index}"
     emitter = Emitter(role)
-    stop = threading.Event()
+    stop = StopFlag()
 
     def on_signal(signum: int, frame: Any) -> None:
         # A pod's stop reaches the participant twice: the signal to the process group and
@@ -137,7 +138,7 @@ def open_checkpoint_store(
 
 
 def run_ps(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
-           stop: threading.Event) -> int:
+           stop: StopFlag) -> int:
     config = ParticipantConfig.load(args.config)
     run_from_image("ps0", args_list, config, emitter)  # with an image: pull, exec, no return
     from trainer.serving import build_parameter_server  # lazy: TensorFlow

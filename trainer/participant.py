@@ -53,6 +53,7 @@ __all__ = [
     "Bootstrap",
     "Emitter",
     "Participant",
+    "StopFlag",
     "configure_logging",
     "load_run_policy",
     "measured_argv",
@@ -372,6 +373,32 @@ class Participant:
             f"{time.strftime('%H:%M:%S', time.localtime(creds.not_after))}"
         )
         return creds
+
+
+class StopFlag:
+    """"Stop" as the SIGTERM handler sets it: a plain flag, no lock. A signal handler runs in
+    the main thread between two bytecodes, possibly while that thread holds the lock of the
+    very ``threading.Event`` it waits on (``Event.wait`` holds it around its wait): ``set()``
+    from the handler then blocked forever, and ps0, idle in ``while not stop.wait(1.0)``, hung
+    at its stop until it was killed. ``wait`` polls instead (a serve loop's pace)."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._set:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(0.05, left))
+        return True
 
 
 class MeshSession:

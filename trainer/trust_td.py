@@ -18,7 +18,6 @@ audit records, lifecycle) go to stdout as JSON lines.
 from __future__ import annotations
 
 import argparse
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from hfl_lab.vault.model_vault import new_passphrase
 from trainer.participant import (
     Emitter,
     Participant,
+    StopFlag,
     load_run_policy,
     measured_argv,
     read_bootstrap,
@@ -61,7 +61,7 @@ def add_trust_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def run_trust(args: argparse.Namespace, args_list: Sequence[str], emitter: Emitter,
-              stop: threading.Event) -> int:
+              stop: StopFlag) -> int:
     config = ParticipantConfig.load(args.config)
     policy = load_run_policy(config, args.policy)
     boot = read_bootstrap()
