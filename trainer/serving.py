@@ -42,6 +42,7 @@ __all__ = [
     "channel_factory",
     "model_specs",
     "parameter_server",
+    "rpc_pool_size",
 ]
 
 CHANNEL_OPTIONS = (
@@ -143,8 +144,14 @@ def build_parameter_server(
     # may push, report metrics and watch events meanwhile: a fixed pool would let the first
     # workers hold every thread and starve the rest's pushes (a deadlock with many workers).
     server, bound = serve_ps(servicer, creds, peer_check, host=host, port=port,
-                             max_workers=max(16, 4 * lab.workers + 4))
+                             max_workers=rpc_pool_size(lab.workers))
     return RunningPs(servicer, server, bound)
+
+
+def rpc_pool_size(workers: int) -> int:
+    """The most RPC threads ps0 keeps for ``workers`` workers: up to four calls of each in flight
+    at once (a waiting pull, a push, a metrics report, an event watch) and four to spare."""
+    return max(16, 4 * workers + 4)
 
 
 def channel_factory(

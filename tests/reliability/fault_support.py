@@ -193,8 +193,23 @@ def count_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def count_threads(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
+def count_threads_named(pid: int, prefix: str) -> tuple[int, int]:
+    """(threads of process ``pid`` with a kernel name ``<prefix>_<n>``, every other thread); of
+    several threads with the same such name (one started by the named one inherits its name) the
+    first counts as named and the rest as other. A thread that ends while it is read counts as
+    neither."""
+    names: set[str] = set()
+    other = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith(f"{prefix}_") and comm not in names:
+            names.add(comm)
+        else:
+            other += 1
+    return len(names), other
 
 
 # --------------------------------------------------------------------------- inotify
