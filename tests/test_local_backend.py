@@ -55,7 +55,11 @@ def check_training_over_the_attested_mesh(run: FinishedRun) -> None:
     with run.backend.model_store() as store:
         latest = store.load_latest()
     assert latest is not None and decode_state(latest.payload).version == config.steps
-    assert (Path(config.run_dir) / "logs" / "ps0.log").stat().st_size > 0
+    ps0_log = (Path(config.run_dir) / "logs" / "ps0.log").read_text(errors="replace")
+    assert ps0_log
+    # each peer check fetches ps0's certificate on a connection of its own, which hangs up
+    # before its last TLS flight: no "Handshake failed" noise per connection in ps0's log
+    assert "Handshake failed" not in ps0_log, ps0_log[-2000:]
     assert processes_mentioning(str(run.backend.config_path)) == []
 
     # no secret of the run in any file of the run folder (logs, config, policy, checkpoints),
