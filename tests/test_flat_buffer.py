@@ -200,6 +200,18 @@ def test_a_flat_stream_must_state_every_tensor() -> None:
     assert "header disagrees" in error.message
 
 
+def test_a_flat_stream_in_float16_names_the_first_tensor_beyond_its_range() -> None:
+    tensors = model()
+    tensors["bn/beta"][2] = 1e6
+    tensors["dense/kernel"][0, 0] = -2e6  # later in the layout, and larger
+
+    with pytest.raises(TensorValidationError, match=r"'bn/beta'.*float16 range") as info:
+        stream(tensors, wire_dtype="float16")
+
+    assert "max |x| = 1e+06 > 65504" in info.value.message
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
 # ------------------------------------------------------------------- optimizer and aggregator
 
 

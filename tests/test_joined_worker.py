@@ -30,6 +30,7 @@ def documents(config: str = CONFIG, bootstrap: bytes = BOOT) -> RunDocuments:
     [("worker0", documents(config="just text"), "without a 'lab' section"),
      ("worker2", documents(), "has 2 slots, not worker2"),
      ("worker0", documents(bootstrap=b"{not json"), "bootstrap this joiner cannot read"),
+     ("worker0", documents(bootstrap=b'{"platform": "00"}'), "bootstrap this joiner cannot read"),
      ("worker0", documents(bootstrap=b""), "this machine is no TDX guest")],
 )
 def test_a_joiner_refuses_documents_it_cannot_start_from(tmp_path: Path, slot: str,

@@ -33,8 +33,9 @@ from hfl_lab.cli import main
 from hfl_lab.config.join_link import JoinLink, enrollment_key
 from hfl_lab.lab.workshop import HostedRun
 from hfl_lab.tee.sim.platform import SimulatedPlatform
-from hfl_lab.trust.enrollment import RunDocuments
+from hfl_lab.trust.enrollment import EnrollmentDesk, RunDocuments
 from tests.local_support import quick_config
+from tests.td_support import PLATFORM
 from trainer.participant_config import Deployment, ParticipantConfig
 
 K8S_SCHEMA_VERSION = "1.37.0"
@@ -43,20 +44,25 @@ TRUST = "trust.run-a.example.org:443"
 PS0 = "ps0.run-a.example.org:443"
 
 
-def _documents(tmp_path: Path, cifar_dir: Path, platform: SimulatedPlatform) -> RunDocuments:
-    """A cluster host's run documents: its participants named through its ingress."""
+def _enrolled(tmp_path: Path, cifar_dir: Path, slot: str = "worker2", *,
+              platform: SimulatedPlatform | None = PLATFORM) -> tuple[JoinLink, RunDocuments]:
+    """What a cluster host's enrollment desk hands ``slot``'s joiner: the run's documents (its
+    participants named through its ingress) and, simulated, the slot's own platform as the
+    bootstrap (``platform`` None: a hardware run, no bootstrap)."""
     lab = quick_config(tmp_path, cifar_dir, workers=3)
     path = tmp_path / "host-config.yaml"
     ParticipantConfig.write(path, Deployment(trust_address=TRUST, ps_address=PS0, workers=3,
                                              policy_key="ab" * 32), lab)
-    return RunDocuments(config_yaml=path.read_text(), policy_yaml="tee_type: TDX\nroles: {}\n",
-                        policy_signature="c2lnbmF0dXJl",
-                        bootstrap=json.dumps({"platform": platform.export_secret().hex()})
-                        .encode())
+    desk = EnrollmentDesk(RunDocuments(config_yaml=path.read_text(),
+                                       policy_yaml="tee_type: TDX\nroles: {}\n",
+                                       policy_signature="c2lnbmF0dXJl"), platform)
+    key = enrollment_key()
+    desk.open(key)
+    return desk.enroll(_link(slot, key).encode())
 
 
-def _link(slot: str = "worker2") -> JoinLink:
-    return JoinLink.issue(enrollment_key(), trust_address=TRUST, ps_address=PS0,
+def _link(slot: str = "worker2", key: bytes | None = None) -> JoinLink:
+    return JoinLink.issue(key or enrollment_key(), trust_address=TRUST, ps_address=PS0,
                           trust_measurements={"mr_td": "ab" * 48, "mr_config_id": "cd" * 48},
                           policy_sha256="0" * 64, slot=slot, lab_root_sha256="1" * 64)
 
@@ -75,12 +81,11 @@ def _config_map(objects: list[dict[str, Any]], name: str) -> dict[str, str]:
 def test_a_remote_worker_reaches_the_host_cluster_through_its_ingress(
     tmp_path: Path, cifar_dir: Path
 ) -> None:
-    platform = SimulatedPlatform.generate()
-    documents = _documents(tmp_path, cifar_dir, platform)
+    link, documents = _enrolled(tmp_path, cifar_dir)
     site = RemoteWorkerSite(namespace="site-b", image="registry.site-b.example/hfl-lab:0.1.0",
                             data_source="hostpath:/srv/site-b/cifar", ingress_ip=INGRESS_IP)
 
-    remote = render_remote_worker(_link(), documents, site, tmp_path / "remote")
+    remote = render_remote_worker(link, documents, site, tmp_path / "remote")
 
     for obj in [*remote.objects, *remote.host_ingress]:
         kubernetes_validate.validate(obj, K8S_SCHEMA_VERSION, strict=True)
@@ -120,8 +125,8 @@ def test_a_remote_worker_reaches_the_host_cluster_through_its_ingress(
                      for participant, name in [("trust", "trust"),
                                                ("trust", "trust.run-a.example.org"),
                                                ("ps0", "ps0"), ("ps0", "ps0.run-a.example.org")]}
-    # the platform's keys are in no file: only the Secret made in memory carries them
-    secret = platform.export_secret().hex()
+    # the slot's keys are in no file: only the Secret made in memory carries them
+    secret = json.loads(documents.bootstrap)["platform"]
     for path in remote.folder.rglob("*"):
         assert not path.is_file() or secret not in path.read_text(), path
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -134,8 +139,8 @@ def test_the_rendered_folders_match_kubectl_kustomize(tmp_path: Path, cifar_dir:
     if command is None:
         pytest.skip("neither kubectl nor kustomize is installed (or HFL_LAB_KUSTOMIZE=builtin): "
                     "only the lab's own renderer built the folders")
-    documents = _documents(tmp_path, cifar_dir, SimulatedPlatform.generate())
-    remote = render_remote_worker(_link("worker0"), documents, RemoteWorkerSite(),
+    link, documents = _enrolled(tmp_path, cifar_dir, "worker0")
+    remote = render_remote_worker(link, documents, RemoteWorkerSite(),
                                   tmp_path / "remote")
 
     def key(obj: dict[str, Any]) -> tuple[str, str]:
@@ -167,9 +172,8 @@ class RecordingApi:
 def test_apply_creates_the_bootstrap_secret_from_memory_before_the_worker(
     tmp_path: Path, cifar_dir: Path
 ) -> None:
-    platform = SimulatedPlatform.generate()
-    documents = _documents(tmp_path, cifar_dir, platform)
-    remote = render_remote_worker(_link(), documents, RemoteWorkerSite(namespace="site-c"),
+    link, documents = _enrolled(tmp_path, cifar_dir)
+    remote = render_remote_worker(link, documents, RemoteWorkerSite(namespace="site-c"),
                                   tmp_path / "remote")
     api = RecordingApi()
 
@@ -180,20 +184,20 @@ def test_apply_creates_the_bootstrap_secret_from_memory_before_the_worker(
     secret = api.applied[1]
     assert secret["metadata"]["namespace"] == "site-c" and secret["immutable"] is True
     payload = json.loads(base64.b64decode(secret["data"]["bootstrap.json"]))
-    assert SimulatedPlatform.from_secret(bytes.fromhex(payload["platform"])).root_der \
-        == platform.root_der
+    assert payload["platform"] == json.loads(documents.bootstrap)["platform"]
+    slot_platform = SimulatedPlatform.from_secret(bytes.fromhex(payload["platform"]))
+    assert slot_platform.slot == "worker2" and slot_platform.root_der == PLATFORM.root_der
     assert len(api.applied) == len(remote.objects) + 1
 
 
 def test_a_run_with_hardware_evidence_or_bad_site_options_is_refused(
     tmp_path: Path, cifar_dir: Path
 ) -> None:
-    documents = _documents(tmp_path, cifar_dir, SimulatedPlatform.generate())
-    hardware = RunDocuments(documents.config_yaml, documents.policy_yaml,
-                            documents.policy_signature, b"")
+    link, hardware = _enrolled(tmp_path, cifar_dir, platform=None)
+    _, documents = _enrolled(tmp_path, cifar_dir)
 
     with pytest.raises(ConfigError, match="not built yet"):
-        render_remote_worker(_link(), hardware, RemoteWorkerSite(), tmp_path / "hw")
+        render_remote_worker(link, hardware, RemoteWorkerSite(), tmp_path / "hw")
     assert not (tmp_path / "hw").exists()
     with pytest.raises(ConfigError, match="slots"):
         render_remote_worker(_link("worker7"), documents, RemoteWorkerSite(), tmp_path / "x")
@@ -248,8 +252,8 @@ def test_a_real_cluster_takes_the_remote_worker(tmp_path: Path, cifar_dir: Path)
                     "worker's objects were checked against the OpenAPI schemas and kubectl "
                     "kustomize above, not by an API server; a pod joining another cluster's run "
                     "through its ingress needs two clusters and was not run")
-    documents = _documents(tmp_path, cifar_dir, SimulatedPlatform.generate())
-    remote = render_remote_worker(_link(), documents, RemoteWorkerSite(namespace="default"),
+    link, documents = _enrolled(tmp_path, cifar_dir)
+    remote = render_remote_worker(link, documents, RemoteWorkerSite(namespace="default"),
                                   tmp_path / "remote")
 
     out = subprocess.run([kubectl, "--kubeconfig", kubeconfig, "apply", "--dry-run=server",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -11,23 +10,14 @@ import numpy as np
 import pytest
 
 from hfl_lab.config import LabConfig
-from tests.mesh_support import Mesh, mesh_fixture
+from tests.mesh_support import Mesh
+from tests.ps_support import resnet8, two_worker_mesh  # noqa: F401 (fixtures model, mesh)
 from trainer.model import ResNet
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.ps import ParameterServer
 from trainer.serving import model_specs, parameter_server
 from trainer.tensors import encode_tensors
 from trainer.worker import PsConnection
-
-
-@pytest.fixture(scope="module")
-def model() -> ResNet:
-    return ResNet(8, seed=0)
-
-
-@pytest.fixture()
-def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    yield from mesh_fixture(tmp_path, workers=2)
 
 
 def start_ps(mesh: Mesh, model: ResNet, mode: str = "sync") -> tuple[ParameterServer, str]:

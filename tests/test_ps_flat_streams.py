@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 
-from tests.mesh_support import Mesh, mesh_fixture
+from tests.mesh_support import Mesh
+from tests.ps_support import resnet8, two_worker_mesh  # noqa: F401 (fixtures model, mesh)
 from tests.test_ps_bad_input import good_update, header, push_code, start_ps
 from trainer.aggregation import Aggregator
 from trainer.flat import FlatTensors, flat_layout
@@ -21,16 +19,6 @@ from trainer.proto import parameter_server_pb2 as pb
 from trainer.serving import model_specs
 from trainer.tensors import TensorSpec, encode_tensors
 from trainer.worker import PsConnection
-
-
-@pytest.fixture(scope="module")
-def model() -> ResNet:
-    return ResNet(8, seed=0)
-
-
-@pytest.fixture()
-def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    yield from mesh_fixture(tmp_path, workers=2)
 
 
 def test_flat_pushes_are_validated_and_train(mesh: Mesh, model: ResNet) -> None:

@@ -325,23 +325,14 @@ class StreamAssembler:
         if partial is None:
             if flat.size:
                 raise _truncated("the final chunk arrived before any tensor data")
-            if header.tensor_count != len(flat.entries) or header.total_bytes:
-                raise _invalid(None, "header disagrees with the stream",
-                               f"{header.tensor_count} tensors / {header.total_bytes} bytes",
-                               f"{len(flat.entries)} tensors / 0 bytes")
+            _check_totals(header, len(flat.entries), 0)
             return DecodedStream(header, FlatTensors(np.empty(0, np.float32), flat))
         if partial.filled != partial.wire.nbytes:
             raise _truncated(
                 f"the final chunk arrived inside tensor '{self._flat_name(partial.filled)}' "
                 f"({partial.filled} of {partial.wire.nbytes} bytes of the model)"
             )
-        if header.tensor_count != len(flat.entries) or header.total_bytes != self._received:
-            raise _invalid(
-                None,
-                "header disagrees with the stream",
-                f"{header.tensor_count} tensors / {header.total_bytes} bytes",
-                f"{len(flat.entries)} tensors / {self._received} bytes",
-            )
+        _check_totals(header, len(flat.entries), self._received)
         buffer = partial.home
         with np.errstate(all="ignore"):
             if partial.wire.name == "bfloat16":
@@ -394,13 +385,7 @@ class StreamAssembler:
                 len(self._done),
             )
         header = self._header
-        if header.tensor_count != len(self._done) or header.total_bytes != self._received:
-            raise _invalid(
-                None,
-                "header disagrees with the stream",
-                f"{header.tensor_count} tensors / {header.total_bytes} bytes",
-                f"{len(self._done)} tensors / {self._received} bytes",
-            )
+        _check_totals(header, len(self._done), self._received)
         flat = self._layout.flat
         if flat is not None:  # the tensors are views of one buffer in the flat layout
             memory = self._memory if self._memory is not None else np.empty(0, np.uint8)
@@ -558,6 +543,14 @@ def _invalid(
         fix="send tensors encoded by trainer.tensors.encode_tensors from the model the "
         "parameter server announced at Register.",
     )
+
+
+def _check_totals(header: pb.StreamHeader, tensors: int, received: int) -> None:
+    """Refuse a stream whose header announced another tensor count or byte total than came."""
+    if header.tensor_count != tensors or header.total_bytes != received:
+        raise _invalid(None, "header disagrees with the stream",
+                       f"{header.tensor_count} tensors / {header.total_bytes} bytes",
+                       f"{tensors} tensors / {received} bytes")
 
 
 def _truncated(what: str) -> TensorValidationError:

@@ -6,7 +6,7 @@ The way back (reassembly and validation) is :mod:`trainer.tensor_decode`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -179,17 +179,7 @@ def bfloat16_bits_to_float32(bits: npt.NDArray[np.uint16]) -> npt.NDArray[np.flo
 def _to_wire(name: str, array: Array, wire_dtype: str) -> Array:
     """Little-endian contiguous array of the elements as they travel."""
     if array.dtype == np.float32 and wire_dtype == "float16":
-        with np.errstate(over="ignore"):  # overflow is reported below, with the fix
-            wire = array.astype("<f2")
-        if not np.isfinite(wire).all() and np.isfinite(array).all():
-            raise TensorValidationError(
-                f"tensor '{name}' has values beyond the float16 range (max |x| = "
-                f"{float(np.abs(array).max()):.4g} > 65504).",
-                code=grpc.StatusCode.INVALID_ARGUMENT,
-                tensor=name,
-                fix="use wire dtype bfloat16 (float32 range) or float32 for this model.",
-            )
-        return wire
+        return _to_float16(array, lambda _: (name, array))
     if array.dtype == np.float32 and wire_dtype == "bfloat16":
         return float32_to_bfloat16_bits(array).astype("<u2", copy=False)
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
@@ -353,14 +343,25 @@ def _flat_to_wire(tensors: FlatTensors, wire_dtype: str) -> Array:
         return buffer.astype("<f4", copy=False)
     if wire_dtype == "bfloat16":
         return float32_to_bfloat16_bits(buffer).astype("<u2", copy=False)
+
+    def tensor_at(element: int) -> tuple[str, Array]:
+        name = tensors.layout.name_at(element)
+        return name, tensors[name]
+
+    return _to_float16(buffer, tensor_at)
+
+
+def _to_float16(values: Array, tensor_at: Callable[[int], tuple[str, Array]]) -> Array:
+    """float32 ``values`` as float16 on the wire; refused where a finite value overflows, naming
+    the tensor that holds the first one (``tensor_at``: the name and values of the tensor that
+    holds element ``i`` of ``values``, flattened)."""
     with np.errstate(over="ignore"):  # overflow is reported below, with the fix
-        wire = buffer.astype("<f2")
-    if not np.isfinite(wire).all() and np.isfinite(buffer).all():
-        bad = int(np.flatnonzero(~np.isfinite(wire))[0])
-        name = tensors.layout.name_at(bad)
+        wire = values.astype("<f2")
+    if not np.isfinite(wire).all() and np.isfinite(values).all():
+        name, tensor = tensor_at(int(np.flatnonzero(~np.isfinite(wire))[0]))
         raise TensorValidationError(
             f"tensor '{name}' has values beyond the float16 range (max |x| = "
-            f"{float(np.abs(tensors[name]).max()):.4g} > 65504).",
+            f"{float(np.abs(tensor).max()):.4g} > 65504).",
             code=grpc.StatusCode.INVALID_ARGUMENT,
             tensor=name,
             fix="use wire dtype bfloat16 (float32 range) or float32 for this model.",

@@ -25,11 +25,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from hfl_lab._exceptions import ConfigError, PolicyViolation
+from hfl_lab._exceptions import ConfigError, HflLabError, PolicyViolation
 from hfl_lab.config.join_link import JoinLink
 from hfl_lab.tee.sim.platform import SimulatedPlatform
 
-__all__ = ["EnrollmentDesk", "RunDocuments"]
+__all__ = ["EnrollmentDesk", "RunDocuments", "bootstrap_platform"]
 
 #: an enrollment key is 32 random bytes (hfl_lab.config.join_link.enrollment_key)
 MIN_KEY_BYTES = 16
@@ -48,6 +48,20 @@ class RunDocuments:
 
     def __repr__(self) -> str:
         return f"RunDocuments(config {len(self.config_yaml)} chars, <bootstrap in memory>)"
+
+
+def bootstrap_platform(bootstrap: bytes) -> SimulatedPlatform | None:
+    """The slot's simulated platform in a :class:`RunDocuments` bootstrap, as
+    :meth:`EnrollmentDesk.enroll` writes it; None for an empty bootstrap (a hardware run: the
+    joiner brings its own TDX evidence). The error never quotes the bootstrap (it holds keys)."""
+    if not bootstrap:
+        return None
+    try:
+        return SimulatedPlatform.from_secret(bytes.fromhex(json.loads(bootstrap)["platform"]))
+    except (ValueError, KeyError, TypeError, HflLabError):
+        raise ConfigError("the host sent a bootstrap this joiner cannot read.",
+                          fix="the host and this joiner must run the same hfl-lab version.") \
+            from None
 
 
 class EnrollmentDesk:

@@ -26,7 +26,6 @@ the guest's own evidence, which the join path does not take yet.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -50,7 +49,7 @@ from hfl_lab.backends.kubernetes.settings import (
 from hfl_lab.config.join_link import JoinLink
 from hfl_lab.tee.policy import SIGNATURE_SUFFIX
 from hfl_lab.tee.sim.platform import SimulatedPlatform
-from hfl_lab.trust.enrollment import RunDocuments
+from hfl_lab.trust.enrollment import RunDocuments, bootstrap_platform
 from trainer.participant_config import ParticipantConfig
 
 __all__ = [
@@ -168,18 +167,13 @@ def routes_for(config: ParticipantConfig) -> tuple[IngressRoute, ...]:
 
 
 def _platform(documents: RunDocuments) -> SimulatedPlatform:
-    if not documents.bootstrap:
+    platform = bootstrap_platform(documents.bootstrap)
+    if platform is None:
         raise ConfigError(
             "the hosted run sent no lab platform: it runs with hardware evidence, and joining a "
             "TDX run from a TD in another cluster is not built yet.",
             fix="join a simulated run for now (the host's allow_simulated: true).")
-    try:
-        return SimulatedPlatform.from_secret(bytes.fromhex(
-            json.loads(documents.bootstrap)["platform"]))
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError("the host sent a bootstrap this joiner cannot read.",
-                          fix="the host and this site must run the same hfl-lab version.") \
-            from None
+    return platform
 
 
 def bootstrap_secret(namespace: str, documents: RunDocuments) -> dict[str, Any]:

@@ -43,7 +43,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,10 +297,6 @@ class LocalBackend(ParticipantProcesses, OwnerSide, WorkloadImageSide):
 
     def wait_ready(self, timeout_s: float, progress: ProgressCallback | None = None) -> None:
         self._wait_roles(self.roles, timeout_s, progress)
-
-    def events(self, idle_timeout_s: float | None = None) -> Iterator[LabEvent]:
-        """Events until ps0 and every worker have exited (the trust service keeps running)."""
-        return super().events(idle_timeout_s)
 
     def _at_end(self) -> None:
         self._finish_result()

@@ -10,7 +10,6 @@ whose worker code differs from the host's is refused at attestation.
 
 from __future__ import annotations
 
-import json
 import queue
 import signal
 import subprocess
@@ -33,8 +32,7 @@ from hfl_lab.events import LabEvent
 from hfl_lab.tee.policy import SIGNATURE_SUFFIX
 from hfl_lab.tee.providers.configfs_tsm import DEFAULT_ROOT as TSM_ROOT
 from hfl_lab.tee.providers.configfs_tsm import ConfigfsTsmProvider
-from hfl_lab.tee.sim.platform import SimulatedPlatform
-from hfl_lab.trust.enrollment import RunDocuments
+from hfl_lab.trust.enrollment import RunDocuments, bootstrap_platform
 
 __all__ = ["JoinedWorker"]
 
@@ -62,7 +60,7 @@ class JoinedWorker(ParticipantProcesses):
         if self.index >= self.config.workers:
             raise ConfigError(f"the hosted run has {self.config.workers} slots, not {slot}.",
                               fix="use a link the host printed for this run.")
-        self.platform = _platform(documents.bootstrap)
+        self.platform = bootstrap_platform(documents.bootstrap)
         #: simulated: the slot's keys from the host; hardware: this TDX guest's own quotes
         self.evidence = "simulated" if self.platform is not None else "configfs-tsm"
         if self.platform is None and not ConfigfsTsmProvider.available(configfs_root):
@@ -141,15 +139,3 @@ def _lab_config(config_yaml: str) -> LabConfig:
         raise ConfigError("the host sent a config document without a 'lab' section.",
                           fix="the host and this joiner must run the same hfl-lab version.") \
             from None
-
-
-def _platform(bootstrap: bytes) -> SimulatedPlatform | None:
-    if not bootstrap:
-        return None
-    try:
-        secret = bytes.fromhex(json.loads(bootstrap)["platform"])
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError("the host sent a bootstrap this joiner cannot read.",
-                          fix="the host and this joiner must run the same hfl-lab version.") \
-            from None
-    return SimulatedPlatform.from_secret(secret)

@@ -103,8 +103,9 @@ class ParticipantProcesses:
     on_restarted: Callable[[str], str | None] | None = None
 
     def events(self, idle_timeout_s: float | None = None) -> Iterator[LabEvent]:
-        """The participants' events until the end is queued (then what the readers still
-        had), or until none came for ``idle_timeout_s``."""
+        """The participants' events until the end is queued: every training role (ps0 and the
+        workers; a joiner's worker) has exited, the trust service keeps running, or the run was
+        torn down; then what the readers still had. Or until none came for ``idle_timeout_s``."""
         while True:
             try:
                 item = self._queue.get(timeout=idle_timeout_s)
