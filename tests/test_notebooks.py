@@ -76,8 +76,13 @@ def test_every_lab_notebook_exists() -> None:
 
 @pytest.mark.parametrize("name", sorted(_tracked_notebooks()))
 def test_notebooks_are_committed_without_outputs(name: str) -> None:
-    nb = nbformat.reads(_tracked_notebooks()[name], as_version=4)
+    text = _tracked_notebooks()[name]
+    nb = nbformat.reads(text, as_version=4)
 
+    # as committed, before nbformat would add missing ids (a hard error in its later versions)
+    without_id = [i for i, c in enumerate(json.loads(text)["cells"]) if not c.get("id")]
+    assert not without_id, (f"{name}: cells {without_id} have no id; give them one "
+                            "(nbformat.validator.normalize, or save the notebook in JupyterLab)")
     with_outputs = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.outputs]
     counted = [i for i, c in enumerate(nb.cells) if c.get("execution_count") is not None]
 
