@@ -252,6 +252,8 @@ class Worker:
         self._local_step = 0
         #: the next step's pull, started before this step's push (see _step)
         self._prefetched: PendingPull | None = None
+        #: a pull already read (at a certificate renewal), which the next step uses
+        self._ready: Pulled | None = None
 
     # -- connection ----------------------------------------------------------------------
 
@@ -384,7 +386,13 @@ class Worker:
                 break
             if self._generation is not None and self._generation() != self._seen_generation:
                 self._seen_generation = self._generation()
-                self._conn = self._reconnect("mesh certificate renewed", first=True)
+                # This step's pull, started on the old connection, is read there first (its
+                # certificate is still valid: renewal comes at half-life). After the last step
+                # it says the run is over, and ps0, whose every worker has then been sent the
+                # final model, may be gone before a new connection could register.
+                self._ready = self._read_prefetched(next_version)
+                if self._ready is None or self._ready.version < total:
+                    self._conn = self._reconnect("mesh certificate renewed", first=True)
             try:
                 record, next_version = self._step(mode, next_version)
             except grpc.RpcError as e:
@@ -418,6 +426,19 @@ class Worker:
         self._drop_prefetched()
         return self.summary
 
+    def _read_prefetched(self, min_version: int) -> Pulled | None:
+        """The prefetched pull of ``min_version``, read now; None if there is none or its call
+        failed (the next step pulls again)."""
+        pending, self._prefetched = self._prefetched, None
+        if pending is None or pending.min_version != min_version:
+            if pending is not None:
+                pending.cancel()
+            return None
+        try:
+            return pending.result()
+        except grpc.RpcError:
+            return None
+
     def _drop_prefetched(self) -> None:
         pending, self._prefetched = self._prefetched, None
         if pending is not None:
@@ -426,12 +447,14 @@ class Worker:
     def _step(self, mode: str, min_version: int) -> tuple[StepRecord | None, int]:
         assert self._conn is not None and self._reply is not None
         config = self._reply.config
-        pending, self._prefetched = self._prefetched, None
-        if pending is None or pending.min_version != min_version:
-            if pending is not None:
-                pending.cancel()
-            pending = self._conn.start_pull(self.name, min_version, self._specs)
-        pulled = pending.result()
+        pulled, self._ready = self._ready, None
+        if pulled is None or pulled.version < min_version:
+            pending, self._prefetched = self._prefetched, None
+            if pending is None or pending.min_version != min_version:
+                if pending is not None:
+                    pending.cancel()
+                pending = self._conn.start_pull(self.name, min_version, self._specs)
+            pulled = pending.result()
         version = pulled.version
         if version >= config.total_steps:
             return None, version

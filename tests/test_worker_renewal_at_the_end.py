@@ -1,0 +1,74 @@
+"""A worker whose mesh certificate is renewed at the run's last step still ends cleanly.
+
+Found in a clean-clone run (``test_participants_re_attest_and_train_past_their_first_
+certificates_expiry`` took 140 s instead of 19, and notebook 07's honest stand-in joiner was
+still running when the notebook stopped it): a renewal seen after the last push made the worker
+drop its pull of the final model and connect anew, but ps0 (``--exit-when-done``) had already
+sent that final model to every worker and exited, so the new connection was refused until the
+worker's reconnect timeout ran out and it failed. Here the renewal comes exactly then, and ps0
+is stopped exactly then: deterministic, no timing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hfl_lab.config import LabConfig
+from tests.mesh_support import Mesh, mesh_fixture
+from trainer.model import ResNet
+from trainer.serving import parameter_server, schedule_for
+from trainer.worker import Worker, worker_batches
+
+STEPS = 3
+
+
+@pytest.fixture()
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    yield from mesh_fixture(tmp_path, workers=1)
+
+
+def test_a_renewal_after_the_last_push_does_not_outlive_ps0(mesh: Mesh, cifar_dir: Path) -> None:
+    # Arrange: ps0 for a 3-step sync run of one worker; like `trainer ps --exit-when-done`, it
+    # stops serving once training finished and every worker was sent the final model
+    config = LabConfig.profile("quick", depth=8, workers=1, batch_size=8, steps=STEPS,
+                               aggregation="sync", eval_every=0, checkpoint_every=0,
+                               data_path=str(cifar_dir))
+    stream, num_train = worker_batches(config, 0)
+    servicer = parameter_server(config, num_train=num_train, model=ResNet(8, seed=3))
+    address = mesh.serve(servicer, num_workers=1)
+    server = mesh.servers[-1]
+    gone = threading.Event()
+
+    def exit_when_done() -> None:
+        if servicer.finished.wait(120) and servicer.wait_workers_released(120):
+            server.stop(1.0).wait()  # in-flight calls get their grace, as at ps0's exit
+            gone.set()
+
+    stopper = threading.Thread(target=exit_when_done, daemon=True)
+    stopper.start()
+
+    def generation() -> int:
+        """The worker's certificate generation: renewed once ps0 is gone after the last step."""
+        if servicer.version < STEPS:
+            return 0
+        assert gone.wait(120), "ps0 did not stop after the run finished"
+        return 1
+
+    worker = Worker(0, ResNet(8, seed=99), stream, mesh.connect("worker0", address),
+                    schedule=schedule_for(config, num_train), generation=generation,
+                    reconnect_timeout_s=3.0)
+
+    # Act
+    summary = worker.run()
+
+    # Assert: the final model's pull, read on the old connection, said the run is over
+    stopper.join(timeout=10)
+    assert gone.is_set()
+    assert summary.finished
+    assert len(summary.steps) == STEPS
+    assert summary.final_version == STEPS
+    assert summary.reconnects == 0
