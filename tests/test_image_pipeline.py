@@ -48,7 +48,7 @@ from hfl_lab.tee import AttestationPolicy, measure_workload
 from hfl_lab.tee.sim.measure import workload_digest
 from hfl_lab.trust.proto import trust_pb2 as pb
 from tests.local_support import processes_mentioning
-from tests.security.test_secrets_after_run import _PRIVATE_KEY_PATTERNS
+from tests.secret_support import PRIVATE_KEY_PATTERNS
 from tests.td_support import measured, provider
 from tests.test_trust_service import connect, start
 
@@ -260,7 +260,7 @@ def test_no_private_key_in_any_file_of_the_run_folder(own_image: Published,
         if body in data or layer_key in data:
             found.append(f"the layer key in {path}")
         found += [f"a private key encoding in {path}"
-                  for pattern in _PRIVATE_KEY_PATTERNS if pattern.search(data)]
+                  for pattern in PRIVATE_KEY_PATTERNS if pattern.search(data)]
 
     # Assert: public parts only; the signer's keyring is gone
     assert found == [], found
