@@ -64,6 +64,7 @@ from hfl_lab.image.layout import build_workload_image
 from hfl_lab.image.publish import publish_image
 from hfl_lab.lab.image import cosign_step
 from hfl_lab.tee import measure_workload
+from tests.image_support import serving_registry
 from tests.secret_support import PRIVATE_KEY_PATTERNS
 from tests.td_support import PLATFORM, lab_policy, provider
 from tests.test_trust_service import connect, start
@@ -164,8 +165,7 @@ def cluster_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterI
         pytest.skip(f"needs {', '.join(MISSING)}: run `make system-deps`")
     folder = tmp_path_factory.mktemp("run") / "image"
     runner = ToolRunner()
-    registry = LabRegistry(folder.parent / "users-registry", runner).start()
-    try:
+    with serving_registry(folder.parent / "users-registry", runner) as registry:
         settings = KubernetesSettings(
             overlay="kata-qemu-tdx-encrypted-signed", workers=2,
             image=f"{registry.address}/team-a/hfl-lab:0.2.0",
@@ -177,8 +177,6 @@ def cluster_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterI
         image = publish_image(folder, plain, target, key.public_pem, runner=runner,
                               repository=settings.image_ref.repository, tag="0.2.0")
         yield ClusterImage(folder, registry, settings, key, image, runner)
-    finally:
-        registry.close()
 
 
 def test_the_image_goes_encrypted_and_signed_to_the_users_registry(

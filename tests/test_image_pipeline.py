@@ -47,6 +47,7 @@ from hfl_lab.ratls import RaTlsIdentity
 from hfl_lab.tee import AttestationPolicy, measure_workload
 from hfl_lab.tee.sim.measure import workload_digest
 from hfl_lab.trust.proto import trust_pb2 as pb
+from tests.image_support import serving_registry
 from tests.local_support import processes_mentioning
 from tests.secret_support import PRIVATE_KEY_PATTERNS
 from tests.td_support import measured, provider
@@ -79,13 +80,10 @@ def _signer_homes() -> set[Path]:
 def _publish(folder: Path) -> Iterator[Published]:
     runner = ToolRunner()
     key = LayerKey()
-    registry = LabRegistry(folder / "registry", runner).start()
-    try:
+    with serving_registry(folder / "registry", runner) as registry:
         image = publish_workload_image(folder, registry, key.public_pem, root=REPO,
                                        runner=runner)
         yield Published(folder, registry, key, image, runner)
-    finally:
-        registry.close()
 
 
 @pytest.fixture(scope="module")
