@@ -385,14 +385,15 @@ def wait_for_group_exit(pgid: int, *, timeout_s: float) -> bool:
     """Wait until no live process (zombies aside) is in process group ``pgid``; False when
     some still is after ``timeout_s``. Reads /proc (the local backend runs on Linux)."""
     deadline = time.monotonic() + timeout_s
-    while _group_members(pgid):
+    while group_members(pgid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.005)
     return True
 
 
-def _group_members(pgid: int) -> list[int]:
+def group_members(pgid: int) -> list[int]:
+    """The pids of the live processes (zombies aside) in process group ``pgid``, from /proc."""
     members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
