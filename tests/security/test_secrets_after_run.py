@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from hfl_lab import owner
-from hfl_lab.vault.keyrelease import SealedBrokerState, _from_sealed_state
+from hfl_lab.vault.keyrelease import SealedBrokerState, owner_passphrase
 from tests.reliability_report import record
 from tests.secret_support import PRIVATE_KEY_PATTERNS
 
@@ -51,7 +51,7 @@ def test_no_secret_anywhere_in_the_run_folder_after_a_full_run(lab_run: Path) ->
     trust = run_dir / "trust"
     salt = bytes.fromhex(json.loads((trust / "owner.json").read_text())["salt"])
     admin = owner.admin_token(salt)  # the same session: this process's owner secret
-    passphrase = _from_sealed_state(
+    passphrase = owner_passphrase(
         SealedBrokerState(trust / "state.sealed", owner.sealing_key(admin)), "model-volume"
     )
     volume = run_dir / "vault" / "model.luks"
