@@ -62,9 +62,10 @@ from hfl_lab.image.cosign import (
 )
 from hfl_lab.image.layout import build_workload_image
 from hfl_lab.image.publish import publish_image
-from hfl_lab.lab.image import _cosign_step
+from hfl_lab.lab.image import cosign_step
 from hfl_lab.tee import measure_workload
-from tests.security.test_secrets_after_run import _PRIVATE_KEY_PATTERNS
+from tests.image_support import serving_registry
+from tests.secret_support import PRIVATE_KEY_PATTERNS
 from tests.td_support import PLATFORM, lab_policy, provider
 from tests.test_trust_service import connect, start
 
@@ -164,8 +165,7 @@ def cluster_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterI
         pytest.skip(f"needs {', '.join(MISSING)}: run `make system-deps`")
     folder = tmp_path_factory.mktemp("run") / "image"
     runner = ToolRunner()
-    registry = LabRegistry(folder.parent / "users-registry", runner).start()
-    try:
+    with serving_registry(folder.parent / "users-registry", runner) as registry:
         settings = KubernetesSettings(
             overlay="kata-qemu-tdx-encrypted-signed", workers=2,
             image=f"{registry.address}/team-a/hfl-lab:0.2.0",
@@ -177,8 +177,6 @@ def cluster_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterI
         image = publish_image(folder, plain, target, key.public_pem, runner=runner,
                               repository=settings.image_ref.repository, tag="0.2.0")
         yield ClusterImage(folder, registry, settings, key, image, runner)
-    finally:
-        registry.close()
 
 
 def test_the_image_goes_encrypted_and_signed_to_the_users_registry(
@@ -219,7 +217,7 @@ def test_no_private_key_of_the_cluster_pipeline_in_any_file_of_its_folder(
     files = [p for p in cluster_image.folder.rglob("*") if p.is_file()]
     found = [str(p) for p in files if body in p.read_bytes()]
     found += [f"{pattern.pattern!r} in {p}" for p in files
-              for pattern in _PRIVATE_KEY_PATTERNS if pattern.search(p.read_bytes())]
+              for pattern in PRIVATE_KEY_PATTERNS if pattern.search(p.read_bytes())]
 
     # Assert: public parts only (the plain image and the builder's work folder are gone)
     assert found == [], found
@@ -358,7 +356,7 @@ def test_without_cosign_the_step_says_so_and_prints_the_exact_command(
     # Act
     with pytest.raises(ImageError) as refused:
         require_cosign(pinned, cluster_image.folder)
-    (step,) = _cosign_step(cluster_image.image, cluster_image.folder)
+    (step,) = cosign_step(cluster_image.image, cluster_image.folder)
 
     # Assert: the step is skipped, says why, and its command is the one a person runs
     assert "cosign is not installed here" in refused.value.message

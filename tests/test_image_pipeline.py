@@ -47,8 +47,9 @@ from hfl_lab.ratls import RaTlsIdentity
 from hfl_lab.tee import AttestationPolicy, measure_workload
 from hfl_lab.tee.sim.measure import workload_digest
 from hfl_lab.trust.proto import trust_pb2 as pb
+from tests.image_support import serving_registry
 from tests.local_support import processes_mentioning
-from tests.security.test_secrets_after_run import _PRIVATE_KEY_PATTERNS
+from tests.secret_support import PRIVATE_KEY_PATTERNS
 from tests.td_support import measured, provider
 from tests.test_trust_service import connect, start
 
@@ -79,13 +80,10 @@ def _signer_homes() -> set[Path]:
 def _publish(folder: Path) -> Iterator[Published]:
     runner = ToolRunner()
     key = LayerKey()
-    registry = LabRegistry(folder / "registry", runner).start()
-    try:
+    with serving_registry(folder / "registry", runner) as registry:
         image = publish_workload_image(folder, registry, key.public_pem, root=REPO,
                                        runner=runner)
         yield Published(folder, registry, key, image, runner)
-    finally:
-        registry.close()
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +258,7 @@ def test_no_private_key_in_any_file_of_the_run_folder(own_image: Published,
         if body in data or layer_key in data:
             found.append(f"the layer key in {path}")
         found += [f"a private key encoding in {path}"
-                  for pattern in _PRIVATE_KEY_PATTERNS if pattern.search(data)]
+                  for pattern in PRIVATE_KEY_PATTERNS if pattern.search(data)]
 
     # Assert: public parts only; the signer's keyring is gone
     assert found == [], found

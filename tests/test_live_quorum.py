@@ -5,38 +5,22 @@ default ``fixed`` rule the step waits for K of N whoever is there."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 import pytest
 
 from hfl_lab import ConfigError
 from hfl_lab.config import LabConfig
 from tests.mesh_support import Mesh
-from tests.ps_support import resnet8, two_worker_mesh  # noqa: F401 (fixtures model, mesh)
+from tests.ps_support import (  # noqa: F401 (fixtures model, mesh)
+    good_update,
+    header,
+    resnet8,
+    start_ps,
+    two_worker_mesh,
+)
 from trainer.model import ResNet
-from trainer.proto import parameter_server_pb2 as pb
 from trainer.ps import ParameterServer
-from trainer.serving import model_specs, parameter_server
+from trainer.serving import model_specs
 from trainer.worker import PsConnection
-
-
-def start_ps(mesh: Mesh, model: ResNet, **params: Any) -> tuple[ParameterServer, str]:
-    config = LabConfig.profile("quick", depth=8, workers=2, steps=10, eval_every=0,
-                               checkpoint_every=0, **params)
-    servicer = parameter_server(config, num_train=1000, model=model)
-    return servicer, mesh.serve(servicer, num_workers=2)
-
-
-def update(model: ResNet) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {s.name: (rng.standard_normal(s.shape) * 0.01).astype(np.float32)
-            for s in model_specs(model)}
-
-
-def header(version: int, worker: str) -> pb.StreamHeader:
-    return pb.StreamHeader(kind=pb.UPDATE_KIND_GRADIENTS, model_version=version,
-                           worker_id=worker, num_samples=8)
 
 
 def logged_messages(servicer: ParameterServer) -> list[str]:
@@ -57,7 +41,7 @@ def test_the_fixed_rule_waits_for_a_worker_that_has_not_joined(
     servicer, address = start_ps(mesh, model)  # K = N = 2, fixed
     worker0 = joined(mesh, address, 0)
 
-    reply, _, _ = worker0.push(update(model), header(0, "worker0"))
+    reply, _, _ = worker0.push(good_update(model), header(0, "worker0"))
 
     assert reply.accepted and servicer.version == 0, "the step waits for worker1"
     assert servicer.aggregator.quorum == 2
@@ -69,7 +53,7 @@ def test_the_live_rule_counts_who_is_here_as_workers_join_and_leave(
     mesh: Mesh, model: ResNet
 ) -> None:
     servicer, address = start_ps(mesh, model, quorum_rule="live")  # K = N = 2, live
-    grads = update(model)
+    grads = good_update(model)
 
     # alone at first: K is 1, worker0's step completes by itself
     worker0 = joined(mesh, address, 0)
@@ -102,7 +86,7 @@ def test_the_live_rule_counts_who_is_here_as_workers_join_and_leave(
 
 def test_a_worker_that_leaves_stops_counting_at_once(mesh: Mesh, model: ResNet) -> None:
     servicer, address = start_ps(mesh, model, quorum_rule="live")  # leases stay 30 s
-    grads = update(model)
+    grads = good_update(model)
     worker0, worker1 = joined(mesh, address, 0), joined(mesh, address, 1)
     assert servicer.aggregator.quorum == 2
 
@@ -122,7 +106,7 @@ def test_a_minimum_of_live_workers_holds_the_run_until_they_are_here(
     mesh: Mesh, model: ResNet
 ) -> None:
     servicer, address = start_ps(mesh, model, quorum_rule="live", min_live_workers=2)
-    grads = update(model)
+    grads = good_update(model)
 
     worker0 = joined(mesh, address, 0)
     worker0.push(grads, header(0, "worker0"))

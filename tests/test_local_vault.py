@@ -24,7 +24,7 @@ from hfl_lab import owner
 from hfl_lab._exceptions import VaultError
 from hfl_lab.backends.local import LocalBackend
 from hfl_lab.vault import AttestedSigners, ModelVault, retrieve_as_owner
-from hfl_lab.vault.keyrelease import _from_sealed_state
+from hfl_lab.vault.keyrelease import owner_passphrase
 from tests.local_support import FinishedRun
 from trainer.checkpoint import decode_state
 
@@ -34,12 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 RETRIEVE = """
 import json, sys
-from hfl_lab.lab.retrieval import _signers, owner_credential
+from hfl_lab.lab.retrieval import owner_credential, provenance_signers
 from hfl_lab.vault import retrieve_as_owner
 from hfl_lab._exceptions import HflLabError
 vault = json.loads(sys.argv[1])
 try:
-    model = retrieve_as_owner(None, owner_credential(vault), sys.argv[2], _signers(vault))
+    model = retrieve_as_owner(None, owner_credential(vault), sys.argv[2],
+                              provenance_signers(vault))
 except HflLabError as e:
     print(json.dumps({"error": str(e)}))
     sys.exit(1)
@@ -109,7 +110,7 @@ def test_provenance_names_ps0s_attested_key_and_the_workers_evidence(
     assert signer["accepted"] and signer["simulated"] and signer["role"] == "ps0"
     assert signer["mr_td"] == sealed_run.measurements["ps0"].mr_td.hex()
     assert signer["mr_config_id"] == sealed_run.measurements["ps0"].mr_config_id.hex()
-    passphrase = _from_sealed_state(credential, "model-volume")
+    passphrase = owner_passphrase(credential)
     with ModelVault.open(volume, passphrase, read_only=True) as vault:
         names = sorted(vault.files.list_dir("provenance"))
         last = json.loads(vault.files.read(f"provenance/{names[-1]}"))
@@ -167,7 +168,7 @@ def test_no_plaintext_weights_and_no_passphrase_in_the_run_folder(
         probes += [raw[i:i + 48] for i in (0, len(raw) // 2, len(raw) - 48)]
     payload = model.payload
     probes += [payload[i:i + 48] for i in range(4096, len(payload) - 48, len(payload) // 7)]
-    passphrase = _from_sealed_state(credential, "model-volume")
+    passphrase = owner_passphrase(credential)
     secrets = [passphrase, passphrase.hex().encode(), sealed_run.admin_token,
                sealed_run.admin_token.hex().encode()]
 

@@ -7,16 +7,16 @@ import os
 import signal
 import subprocess
 
-from hfl_lab.backends.local.processes import _group_members, wait_for_group_exit
+from hfl_lab.backends.local.processes import group_members, wait_for_group_exit
 
 
 def test_a_killed_group_is_waited_for_children_included() -> None:
     leader = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"], start_new_session=True)
     try:
         assert not wait_for_group_exit(leader.pid, timeout_s=0.2)  # alive: not gone
-        assert leader.pid in _group_members(leader.pid)
+        assert leader.pid in group_members(leader.pid)
     finally:
         os.killpg(leader.pid, signal.SIGKILL)
         leader.wait(timeout=30)
     assert wait_for_group_exit(leader.pid, timeout_s=30)
-    assert _group_members(leader.pid) == []
+    assert group_members(leader.pid) == []

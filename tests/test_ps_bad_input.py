@@ -3,41 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
-from hfl_lab.config import LabConfig
 from tests.mesh_support import Mesh
-from tests.ps_support import resnet8, two_worker_mesh  # noqa: F401 (fixtures model, mesh)
+from tests.ps_support import (  # noqa: F401 (fixtures model, mesh)
+    good_update,
+    header,
+    push_code,
+    resnet8,
+    start_ps,
+    two_worker_mesh,
+)
 from trainer.model import ResNet
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.ps import ParameterServer
-from trainer.serving import model_specs, parameter_server
+from trainer.serving import model_specs
 from trainer.tensors import encode_tensors
 from trainer.worker import PsConnection
-
-
-def start_ps(mesh: Mesh, model: ResNet, mode: str = "sync") -> tuple[ParameterServer, str]:
-    config = LabConfig.profile("quick", depth=8, workers=2, steps=10, aggregation=mode,
-                               max_staleness=1, eval_every=0, checkpoint_every=0)
-    servicer = parameter_server(config, num_train=1000, model=model)
-    return servicer, mesh.serve(servicer, num_workers=2)
-
-
-def good_update(model: ResNet, scale: float = 0.01) -> dict[str, np.ndarray]:
-    """Gradients of the right names/shapes (and BN statistics), in model order."""
-    rng = np.random.default_rng(0)
-    return {s.name: (rng.standard_normal(s.shape) * scale).astype(np.float32)
-            for s in model_specs(model)}
-
-
-def header(version: int = 0, worker: str = "worker0",
-           kind: pb.UpdateKind = pb.UPDATE_KIND_GRADIENTS, **extra: Any) -> pb.StreamHeader:
-    return pb.StreamHeader(kind=kind, model_version=version, worker_id=worker, num_samples=8,
-                           **extra)
 
 
 def forged(tensors: dict[str, np.ndarray], **fields: int) -> list[pb.TensorChunk]:
@@ -48,16 +33,9 @@ def forged(tensors: dict[str, np.ndarray], **fields: int) -> list[pb.TensorChunk
     return chunks
 
 
-def push_code(conn: PsConnection, chunks: Any) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as refused:
-        conn.stub.PushUpdate(iter(list(chunks)), timeout=30)
-    assert refused.value.details()  # every refusal says why
-    return refused.value.code()
-
-
 @pytest.fixture()
 def worker0(mesh: Mesh, model: ResNet) -> Iterator[tuple[ParameterServer, PsConnection, Mesh]]:
-    servicer, address = start_ps(mesh, model)
+    servicer, address = start_ps(mesh, model, max_staleness=1)
     conn = PsConnection(mesh.connect("worker0", address)())
     conn.register("worker0", 0)
     yield servicer, conn, mesh
@@ -124,7 +102,7 @@ def test_malformed_pushes_get_the_right_status_and_training_continues(
 def test_unregistered_and_impersonating_callers_are_refused(
     mesh: Mesh, model: ResNet
 ) -> None:
-    servicer, address = start_ps(mesh, model)
+    servicer, address = start_ps(mesh, model, max_staleness=1)
     conn = PsConnection(mesh.connect("worker1", address)())
     specs = model_specs(model)
     with pytest.raises(grpc.RpcError) as not_registered:
@@ -141,7 +119,7 @@ def test_unregistered_and_impersonating_callers_are_refused(
 
 
 def test_async_refuses_updates_beyond_the_staleness_bound(mesh: Mesh, model: ResNet) -> None:
-    servicer, address = start_ps(mesh, model, mode="async")
+    servicer, address = start_ps(mesh, model, aggregation="async", max_staleness=1)
     conn = PsConnection(mesh.connect("worker0", address)())
     conn.register("worker0", 0)
     good = good_update(model)

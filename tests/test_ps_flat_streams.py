@@ -10,8 +10,14 @@ import grpc
 import numpy as np
 
 from tests.mesh_support import Mesh
-from tests.ps_support import resnet8, two_worker_mesh  # noqa: F401 (fixtures model, mesh)
-from tests.test_ps_bad_input import good_update, header, push_code, start_ps
+from tests.ps_support import (  # noqa: F401 (fixtures model, mesh)
+    good_update,
+    header,
+    push_code,
+    resnet8,
+    start_ps,
+    two_worker_mesh,
+)
 from trainer.aggregation import Aggregator
 from trainer.flat import FlatTensors, flat_layout
 from trainer.model import ResNet
@@ -23,7 +29,7 @@ from trainer.worker import PsConnection
 
 def test_flat_pushes_are_validated_and_train(mesh: Mesh, model: ResNet) -> None:
     # Arrange
-    servicer, address = start_ps(mesh, model)
+    servicer, address = start_ps(mesh, model, max_staleness=1)
     conn = PsConnection(mesh.connect("worker0", address)())
     conn.register("worker0", 0)
     layout = flat_layout(model_specs(model))

@@ -16,7 +16,7 @@ from hfl_lab.vault.ext4_bitmap import used_blocks
 from hfl_lab.vault.ext4_image import memfd_with
 from hfl_lab.vault.extents import leaf_extents
 from hfl_lab.vault.userspace import UserspaceVolume
-from hfl_lab.vault.xts import _WINDOW_SECTORS, SECTOR_SIZE, XtsCipher
+from hfl_lab.vault.xts import SECTOR_SIZE, TWEAK_WINDOW_SECTORS, XtsCipher
 from tests.vault_support import FAST_KDF, make_vault, needs_cryptsetup, weights
 
 EX_ONE_EXTENT = """Level Entries       Logical      Physical Length Flags
@@ -53,10 +53,10 @@ def extent_table(volume: UserspaceVolume, path: str) -> str:
 def test_cached_tweaks_encrypt_like_the_reference_across_windows() -> None:
     # Arrange: a run that starts just before a window boundary and spans three windows
     key = os.urandom(64)
-    first = 3 * _WINDOW_SECTORS - 100
-    count = _WINDOW_SECTORS + 300
+    first = 3 * TWEAK_WINDOW_SECTORS - 100
+    count = TWEAK_WINDOW_SECTORS + 300
     data = os.urandom(count * SECTOR_SIZE)
-    cached = XtsCipher(key, tweak_cache_bytes=2 * _WINDOW_SECTORS * SECTOR_SIZE)
+    cached = XtsCipher(key, tweak_cache_bytes=2 * TWEAK_WINDOW_SECTORS * SECTOR_SIZE)
     out, again = bytearray(len(data)), bytearray(len(data))
 
     # Act: the second call finds one window evicted (budget of two) and two cached

@@ -16,14 +16,14 @@ from hfl_lab.vault import DirectoryCheckpointStore, ModelVault, new_passphrase
 from hfl_lab.vault.ext4_image import memfd_with
 from hfl_lab.vault.files import DirectoryFiles
 from hfl_lab.vault.userspace import UserspaceVolume
-from hfl_lab.vault.xts import _PARALLEL_MIN_SECTORS, SECTOR_SIZE, XtsCipher
+from hfl_lab.vault.xts import PARALLEL_MIN_SECTORS, SECTOR_SIZE, XtsCipher
 from tests.vault_support import make_vault, needs_cryptsetup, weights
 
 
 def test_threaded_xts_matches_the_reference_in_place_too() -> None:
     # Arrange: enough sectors for the threaded path, numbered across a 2^32 boundary
     key = os.urandom(64)
-    count = _PARALLEL_MIN_SECTORS + 1001
+    count = PARALLEL_MIN_SECTORS + 1001
     first = 2**32 - 3000
     data = os.urandom(SECTOR_SIZE * count)
     sample = [0, 1, 2999, 3000, count // 2, count - 1]

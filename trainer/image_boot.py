@@ -22,7 +22,6 @@ given its own image's key by itself; the owner checks its evidence before provis
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from typing import NoReturn
 from hfl_lab._exceptions import ImageError, ImageRefused
 from hfl_lab.image import ImageSource, obtain_layer_key, pull_image
 from hfl_lab.image.tools import secret_fd
+from hfl_lab.trust.enrollment import bootstrap_document
 from trainer.participant import (
     BOOTSTRAP_FD_ENV,
     Bootstrap,
@@ -94,7 +94,7 @@ def run_from_image(role: str, args_list: Sequence[str], config: ParticipantConfi
 def _exec_from(root: Path, args_list: Sequence[str], boot: Bootstrap) -> NoReturn:
     """Become ``python -m trainer <args>`` run from ``root`` (same pid, same stdin: the
     launcher's pipe), handing the bootstrap over an in-memory descriptor."""
-    line = json.dumps({"platform": boot.platform.export_secret().hex()} if boot.platform else {})
+    line = bootstrap_document(boot.platform)
     env = {**os.environ, FROM_IMAGE_ENV: str(root), "PYTHONPATH": str(root)}
     sys.stdout.flush()
     sys.stderr.flush()

@@ -60,7 +60,7 @@ from hfl_lab.tee.sim.measure import (
 from hfl_lab.tee.sim.platform import SimulatedPlatform
 from hfl_lab.tee.verdict import Verdict
 
-__all__ = ["ImageReport", "ImageStep", "measure_image"]
+__all__ = ["ImageReport", "ImageStep", "cosign_step", "measure_image"]
 
 _REPO = Path(__file__).resolve().parents[2]
 LOCAL_RUNTIME = (
@@ -221,7 +221,7 @@ def _cluster_pipeline(
         builder = find_builder()
         require_tools("skopeo", "gpg", "gpgconf")
     except ImageError as error:
-        return [*_cluster_plan(settings, out, error), *_cosign_step(None, out)], None, None
+        return [*_cluster_plan(settings, out, error), *cosign_step(None, out)], None, None
     key = LayerKey()
     published = publish_cluster_image(settings, out, key, root=_REPO, runner=runner,
                                       builder=builder)
@@ -240,7 +240,7 @@ def _cluster_pipeline(
     steps.append(ImageStep(
         "pin the run", "done", "the run deploys this digest; the encrypted+signed overlay's "
         "initdata (MRCONFIGID) pins it", "", published.source.digest))
-    return [*steps, *_cosign_step(published, out)], published, key
+    return [*steps, *cosign_step(published, out)], published, key
 
 
 def _cluster_plan(settings: KubernetesSettings, out: Path, why: ImageError) -> list[ImageStep]:
@@ -270,7 +270,7 @@ def _local_pipeline(out: Path) -> tuple[list[ImageStep], PublishedImage | None]:
     if missing:
         return [ImageStep("encrypted, signed image", "skipped",
                           f"{', '.join(missing)} not installed here: {SYSTEM_DEPS_FIX}",
-                          "make system-deps"), *_cosign_step(None, out)], None
+                          "make system-deps"), *cosign_step(None, out)], None
     runner = ToolRunner()
     key = LayerKey()
     with LabRegistry(out / "registry", runner) as registry:
@@ -279,7 +279,7 @@ def _local_pipeline(out: Path) -> tuple[list[ImageStep], PublishedImage | None]:
                                            runner=runner)
         pulled = pull_image(published.source, key.private_pem(), out / "pull-check",
                             who="the owner's check", runner=runner)
-        cosign = _cosign_step(published, out)  # while the registry serves
+        cosign = cosign_step(published, out)  # while the registry serves
     del key
     labels = published.plain.config.get("config", {}).get("Labels") or {}
     files = labels.get("io.hfl-lab.workload.files", "?")
@@ -321,7 +321,7 @@ def _measured_pull_step(pulled: PulledImage, same: bool) -> ImageStep:
                      "them would be refused", "", digest)
 
 
-def _cosign_step(published: PublishedImage | None, out: Path,
+def cosign_step(published: PublishedImage | None, out: Path,
                  runner: ToolRunner | None = None) -> list[ImageStep]:
     """Where cosign is installed, sign the pushed image with it too and write the
     ``sigstoreSigned`` policy; where it is not, say so and print the exact commands."""

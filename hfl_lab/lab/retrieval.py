@@ -51,6 +51,7 @@ __all__ = [
     "export_owner_model",
     "move_to_trusted_node",
     "owner_credential",
+    "provenance_signers",
     "retrieve_and_evaluate",
 ]
 
@@ -152,7 +153,7 @@ def owner_credential(vault: dict[str, Any]) -> SealedBrokerState:
                              owner_counter_path(Path(state)))
 
 
-def _signers(vault: dict[str, Any]) -> Any:
+def provenance_signers(vault: dict[str, Any]) -> Any:
     """Whom the trusted node trusts as provenance signers: ps0's attested keys (verified from
     the evidence in each signer certificate), or nobody when the run left no policy."""
     folder = vault.get("trust_dir")
@@ -198,7 +199,7 @@ def _open(
     """The newest checkpoint, a provenance summary, whether a volume was opened, and the
     attestation of each provenance signer."""
     if sealed:
-        signers = _signers(vault)
+        signers = provenance_signers(vault)
         retrieved = retrieve_as_owner(
             None, owner_credential(vault), location, signers if signers is not None else [],
             require_provenance=signers is not None,

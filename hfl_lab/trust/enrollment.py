@@ -29,7 +29,7 @@ from hfl_lab._exceptions import ConfigError, HflLabError, PolicyViolation
 from hfl_lab.config.join_link import JoinLink
 from hfl_lab.tee.sim.platform import SimulatedPlatform
 
-__all__ = ["EnrollmentDesk", "RunDocuments", "bootstrap_platform"]
+__all__ = ["EnrollmentDesk", "RunDocuments", "bootstrap_document", "bootstrap_platform"]
 
 #: an enrollment key is 32 random bytes (hfl_lab.config.join_link.enrollment_key)
 MIN_KEY_BYTES = 16
@@ -48,6 +48,15 @@ class RunDocuments:
 
     def __repr__(self) -> str:
         return f"RunDocuments(config {len(self.config_yaml)} chars, <bootstrap in memory>)"
+
+
+def bootstrap_document(platform: SimulatedPlatform | None) -> str:
+    """A participant's bootstrap, the one JSON object every launcher hands over (a joiner's
+    :class:`RunDocuments`, a local participant's stdin line, a pod's Secret, the descriptor an
+    image-booted workload reads): the simulated platform's keys, or ``{}`` for None (a TDX
+    guest: its evidence comes from the TDX module). It holds keys: keep it in memory only."""
+    return json.dumps({"platform": platform.export_secret().hex()} if platform is not None
+                      else {})
 
 
 def bootstrap_platform(bootstrap: bytes) -> SimulatedPlatform | None:
@@ -108,6 +117,5 @@ class EnrollmentDesk:
             self.enrolled[link.slot] = self.enrolled.get(link.slot, 0) + 1
         if self._platform is None:
             return link, self._documents
-        secret = self._platform.for_slot(link.slot).export_secret()
-        bootstrap = json.dumps({"platform": secret.hex()}).encode()
+        bootstrap = bootstrap_document(self._platform.for_slot(link.slot)).encode()
         return link, dataclasses.replace(self._documents, bootstrap=bootstrap)

@@ -380,7 +380,7 @@ def open_as_owner(
     every checkpoint (``retrieve_as_owner`` returns the newest one only)."""
     path = Path(vault_path)
     inspect_volume(path)
-    passphrase = _from_sealed_state(credential, secret_name)
+    passphrase = owner_passphrase(credential, secret_name)
     try:
         return ModelVault.open(path, passphrase, data_path, read_only=True)
     finally:
@@ -407,7 +407,11 @@ def _attested_release(
         ) from None
 
 
-def _from_sealed_state(credential: SealedBrokerState, secret_name: str) -> bytes:
+def owner_passphrase(credential: SealedBrokerState,
+                     secret_name: str = VOLUME_SECRET_NAME) -> bytes:
+    """The volume's passphrase, taken from the sealed trust-service state with the owner's
+    credential (authorized, not attested; the owner's counter check applies). Keep it in memory
+    only and ``del`` it when done, as :func:`open_as_owner` does."""
     return _unseal_for_owner(credential, secret_name)[0]
 
 

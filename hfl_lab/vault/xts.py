@@ -30,10 +30,10 @@ _BLOCK = 16
 # the core's L2 cache, which made the whole transform about 1.5x faster than 2 MiB slices.
 _CHUNK_SECTORS = 1024
 # Below this (4 MiB) starting threads costs more than it saves.
-_PARALLEL_MIN_SECTORS = 8192
+PARALLEL_MIN_SECTORS = 8192
 # Sectors whose tweaks are made and cached together (8 MiB of data, 8 MiB of tweaks).
-_WINDOW_SECTORS = 16384
-TWEAK_WINDOW_BYTES = _WINDOW_SECTORS * SECTOR_SIZE
+TWEAK_WINDOW_SECTORS = 16384
+TWEAK_WINDOW_BYTES = TWEAK_WINDOW_SECTORS * SECTOR_SIZE
 
 U64Array = npt.NDArray[np.uint64]
 Buffer = bytes | bytearray | memoryview
@@ -111,12 +111,12 @@ class XtsCipher:
         middle_words = np.frombuffer(middle, dtype="<u8")
         at, end = first_sector, first_sector + len(sectors)
         while at < end:
-            window = at // _WINDOW_SECTORS
+            window = at // TWEAK_WINDOW_SECTORS
             tweaks = self._window(window)
-            stop = min(end, (window + 1) * _WINDOW_SECTORS)
+            stop = min(end, (window + 1) * TWEAK_WINDOW_SECTORS)
             for first in range(at, stop, rows):
                 n = min(rows, stop - first)
-                t = tweaks[first - window * _WINDOW_SECTORS :][:n]
+                t = tweaks[first - window * TWEAK_WINDOW_SECTORS :][:n]
                 here = slice(first - first_sector, first - first_sector + n)
                 np.bitwise_xor(src[here], t, out=mixed[:n])
                 done = ecb.update_into(mixed[:n].data.cast("B"), middle)
@@ -130,14 +130,14 @@ class XtsCipher:
         if found is not None:
             self._windows.move_to_end(window)
             return found
-        first = window * _WINDOW_SECTORS
-        sectors = np.arange(first, first + _WINDOW_SECTORS, dtype=np.uint64)
+        first = window * TWEAK_WINDOW_SECTORS
+        sectors = np.arange(first, first + TWEAK_WINDOW_SECTORS, dtype=np.uint64)
         seeds = self._seeds(sectors)
-        table = np.empty((_WINDOW_SECTORS, self._blocks, 2), dtype="<u8")
+        table = np.empty((TWEAK_WINDOW_SECTORS, self._blocks, 2), dtype="<u8")
         rows = _CHUNK_SECTORS
         carry = np.empty((rows, self._blocks), dtype="<u8")
         scratch = np.empty((rows, self._blocks), dtype="<u8")
-        for at in range(0, _WINDOW_SECTORS, rows):
+        for at in range(0, TWEAK_WINDOW_SECTORS, rows):
             self._tweaks(seeds[at : at + rows], table[at : at + rows], carry, scratch)
         self._windows[window] = table
         while len(self._windows) > self._cache_windows:
@@ -146,7 +146,7 @@ class XtsCipher:
 
     def limit_tweak_cache(self, nbytes: int) -> None:
         """Keep the tweaks of at most ``nbytes`` of sectors (whole windows; 0: none)."""
-        self._cache_windows = nbytes // (_WINDOW_SECTORS * self.sector_size)
+        self._cache_windows = nbytes // (TWEAK_WINDOW_SECTORS * self.sector_size)
         while len(self._windows) > self._cache_windows:
             self._windows.popitem(last=False)[1].fill(0)
 
@@ -175,7 +175,7 @@ class XtsCipher:
         dst = np.frombuffer(out, dtype="<u8").reshape(-1, self._blocks, 2)
         seeds = self._seeds(sectors)
         count = len(sectors)
-        workers = worker_count() if count >= _PARALLEL_MIN_SECTORS else 1
+        workers = worker_count() if count >= PARALLEL_MIN_SECTORS else 1
         if workers == 1:
             self._span(src, dst, seeds, 0, count, encrypt)
             return

@@ -22,20 +22,13 @@ from pathlib import Path
 import pytest
 
 from hfl_lab import owner
-from hfl_lab.vault.keyrelease import SealedBrokerState, _from_sealed_state
+from hfl_lab.vault.keyrelease import SealedBrokerState, owner_passphrase
 from tests.reliability_report import record
+from tests.secret_support import PRIVATE_KEY_PATTERNS
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-# DER prefixes: PKCS#8 PrivateKeyInfo for EC (version 0, id-ecPublicKey) and SEC1 ECPrivateKey
-# (version 1, OCTET STRING of 32 or 48 bytes: P-256, P-384)
-_PRIVATE_KEY_PATTERNS = [
-    re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-    re.compile(rb"\x02\x01\x00\x30\x13\x06\x07\x2a\x86\x48\xce\x3d\x02\x01"),
-    re.compile(rb"\x30(?:\x77|\x81.)\x02\x01\x01\x04[\x20\x30]", re.DOTALL),
-    re.compile(rb"-----BEGIN PGP PRIVATE KEY BLOCK-----"),
-]
 
 
 def _volume_key(volume: Path, passphrase: bytes) -> bytes:
@@ -58,7 +51,7 @@ def test_no_secret_anywhere_in_the_run_folder_after_a_full_run(lab_run: Path) ->
     trust = run_dir / "trust"
     salt = bytes.fromhex(json.loads((trust / "owner.json").read_text())["salt"])
     admin = owner.admin_token(salt)  # the same session: this process's owner secret
-    passphrase = _from_sealed_state(
+    passphrase = owner_passphrase(
         SealedBrokerState(trust / "state.sealed", owner.sealing_key(admin)), "model-volume"
     )
     volume = run_dir / "vault" / "model.luks"
@@ -79,7 +72,7 @@ def test_no_secret_anywhere_in_the_run_folder_after_a_full_run(lab_run: Path) ->
                   if any(form in data for form in _forms(secret))]
         if path.name not in ("model.luks", "state.sealed"):  # ciphertext: random bytes
             found += [f"a private key encoding in {path}"
-                      for pattern in _PRIVATE_KEY_PATTERNS if pattern.search(data)]
+                      for pattern in PRIVATE_KEY_PATTERNS if pattern.search(data)]
 
     record("R6", "full hfl-lab run", tried=len(files), held=len(files) - len(found),
            lost=len(found), files=len(files), notebooks=len(notebooks), logs=len(logs),

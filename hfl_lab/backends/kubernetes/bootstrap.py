@@ -24,10 +24,10 @@ keys, which are lab-local and never secure anyway, and for nothing else.
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 
 from hfl_lab.tee.sim.platform import SimulatedPlatform
+from hfl_lab.trust.enrollment import bootstrap_document
 
 TRUST_SECRET = "hfl-bootstrap-trust"  # noqa: S105 - a Secret's name
 TD_SECRET = "hfl-bootstrap-td"  # noqa: S105 - a Secret's name
@@ -35,8 +35,8 @@ KEY = "bootstrap.json"
 LABELS = {"app.kubernetes.io/part-of": "hfl-lab", "app.kubernetes.io/component": "bootstrap"}
 
 
-def _secret(name: str, namespace: str, payload: dict[str, str]) -> dict[str, Any]:
-    data = base64.b64encode(json.dumps(payload).encode()).decode()
+def _secret(name: str, namespace: str, document: str) -> dict[str, Any]:
+    data = base64.b64encode(document.encode()).decode()
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -52,8 +52,8 @@ def bootstrap_secrets(namespace: str, platform: SimulatedPlatform | None) -> lis
     simulated platform's keys on runc, nothing on the TDX overlays."""
     if platform is None:
         return []
-    payload = {"platform": platform.export_secret().hex()}
-    return [_secret(TRUST_SECRET, namespace, payload), _secret(TD_SECRET, namespace, payload)]
+    document = bootstrap_document(platform)
+    return [_secret(TRUST_SECRET, namespace, document), _secret(TD_SECRET, namespace, document)]
 
 
 def reference(secret: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import queue
 import signal
@@ -35,6 +34,7 @@ from hfl_lab.backends.base import ProgressCallback
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
 from hfl_lab.tee.sim.platform import SimulatedPlatform
+from hfl_lab.trust.enrollment import bootstrap_document
 
 TAIL_LINES = 40
 #: put on the event queue when ps0 and every worker have exited, and at teardown
@@ -179,12 +179,11 @@ class ParticipantProcesses:
             )
             p.process = process
         # a TDX guest's participant (a joiner of a hardware run) gets an empty bootstrap
-        bootstrap = ({"platform": self.platform.export_secret().hex()}
-                     if self.platform is not None else {})
+        bootstrap = bootstrap_document(self.platform)
         p.problem = None
         assert process.stdin is not None
         try:
-            process.stdin.write(json.dumps(bootstrap) + "\n")
+            process.stdin.write(bootstrap + "\n")
             process.stdin.flush()
         except OSError:
             pass  # it died at once; the watcher reports it with its output
@@ -386,14 +385,15 @@ def wait_for_group_exit(pgid: int, *, timeout_s: float) -> bool:
     """Wait until no live process (zombies aside) is in process group ``pgid``; False when
     some still is after ``timeout_s``. Reads /proc (the local backend runs on Linux)."""
     deadline = time.monotonic() + timeout_s
-    while _group_members(pgid):
+    while group_members(pgid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.005)
     return True
 
 
-def _group_members(pgid: int) -> list[int]:
+def group_members(pgid: int) -> list[int]:
+    """The pids of the live processes (zombies aside) in process group ``pgid``, from /proc."""
     members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
