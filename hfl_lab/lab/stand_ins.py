@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ EDIT = "# an attendee's edit: one comment line, and the worker's MR_TD is anothe
 HEADLESS_JOINERS = 2
 #: the notebook's ``local_joiners: int = -1``: HEADLESS_JOINERS headless, none with a front end
 AUTO = -1
+#: seconds the stand-ins get, once the run ended, to read the final model and exit by themselves
+ENDING_S = 30.0
 
 
 def edited_workload(dest: Path, root: Path = WORKLOAD_ROOT) -> Path:
@@ -143,6 +146,14 @@ class LocalJoiners(ClosingContext, TableReport):
             joiners.stop()
             raise
         return joiners
+
+    def wait_ended(self, timeout_s: float = ENDING_S) -> bool:
+        """After the run ended: give each worker ``timeout_s`` in all to end by itself (it
+        reads the final model, says how it ended and exits, as on an attendee's laptop);
+        whether all did. :meth:`stop` ends the rest."""
+        deadline = time.monotonic() + timeout_s
+        return all(stand_in.worker.process.ended.wait(max(0.0, deadline - time.monotonic()))
+                   for stand_in in self.stand_ins)
 
     def stop(self) -> None:
         """Leave: each worker stops (SIGTERM, SIGKILL if it must); the edited copy is removed."""

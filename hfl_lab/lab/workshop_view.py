@@ -237,6 +237,8 @@ def watch_workshop(run: HostedRun, joiners: LocalJoiners | None = None, *,
     try:
         watch = RunWatch(run.backend, dashboard, config)
         done = watch.until_done()
+        if joiners is not None:  # as on the attendees' laptops: each ends on its own
+            joiners.wait_ended()
     finally:
         dashboard.close()
         if joiners is not None:
