@@ -14,7 +14,7 @@ from hfl_lab.tee import AttestationPolicy, Verifier
 from hfl_lab.trust.client import MeshCredentials
 from hfl_lab.trust.mesh import PeerCheck
 from tests.td_support import lab_policy, lab_verifier, provider
-from tests.test_trust_service import Running, connect, start
+from tests.trust_support import Running, connect, start
 from trainer.ps import ParameterServer
 from trainer.ps_server import serve_ps, worker_peers
 from trainer.serving import channel_factory

@@ -24,7 +24,7 @@ from hfl_lab.trust.mesh import (
 )
 from hfl_lab.trust.service import TrustService, serve
 from tests.td_support import lab_policy, lab_verifier, provider
-from tests.test_trust_service import Running, connect, start
+from tests.trust_support import Running, connect, start
 
 calls: list[str] = []
 

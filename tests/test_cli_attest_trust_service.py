@@ -9,7 +9,7 @@ import pytest
 
 from hfl_lab.cli import main
 from tests.td_support import PLATFORM, lab_policy
-from tests.test_trust_service import start
+from tests.trust_support import start
 
 
 def test_endpoint_verdicts_against_a_running_trust_service(

@@ -67,7 +67,7 @@ from hfl_lab.tee import measure_workload
 from tests.image_support import serving_registry
 from tests.secret_support import PRIVATE_KEY_PATTERNS
 from tests.td_support import PLATFORM, lab_policy, provider
-from tests.test_trust_service import connect, start
+from tests.trust_support import connect, start
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING = missing_tools()

@@ -51,7 +51,7 @@ from tests.image_support import serving_registry
 from tests.local_support import processes_mentioning
 from tests.secret_support import PRIVATE_KEY_PATTERNS
 from tests.td_support import measured, provider
-from tests.test_trust_service import connect, start
+from tests.trust_support import connect, start
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING = missing_tools()

@@ -17,7 +17,7 @@ from hfl_lab.tee import measure_workload
 from hfl_lab.trust.mesh import PeerCheck
 from tests.mesh_support import start_mesh
 from tests.td_support import provider
-from tests.test_trust_service import connect
+from tests.trust_support import connect
 from trainer.model import ResNet
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.ps_server import serve_ps, worker_peers

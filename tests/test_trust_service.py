@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -14,36 +13,10 @@ from hfl_lab import AttestationError, PolicyViolation
 from hfl_lab.ratls import RaTlsIdentity, verify_certificate
 from hfl_lab.tee import AttestationPolicy, measure_workload
 from hfl_lab.trust.broker import DEFAULT_APP_ID
-from hfl_lab.trust.client import TrustClient
 from hfl_lab.trust.proto import trust_pb2 as pb
 from hfl_lab.trust.proto import trust_pb2_grpc as rpc
-from hfl_lab.trust.service import TrustService, serve
-from tests.td_support import LAB_ROLES, PLATFORM, lab_policy, lab_verifier, measured, provider
-
-MEASURED = {role: measured(role) for role in LAB_ROLES}
-
-
-@dataclass
-class Running:
-    service: TrustService
-    server: grpc.Server
-    address: str
-    admin: bytes
-    events: list[object]
-
-
-def start(tmp_path: Path, owner_key: bytes | None = None,
-          identity_role: str = "trust") -> Running:
-    admin = os.urandom(32)
-    events: list[object] = []
-    service = TrustService(
-        policy=lab_policy(), admin_token=admin, lab_root_der=PLATFORM.root_der,
-        on_event=events.append, state_path=tmp_path / "trust.sealed", owner_key=owner_key,
-    )
-    identity = RaTlsIdentity()
-    identity.make_certificate(provider(identity_role), subject_cn="trust", role="trust")
-    server, port = serve(service, identity.certificate_pem, identity.private_key_pem())
-    return Running(service, server, f"127.0.0.1:{port}", admin, events)
+from tests.td_support import lab_policy, lab_verifier, provider
+from tests.trust_support import MEASURED, Running, connect, start
 
 
 @pytest.fixture()
@@ -51,11 +24,6 @@ def trust(tmp_path: Path) -> Iterator[Running]:
     running = start(tmp_path, owner_key=os.urandom(32))
     yield running
     running.server.stop(0)
-
-
-def connect(r: Running) -> TrustClient:
-    return TrustClient.connect(r.address, lab_policy(), lab_root_der=PLATFORM.root_der,
-                               role="trust")
 
 
 def test_participant_gets_a_role_certificate_that_carries_its_evidence(trust: Running) -> None:

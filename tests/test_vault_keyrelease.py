@@ -22,22 +22,22 @@ from hfl_lab.vault import (
     provision_vault,
     release_policy_from,
     retrieve_as_owner,
-    volume_release_policy,
 )
 from tests.td_support import lab_policy, provider
-from tests.test_trust_service import MEASURED, Running, connect, start
-from tests.vault_support import FAST_KDF, entry, needs_cryptsetup, ps_identity, weights
+from tests.trust_support import MEASURED, Running, connect, start
+from tests.vault_support import (
+    FAST_KDF,
+    OWNER,
+    entry,
+    needs_cryptsetup,
+    ps_identity,
+    release_policy,
+    weights,
+)
 
 pytestmark = needs_cryptsetup
 
-OWNER = measure_workload(role="owner")
 SIZE_MB = 12
-
-
-def release_policy() -> AttestationPolicy:
-    return volume_release_policy(
-        MEASURED["ps0"], OWNER, base=AttestationPolicy.from_dict({"allow_simulated": True})
-    )
 
 
 @pytest.fixture()

@@ -13,11 +13,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from hfl_lab._x509 import common_name, self_signed
-from hfl_lab.vault import ModelVault, ProvenanceEntry, new_passphrase
+from hfl_lab.tee import AttestationPolicy, measure_workload
+from hfl_lab.vault import ModelVault, ProvenanceEntry, new_passphrase, volume_release_policy
+from tests.trust_support import MEASURED
 
 # PBKDF2 at the LUKS minimum keeps each open at milliseconds; the passphrase is random anyway.
 FAST_KDF = 1000
 SIZE_MB = 12
+
+# The owner's trusted node: the only party besides ps0 that the volume passphrase goes to.
+OWNER = measure_workload(role="owner")
 
 needs_cryptsetup = pytest.mark.skipif(
     shutil.which("cryptsetup") is None and not Path("/usr/sbin/cryptsetup").exists(),
@@ -60,3 +65,10 @@ def entry(key: ec.EllipticCurvePrivateKey, pem: bytes, loss: float) -> Provenanc
 def weights(step: int, size: int = 300_000) -> bytes:
     """Distinct pseudo-random 'serialized weights' per step (random bytes do not compress)."""
     return os.urandom(size - 8) + step.to_bytes(8, "little")
+
+
+def release_policy() -> AttestationPolicy:
+    """The volume key's release policy: ps0 and the owner, simulated TDs allowed."""
+    return volume_release_policy(
+        MEASURED["ps0"], OWNER, base=AttestationPolicy.from_dict({"allow_simulated": True})
+    )

@@ -36,7 +36,7 @@ from tests.mesh_support import Mesh, start_mesh
 from tests.reliability_report import record
 from tests.security.test_role_binding import tiny_ps
 from tests.td_support import PLATFORM, lab_policy, provider
-from tests.test_trust_service import Running, connect, start
+from tests.trust_support import Running, connect, start
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.proto import parameter_server_pb2_grpc as ps_rpc
 from trainer.ps import ParameterServer

@@ -40,7 +40,7 @@ from hfl_lab.trust.proto import trust_pb2 as tpb
 from tests.mesh_support import Mesh, start_mesh
 from tests.reliability_report import record
 from tests.td_support import provider
-from tests.test_trust_service import connect
+from tests.trust_support import connect
 from trainer.model import ResNet
 from trainer.proto import parameter_server_pb2 as pb
 from trainer.ps import ParameterServer

@@ -35,7 +35,7 @@ from hfl_lab.vault import volume_release_policy
 from tests.mesh_support import Mesh, start_mesh
 from tests.reliability_report import record
 from tests.td_support import lab_policy, measured, provider
-from tests.test_trust_service import Running, connect, start
+from tests.trust_support import Running, connect, start
 from trainer.aggregation import Mode
 from trainer.optim import MomentumSGD
 from trainer.proto import parameter_server_pb2 as pb

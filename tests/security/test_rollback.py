@@ -33,9 +33,8 @@ from hfl_lab.vault import (
 )
 from tests.reliability_report import record
 from tests.td_support import PLATFORM, lab_policy, provider
-from tests.test_trust_service import Running, connect, start
-from tests.test_vault_keyrelease import OWNER, release_policy
-from tests.vault_support import FAST_KDF, needs_cryptsetup, weights
+from tests.trust_support import Running, connect, start
+from tests.vault_support import FAST_KDF, OWNER, needs_cryptsetup, release_policy, weights
 from trainer.vault_store import Contributors, VaultCheckpointStore
 
 pytestmark = needs_cryptsetup
