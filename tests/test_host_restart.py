@@ -72,6 +72,9 @@ def test_a_crashed_trust_service_and_ps0_come_back_and_the_joiners_carry_on(
             result = run.backend.result
             restarted = {role: run.backend.participants[role].starts for role in pids}
             new_pids = {role: run.backend.participants[role].pid for role in pids}
+        # the run is over: each joiner ends by itself, as on a laptop (stop() is for the rest)
+        for joiner in joiners:
+            joiner.wait_ended(30)
     finally:
         for joiner in joiners:
             joiner.stop()

@@ -152,7 +152,7 @@ class LocalJoiners(ClosingContext, TableReport):
         reads the final model, says how it ended and exits, as on an attendee's laptop);
         whether all did. :meth:`stop` ends the rest."""
         deadline = time.monotonic() + timeout_s
-        return all(stand_in.worker.process.ended.wait(max(0.0, deadline - time.monotonic()))
+        return all(stand_in.worker.wait_ended(max(0.0, deadline - time.monotonic()))
                    for stand_in in self.stand_ins)
 
     def stop(self) -> None:

@@ -114,6 +114,13 @@ class JoinedWorker(ParticipantProcesses):
     def process(self) -> ParticipantProcess:
         return self.participants[self.slot]
 
+    def wait_ended(self, timeout_s: float) -> bool:
+        """Whether the worker ended by itself within ``timeout_s``: once the run is over it
+        reads the final model, says how it ended and exits (:meth:`stop` then has nothing
+        to do; stopped earlier, it may be caught in its interpreter's shutdown, where the
+        SIGTERM handler is gone, and end with -15)."""
+        return self.process.ended.wait(timeout_s)
+
     def stop(self) -> None:
         """Leave: SIGTERM to the worker (it exits cleanly), SIGKILL if it does not."""
         with self._lock:
