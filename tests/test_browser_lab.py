@@ -234,6 +234,7 @@ class _TrainingWatch:
         self.kernel_while_training: list[str] = []
         self.loss_frames: set[str] = set()
         self.mid_run_shot = False
+        self.stepped_shot = False  # the screenshot shows a step between the first and the last
 
     def sample(self, page: Any, state: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -251,12 +252,18 @@ class _TrainingWatch:
             self.attested_during_start_up = True
         if step > 0 and self.first_step is None:
             self.first_step = now - self.first_seen
-        if 0 < step < STEPS:
+        if step < STEPS:  # the training cell runs: starting up (step 0) or training
+            # sampled from the start-up on: whether a sample lands between the first and the
+            # last step is up to the machine's timing (one CI run had none: the label went from
+            # start-up to the end between two samples)
             self.kernel_while_training.append(_server_kernel_state(self.lab))
-            if not self.mid_run_shot:
-                self.mid_run_shot = True
+            # the screenshot while it runs: the first sample's, replaced by one mid-training
+            # when a sample lands there
+            if not self.mid_run_shot or (step > 0 and not self.stepped_shot):
+                self.mid_run_shot, self.stepped_shot = True, step > 0
                 bar = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .widget-hprogress")
-                bar.first.scroll_into_view_if_needed()
+                if bar.count():
+                    bar.first.scroll_into_view_if_needed()
                 page.screenshot(path=str(_shot(self.lab, f"{TRAINING}_mid_run")))
 
     def first_change(self) -> float | None:
