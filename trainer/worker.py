@@ -426,13 +426,19 @@ class Worker:
         self._drop_prefetched()
         return self.summary
 
+    def _take_prefetched(self, min_version: int) -> PendingPull | None:
+        """The prefetched pull if it is for ``min_version`` (one for another is cancelled)."""
+        pending, self._prefetched = self._prefetched, None
+        if pending is not None and pending.min_version != min_version:
+            pending.cancel()
+            return None
+        return pending
+
     def _read_prefetched(self, min_version: int) -> Pulled | None:
         """The prefetched pull of ``min_version``, read now; None if there is none or its call
         failed (the next step pulls again)."""
-        pending, self._prefetched = self._prefetched, None
-        if pending is None or pending.min_version != min_version:
-            if pending is not None:
-                pending.cancel()
+        pending = self._take_prefetched(min_version)
+        if pending is None:
             return None
         try:
             return pending.result()
@@ -449,10 +455,8 @@ class Worker:
         config = self._reply.config
         pulled, self._ready = self._ready, None
         if pulled is None or pulled.version < min_version:
-            pending, self._prefetched = self._prefetched, None
-            if pending is None or pending.min_version != min_version:
-                if pending is not None:
-                    pending.cancel()
+            pending = self._take_prefetched(min_version)
+            if pending is None:
                 pending = self._conn.start_pull(self.name, min_version, self._specs)
             pulled = pending.result()
         version = pulled.version
