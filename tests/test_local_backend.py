@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hfl_lab import AttestationError, BackendError, HflLabError
-from hfl_lab.backends.local import LocalBackend
+from hfl_lab.backends.local import LocalBackend, ParticipantProcess
 from hfl_lab.events import LabEvent
 from hfl_lab.tee import AttestationPolicy
 from tests.local_support import (
@@ -235,13 +235,30 @@ def test_participants_re_attest_and_train_past_their_first_certificates_expiry(
     assert len(issued) > 3 + len(renewals) // 2
 
 
+@pytest.mark.parametrize("torn_down_before", ["ps0", "worker1"])
 def test_a_run_torn_down_during_its_start_up_leaves_no_participant(
-    tmp_path: Path, cifar_dir: Path
+    tmp_path: Path, cifar_dir: Path, monkeypatch: pytest.MonkeyPatch, torn_down_before: str
 ) -> None:
     """The notebook runs start() on its own thread; an interrupt tears the run down while that
-    thread is launching participants. None may start after the teardown and outlive it."""
+    thread is launching participants. None may start after the teardown and outlive it.
+
+    The start-up thread is held at one launch until the teardown has begun, so the teardown
+    lands there however the two threads are scheduled (polling for a launched process let a
+    busy machine finish start() first)."""
     backend = LocalBackend(quick_config(tmp_path, cifar_dir))
     outcome: list[BaseException | None] = []
+    at_launch = threading.Event()
+    launch = backend._launch
+
+    def held_launch(p: ParticipantProcess) -> None:
+        if p.role == torn_down_before:
+            at_launch.set()
+            deadline = time.monotonic() + 120
+            while not backend._torn_down and time.monotonic() < deadline:
+                time.sleep(0.01)  # the teardown has marked the run: this launch comes after it
+        launch(p)
+
+    monkeypatch.setattr(backend, "_launch", held_launch)
 
     def start() -> None:
         try:
@@ -253,12 +270,7 @@ def test_a_run_torn_down_during_its_start_up_leaves_no_participant(
 
     starter = threading.Thread(target=start, name="start-up")
     starter.start()
-    deadline = time.monotonic() + 120
-    while starter.is_alive() and time.monotonic() < deadline:
-        ps0 = backend.participants.get("ps0")
-        if ps0 is not None and ps0.process is not None:
-            break  # the workers are being launched now, on the start-up thread
-        time.sleep(0.005)  # the teardown may come at any point of the launches
+    assert at_launch.wait(timeout=120), f"start() never came to launch {torn_down_before}"
     backend.teardown()
     starter.join(timeout=120)
 
