@@ -7,10 +7,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from hfl_lab._exceptions import HflLabError
 from hfl_lab.events import LabEvent
 
 #: called while waiting: (done, total, label), e.g. (3, 5, "pods ready")
 ProgressCallback = Callable[[int, int, str], None]
+
+#: how either backend names a trust service that failed the owner's check
+OWNER_REFUSED = ("the trust service did not pass the owner's check, so nothing was sent to it "
+                 "(the owner's credential stays with the owner)")
+
+
+def refused_by_owner(error: HflLabError) -> HflLabError:
+    """``error`` (a trust service that failed the owner's check) named as the owner's refusal,
+    the same way on every backend: the same exception, its type and, for an
+    ``AttestationError``, its check and the values compared kept; its message prefixed."""
+    if not error.message.startswith(OWNER_REFUSED):
+        error.message = f"{OWNER_REFUSED}: {error.message}"
+    return error
 
 
 @dataclass(frozen=True)

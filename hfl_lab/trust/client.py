@@ -89,9 +89,13 @@ class TrustClient(ClosingContext):
                             on_verdict=on_verdict)
         verdict = verify_certificate(cert, verifier, role=role)
         if not verdict.accepted:
+            # named by the first check it failed (e.g. mr_config_id), with the values compared
+            failed = verdict.failures[0] if verdict.failures else None
             raise AttestationError(
                 f"the trust service at {address} failed attestation: {verdict.reason}",
-                check="trust_service",
+                check=failed.name if failed else "trust_service",
+                expected=failed.expected if failed else None,
+                actual=failed.actual if failed else None,
                 fix="do not hand it anything; check that the right service runs there",
             )
         return cls(address, _pinned_channel(address, cert), verdict)

@@ -23,7 +23,8 @@ from typing import Any
 import grpc
 import pytest
 
-from hfl_lab import BackendError, owner
+from hfl_lab import AttestationError, owner
+from hfl_lab.backends.base import OWNER_REFUSED
 from hfl_lab.backends.kubernetes.provision import provision_trust
 from hfl_lab.ratls import RaTlsIdentity
 from hfl_lab.tee import measure_workload
@@ -191,9 +192,14 @@ def test_the_owner_gives_an_impostor_nothing(tmp_path: Path, impostor: str) -> N
     }[impostor]
     rogue = start(tmp_path, identity_provider=fake)
     try:
-        with pytest.raises(BackendError) as refused:
+        with pytest.raises(AttestationError) as refused:
             provision_trust(rogue.address, lab_policy(), TOKEN, lab_root_der=PLATFORM.root_der,
                             timeout_s=10)
+        failed = refused.value  # named as the local backend names it, its check kept
+        assert str(failed).startswith(OWNER_REFUSED)
+        assert failed.check == {"other_code": "mr_config_id", "other_role": "mr_config_id",
+                                "debug_td": "dcap"}[impostor], failed.check
+        assert failed.expected != failed.actual
         held = not rogue.service.provisioned and "nothing" in str(refused.value)
         sent = [e for e in rogue.service.audit.since(0) if e[1]["action"] == "provision"]
         record("R8", f"an impostor trust service ({impostor}) asks for the credential",

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from hfl_lab import owner
-from hfl_lab._exceptions import ApiError, BackendError
+from hfl_lab._exceptions import ApiError, BackendError, HflLabError
 from hfl_lab.backends.base import PreflightCheck, ProgressCallback
 from hfl_lab.backends.kubernetes import bootstrap, provision, vault_copy
 from hfl_lab.backends.kubernetes import render as rendering
@@ -171,7 +171,7 @@ class KubernetesBackend:
         self.policy: AttestationPolicy | None = None
         self.rendered: rendering.RenderedRun | None = None
         #: why the trust service could not be provisioned (wait_ready raises it)
-        self.provision_problem: BackendError | None = None
+        self.provision_problem: HflLabError | None = None
         #: the encrypted, signed image this backend published at start (the encrypted+signed
         #: overlay) and its layer key, in memory only, registered once the trust service is
         self.published_image: PublishedImage | None = None
@@ -574,7 +574,7 @@ class KubernetesBackend:
     def _provision_in_background(self) -> None:
         try:
             self.provision_trust()
-        except BackendError as error:
+        except HflLabError as error:  # unreachable (BackendError) or refused (its own type)
             self.provision_problem = error
             self._emit(LabEvent("log", "owner", {"level": "error", "message": str(error)}))
             return
@@ -583,7 +583,7 @@ class KubernetesBackend:
             return
         try:
             self.register_layer_key(self.layer_key)
-        except BackendError as error:
+        except HflLabError as error:
             # the guests of a TDX run take their image key from Trustee (k8s/README.md); the
             # trust service's copy needs a policy that pins every participant's MR_TD
             self._emit(LabEvent("log", "owner", {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 from hfl_lab._exceptions import AttestationError, BackendError, HflLabError, PolicyViolation
+from hfl_lab.backends.base import refused_by_owner
 from hfl_lab.image import LayerKey
 from hfl_lab.image import register_layer_key as register_with
 from hfl_lab.tee.policy import AttestationPolicy
@@ -82,7 +83,10 @@ def register_layer_key(
         raise _not_provisioned(address, error) from None
 
 
-def _not_provisioned(address: str, error: HflLabError) -> BackendError:
+def _not_provisioned(address: str, error: HflLabError) -> HflLabError:
+    """An unreachable service as a ``BackendError`` (what to check on the cluster's side); one
+    that failed the owner's check as the local backend names it (``refused_by_owner``: an
+    ``AttestationError`` keeps its check and the values compared)."""
     if isinstance(error, AttestationError) and error.check == "connection":
         return BackendError(
             f"cannot reach the trust service at {address} to provision it: {error.message}",
@@ -90,8 +94,6 @@ def _not_provisioned(address: str, error: HflLabError) -> BackendError:
             "works: the port-forward through the API server, or the ingress named by "
             "trust_endpoint (TLS passthrough).",
         )
-    return BackendError(
-        "the trust service did not pass the owner's check, so nothing was sent to it "
-        f"(the owner's credential stays with the owner): {error.message}",
-        fix=error.fix or "check that the pod runs the run's image and configuration.",
-    )
+    if error.fix is None:
+        error.fix = "check that the pod runs the run's image and configuration."
+    return refused_by_owner(error)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from hfl_lab import owner
 from hfl_lab._exceptions import BackendError, HflLabError
-from hfl_lab.backends.base import ProgressCallback
+from hfl_lab.backends.base import ProgressCallback, refused_by_owner
 from hfl_lab.backends.local.processes import ParticipantProcess
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
@@ -116,11 +116,7 @@ class OwnerSide:
         except HflLabError as error:
             if p.returncode is not None or self._torn_down:
                 return  # it is gone: its watcher reports how it ended
-            # the same error, named as the owner's refusal (its check and values kept)
-            error.message = ("the owner did not provision the trust service (it gets the "
-                             f"owner's credential only after passing attestation): "
-                             f"{error.message}")
-            p.problem = error
+            p.problem = refused_by_owner(error)
             self._put(LabEvent("log", "owner", {"level": "error", "message": str(error)}))
             return
         self._put(LabEvent("log", "owner", {
