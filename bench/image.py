@@ -37,11 +37,9 @@ def _registry() -> Iterator[tuple[LabRegistry, Path]]:
     require_tools()
     with tempfile.TemporaryDirectory(prefix="hfl-bench-image-") as folder:
         root = Path(folder)
-        registry = LabRegistry(root / "registry", ToolRunner()).start()
-        try:
-            yield registry, root
-        finally:
-            registry.close()
+        # closed also when it fails to start: a half-started registry does not outlive the run
+        with LabRegistry(root / "registry", ToolRunner()) as registry:
+            yield registry.start(), root
 
 
 def _publisher(registry: LabRegistry, root: Path, key: LayerKey) -> Callable[[], PublishedImage]:
