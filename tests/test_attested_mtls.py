@@ -10,8 +10,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from hfl_lab import AttestationError
+from hfl_lab._x509 import peer_certificate
 from hfl_lab.ratls import RaTlsIdentity
 from hfl_lab.tee import Verifier, measure_workload
 from hfl_lab.trust.client import MeshCredentials
@@ -185,3 +187,27 @@ def test_client_refuses_a_mitm_server_before_sending(mesh: Mesh) -> None:
             attested_channel(f"127.0.0.1:{rogue_port}", worker, verifier, "ps0")
     finally:
         rogue.stop(0)
+
+
+def test_a_callers_certificate_is_parsed_once_and_checked_on_every_call(mesh: Mesh) -> None:
+    """``peer_certificate`` caches the parse by the exact PEM bytes: the same bytes give the
+    same certificate, other bytes their own, and the peer check still runs on every call (an
+    expired certificate is refused even though its parse is cached)."""
+    trust, ps, _server, _port, check = mesh
+    pem = ps.certificate_pem
+    assert peer_certificate(pem) is peer_certificate(bytes(pem))
+    with connect(trust) as client:
+        other = client.attest("worker0", provider("worker0")).certificate_pem
+    assert peer_certificate(other) is not peer_certificate(pem)
+    assert peer_certificate(other).public_bytes(Encoding.PEM) == other
+    with pytest.raises(ValueError):
+        peer_certificate(b"-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
+    worker = peer_certificate(other)
+    assert check.check(worker).accepted
+    later = check.verifier.clock
+    check.verifier.clock = lambda: worker.not_valid_after_utc.timestamp() + 1
+    try:
+        with pytest.raises(AttestationError):
+            check.check(peer_certificate(other))
+    finally:
+        check.verifier.clock = later

@@ -20,8 +20,8 @@ from enum import StrEnum
 from typing import Any
 
 import grpc
-from cryptography import x509
 
+from hfl_lab._x509 import peer_certificate
 from hfl_lab.trust.mesh import role_of
 from trainer.aggregation import Outcome, Status
 
@@ -109,7 +109,7 @@ def caller_identity(context: grpc.ServicerContext) -> Caller:
     if not pems:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate on this call")
     pem = bytes(pems[0])
-    cert = x509.load_pem_x509_certificate(pem)
+    cert = peer_certificate(pem)
     return Caller(role_of(cert), hashlib.sha256(pem).hexdigest(),
                   cert.not_valid_before_utc.timestamp(), context.peer())
 

@@ -14,6 +14,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from hfl_lab._exceptions import AttestationError, HflLabError
+from hfl_lab._x509 import peer_certificate
 from hfl_lab.ratls.certificate import verify_certificate
 from hfl_lab.ratls.peer import fetch_server_certificate
 from hfl_lab.tee.verdict import Verdict
@@ -149,7 +150,7 @@ class AttestedPeerInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             def guarded(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
                 pem = bytes((context.auth_context().get("x509_pem_cert") or [b""])[0])
                 try:
-                    check.check(x509.load_pem_x509_certificate(pem))
+                    check.check(peer_certificate(pem))
                 except (HflLabError, ValueError) as e:
                     context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
                 return behavior(request_or_iterator, context)
