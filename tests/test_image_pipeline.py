@@ -364,6 +364,29 @@ def test_a_pull_from_a_registry_that_is_gone_is_an_error_not_a_refusal(
     assert "registry" in (failed.value.fix or "")
 
 
+def test_close_returns_once_a_registry_that_is_slow_to_stop_has_stopped(tmp_path: Path) -> None:
+    # Arrange: a registry that takes a second to stop once told (a stand-in in front of the
+    # real one, first on the runner's PATH), as a registry not yet scheduled may take
+    real = shutil.which("docker-registry")
+    assert real is not None
+    stand_in = tmp_path / "bin" / "docker-registry"
+    stand_in.parent.mkdir()
+    stand_in.write_text(f'#!/bin/bash\n"{real}" "$@" & child=$!\n'
+                        "trap 'kill -TERM $child; wait $child; sleep 1; exit 0' TERM\n"
+                        "wait $child\n")
+    stand_in.chmod(0o755)
+    runner = ToolRunner(env={"PATH": f"{stand_in.parent}:{os.environ['PATH']}"})
+
+    # Act: the block's end closes it
+    with serving_registry(tmp_path / "registry", runner) as registry:
+        config = str(registry.config_path)
+        running = processes_mentioning(config)
+
+    # Assert: close() returned once nothing of the registry was left
+    assert any(str(stand_in) in line for _, line in running), running
+    assert processes_mentioning(config) == []
+
+
 def test_the_registry_does_not_outlive_its_owner_killed_with_sigkill(tmp_path: Path) -> None:
     # Arrange: a process that starts the run's registry, then is killed (no teardown runs)
     script = ("import sys, time; from pathlib import Path; "

@@ -83,10 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_signal(signum: int, frame: Any) -> None:
         # A pod's stop reaches the participant twice: the signal to the process group and
         # the entrypoint's forwarded one. Only the first interrupts; a second one landing in
-        # the shutdown below must not break it (it made a clean stop exit with 130).
+        # the shutdown below must not break it (it made a clean stop exit with 130). Nor one
+        # landing later, in the interpreter's own shutdown, where Python puts the default
+        # disposition back for a handler it installed (exit -15): from the first one on the
+        # stop is under way and SIGTERM is ignored (SIGKILL still ends a shutdown that hangs).
         if stop.is_set():
             return
         stop.set()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -43,9 +43,16 @@ _HOST = "127.0.0.1"
 # as a participant stops when its launcher's pipe closes. The shell exits with the registry.
 # (A background job's stdin is /dev/null, so the watcher reads a copy, made once the registry
 # has started: the copy's number cannot clobber the key's descriptor in the registry.)
+# Stopped (SIGTERM to the group, LabRegistry.close), the shell passes the stop on and exits only
+# once the registry and the watcher have: close() waits for the shell, so nothing of the
+# registry is left when it returns (the shell died at once and the registry, stopping on its
+# own time, could still be running then). Its exit code is the registry's, or 143 when stopped.
 _LIFELINE = (
     '"$@" </dev/null & registry=$!; exec 7<&0; '
-    '(cat <&7 >/dev/null; kill "$registry" 2>/dev/null) & exec 7<&-; wait "$registry"'
+    '(cat <&7 >/dev/null; kill "$registry" 2>/dev/null) & lifeline=$!; exec 7<&-; '
+    'trap \'kill "$registry" "$lifeline" 2>/dev/null\' TERM; '
+    'wait "$registry"; status=$?; kill "$lifeline" 2>/dev/null; '
+    'until wait; do :; done; exit "$status"'
 )
 
 

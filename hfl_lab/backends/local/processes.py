@@ -70,6 +70,15 @@ class ParticipantProcess:
     def returncode(self) -> int | None:
         return self.process.poll() if self.process is not None else None
 
+    def wait_output_read(self, timeout_s: float) -> None:
+        """Wait until the threads that read its output (and the one that watches it) are
+        through: once it has exited, that is until everything it wrote is in :attr:`tail`. At
+        most ``timeout_s`` (the watcher gives up on a reader after 5 s: a child of it may hold
+        its output open)."""
+        deadline = time.monotonic() + timeout_s
+        for t in list(self.threads):
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+
     def last_lines(self, n: int = 12) -> str:
         lines = list(self.tail)[-n:]
         return "\n".join(f"    {line}" for line in lines) if lines else "    (no output)"
@@ -333,6 +342,9 @@ class ParticipantProcesses:
                     raise p.problem
                 code = p.returncode
                 if code is not None and not p.ready.is_set():
+                    # the exit can be seen before its reader threads have read the last lines
+                    # it wrote (its error): name them once the readers are through
+                    p.wait_output_read(timeout_s=30)
                     raise BackendError(
                         f"{role} exited with code {code} before it was ready. Last lines of "
                         f"{p.log_path}:\n{p.last_lines()}",
