@@ -161,11 +161,13 @@ def test_bad_configuration_raises_config_error() -> None:
 def test_close_wakes_waiters_and_refuses_submissions() -> None:
     agg = Aggregator("sync", num_workers=2)
     result: list[bool] = []
-    waiter = threading.Thread(target=lambda: result.append(agg.wait_for_version(1, timeout=5)))
+    # the wait's own limit far past the join's: the False comes from close (which it may see
+    # before it waits), and a waiter scheduled late still ends within the join
+    waiter = threading.Thread(target=lambda: result.append(agg.wait_for_version(1, timeout=300)))
     waiter.start()
     agg.close()
-    waiter.join(timeout=5)
-    assert result == [False]
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and result == [False]
     assert agg.submit("w0", 0, _t(1.0)).status is Status.REJECTED
 
 

@@ -23,6 +23,11 @@ from hfl_lab.tee.sim.measure import measure_workload
 
 pytestmark = pytest.mark.timeout(60)
 
+#: how long the provider waits for an entry's attributes where the emulator serves them: the
+#: kernel makes them with the directory, the emulator's threads on a busy machine much later
+#: than the provider's 2 s default allows
+SERVED_WAIT_S = 30.0
+
 
 class TsmEmulator:
     def __init__(self, root: Path, provider: SimulatedTdProvider, extra_generations: int = 0):
@@ -55,10 +60,16 @@ class TsmEmulator:
         (entry / "provider").write_text("tdx_guest\n")
         os.mkfifo(entry / "outblob")
         os.mkfifo(entry / "inblob")
-        report_data = b""
-        while len(report_data) != 64:  # a writer that gave up (EBUSY) closes without data
-            with open(entry / "inblob", "rb") as f:
-                report_data = f.read()
+        # held open for reading and writing until the 64 bytes came: a writer that gave up
+        # (EBUSY) closes without data, and its retry's write waits in this same pipe (reopened
+        # per writer, a retry that opened before the emulator closed its end lost its bytes)
+        fd = os.open(entry / "inblob", os.O_RDWR)
+        try:
+            report_data = b""
+            while len(report_data) < 64:
+                report_data += os.read(fd, 64 - len(report_data))
+        finally:
+            os.close(fd)
         bump = 1 + (self.extra_generations if self.served == 0 else 0)
         self.served += 1
         (entry / "generation").write_text(f"{bump}\n")
@@ -82,7 +93,8 @@ def tsm_root(tmp_path: Path) -> Iterator[Path]:
 def test_writes_exactly_64_bytes_and_returns_the_quote(tsm_root: Path,
                                                        sim: SimulatedTdProvider) -> None:
     with TsmEmulator(tsm_root, sim):
-        evidence = ConfigfsTsmProvider(tsm_root).get_evidence(b"\x07" * 32)
+        evidence = ConfigfsTsmProvider(tsm_root, attribute_wait_s=SERVED_WAIT_S).get_evidence(
+            b"\x07" * 32)
 
     quote = parse_quote(evidence.quote)
     assert quote.report_data == b"\x07" * 32 + bytes(32)
@@ -92,7 +104,8 @@ def test_writes_exactly_64_bytes_and_returns_the_quote(tsm_root: Path,
 
 def test_generation_mismatch_is_retried(tsm_root: Path, sim: SimulatedTdProvider) -> None:
     with TsmEmulator(tsm_root, sim, extra_generations=1) as emu:
-        evidence = ConfigfsTsmProvider(tsm_root).get_evidence(b"\x01" * 64)
+        evidence = ConfigfsTsmProvider(tsm_root, attribute_wait_s=SERVED_WAIT_S).get_evidence(
+            b"\x01" * 64)
 
     assert emu.served == 2
     assert parse_quote(evidence.quote).report_data == b"\x01" * 64
@@ -112,7 +125,8 @@ def test_ebusy_is_retried(tsm_root: Path, sim: SimulatedTdProvider,
 
     monkeypatch.setattr(os, "write", write)
     with TsmEmulator(tsm_root, sim):
-        evidence = ConfigfsTsmProvider(tsm_root, busy_wait_s=0.001).get_evidence(b"\x02" * 64)
+        evidence = ConfigfsTsmProvider(tsm_root, busy_wait_s=0.001,
+                                       attribute_wait_s=SERVED_WAIT_S).get_evidence(b"\x02" * 64)
 
     assert busy["left"] == 0
     assert parse_quote(evidence.quote).report_data == b"\x02" * 64

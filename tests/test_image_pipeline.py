@@ -403,8 +403,9 @@ def test_the_registry_does_not_outlive_its_owner_killed_with_sigkill(tmp_path: P
     owner.send_signal(signal.SIGKILL)
     owner.wait()
 
-    # Assert: its lifeline closed, the registry stopped by itself
-    deadline = time.monotonic() + 15
+    # Assert: its lifeline closed, the registry stopped by itself (a limit that a busy
+    # machine's scheduling of the shell, its kill and the registry's exit stays well within)
+    deadline = time.monotonic() + 60
     while processes_mentioning(config) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_mentioning(config) == []

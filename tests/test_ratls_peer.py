@@ -49,12 +49,14 @@ def test_fetches_the_exact_certificate_from_a_grpc_server_requiring_client_auth(
 
 
 def test_nothing_listening_is_a_clear_error() -> None:
+    # the port stays bound, not listening, for the call: a port let go before it could be
+    # taken meanwhile by another process (or a server of this one) that listens on it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
 
-    with pytest.raises(AttestationError, match="cannot connect") as e:
-        fetch_server_certificate("127.0.0.1", port, timeout=2.0)
+        with pytest.raises(AttestationError, match="cannot connect") as e:
+            fetch_server_certificate("127.0.0.1", port, timeout=2.0)
     assert e.value.check == "connection"
 
 
@@ -80,8 +82,9 @@ def _serve_once(reply: bytes | None) -> tuple[int, threading.Event]:
 def test_plain_text_server_is_a_clear_error() -> None:
     port, done = _serve_once(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
 
+    # a limit the server thread's reply comes well within, however late it is scheduled
     with pytest.raises(AttestationError, match="did not present a TLS server certificate"):
-        fetch_server_certificate("127.0.0.1", port, timeout=2.0)
+        fetch_server_certificate("127.0.0.1", port, timeout=60.0)
     done.set()
 
 

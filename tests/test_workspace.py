@@ -50,12 +50,12 @@ def _free_port() -> int:
 
 def _get(url: str) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as reply:
+        with urllib.request.urlopen(url, timeout=60) as reply:
             return reply.status, reply.read()
     except urllib.error.HTTPError as e:
         return e.code, b""
-    except urllib.error.URLError:
-        return 0, b""  # not listening yet
+    except OSError:  # URLError, or a reply that did not come in time (not wrapped by urllib)
+        return 0, b""  # not listening, or not answering, yet
 
 
 @pytest.mark.slow

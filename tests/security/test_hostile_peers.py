@@ -286,6 +286,9 @@ def attack(lab: Lab, case: str) -> dict[str, Any]:
         lab.at_ps_with(misissued_certificate(lab, worker))
     elif case == "second_process_same_certificate":
         creds = mesh.creds["worker0"]  # the legitimate worker0 is live on its connection
+        # live however long the second process takes to start and call: its last call (the
+        # fixture's pull) would lapse after the 30 s lease, and the clone then take the role
+        lab.servicer.sessions.lease_s = 3600.0
         extra["clone"] = clone = clone_process(lab, creds, "worker0", 0)
         for rpc, result in clone.items():
             lab.attempts.append({"server": "ps0", "rpc": f"{rpc} (second process)", **result})
