@@ -37,6 +37,9 @@ from hfl_lab.tee.sim.platform import SimulatedPlatform
 from hfl_lab.trust.enrollment import bootstrap_document
 
 TAIL_LINES = 40
+#: how long a participant that exited may take to have its output read to the end (its readers
+#: end at EOF, its watcher joins them for 5 s each): generous, a busy machine's reader is late
+OUTPUT_DRAIN_S = 30.0
 #: put on the event queue when ps0 and every worker have exited, and at teardown
 END_OF_EVENTS = object()
 
@@ -69,6 +72,12 @@ class ParticipantProcess:
     @property
     def returncode(self) -> int | None:
         return self.process.poll() if self.process is not None else None
+
+    def wait_output(self, timeout_s: float) -> None:
+        """Wait until its output was read to the end (it exited: its readers and watcher end)."""
+        deadline = time.monotonic() + timeout_s
+        for t in list(self.threads):
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def last_lines(self, n: int = 12) -> str:
         lines = list(self.tail)[-n:]
@@ -332,6 +341,10 @@ class ParticipantProcesses:
                 if p.problem is not None and not p.ready.is_set():
                     raise p.problem
                 code = p.returncode
+                if code is not None and not p.ready.is_set():
+                    # its last lines name the cause: the readers may not have taken them off
+                    # its pipes yet (the exit is seen at once, the lines when a reader runs)
+                    p.wait_output(OUTPUT_DRAIN_S)
                 if code is not None and not p.ready.is_set():
                     raise BackendError(
                         f"{role} exited with code {code} before it was ready. Last lines of "
