@@ -424,12 +424,17 @@ class ParameterServer(rpc.ParameterServerServicer):
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                          f"wire dtype {wire} is not float32, float16 or bfloat16", who)
         version, chunks = self._chunks(wire, request.flat)
-        if version >= self.options.total_steps:
-            self.sessions.release(who)
-        for chunk in chunks:
-            with self._lock:
-                self.tensors_sent += chunk.tensors_started
-            yield chunk.data
+        try:
+            for chunk in chunks:
+                with self._lock:
+                    self.tensors_sent += chunk.tensors_started
+                yield chunk.data
+        finally:
+            if version >= self.options.total_steps:
+                # told once the final model is sent (or the worker gave up on it), not when
+                # its stream starts: ps0 --exit-when-done stops serving, with a 1 s grace, once
+                # every worker was told, and a final stream still in flight then was cut
+                self.sessions.release(who)
 
     def wait_workers_released(self, timeout_s: float) -> bool:
         """After training: wait until every registered worker has been told it is over."""
