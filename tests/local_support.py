@@ -62,6 +62,16 @@ def processes_mentioning(text: str) -> list[tuple[int, str]]:
     return found
 
 
+def parent_of(pid: int) -> int | None:
+    """The parent pid of process ``pid`` (from /proc), None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # pid (comm) state ppid ...: comm may hold spaces and parentheses
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
 def mean_loss_by_step(events: Iterable[LabEvent]) -> list[float]:
     """Mean worker loss of each step, in step order."""
     by_step: dict[int, list[float]] = defaultdict(list)

@@ -5,6 +5,8 @@ default ``fixed`` rule the step waits for K of N whoever is there."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from hfl_lab import ConfigError
@@ -121,6 +123,51 @@ def test_a_minimum_of_live_workers_holds_the_run_until_they_are_here(
     assert servicer.aggregator.quorum == 2 and servicer.version == 1, "held again"
     logged = logged_messages(servicer)
     assert any("holding until 1 more worker(s) join" in m for m in logged)
+    worker0.close()
+    worker1.close()
+    servicer.close()
+
+
+def test_a_leave_is_announced_before_the_hold_it_causes_whichever_thread_refits_first(
+    mesh: Mesh, model: ResNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker's pull refits the quorum every 0.5 s: here one refits right after the
+    Leave call has taken worker1 out of the table and before it logged that (the classroom's
+    host read "holding until 1 more" before "worker1: left" once). The Leave call is held
+    there until that refit has come to ps0's membership lock."""
+    servicer, address = start_ps(mesh, model, quorum_rule="live", min_live_workers=2)
+    worker0, worker1 = joined(mesh, address, 0), joined(mesh, address, 1)
+    membership, at_lock = servicer._membership, threading.Event()
+
+    class Watched:
+        """ps0's membership lock; says when the other refit comes to it."""
+
+        def __enter__(self) -> None:
+            if threading.current_thread() is refit:
+                at_lock.set()
+            membership.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            membership.release()
+
+    refit = threading.Thread(target=servicer._fit_quorum, name="worker0-pull-refit")
+    leave = servicer.sessions.leave
+
+    def leave_then_refit_elsewhere(who: str) -> None:
+        leave(who)
+        refit.start()
+        assert at_lock.wait(timeout=60), "the other refit never came to the membership lock"
+
+    monkeypatch.setattr(servicer, "_membership", Watched())
+    monkeypatch.setattr(servicer.sessions, "leave", leave_then_refit_elsewhere)
+
+    worker1.leave("left after 1 steps", timeout_s=60)  # held meanwhile: not its 5 s
+    refit.join(timeout=60)
+
+    logged = logged_messages(servicer)
+    left = logged.index("worker1 left at step 0 (left after 1 steps)")
+    holds = [i for i, m in enumerate(logged) if "holding until 1 more worker(s) join" in m]
+    assert holds and holds[-1] > left, logged
     worker0.close()
     worker1.close()
     servicer.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,4 +72,72 @@ def test_a_renewal_after_the_last_push_does_not_outlive_ps0(mesh: Mesh, cifar_di
     assert summary.finished
     assert len(summary.steps) == STEPS
     assert summary.final_version == STEPS
+    assert summary.reconnects == 0
+
+
+def test_ps0_exits_only_after_the_final_model_was_sent(
+    mesh: Mesh, cifar_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ps0 (--exit-when-done) stops serving, with a 1 s grace, once every worker was told the
+    run is over. The final model's stream is held here until ps0 has checked that once: the
+    worker must not count as told yet (counted when its stream started, a stream slower than
+    the grace was cut, and the worker found ps0 gone and failed)."""
+    # Arrange: a 3-step sync run of one worker, and ps0's exit as in the test above
+    config = LabConfig.profile("quick", depth=8, workers=1, batch_size=8, steps=STEPS,
+                               aggregation="sync", eval_every=0, checkpoint_every=0,
+                               data_path=str(cifar_dir))
+    stream, num_train = worker_batches(config, 0)
+    servicer = parameter_server(config, num_train=num_train, model=ResNet(8, seed=3))
+    address = mesh.serve(servicer, num_workers=1)
+    server = mesh.servers[-1]
+    changed = threading.Condition()
+    checks: list[bool] = []  # ps0's "every worker told?" checks, once the final stream waits
+    holding = threading.Event()
+    gone = threading.Event()
+    all_released = servicer.sessions.all_released
+
+    def checked() -> bool:
+        told = all_released()
+        with changed:
+            if holding.is_set():
+                checks.append(told)
+            changed.notify_all()
+        return told
+
+    def exit_when_done() -> None:
+        if servicer.finished.wait(120) and servicer.wait_workers_released(120):
+            server.stop(1.0).wait()
+        with changed:
+            gone.set()
+            changed.notify_all()
+
+    chunks_for = servicer._chunks
+
+    def held_final_stream(wire: int, flat: bool = False) -> tuple[int, Any]:
+        version, chunks = chunks_for(wire, flat)
+        if version < STEPS:
+            return version, chunks
+
+        def held() -> Iterator[Any]:
+            with changed:
+                holding.set()
+                assert changed.wait_for(lambda: checks or gone.is_set(), 120)
+            yield from chunks
+        return version, held()
+
+    monkeypatch.setattr(servicer.sessions, "all_released", checked)
+    monkeypatch.setattr(servicer, "_chunks", held_final_stream)
+    stopper = threading.Thread(target=exit_when_done, daemon=True)
+    stopper.start()
+    worker = Worker(0, ResNet(8, seed=99), stream, mesh.connect("worker0", address),
+                    schedule=schedule_for(config, num_train), reconnect_timeout_s=3.0)
+
+    # Act
+    summary = worker.run()
+
+    # Assert: ps0 waited for the final stream, which the worker read to its end
+    stopper.join(timeout=120)
+    assert checks and checks[0] is False, "ps0 counted the worker as told before it was sent"
+    assert gone.is_set()
+    assert summary.finished and summary.final_version == STEPS
     assert summary.reconnects == 0

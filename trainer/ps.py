@@ -136,6 +136,10 @@ class ParameterServer(rpc.ParameterServerServicer):
         self.sessions = SessionTable(session_lease_s)
         self.screen = UpdateScreen(options, optimizer, lambda: self._snapshot, self._event)
         self._lock = threading.Lock()
+        #: held across a membership change (Register, Leave), its line and its quorum refit, and
+        #: by every refit: another worker's pull refits every 0.5 s, and one that saw a leave
+        #: before the Leave call logged it announced the hold before the "left" line
+        self._membership = threading.RLock()
         #: the live quorum and live count last announced (``_fit_quorum``)
         self._live_seen: tuple[int, int] = (0, -1)
         self._pull_cache = PullCache()
@@ -323,18 +327,19 @@ class ParameterServer(rpc.ParameterServerServicer):
         if not self.options.live_quorum or self.options.mode is Mode.ASYNC:
             return
         rule = self.options.quorum or self.options.num_workers
-        live = self.sessions.live_count()
         floor = min(self.options.min_live, self.options.num_workers)
-        quorum = max(1, floor, min(rule, live))
-        with self._lock:
-            changed, self._live_seen = (quorum, live) != self._live_seen, (quorum, live)
-        if quorum != self.aggregator.quorum:
-            self.aggregator.set_quorum(quorum)
-        if changed:
-            held = (f"; holding until {floor - live} more worker(s) join"
-                    if live < floor else "")
-            self._event("log", level="info", message=f"quorum K={quorum} of the live workers "
-                        f"(rule K={rule}, {live} live) at step {self.version}{held}")
+        with self._membership:
+            live = self.sessions.live_count()
+            quorum = max(1, floor, min(rule, live))
+            with self._lock:
+                changed, self._live_seen = (quorum, live) != self._live_seen, (quorum, live)
+            if quorum != self.aggregator.quorum:
+                self.aggregator.set_quorum(quorum)
+            if changed:
+                held = (f"; holding until {floor - live} more worker(s) join"
+                        if live < floor else "")
+                self._event("log", level="info", message=f"quorum K={quorum} of the live "
+                            f"workers (rule K={rule}, {live} live) at step {self.version}{held}")
 
     def _refuse_with(self, context: grpc.ServicerContext, refusal: Refusal, who: str) -> NoReturn:
         self._refuse(context, refusal.code, refusal.message, who)
@@ -354,19 +359,20 @@ class ParameterServer(rpc.ParameterServerServicer):
                 f"{name} asked for partition {index}; this run has workers worker0.."
                 f"worker{self.options.num_workers - 1}, each with its own index", who)
         caller = caller_identity(context)
-        previous, refusal = self.sessions.register(name, index, caller)
-        if refusal is not None:
-            self._refuse_with(context, refusal, who)
-        with self._lock:
-            if self.state is PsState.WAITING:
-                self.state = PsState.TRAINING
-        how = "registered"
-        if previous is not None:
-            superseded = previous.session.caller.fingerprint != caller.fingerprint
-            how = "re-registered with a newer certificate" if superseded else "re-registered"
-        self._event("log", level="info", message=f"{name} {how} at step {self.version}",
-                    peer=name)
-        self._fit_quorum()
+        with self._membership:  # "registered" comes before the quorum line it causes
+            previous, refusal = self.sessions.register(name, index, caller)
+            if refusal is not None:
+                self._refuse_with(context, refusal, who)
+            with self._lock:
+                if self.state is PsState.WAITING:
+                    self.state = PsState.TRAINING
+            how = "registered"
+            if previous is not None:
+                superseded = previous.session.caller.fingerprint != caller.fingerprint
+                how = "re-registered with a newer certificate" if superseded else "re-registered"
+            self._event("log", level="info", message=f"{name} {how} at step {self.version}",
+                        peer=name)
+            self._fit_quorum()
         return pb.RegisterReply(
             worker_id=name,
             aggregation=MODES[self.options.mode],
@@ -418,12 +424,17 @@ class ParameterServer(rpc.ParameterServerServicer):
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                          f"wire dtype {wire} is not float32, float16 or bfloat16", who)
         version, chunks = self._chunks(wire, request.flat)
-        if version >= self.options.total_steps:
-            self.sessions.release(who)
-        for chunk in chunks:
-            with self._lock:
-                self.tensors_sent += chunk.tensors_started
-            yield chunk.data
+        try:
+            for chunk in chunks:
+                with self._lock:
+                    self.tensors_sent += chunk.tensors_started
+                yield chunk.data
+        finally:
+            if version >= self.options.total_steps:
+                # told once the final model is sent (or the worker gave up on it), not when
+                # its stream starts: ps0 --exit-when-done stops serving, with a 1 s grace, once
+                # every worker was told, and a final stream still in flight then was cut
+                self.sessions.release(who)
 
     def wait_workers_released(self, timeout_s: float) -> bool:
         """After training: wait until every registered worker has been told it is over."""
@@ -567,11 +578,12 @@ class ParameterServer(rpc.ParameterServerServicer):
         """A worker leaves: it stops counting towards a live quorum now, not when its lease
         lapses, so the others' next step does not wait for it."""
         reason = request.reason[:200]
-        with self._session_call(context) as who:
-            self.sessions.leave(who)
-        self._event("log", level="info", message=f"{who} left at step {self.version}"
-                    + (f" ({reason})" if reason else ""), peer=who)
-        self._fit_quorum()
+        with self._membership:  # "left" comes before the hold it causes (see _membership)
+            with self._session_call(context) as who:
+                self.sessions.leave(who)
+            self._event("log", level="info", message=f"{who} left at step {self.version}"
+                        + (f" ({reason})" if reason else ""), peer=who)
+            self._fit_quorum()
         return pb.Ack(ok=True, detail="left")
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> Any:
