@@ -3,6 +3,7 @@ write, so the file browser reaches every log, and the tracked notebooks stay unt
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -117,3 +118,48 @@ def test_hfl_lab_lab_prints_a_url_with_its_token_and_serves_the_run_folders(
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert jupyter and not alive
+
+
+def test_a_stop_while_jupyterlab_starts_stops_it_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hfl-lab lab` stopped (SIGTERM) while it is starting JupyterLab: the server it started
+    must not outlive it. The stop is sent from inside the server's start (after the process
+    exists, before the command holds it): the handler was installed only after that, so such a
+    stop killed the command and left JupyterLab serving the workspace."""
+    from hfl_lab.cli import lab as lab_cli
+    from hfl_lab.lab import jupyter
+
+    servers: list[subprocess.Popen[bytes]] = []
+
+    def starting(argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        servers.append(server)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode, still in here
+        return server
+
+    monkeypatch.setattr(jupyter, "ensure_kernel", lambda force=False: str(tmp_path))
+    monkeypatch.setattr(lab_cli, "ensure_owner_secret", lambda: None)
+    monkeypatch.setattr(lab_cli, "subprocess", type(
+        "Subprocess", (), {"Popen": staticmethod(starting),
+                           "TimeoutExpired": subprocess.TimeoutExpired}))
+    args = argparse.Namespace(install_kernel=False, workspace=str(tmp_path / "workspace"),
+                              fresh=False, port=8888, ip="127.0.0.1", browser=False)
+    unhandled: list[int] = []
+
+    def not_the_commands(signum: int, frame: object) -> None:
+        unhandled.append(signum)  # the stop reached no handler of the command's
+        for server in servers:
+            server.kill()
+
+    before = signal.signal(signal.SIGTERM, not_the_commands)
+    try:
+        code = lab_cli._cmd_lab(args)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        for server in servers:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+    assert len(servers) == 1 and unhandled == []
+    assert code == -signal.SIGTERM, code  # the command waited for the server it stopped

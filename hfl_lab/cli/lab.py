@@ -44,10 +44,25 @@ def _cmd_lab(args: argparse.Namespace) -> int:
           "in each notebook in order. Ctrl-C stops JupyterLab.", file=sys.stderr)
     print(f"http://{args.ip}:{args.port}/lab/tree/notebooks/00_preflight.ipynb?token={token}",
           flush=True)
+    # A stop of this command stops JupyterLab too: it must not outlive us, serving the
+    # workspace. The handler is in place before the server starts; a stop that comes while
+    # it starts (before `server` is bound) is acted on as soon as it is.
+    started: list[subprocess.Popen[bytes]] = []
+    stopped: list[int] = []
+
+    def on_stop(signum: int, frame: object) -> None:
+        stopped.append(signum)
+        for process in started:
+            process.terminate()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    if stopped:
+        return 128 + signal.SIGTERM
     # in the server's environment, not its command line (which every local user can list)
     server = subprocess.Popen(argv, env={**os.environ, "JUPYTER_TOKEN": token})
-    # a stop of this command stops JupyterLab too: it must not outlive us, serving the workspace
-    signal.signal(signal.SIGTERM, lambda signum, frame: server.terminate())
+    started.append(server)
+    if stopped:
+        server.terminate()
     try:
         return server.wait()
     except KeyboardInterrupt:
