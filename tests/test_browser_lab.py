@@ -334,6 +334,12 @@ def _open_in_file_browser(page: Any, lab: Lab, parts: list[str]) -> str:
         page.locator(".jp-DirListing-item").filter(has=name).first.dblclick(timeout=60_000)
     editor = page.locator(".jp-FileEditor .cm-content")
     editor.first.wait_for(timeout=60_000)
+    # the editor shows before the file's contents have come from the server: wait for them
+    # (the log is never empty, its launcher writes the command line first); one run under
+    # load read the editor while it still held nothing
+    page.wait_for_function(
+        "() => { const e = document.querySelector('.jp-FileEditor .cm-content');"
+        " return e !== null && e.innerText.trim().length > 0; }", timeout=60_000)
     text: str = editor.first.inner_text()
     return text
 
