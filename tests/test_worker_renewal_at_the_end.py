@@ -16,11 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from hfl_lab.config import LabConfig
 from tests.mesh_support import Mesh, mesh_fixture
+from trainer.data import BatchStream
 from trainer.model import ResNet
+from trainer.ps import ParameterServer
 from trainer.serving import parameter_server, schedule_for
 from trainer.worker import Worker, worker_batches
 
@@ -32,16 +35,23 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
     yield from mesh_fixture(tmp_path, workers=1)
 
 
-def test_a_renewal_after_the_last_push_does_not_outlive_ps0(mesh: Mesh, cifar_dir: Path) -> None:
-    # Arrange: ps0 for a 3-step sync run of one worker; like `trainer ps --exit-when-done`, it
-    # stops serving once training finished and every worker was sent the final model
+def _served_run(mesh: Mesh, cifar_dir: Path) -> tuple[
+        LabConfig, BatchStream, int, ParameterServer, str, grpc.Server]:
+    """A 3-step sync run of one worker: its config, the worker's batches and the training
+    set's size, and ps0 serving it on the mesh (its address and server)."""
     config = LabConfig.profile("quick", depth=8, workers=1, batch_size=8, steps=STEPS,
                                aggregation="sync", eval_every=0, checkpoint_every=0,
                                data_path=str(cifar_dir))
     stream, num_train = worker_batches(config, 0)
     servicer = parameter_server(config, num_train=num_train, model=ResNet(8, seed=3))
     address = mesh.serve(servicer, num_workers=1)
-    server = mesh.servers[-1]
+    return config, stream, num_train, servicer, address, mesh.servers[-1]
+
+
+def test_a_renewal_after_the_last_push_does_not_outlive_ps0(mesh: Mesh, cifar_dir: Path) -> None:
+    # Arrange: ps0 for a 3-step sync run of one worker; like `trainer ps --exit-when-done`, it
+    # stops serving once training finished and every worker was sent the final model
+    config, stream, num_train, servicer, address, server = _served_run(mesh, cifar_dir)
     gone = threading.Event()
 
     def exit_when_done() -> None:
@@ -83,13 +93,7 @@ def test_ps0_exits_only_after_the_final_model_was_sent(
     worker must not count as told yet (counted when its stream started, a stream slower than
     the grace was cut, and the worker found ps0 gone and failed)."""
     # Arrange: a 3-step sync run of one worker, and ps0's exit as in the test above
-    config = LabConfig.profile("quick", depth=8, workers=1, batch_size=8, steps=STEPS,
-                               aggregation="sync", eval_every=0, checkpoint_every=0,
-                               data_path=str(cifar_dir))
-    stream, num_train = worker_batches(config, 0)
-    servicer = parameter_server(config, num_train=num_train, model=ResNet(8, seed=3))
-    address = mesh.serve(servicer, num_workers=1)
-    server = mesh.servers[-1]
+    config, stream, num_train, servicer, address, server = _served_run(mesh, cifar_dir)
     changed = threading.Condition()
     checks: list[bool] = []  # ps0's "every worker told?" checks, once the final stream waits
     holding = threading.Event()
