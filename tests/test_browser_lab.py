@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from hfl_lab._ports import free_listen_port
 from tests.vault_support import FAST_KDF
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,14 +58,6 @@ def _require_browser() -> Any:
     except ImportError:
         pytest.skip("the playwright package is not installed (make install; requirements.txt)")
     return sync_playwright
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _git_status() -> str:
@@ -119,7 +112,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         path = settings / "@jupyterlab" / f"{name}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(values)
-    port = _free_port()
+    port = free_listen_port()
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # a front end is watching
     env.update(HFL_LAB_FRONTEND="1", KERAS_BACKEND="tensorflow",
                JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"),

@@ -150,11 +150,12 @@ def test_plain_tls_server_is_rejected_no_evidence(
 def test_nothing_listening_is_exit_3_and_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     import socket
 
+    # bound, not listening, for the call: a port let go first could be taken meanwhile by
+    # another process that listens on it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-
-    code = main(["attest", "endpoint", f"127.0.0.1:{port}", "--timeout", "2"])
+        code = main(["attest", "endpoint", f"127.0.0.1:{port}", "--timeout", "2"])
     _, err = capsys.readouterr()
 
     assert code == 3
@@ -284,14 +285,13 @@ def test_unreachable_pccs_still_evaluates_every_check(
 ) -> None:
     import socket
 
-    with socket.socket() as s:
+    with socket.socket() as s:  # bound, not listening, for the call (as above)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-
-    code, doc = run_json(
-        capsys, "attest", "verify", attestation_dir / "trustee/tdx_quote_4.dat",
-        "--pccs", f"https://127.0.0.1:{port}/sgx/certification/v4/",
-    )
+        code, doc = run_json(
+            capsys, "attest", "verify", attestation_dir / "trustee/tdx_quote_4.dat",
+            "--pccs", f"https://127.0.0.1:{port}/sgx/certification/v4/",
+        )
 
     assert code == ExitCode.REJECTED
     checks = {c["name"]: c for c in doc["checks"]}

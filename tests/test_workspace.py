@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from hfl_lab._ports import free_listen_port
 from hfl_lab.lab.jupyter import NOTEBOOK_DIR, prepare_workspace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,12 +43,6 @@ def test_the_workspace_copies_the_notebooks_keeps_edits_and_starts_fresh(tmp_pat
     assert (root / "runs" / "lab").is_dir()  # run folders (trained models) survive --fresh
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=60) as reply:
@@ -67,7 +61,7 @@ def test_hfl_lab_lab_prints_a_url_with_its_token_and_serves_the_run_folders(
     log = root / "runs" / "lab" / "logs" / "ps0.log"
     log.parent.mkdir(parents=True)
     log.write_text("ps0: attested\n")
-    port = _free_port()
+    port = free_listen_port()
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
     server = subprocess.Popen(

@@ -17,7 +17,6 @@ import hashlib
 import ipaddress
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from hfl_lab._exceptions import ImageError
+from hfl_lab._ports import free_listen_port
 from hfl_lab._resources import ClosingContext
 from hfl_lab._x509 import certificate_builder, common_name
 from hfl_lab.image.tools import ToolRunner, secret_fd
@@ -72,12 +72,6 @@ class RegistryTarget:
         """skopeo's TLS options for this registry as the ``src`` or ``dest`` of a copy."""
         flags = [f"--{side}-cert-dir", str(self.cert_dir)]
         return flags if self.tls_verify else [*flags, f"--{side}-tls-verify=false"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((_HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def _lab_tls() -> tuple[bytes, bytes, bytes]:
@@ -140,7 +134,7 @@ class LabRegistry(ClosingContext):
         (self.cert_dir / "ca.crt").write_bytes(ca_pem)
         server_cert = self.folder / "tls" / "server.crt"
         server_cert.write_bytes(server_pem)
-        self.port = _free_port()
+        self.port = free_listen_port(_HOST)  # written into its configuration first
         self.config_path.write_text(
             "# docker-registry for one lab run (hfl_lab.image.registry). The TLS key is not in\n"
             "# a file: it is handed over as an in-memory fd (REGISTRY_HTTP_TLS_KEY=/dev/fd/N).\n"

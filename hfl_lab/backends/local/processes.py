@@ -19,7 +19,6 @@ import contextlib
 import os
 import queue
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -30,6 +29,7 @@ from typing import IO, Any
 
 from hfl_lab import owner
 from hfl_lab._exceptions import BackendError, ConfigError, HflLabError
+from hfl_lab._ports import free_listen_port
 from hfl_lab.backends.base import ProgressCallback
 from hfl_lab.config import LabConfig
 from hfl_lab.events import LabEvent
@@ -85,10 +85,10 @@ class ParticipantProcess:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that is free on ``host`` now, for a participant to listen on once it has
+    started: outside the kernel's ephemeral range, so no connection made meanwhile takes it
+    (:func:`hfl_lab._ports.free_listen_port`)."""
+    return free_listen_port(host)
 
 
 class ParticipantProcesses:
