@@ -7,8 +7,12 @@ that a probe bound to port 0 found free is one from the kernel's *ephemeral* ran
 (``/proc/sys/net/ipv4/ip_local_port_range``, 32768-60999 by default): the range the kernel also
 hands to every outgoing connection and every other port-0 bind on the machine. Until the
 participant binds it, any of those can take it, and the participant then fails to listen
-("port in use"). So :func:`free_listen_port` picks from just below that range instead, where
-only a process that names the port itself can collide, and checks that the port is free now.
+("port in use"). So :func:`free_listen_port` picks from below that range instead, where only
+a process that names the port itself can collide, and checks that the port is free now.
+
+It also stays out of Kubernetes' default NodePort range (30000-32767): on a machine that is a
+cluster node, kube-proxy forwards connections to a local address on a NodePort to its service,
+so a participant listening on one would not be the one its peers reach.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ import socket
 from pathlib import Path
 from typing import Final
 
-__all__ = ["EPHEMERAL_RANGE_FILE", "LISTEN_SPAN", "ephemeral_range", "free_listen_port",
-           "listen_range"]
+__all__ = ["EPHEMERAL_RANGE_FILE", "LISTEN_SPAN", "NODE_PORTS", "ephemeral_range",
+           "free_listen_port", "listen_range"]
 
 #: where Linux keeps the range it picks ephemeral ports from
 EPHEMERAL_RANGE_FILE: Final = Path("/proc/sys/net/ipv4/ip_local_port_range")
 #: how many ports below the ephemeral range :func:`free_listen_port` picks from
 LISTEN_SPAN: Final = 10_000
+#: Kubernetes' default ``--service-node-port-range``, never picked
+NODE_PORTS: Final = range(30000, 32768)
 _LINUX_DEFAULT: Final = (32768, 60999)
 _FIRST_UNPRIVILEGED: Final = 1024
 _TRIES: Final = 64
@@ -44,13 +50,18 @@ def ephemeral_range(path: Path = EPHEMERAL_RANGE_FILE) -> tuple[int, int]:
 
 
 def listen_range(ephemeral: tuple[int, int]) -> range:
-    """The ports :func:`free_listen_port` picks from: up to :data:`LISTEN_SPAN` ports just below
-    the ephemeral range, else just above it (a range that starts low), never a privileged one.
-    Empty when the ephemeral range leaves no room on either side."""
+    """The ports :func:`free_listen_port` picks from: up to :data:`LISTEN_SPAN` ports below the
+    ephemeral range, else above it (a range that starts low), never a privileged one nor one of
+    :data:`NODE_PORTS`. Empty when the ephemeral range leaves no room on either side."""
     low, high = ephemeral
-    below = range(max(_FIRST_UNPRIVILEGED, low - LISTEN_SPAN), low)
-    above = range(high + 1, min(65536, high + 1 + LISTEN_SPAN))
-    return below if len(below) >= len(above) else above
+    top = min(low, NODE_PORTS.start)
+    below = range(max(_FIRST_UNPRIVILEGED, top - LISTEN_SPAN), top)
+    options = [below]
+    if high < NODE_PORTS.start:  # between the ephemeral range and the NodePorts
+        options.append(range(high + 1, min(high + 1 + LISTEN_SPAN, NODE_PORTS.start)))
+    start = max(high + 1, NODE_PORTS.stop)
+    options.append(range(start, min(65536, start + LISTEN_SPAN)))
+    return max(options, key=len)  # the first of the longest: the nearest below, then above
 
 
 def free_listen_port(host: str = "127.0.0.1", *,

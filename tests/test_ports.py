@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hfl_lab import _ports
-from hfl_lab._ports import ephemeral_range, free_listen_port, listen_range
+from hfl_lab._ports import NODE_PORTS, ephemeral_range, free_listen_port, listen_range
 from hfl_lab.backends.local import free_port
 
 
@@ -26,6 +26,7 @@ def test_a_picked_port_is_free_and_outside_the_range_connections_and_port_0_bind
     for pick in (free_listen_port, free_port):
         port = pick()
         assert not low <= port <= high
+        assert port not in NODE_PORTS
         assert 1024 <= port <= 65535
         with _bound(port):  # the caller's process can listen on it
             taken = [_bound(0) for _ in range(50)]
@@ -36,11 +37,20 @@ def test_a_picked_port_is_free_and_outside_the_range_connections_and_port_0_bind
                     s.close()
 
 
-def test_the_range_it_picks_from_sits_beside_the_ephemeral_range() -> None:
-    assert listen_range((32768, 60999)) == range(22768, 32768)  # Linux's default
+def test_the_range_it_picks_from_sits_beside_the_ephemeral_range_and_off_node_ports() -> None:
+    assert listen_range((32768, 60999)) == range(20000, 30000)  # Linux's default
+    assert listen_range((40000, 60999)) == range(20000, 30000)
     assert listen_range((1024, 60999)) == range(61000, 65536)  # a range that starts low
+    assert listen_range((1024, 29000)) == range(32768, 42768)
     assert listen_range((1024, 65535)) == range(0)  # no room on either side
-    assert listen_range((5000, 20000)) == range(20001, 30001)
+    assert listen_range((5000, 20000)) == range(32768, 42768)
+    assert listen_range((5000, 10000)) == range(10001, 20001)
+    assert listen_range((22000, 28000)) == range(12000, 22000)
+    for ephemeral in ((32768, 60999), (1024, 60999), (1024, 29000), (5000, 20000), (5000, 10000),
+                      (22000, 28000)):
+        picked = listen_range(ephemeral)
+        assert not set(picked) & set(NODE_PORTS)
+        assert not set(picked) & set(range(ephemeral[0], ephemeral[1] + 1))
 
 
 def test_an_unreadable_or_odd_range_file_means_linux_default(tmp_path: Path) -> None:
